@@ -1,0 +1,38 @@
+"""Typed schema of the `data:` config group (owned by the data pipeline; imported by lemur_torch.config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+
+@dataclass
+class SourceConfig:
+    # builtin_code | builtin_text | jsonl | parquet | text | hf
+    kind: str = "jsonl"
+    # domain reported in the per-domain loss (e.g. code, text)
+    domain: str = "code"
+    # relative weight in the token mixture
+    weight: float = 1.0
+    # file path or glob for local kinds; dataset id for kind=hf
+    path: Optional[str] = None
+    text_field: str = "text"
+    # HF datasets only
+    hf_config: Optional[str] = None
+    split: str = "train"
+
+
+@dataclass
+class DataConfig:
+    name: str = "sample"
+    # "builtin" = the 32000-piece Llama-family SentencePiece model shipped in mistral-common;
+    # otherwise a folder or hub id that AutoTokenizer can load.
+    tokenizer: str = "builtin"
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    # false: per-document attention (position_ids restart at each document); true: the original
+    # Lemur/EasyLM behaviour where packed documents attend to each other.
+    attend_across_documents: bool = False
+    # bad input (malformed lines, missing fields, empty documents) is an error instead of skipped+counted
+    strict: bool = False
+    num_workers: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)

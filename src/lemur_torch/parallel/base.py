@@ -1,0 +1,87 @@
+"""The one interface between the backend-agnostic trainer and a parallel backend (FSDP2 or torch_xla SPMD).
+
+Everything that differs between backends lives behind it: process groups and devices, how the model is
+sharded and materialised, collectives, gradient clipping, step synchronisation, and how sharded state is
+written to and read from torch.distributed.checkpoint. The trainer never branches on the backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Dict, Iterator
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+class Backend(ABC):
+    name: str = "base"
+    device: torch.device
+    rank: int = 0  # global process rank
+    world_size: int = 1  # number of processes
+    dp_rank: int = 0  # data shard this process reads (the loader's rank)
+    dp_size: int = 1  # number of data shards
+    num_devices: int = 1  # accelerators doing the work (MFU denominator)
+    device_kind: str = "cpu"  # looked up in metrics.PEAK_FLOPS
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @abstractmethod
+    def setup_model(self, cfg: DictConfig) -> nn.Module:
+        """Build LlamaForCausalLM on the meta device, shard it, materialise each shard (random init from
+        cfg.train.seed, or cfg.model.pretrained loaded straight into the shards). Returns the wrapped model."""
+
+    @abstractmethod
+    def device_batches(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, torch.Tensor]]:
+        """Move host batches (the batch contract's [B, S] tensors) onto the device, sharded as needed."""
+
+    @abstractmethod
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over data-parallel ranks (identity where one process sees the global batch)."""
+
+    @abstractmethod
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm in place; return the norm before clipping (a scalar tensor)."""
+
+    def prepare_backward(self, model: nn.Module, micro_step: int, num_micro_steps: int) -> None:
+        """Hook before each micro-batch backward (e.g. skip gradient sync until the last one)."""
+
+    def step_done(self) -> None:
+        """Called once per optimizer step after optimizer.step(): XLA cuts and runs its graph here."""
+
+    @abstractmethod
+    def state_dict_for_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+        """Sharded {'model': ..., 'optim': ...} for torch.distributed.checkpoint, keys as in the HF model."""
+
+    @abstractmethod
+    def load_state_dict_from_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+        """Apply a state dict that dcp_load filled in."""
+
+    @abstractmethod
+    def dcp_save(self, state: Dict[str, Any], path: str) -> None:
+        """torch.distributed.checkpoint.save with this backend's planner, collectively."""
+
+    @abstractmethod
+    def dcp_load(self, state: Dict[str, Any], path: str) -> None:
+        """torch.distributed.checkpoint.load in place, with this backend's planner, collectively."""
+
+    @abstractmethod
+    def export_hf(self, model: nn.Module, out_dir: str, max_shard_size_mb: int) -> None:
+        """Write model-0000x-of-0000N.safetensors + index (weights only), without a full copy on one rank
+        where the backend allows it. config.json and the tokenizer are written by lemur_torch.export."""
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's value on every process."""
+        return obj
+
+    def memory_stats(self) -> Dict[str, float]:
+        return {}
+
+    def shutdown(self) -> None:
+        pass
