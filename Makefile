@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-main test-xla bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,8 +20,14 @@ setup: $(STAMP)
 train: $(STAMP)
 	$(BIN)/lemur-train experiment=smoke $(ARGS)
 
-test: $(STAMP)
+# Two lanes: the main suite (torch 2.13 CPU, gloo FSDP2), then the torch_xla lane in its own venv.
+test: test-main test-xla
+
+test-main: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+test-xla: $(STAMP)
+	@if [ -f tests/xla/run.sh ]; then bash tests/xla/run.sh; else echo "xla lane: not present"; fi
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(ARGS)
