@@ -1,0 +1,68 @@
+# Body shared by the sbatch scripts in this folder; they set EXPERIMENT and source it. Not run on its own.
+#
+# One srun task per node runs launch/torchrun.sh; the torchrun agents meet at the job's first node (c10d
+# rendezvous, id = job id). Every argument given to sbatch after the script name is a Hydra override.
+# Run folder: $RUNS_DIR/<job name>-<job id> (RUNS_DIR defaults to runs/ in the submit directory), holding
+# checkpoints/, hf/, metrics.jsonl and logs/ (one log per srun task, plus this script's own job.log). A requeued
+# job keeps its id, so it finds its run folder and the trainer resumes from the newest checkpoint. Set RUN_DIR
+# to continue a run under a new job id.
+#
+# Preemption and time limits:
+# - SIGUSR1 is the early warning: the sbatch scripts ask for `--signal=B:USR1@<seconds>` before the time limit,
+#   and `scancel --batch --signal=USR1 <job>` sends the same by hand. This script passes it to the training
+#   step; the trainer finishes its step, writes a checkpoint and exits with train.preempt_exit_code; then this
+#   script requeues the job (`scontrol requeue`), which starts again from that checkpoint.
+# - SIGTERM (Slurm preemption with PreemptMode=REQUEUE, scancel, the time limit) reaches every process; the
+#   trainer checkpoints within the cluster's KillWait/GraceTime. Slurm's own preemption requeues `--requeue`
+#   jobs itself; a plain scancel stays cancelled.
+set -euo pipefail
+
+: "${EXPERIMENT:?the sbatch script sets EXPERIMENT before sourcing job.sh}"
+LEMUR_HOME="${LEMUR_HOME:-$SLURM_SUBMIT_DIR}"
+if [[ ! -x "$LEMUR_HOME/launch/torchrun.sh" ]]; then
+  echo "job.sh: $LEMUR_HOME/launch/torchrun.sh not found: submit from the lemur-torch checkout or set LEMUR_HOME" >&2
+  exit 2
+fi
+RUNS_DIR="${RUNS_DIR:-$SLURM_SUBMIT_DIR/runs}"
+RUN_DIR="${RUN_DIR:-$RUNS_DIR/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}"
+mkdir -p "$RUN_DIR/logs"
+
+log() { echo "[job.sh $(date -u +%FT%TZ) job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}] $*" | tee -a "$RUN_DIR/logs/job.log"; }
+
+# torchrun.sh reads these on every node.
+export NNODES="$SLURM_NTASKS"                     # one torchrun agent per srun task (one task per node)
+export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
+export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+export RDZV_ID="$SLURM_JOB_ID"
+if [[ -z "${NPROC_PER_NODE:-}" && -n "${SLURM_GPUS_ON_NODE:-}" ]]; then export NPROC_PER_NODE="$SLURM_GPUS_ON_NODE"; fi
+
+preempted=0
+on_signal() {
+  [[ "$1" == USR1 ]] && preempted=1
+  log "SIG$1: passing it to the training step (checkpoint, then exit)"
+  scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || true   # all steps, not this batch shell
+}
+# The traps also keep this shell alive on SIGTERM: if it died, Slurm would end the job and kill the step mid-save.
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+
+log "start: $EXPERIMENT on $SLURM_JOB_NUM_NODES node(s), $NNODES agent(s) x ${NPROC_PER_NODE:-auto} process(es), rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
+# No --kill-on-bad-exit: when one node's trainer exits after a checkpoint, the others must finish their part of it.
+srun --kill-on-bad-exit=0 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --open-mode=append \
+  --output="$RUN_DIR/logs/task%t.log" \
+  "$LEMUR_HOME/launch/torchrun.sh" experiment="$EXPERIMENT" run_dir="$RUN_DIR" "$@" &
+step_pid=$!
+# A trapped signal interrupts `wait`; keep waiting until the step has really ended.
+rc=0
+while true; do
+  wait "$step_pid" && rc=0 || rc=$?
+  kill -0 "$step_pid" 2>/dev/null || break
+done
+log "training step ended with status $rc"
+
+if [[ "$preempted" == 1 && "$rc" != 0 ]]; then
+  log "preempted: requeueing; the trainer resumes from the newest checkpoint in $RUN_DIR/checkpoints"
+  scontrol requeue "$SLURM_JOB_ID"
+  sleep 60   # the requeue ends this shell; never report the preempted step's failure as the job's
+fi
+exit "$rc"
