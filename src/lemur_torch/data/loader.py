@@ -1,83 +1,263 @@
-"""TEMPORARY minimal loader over the built-in corpus (replaced by the streaming mixture pipeline).
+"""Per-rank sharding, workers and exact resume of the packed code/text mixture (the loader contract is in
+lemur_torch/data/__init__.py).
 
-Honours the batch contract; state is the number of global rows consumed, so resume on any world size works.
+The global stream (independent of the world size) is a sequence of packed rows g = 0, 1, 2, ...:
+- row g comes from source `schedule.source_at(g)` (mixture.py: token ratio within 2 rows of exact at every
+  prefix, arithmetic in g);
+- row g belongs to lane l = g mod L (L = `data.lanes`, fixed for a run); each lane has one packer per source
+  that reads that source's records l, l+L, l+2L, ... of each epoch (sources.py) and cuts them into rows
+  (packing.py); row g is the next row of packer (l, source_at(g)).
+So every row is a deterministic function of (seed, config, g), and a lane's position is a few integers.
+
+Who reads what: a micro-step takes the next micro_batch_size * dp_size rows of the global stream; rank r takes
+every dp_size-th of them (global rows G0 + r + dp_size*j for its local rows j = 0, 1, ..., where G0 is the
+row the iteration started from), and within a rank, local row j is made by worker j mod num_workers (the order
+torch's DataLoader returns items in). A worker therefore owns the rows g == c (mod dp_size*workers), which fall
+in lanes l == c (mod gcd(dp_size*workers, L)): when dp_size*workers divides L (choose L so: e.g. 12 covers
+1, 2, 3, 4, 6 readers) every lane is read by exactly one worker and nobody tokenizes anything twice; otherwise
+a worker also runs the rows of its lanes that other workers own, and drops them (correct, just slower).
+
+State: the number of global rows consumed G and every lane's packer positions. Each rank knows the lanes it
+read; `state_dict()` all-gathers them over the data-parallel group (a collective: every rank must call it) and
+keeps, per lane, the most advanced copy, so the result is identical on every rank and says nothing about the
+world size. `load_state_dict` on any number of ranks and workers continues the global stream at row G.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-import sysconfig
-from typing import Dict, Iterator, List
+import math
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lemur_torch.data.mixture import Schedule
+from lemur_torch.data.packing import BadCounter, Packer, Tokenize
+from lemur_torch.data.sources import REASONS, DataConfigError, Source, build_source
+
+STATE_VERSION = 1
 
 
-def _docs(kind: str) -> Iterator[str]:
-    if kind == "builtin_code":
-        for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield f.read()
-    else:
-        from pydoc_data.topics import topics
+class _Lane:
+    def __init__(self, lane: int, ctx: "_RowStream", state: Optional[dict]):
+        self.lane, self.ctx = lane, ctx
+        state = state or {}
+        self.m: int = state.get("m", 0)  # rows this lane has produced = its rows below the current global row
+        self._initial = dict(state.get("src", {}))
+        self.packers: Dict[int, Packer] = {}
 
-        for key in sorted(topics):
-            yield topics[key]
+    def next_row(self):
+        ctx = self.ctx
+        s = ctx.schedule.source_at(self.lane + ctx.lanes * self.m)
+        packer = self.packers.get(s)
+        if packer is None:
+            src = ctx.sources[s]
+            packer = Packer(src, self.lane, ctx.lanes, ctx.seq_len, ctx.tokenize, ctx.bad, ctx.read_chars, self._initial.get(src.name))
+            self.packers[s] = packer
+        row = packer.next_row(ctx.attend_across_documents)
+        self.m += 1
+        return s, row
+
+    def state(self) -> dict:
+        src = dict(self._initial)
+        for s, p in self.packers.items():
+            src[self.ctx.sources[s].name] = p.state()
+        return {"m": self.m, "src": src}
 
 
-class MinimalLoader:
-    def __init__(self, data_cfg, tokenizer, seq_len, micro_batch_size, dp_rank, dp_size, seed):
-        self.tok, self.seq_len, self.bsz = tokenizer, seq_len, micro_batch_size
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.domain_names: List[str] = sorted({s.domain for s in data_cfg.sources.values()})
-        self.kinds = [(s.kind, self.domain_names.index(s.domain)) for s in data_cfg.sources.values()]
-        self.rows_consumed = 0
+class _RowStream(IterableDataset):
+    """The rows of one rank from global row `start` on; in a DataLoader worker, that worker's share of them."""
 
-    def _rows(self) -> Iterator[Dict[str, torch.Tensor]]:
-        gens = [(_docs(k), d) for k, d in self.kinds]
-        ids: List[int] = []
-        pos: List[int] = []
-        lab: List[int] = []
-        dom: List[int] = []
-        i = 0
-        while True:
-            gen, d = gens[i % len(gens)]
-            i += 1
-            toks = [self.tok.bos_token_id] + self.tok(next(gen), add_special_tokens=False).input_ids + [self.tok.eos_token_id]
-            for j, t in enumerate(toks):
-                ids.append(t)
-                pos.append(j)
-                lab.append(-100 if j == 0 else t)
-                dom.append(d)
-            while len(ids) >= self.seq_len:
-                yield {
-                    "input_ids": torch.tensor(ids[: self.seq_len]),
-                    "labels": torch.tensor(lab[: self.seq_len]),
-                    "position_ids": torch.tensor(pos[: self.seq_len]),
-                    "domain_ids": torch.tensor(dom[: self.seq_len], dtype=torch.int32),
-                }
-                del ids[: self.seq_len], pos[: self.seq_len], lab[: self.seq_len], dom[: self.seq_len]
+    def __init__(self, sources, schedule, domain_of, tokenizer, seq_len, lanes, read_chars, attend_across_documents,
+                 strict, log_bad, start, dp_rank, dp_size, num_workers, lane_states):
+        self.sources, self.schedule, self.domain_of = sources, schedule, domain_of
+        self.tokenizer, self.seq_len, self.lanes, self.read_chars = tokenizer, seq_len, lanes, read_chars
+        self.attend_across_documents, self.strict, self.log_bad = attend_across_documents, strict, log_bad
+        self.start, self.dp_rank, self.dp_size, self.num_workers = start, dp_rank, dp_size, max(1, num_workers)
+        self.lane_states = lane_states
 
     def __iter__(self):
-        rows = self._rows()
-        for _ in range(self.rows_consumed):
-            next(rows)
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        self.tokenize = Tokenize(self.tokenizer)
+        self.bad = BadCounter(self.strict, self.log_bad)
+        stride = self.dp_size * self.num_workers
+        lanes: Dict[int, _Lane] = {}
+        g = self.start + self.dp_rank + self.dp_size * worker
         while True:
-            # global batch order: rank r takes the r-th group of micro_batch_size rows out of each dp_size groups
-            group = [next(rows) for _ in range(self.bsz * self.dp_size)]
-            mine = group[self.dp_rank * self.bsz : (self.dp_rank + 1) * self.bsz]
-            self.rows_consumed += self.bsz * self.dp_size
-            yield {k: torch.stack([r[k] for r in mine]) for k in mine[0]}
+            lane_id, m = g % self.lanes, g // self.lanes
+            lane = lanes.get(lane_id)
+            if lane is None:
+                lane = lanes[lane_id] = _Lane(lane_id, self, self.lane_states.get(lane_id))
+            while lane.m < m:  # rows of a shared lane that other workers own: made, then dropped
+                lane.next_row()
+            s, (ids, labels, pos) = lane.next_row()
+            row = torch.stack([torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos)])
+            yield row, self.domain_of[s], lane_id, lane.state()
+            g += stride
 
-    def state_dict(self):
-        return {"rows_consumed": self.rows_consumed}
 
-    def load_state_dict(self, state):
-        self.rows_consumed = int(state["rows_consumed"])
+class PackedMixtureLoader:
+    """Micro-batches of packed rows from a token-ratio mixture of sources; see the module docstring."""
 
-    def stats(self):
-        return {}
+    def __init__(self, data_cfg, tokenizer, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int):
+        if seq_len < 2 or micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise DataConfigError(
+                f"build_loader: need seq_len >= 2, micro_batch_size >= 1 and 0 <= dp_rank < dp_size; "
+                f"got {seq_len}, {micro_batch_size}, {dp_rank}, {dp_size}"
+            )
+        if not data_cfg.sources:
+            raise DataConfigError("data.sources is empty: configure at least one source")
+        self.seq_len, self.micro_batch_size = int(seq_len), int(micro_batch_size)
+        self.dp_rank, self.dp_size, self.seed = int(dp_rank), int(dp_size), int(seed)
+        self.tokenizer = tokenizer
+        self.lanes = int(data_cfg.get("lanes", 12))
+        self.num_workers = int(data_cfg.get("num_workers", 0))
+        self.read_chars = int(data_cfg.get("read_chars", 1 << 18))
+        self.strict = bool(data_cfg.get("strict", False))
+        self.log_bad = int(data_cfg.get("log_bad_records", 5))
+        self.attend_across_documents = bool(data_cfg.get("attend_across_documents", False))
+        if self.lanes < 1 or self.num_workers < 0 or self.read_chars < 1:
+            raise DataConfigError(f"data.lanes >= 1, data.num_workers >= 0, data.read_chars >= 1; got {self.lanes}, {self.num_workers}, {self.read_chars}")
+
+        self.sources: List[Source] = [build_source(str(name), scfg, self.seed) for name, scfg in data_cfg.sources.items()]
+        for src in self.sources:
+            n = src.num_records()
+            if n is not None and n < self.lanes:
+                raise DataConfigError(
+                    f"source {src.name!r} has {n} records, fewer than data.lanes={self.lanes}: every lane needs documents; lower data.lanes"
+                )
+        self.schedule = Schedule([s.name for s in self.sources], [s.weight for s in self.sources], self.lanes)
+        self.domain_names: List[str] = sorted({s.domain for s in self.sources})
+        self._domain_of = [self.domain_names.index(s.domain) for s in self.sources]
+        self.process_group = None  # the data-parallel group for state_dict(); None = the default (world) group
+        self._rows = 0  # global rows consumed
+        self._lane_states: Dict[int, dict] = {}
+
+    # -- iteration ----------------------------------------------------------------------------------------
+
+    def _stream(self):
+        ds = _RowStream(
+            self.sources, self.schedule, self._domain_of, self.tokenizer, self.seq_len, self.lanes, self.read_chars,
+            self.attend_across_documents, self.strict, self.log_bad, self._rows, self.dp_rank, self.dp_size,
+            self.num_workers, dict(self._lane_states),
+        )
+        if self.num_workers == 0:
+            return iter(ds)
+        # batch_size=None: workers hand over single rows, which the DataLoader returns round-robin over workers
+        return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=4))
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        rows = self._stream()
+        B = self.micro_batch_size
+        while True:
+            items = [next(rows) for _ in range(B)]
+            packed = torch.stack([it[0] for it in items])  # [B, 3, S]
+            domains = torch.tensor([it[1] for it in items], dtype=torch.long)
+            batch = {
+                "input_ids": packed[:, 0].contiguous(),
+                "labels": packed[:, 1].contiguous(),
+                "position_ids": packed[:, 2].contiguous(),
+                "domain_ids": domains[:, None].expand(B, self.seq_len).contiguous(),
+            }
+            for _, _, lane, state in items:
+                self._lane_states[lane] = state
+            self._rows += B * self.dp_size
+            yield batch
+
+    def __len__(self):  # an endless stream: sources cycle with an epoch counter
+        raise TypeError("the packed mixture is endless; count optimizer steps instead")
+
+    # -- state --------------------------------------------------------------------------------------------
+
+    def _fingerprint(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "seq_len": self.seq_len,
+            "lanes": self.lanes,
+            "seed": self.seed,
+            "sources": [s.name for s in self.sources],
+            "weights": list(self.schedule.weights),
+            "attend_across_documents": self.attend_across_documents,
+        }
+
+    def local_state_dict(self) -> dict:
+        """This rank's view: global rows consumed and the lanes it has seen (no communication)."""
+        return {**self._fingerprint(), "rows": self._rows, "lane_states": {k: v for k, v in sorted(self._lane_states.items())}}
+
+    def state_dict(self) -> dict:
+        """Identical on every rank and independent of the world size. A collective when dp_size > 1."""
+        local = self.local_state_dict()
+        if self.dp_size == 1:
+            return local
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                f"loader.state_dict() with dp_size={self.dp_size} all-gathers the lanes over torch.distributed, "
+                "which is not initialized; call it on every rank after init_process_group (or merge local_state_dict()s with merge_states)"
+            )
+        gathered: List[Optional[dict]] = [None] * dist.get_world_size(self.process_group)
+        dist.all_gather_object(gathered, local, group=self.process_group)
+        return merge_states(gathered)
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self._fingerprint()
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise DataConfigError(
+                    f"data loader state was saved with {key}={state.get(key)!r} but this run has {key}={value!r}; "
+                    "the global stream would change: restore that setting (or start a fresh data stream)"
+                )
+        rows = int(state["rows"])
+        lane_states = {int(k): v for k, v in state["lane_states"].items()}
+        for lane in range(self.lanes):
+            expected = max(0, -(-(rows - lane) // self.lanes))  # rows g < G with g = lane (mod L)
+            got = lane_states.get(lane, {}).get("m", 0)
+            if got != expected:
+                raise DataConfigError(
+                    f"data loader state is inconsistent: lane {lane} is at row {got} but {rows} global rows imply {expected}; "
+                    "was it taken from one rank without state_dict()'s gather?"
+                )
+        self._rows, self._lane_states = rows, lane_states
+
+    # -- metrics ------------------------------------------------------------------------------------------
+
+    def stats(self) -> Dict[str, float]:
+        out: Dict[str, float] = {"data/rows": float(self._rows), "data/tokens": float(self._rows * self.seq_len)}
+        rows = self.schedule.rows_before(self._rows)
+        for d, name in enumerate(self.domain_names):
+            n = sum(c for c, dom in zip(rows, self._domain_of) if dom == d)
+            out[f"data/token_frac/{name}"] = n / self._rows if self._rows else 0.0
+        for src in self.sources:
+            states = [ls["src"][src.name] for ls in self._lane_states.values() if src.name in ls["src"]]
+            out[f"data/skipped/{src.name}"] = float(sum(sum(st["skipped"].values()) for st in states))
+            for reason in REASONS:
+                n = sum(st["skipped"].get(reason, 0) for st in states)
+                if n:
+                    out[f"data/skipped/{src.name}/{reason}"] = float(n)
+            out[f"data/epoch/{src.name}"] = float(max((st["epoch"] for st in states), default=0))
+        return out
+
+
+def merge_states(states: Sequence[dict]) -> dict:
+    """Combine the local_state_dict()s of all data-parallel ranks (taken at the same step) into the global state."""
+    first = states[0]
+    lanes: Dict[int, dict] = {}
+    for st in states:
+        for key in ("rows", "lanes", "seq_len", "sources", "weights", "seed"):
+            if st[key] != first[key]:
+                raise RuntimeError(f"loader states differ in {key!r} across ranks ({st[key]!r} vs {first[key]!r}): not taken at the same step")
+        for lane, ls in st["lane_states"].items():
+            if lane not in lanes or ls["m"] > lanes[lane]["m"]:
+                lanes[lane] = ls
+    return {**first, "lane_states": {k: lanes[k] for k in sorted(lanes)}}
 
 
 def build_loader(data_cfg, tokenizer, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int):
-    return MinimalLoader(data_cfg, tokenizer, seq_len, micro_batch_size, dp_rank, dp_size, seed)
+    return PackedMixtureLoader(data_cfg, tokenizer, seq_len, micro_batch_size, dp_rank, dp_size, seed)
+
+
+def expected_lane_rows(rows: int, lanes: int) -> List[int]:
+    """Rows of each lane among global rows 0..rows-1 (for tests and tooling)."""
+    return [max(0, math.ceil((rows - lane) / lanes)) for lane in range(lanes)]

@@ -20,6 +20,12 @@ class SourceConfig:
     # HF datasets only
     hf_config: Optional[str] = None
     split: str = "train"
+    # HF only: data_dir (e.g. data/python in bigcode/the-stack-dedup) and data_files (e.g. path=json + local files)
+    data_dir: Optional[str] = None
+    data_files: Optional[Any] = None
+    # permute the per-epoch order with (seed, source, epoch): documents for one-file-per-document kinds
+    # (builtin_*, text), files for jsonl/parquet; HF streams keep their own order
+    shuffle: bool = True
 
 
 @dataclass
@@ -35,4 +41,11 @@ class DataConfig:
     # bad input (malformed lines, missing fields, empty documents) is an error instead of skipped+counted
     strict: bool = False
     num_workers: int = 0
+    # lanes of the global stream (loader.py): fixed for a run; resume needs the same value. Make it a multiple
+    # of data-parallel ranks x num_workers so that no reader tokenizes rows it does not keep.
+    lanes: int = 12
+    # characters of text read per tokenizer batch (per lane and source)
+    read_chars: int = 262144
+    # bad records logged in full per source and process; after that only counts (loader.stats())
+    log_bad_records: int = 5
     extra: Dict[str, Any] = field(default_factory=dict)

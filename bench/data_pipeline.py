@@ -1,0 +1,184 @@
+"""Data pipeline throughput on the built-in corpus: lemur-torch's streaming mixture vs the raw tokenizer and
+vs the usual HF recipe.
+
+Three sides, each in its own fresh process (so the tokenizer's word cache and the peak RSS are its own):
+  pipeline  build_loader(conf/data/sample.yaml) -> micro-batches [B, S]: read -> mix -> tokenize -> pack -> batch;
+            timed from building the loader (file reading included) to the last batch.
+  raw       the limit: the same documents already in memory, tokenized by the fast tokenizer's batch call
+            (`backend_tokenizer.encode_batch_fast`, no special tokens, no offsets) in one batch per 512 documents;
+            timed around the tokenizer calls only. Also reported: the transformers call `tok(texts)`.
+  hf        transformers' run_clm.py recipe: `datasets.Dataset.from_dict(texts).map(tokenize, batched=True)`
+            then `.map(group_texts, batched=True)` into blocks of S; timed from `from_dict` to the last block.
+The raw and hf sides get the corpus the pipeline reads at 10:1: every stdlib .py file once plus the pydoc topics
+repeated until text is 1/11 of the tokens. Each side counts the tokens it produced; the pipeline is run to the
+same token count. Prints tokens/s, ratios and peak RSS; writes bench/results/data_pipeline.json.
+
+    python bench/data_pipeline.py [--seq-len 2048] [--batch 8] [--workers 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def corpus(tok):
+    """Texts in the 10:1 code:text token mix, and their token count (counted with the raw tokenizer)."""
+    from pydoc_data.topics import topics
+
+    from lemur_torch.data.sources import builtin_code_files
+
+    code = []
+    for path in builtin_code_files():
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text.strip():
+            code.append(text)
+    text = [topics[k] for k in sorted(topics) if topics[k].strip()]
+    return code, text
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def side_raw(args):
+    from lemur_torch.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("builtin")
+    code, text = corpus(tok)
+    # how many text repeats make 1/11 of the tokens: counted on a separate tokenizer instance so this
+    # process's word cache stays cold for the timed passes
+    code_chars, text_chars = sum(map(len, code)), sum(map(len, text))
+    repeats = max(1, round(code_chars / 10 / text_chars))
+    texts = code + text * repeats
+    bt = tok.backend_tokenizer
+    n, t0 = 0, time.perf_counter()
+    for i in range(0, len(texts), 512):
+        n += sum(len(e.ids) + 2 for e in bt.encode_batch_fast(texts[i : i + 512], add_special_tokens=False))  # +BOS/EOS
+    fast_s = time.perf_counter() - t0
+    tok2 = type(tok).from_pretrained(tok.name_or_path)  # a fresh instance: cold cache for the second measure
+    n2, t0 = 0, time.perf_counter()
+    for i in range(0, len(texts), 512):
+        n2 += sum(len(ids) + 2 for ids in tok2(texts[i : i + 512], add_special_tokens=False)["input_ids"])
+    call_s = time.perf_counter() - t0
+    return {"tokens": n, "seconds": fast_s, "tokens_per_s": n / fast_s, "call_tokens_per_s": n2 / call_s,
+            "docs": len(texts), "text_repeats": repeats, "peak_rss_mb": peak_rss_mb()}
+
+
+def side_hf(args):
+    import datasets
+    from itertools import chain
+
+    from lemur_torch.tokenizer import load_tokenizer
+
+    datasets.disable_progress_bars()
+    tok = load_tokenizer("builtin")
+    code, text = corpus(tok)
+    repeats = max(1, round(sum(map(len, code)) / 10 / sum(map(len, text))))
+    texts = code + text * repeats
+    block = args.seq_len
+
+    def tokenize(examples):
+        return tok(examples["text"])
+
+    def group_texts(examples):  # transformers/examples/pytorch/language-modeling/run_clm.py
+        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        total_length = len(concatenated[list(examples.keys())[0]])
+        total_length = (total_length // block) * block
+        result = {k: [t[i : i + block] for i in range(0, total_length, block)] for k, t in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    t0 = time.perf_counter()
+    ds = datasets.Dataset.from_dict({"text": texts})
+    ds = ds.map(tokenize, batched=True, remove_columns=["text"])
+    ds = ds.map(group_texts, batched=True)
+    n = len(ds) * block
+    dt = time.perf_counter() - t0
+    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "rows": len(ds), "peak_rss_mb": peak_rss_mb()}
+
+
+def side_pipeline(args):
+    from omegaconf import OmegaConf
+
+    from lemur_torch.data import build_loader
+    from lemur_torch.data.schema import DataConfig
+    from lemur_torch.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("builtin")
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(os.path.join(ROOT, "conf/data/sample.yaml")))
+    cfg.num_workers = args.workers
+    target = args.tokens
+    n, t0 = 0, time.perf_counter()
+    loader = build_loader(cfg, tok, args.seq_len, args.batch, 0, 1, 1234)
+    for batch in loader:
+        n += batch["input_ids"].numel()
+        if n >= target:
+            break
+    dt = time.perf_counter() - t0
+    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "stats": loader.stats(), "peak_rss_mb": peak_rss_mb()}
+
+
+SIDES = {"raw": side_raw, "hf": side_hf, "pipeline": side_pipeline}
+
+
+def run_side(name, args, extra=()):
+    cmd = [sys.executable, os.path.abspath(__file__), "--side", name, "--seq-len", str(args.seq_len),
+           "--batch", str(args.batch), "--workers", str(args.workers), *extra]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--side", choices=sorted(SIDES))
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--tokens", type=int, default=0, help="pipeline side: tokens to produce (default: what raw counted)")
+    args = p.parse_args()
+    if args.side:
+        print(json.dumps(SIDES[args.side](args)))
+        return
+
+    raw = run_side("raw", args)
+    pipe = run_side("pipeline", args, ["--tokens", str(raw["tokens"])])
+    hf = run_side("hf", args)
+    result = {
+        "corpus": "builtin (stdlib .py + pydoc topics at 10:1)",
+        "seq_len": args.seq_len, "micro_batch_size": args.batch, "num_workers": args.workers,
+        "cpus": len(os.sched_getaffinity(0)),
+        "pipeline": pipe, "raw_tokenizer": raw, "hf_map_group_texts": hf,
+        "ratio_vs_raw": pipe["tokens_per_s"] / raw["tokens_per_s"],
+        "ratio_vs_raw_call": pipe["tokens_per_s"] / raw["call_tokens_per_s"],
+        "ratio_vs_hf": pipe["tokens_per_s"] / hf["tokens_per_s"],
+        "targets": {"vs_raw": ">= 0.8", "vs_hf": "> 1"},
+    }
+    print(f"{'side':<34}{'tokens':>12}{'tokens/s':>14}{'peak RSS MB':>14}")
+    print(f"{'pipeline (read->mix->tok->pack)':<34}{pipe['tokens']:>12,}{pipe['tokens_per_s']:>14,.0f}{pipe['peak_rss_mb']:>14,.0f}")
+    print(f"{'raw encode_batch_fast (limit)':<34}{raw['tokens']:>12,}{raw['tokens_per_s']:>14,.0f}{raw['peak_rss_mb']:>14,.0f}")
+    print(f"{'raw tok(texts) call':<34}{raw['tokens']:>12,}{raw['call_tokens_per_s']:>14,.0f}{'':>14}")
+    print(f"{'HF datasets.map + group_texts':<34}{hf['tokens']:>12,}{hf['tokens_per_s']:>14,.0f}{hf['peak_rss_mb']:>14,.0f}")
+    print(f"ratio pipeline / raw limit      = {result['ratio_vs_raw']:.3f}  (target >= 0.8)")
+    print(f"ratio pipeline / raw tok() call = {result['ratio_vs_raw_call']:.3f}")
+    print(f"ratio pipeline / HF recipe      = {result['ratio_vs_hf']:.3f}  (target > 1)")
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "data_pipeline.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

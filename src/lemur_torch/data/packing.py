@@ -1,0 +1,168 @@
+"""Tokenize documents in batches and pack them into rows of exactly `seq_len` tokens.
+
+A `Packer` owns one (lane, source) pair: it reads that lane's records of the source (sources.py), tokenizes
+them in batches with the fast tokenizer (`encode_batch_fast`, no offsets), wraps each document as
+BOS + tokens + EOS, and cuts the concatenation into rows. Row rules (the batch contract, shared/DESIGN.md):
+- every row holds exactly `seq_len` real tokens: no padding ever (documents longer than a row continue into
+  the next row of the same packer);
+- `labels` = `input_ids`, except -100 on each document's first token (its BOS), so nothing learns to predict
+  a document start from the previous document; labels are unshifted (the trainer shifts);
+- `position_ids` restart at 0 at each document start. A document continued from the previous row restarts at
+  0 at the row start too: positions stay below seq_len (Llama-2 never saw RoPE positions >= 4096), and HF's
+  packed-sequence detection (a new segment wherever position_ids do not step by +1) sees the continuation as a
+  segment at column 0, never as a fresh document in mid-row;
+- with `attend_across_documents` (the original Lemur/EasyLM behaviour) position_ids are 0..seq_len-1 in every
+  row, so documents in a row attend to each other; labels are the same.
+
+A packer's position is `PackerState` (epoch, index k of the first unfinished record in this lane's share of the
+epoch, tokens of it already emitted): re-reading from there reproduces the rest of the stream exactly,
+because a document's tokens do not depend on which batch it was tokenized in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from lemur_torch.data.sources import Bad, BadInputError, Source
+
+log = logging.getLogger("lemur_torch.data")
+
+
+class Tokenize:
+    """Batched tokenization without special tokens, through the fastest path the tokenizer has."""
+
+    def __init__(self, tokenizer):
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch_fast"):
+            self._fn = lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        elif backend is not None:
+            self._fn = lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        else:  # slow (python) tokenizers
+            self._fn = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def documents(self, texts: List[str]) -> List[np.ndarray]:
+        """BOS + tokens + EOS per text, as int32 arrays (4 bytes a token instead of a python int's 28+8)."""
+        out = []
+        head = [self.bos] if self.bos is not None else []
+        tail = [self.eos] if self.eos is not None else []
+        for ids in self._fn(texts):
+            out.append(np.array(head + ids + tail, dtype=np.int32))
+        return out
+
+
+class BadCounter:
+    """Skips (or, strict, raises on) bad records; logs the first few of each source in full, then counts."""
+
+    def __init__(self, strict: bool, log_first: int):
+        self.strict, self.log_first = strict, log_first
+        self.logged: Dict[str, int] = {}
+
+    def report(self, source: Source, loc: str, bad: Bad) -> None:
+        if self.strict:
+            raise BadInputError(f"{loc}: {bad.detail or bad.reason} (source {source.name!r}, data.strict=true)")
+        n = self.logged.get(source.name, 0) + 1
+        self.logged[source.name] = n
+        if n <= self.log_first:
+            log.warning("skipped bad record at %s: %s (source %r, %s)", loc, bad.detail or bad.reason, source.name, bad.reason)
+        elif n & (n - 1) == 0:  # powers of two: the count keeps showing up without flooding the log
+            log.warning("source %r: %d bad records skipped by this reader so far (see loader.stats())", source.name, n)
+
+
+class Packer:
+    """Rows of one source's share of one lane: records lane, lane+L, lane+2L, ... of each epoch in turn."""
+
+    def __init__(self, source: Source, lane: int, lanes: int, seq_len: int, tokenize: Tokenize, bad: BadCounter,
+                 read_chars: int, state: Optional[dict] = None):
+        self.source, self.lane, self.lanes, self.seq_len = source, lane, lanes, seq_len
+        self.tokenize, self.bad, self.read_chars = tokenize, bad, read_chars
+        st = state or {}
+        self.epoch: int = st.get("epoch", 0)
+        self.k: int = st.get("k", 0)  # index (in this lane's share of the epoch) of the first unfinished record
+        self.offset: int = st.get("offset", 0)  # tokens of record k already emitted
+        self.docs: int = st.get("docs", 0)  # documents started
+        self.skipped: Dict[str, int] = dict(st.get("skipped", {}))
+        # read-ahead queue of (epoch, k, tokens or Bad); head = record (self.epoch, self.k)
+        self._queue: Deque[Tuple[int, int, object]] = deque()
+        self._read_epoch, self._read_k = self.epoch, self.k
+        self._reader = None
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "k": self.k, "offset": self.offset, "docs": self.docs, "skipped": dict(self.skipped)}
+
+    def _records(self):
+        while True:
+            first_k, good = self._read_k, 0
+            for loc, rec in self.source.iter_records(self._read_epoch, self.lane + first_k * self.lanes, self.lanes):
+                good += not isinstance(rec, Bad)
+                k = self._read_k
+                self._read_k += 1  # before yielding: the position must be current while the consumer runs
+                yield self._read_epoch, k, loc, rec
+            if first_k == 0 and good == 0:
+                raise BadInputError(
+                    f"source {self.source.name!r}: lane {self.lane} of {self.lanes} found no usable document in a whole "
+                    f"epoch (the source has fewer good records than data.lanes); lower data.lanes or fix the source"
+                )
+            self._read_epoch, self._read_k = self._read_epoch + 1, 0
+
+    def _refill(self) -> None:
+        if self._reader is None:
+            self._reader = self._records()
+        texts, keys, chars = [], [], 0
+        while chars < self.read_chars:
+            epoch, k, loc, rec = next(self._reader)
+            if isinstance(rec, Bad):
+                self.bad.report(self.source, loc, rec)
+                self._queue.append((epoch, k, rec))
+                continue
+            texts.append(rec)
+            keys.append(len(self._queue))
+            self._queue.append((epoch, k, None))
+            chars += len(rec)
+        for pos, toks in zip(keys, self.tokenize.documents(texts)):
+            e, k, _ = self._queue[pos]
+            self._queue[pos] = (e, k, toks)
+
+    def next_row(self, attend_across_documents: bool) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids, labels, position_ids), each int64 [seq_len]."""
+        S = self.seq_len
+        ids = np.empty(S, dtype=np.int64)
+        pos = np.empty(S, dtype=np.int64)
+        starts: List[int] = []
+        filled = 0
+        while filled < S:
+            if not self._queue:
+                self._refill()
+            epoch, k, toks = self._queue[0]
+            if isinstance(toks, Bad):
+                self.skipped[toks.reason] = self.skipped.get(toks.reason, 0) + 1
+                self._advance()
+                continue
+            if self.offset == 0:
+                starts.append(filled)
+                self.docs += 1
+            take = min(S - filled, len(toks) - self.offset)
+            ids[filled : filled + take] = toks[self.offset : self.offset + take]
+            pos[filled : filled + take] = np.arange(take)
+            filled += take
+            self.offset += take
+            if self.offset == len(toks):
+                self._advance()
+        labels = ids.copy()
+        labels[starts] = -100
+        if attend_across_documents:
+            pos = np.arange(S, dtype=np.int64)
+        return ids, labels, pos
+
+    def _advance(self) -> None:
+        self._queue.popleft()
+        self.offset = 0
+        if self._queue:
+            self.epoch, self.k = self._queue[0][0], self._queue[0][1]
+        else:
+            self.epoch, self.k = self._read_epoch, self._read_k
