@@ -284,13 +284,19 @@ class HFSource(Source):
             ) from None
 
     def iter_records(self, epoch, start, step):
-        # lane = start mod step, k = start div step (start = lane + k*step). The lane's share comes from
-        # datasets' own split_dataset_by_node: whole shards per lane when the shard count divides by the lane
-        # count (no lane reads another's data), else every step-th example (each lane streams everything).
+        # lane = start mod step, k = start div step (start = lane + k*step). With at least as many shards (files)
+        # as lanes, a lane streams only its own whole shards (those == lane mod step); with fewer, every lane
+        # streams the dataset and keeps every step-th example (datasets' split_dataset_by_node), which costs
+        # bandwidth: give HF sources at least data.lanes shards for big runs.
         from datasets.distributed import split_dataset_by_node
 
         lane, k = start % step, start // step
-        ds = self.dataset if step == 1 else split_dataset_by_node(self.dataset, rank=lane, world_size=step)
+        if step == 1:
+            ds = self.dataset
+        elif self.dataset.num_shards >= step:
+            ds = self.dataset.shard(num_shards=step, index=lane, contiguous=False)
+        else:
+            ds = split_dataset_by_node(self.dataset, rank=lane, world_size=step)
         if k:
             ds = ds.skip(k)
         for i, ex in enumerate(ds, k):
