@@ -1,0 +1,388 @@
+"""torch_xla SPMD backend: FSDPv2 (`SpmdFullyShardedDataParallel`) over a (fsdp, tensor) device mesh.
+
+One process per host drives every local device; SPMD turns the single-device program into a sharded one.
+Runs on TPU pods (PJRT_DEVICE=TPU) and, for tests, on the CPU PJRT device with CPU_NUM_DEVICES virtual
+devices. What it owns, and why it looks the way it does:
+
+- Mesh: (fsdp, tensor) over `xr.global_runtime_device_count()` devices; `parallel.xla_tensor` sizes the
+  tensor axis (1 = pure FSDP, the fastest choice whenever the model fits). With tensor > 1 the attention and
+  MLP projections are split Megatron-style over `tensor` before FSDPv2 shards the rest over `fsdp`.
+- Model: built on the meta device by lemur_torch.model, materialised on the host (random init from
+  train.seed, or the pretrained safetensors), then each decoder layer is moved and sharded as FSDPv2 wraps
+  it, so the device never holds more than one unsharded layer. Activation checkpointing is applied inside
+  the wrap (`auto_wrapper_callable`), the only order that works with FSDPv2.
+- Attention: mask-free implementations from xla_attention (per-document masks from position_ids on the
+  device), so a training step is one graph. HF's SDPA path would sync with the host to detect packing.
+- Batches: sent synchronously with `send_cpu_data_to_device` and sharded along `fsdp`. No MpDeviceLoader:
+  its prefetch thread would run the stateful loader ahead of the step, so a checkpoint would record a
+  loader position past the batches actually trained on and resume would skip data.
+- Steps: nothing here syncs with the host; `step_done` cuts and runs the step's one graph.
+- Checkpoints: torch.distributed.checkpoint with torch_xla's SPMD planners, keys exactly those of the HF
+  model (FSDPv2's `_orig_module.` segments stripped) and the optimizer state keyed by the same names
+  (the layout of torch.distributed.checkpoint.state_dict.get_optimizer_state_dict), so a checkpoint written
+  here is read by the FSDP backend and by lemur-export in a plain torch environment, and vice versa.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from lemur_torch.config import ConfigError
+from lemur_torch.parallel import xla_attention
+from lemur_torch.parallel.base import Backend
+
+class XlaSpmdBackend(Backend):
+    name = "xla_spmd"
+
+    def __init__(self, cfg: DictConfig):
+        import torch.distributed as dist
+        import torch_xla
+        import torch_xla.distributed.spmd as xs
+        import torch_xla.runtime as xr
+
+        self._torch_xla, self._xs, self._xr = torch_xla, xs, xr
+        xr.use_spmd()  # before any XLA tensor exists; process-global
+        n = xr.global_runtime_device_count()
+        tensor = int(cfg.parallel.xla_tensor)
+        if tensor < 1 or n % tensor:
+            raise ConfigError("parallel.xla_tensor", f"{tensor} does not divide the {n} devices")
+        self.mesh = xs.Mesh(np.arange(n), (n // tensor, tensor), ("fsdp", "tensor"))
+        xs.set_global_mesh(self.mesh)
+        self.fsdp_size, self.tensor_size = n // tensor, tensor
+
+        self.device = torch_xla.device()
+        self.device_type = xr.device_type()
+        self.rank, self.world_size = xr.process_index(), xr.process_count()
+        # each host reads its own share; SPMD stitches the host batches into one global array
+        self.dp_rank, self.dp_size = self.rank, self.world_size
+        self.num_devices = n
+        self.device_kind = self._device_kind()
+        self.micro_batch_size = int(cfg.train.micro_batch_size)
+        global_micro = self.micro_batch_size * self.world_size
+        if global_micro % self.fsdp_size:
+            raise ConfigError(
+                "train.micro_batch_size",
+                f"the global micro-batch ({self.micro_batch_size} x {self.world_size} hosts = {global_micro} rows) "
+                f"must divide by the fsdp axis ({self.fsdp_size} devices)",
+            )
+        self.precision = self._resolve_precision(cfg.parallel.mixed_precision)
+        self.attn_impl = xla_attention.implementation_for(cfg.model.attention, self.device_type)
+        spec = ("fsdp", "tensor" if tensor > 1 else None, None, None)
+        xla_attention.register(partition_spec=spec)
+        self.input_sharding = xs.ShardingSpec(self.mesh, ("fsdp", None), minibatch=self.world_size > 1)
+        # A CPU process group for DCP's coordination and for barrier/broadcast across hosts. One host needs
+        # none (DCP runs without one), which also keeps the CPU test lane free of rendezvous.
+        if self.world_size > 1 and not dist.is_initialized():
+            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the xla:// init method)
+
+            dist.init_process_group("gloo", init_method="xla://")
+
+    # ---------------------------------------------------------------- setup
+
+    def _device_kind(self) -> str:
+        if self.device_type != "TPU":
+            return self.device_type.lower()
+        try:
+            from torch_xla._internal import tpu
+
+            return f"tpu_v{tpu.version()}"
+        except Exception:  # noqa: BLE001  (version lookup needs TPU metadata; the kind is only for MFU)
+            return "tpu"
+
+    def _resolve_precision(self, mixed_precision: str) -> str:
+        if mixed_precision == "auto":
+            return "bf16" if self.device_type == "TPU" else "fp32"
+        return mixed_precision
+
+    def setup_model(self, cfg: DictConfig, init_weights: bool = True) -> nn.Module:
+        from torch_xla.distributed.fsdp import checkpoint_module
+        from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy
+        from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel as FSDPv2
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        from lemur_torch import model as model_lib
+
+        # Materialised on the host, then moved to the devices one decoder layer at a time by the FSDPv2
+        # wrap below. init_weights seeds each parameter by its name, so the values equal the FSDP
+        # backend's and the eager reference's whatever the sharding.
+        model = model_lib.build_meta_model(cfg.model)
+        model.to_empty(device="cpu")
+        model_lib.reset_rope_buffers(model, torch.device("cpu"))
+        if init_weights:
+            if cfg.model.pretrained:
+                from lemur_torch.parallel.fsdp import check_pretrained_config, resolve_pretrained
+
+                path = resolve_pretrained(cfg.model.pretrained, self.is_main)
+                check_pretrained_config(path, cfg.model)
+                load_pretrained_(model, path)
+            else:
+                model_lib.init_weights(model, cfg.train.seed, cfg.model.initializer_range)
+        model.config._attn_implementation = self.attn_impl
+        model.config.use_cache = False
+        model.train()
+
+        if self.tensor_size > 1:
+            self._shard_tensor_parallel(model)
+
+        p = cfg.parallel
+
+        def checkpointed(layer: nn.Module) -> bool:
+            if p.activation_checkpointing == "full":
+                return True
+            if p.activation_checkpointing == "every_n":
+                return layer.self_attn.layer_idx % p.ac_every_n == 0
+            return False
+
+        def wrap_layer(m: nn.Module, *args, **kwargs) -> nn.Module:
+            # checkpoint first, then FSDPv2: the reverse order recurses forever (torch_xla's FSDPv2 docs)
+            return FSDPv2(checkpoint_module(m) if checkpointed(m) else m, *args, **kwargs)
+
+        wrapped = FSDPv2(
+            model,
+            mesh=self.mesh,
+            shard_output=self._shard_output,
+            auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer}),
+            auto_wrapper_callable=wrap_layer,
+        )
+        if self.precision == "bf16":
+            # fp32 master weights and optimizer state; matmuls in bf16 (no loss scaling needed for bf16)
+            inner = wrapped.forward
+
+            def forward_bf16(*args, **kwargs):
+                with torch.autocast("xla", dtype=torch.bfloat16):
+                    return inner(*args, **kwargs)
+
+            wrapped.forward = forward_bf16
+        self._torch_xla.sync()
+        return wrapped
+
+    def _shard_output(self, output: Any, mesh) -> None:
+        # FSDPv2 passes this to every wrapped layer too: a layer returns a tensor (or a tuple), the root a ModelOutput
+        if isinstance(output, torch.Tensor):
+            t = output
+        elif isinstance(output, tuple):
+            t = output[0]
+        else:
+            t = output.logits
+        self._xs.mark_sharding(t, mesh, ("fsdp",) + (None,) * (t.dim() - 1))
+
+    def _shard_tensor_parallel(self, model: nn.Module) -> None:
+        """Megatron-style splits over `tensor` (column for q/k/v/gate/up, row for o/down), sharded over
+        `fsdp` on the other dimension; FSDPv2 then shards only what is left (embeddings, norms, lm_head)."""
+        xs = self._xs
+        for layer in model.model.layers:
+            layer.to(self.device)
+            a, m = layer.self_attn, layer.mlp
+            for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                xs.mark_sharding(lin.weight, self.mesh, ("tensor", "fsdp"))
+            for lin in (a.o_proj, m.down_proj):
+                xs.mark_sharding(lin.weight, self.mesh, ("fsdp", "tensor"))
+
+    # ---------------------------------------------------------------- steps
+
+    def device_batches(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, torch.Tensor]]:
+        import torch_xla.core.xla_model as xm
+
+        for batch in batches:
+            yield xm.send_cpu_data_to_device(batch, self.device, input_sharding=self.input_sharding)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor  # the batch is one global array: a sum over it is already global
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        # stays on the device: no host sync, so clipping is part of the step's one graph
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # torch_xla patches it; no foreach
+
+    def step_done(self) -> None:
+        self._torch_xla.sync()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _named_params(self, model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+        from lemur_torch.model import clean_fqn
+
+        return [(clean_fqn(n), p) for n, p in model.named_parameters()]
+
+    def state_dict_for_checkpoint(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
+        """{'model': {hf_name: param}, 'optim': get_optimizer_state_dict's layout} over the live XLA tensors,
+        so DCP writes from and loads into the shards in place."""
+        import torch_xla.core.xla_model as xm
+
+        self._torch_xla.sync()
+        xm.wait_device_ops()  # a save racing an in-flight execution fails in PJRT (torch_xla #7935)
+        named = self._named_params(model)
+        state: Dict[str, Any] = {"model": dict(named)}
+        if optimizer is None:
+            return state
+        if not optimizer.state:
+            self._prime_optimizer(optimizer)
+        fqn = {id(p): n for n, p in named}
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [fqn[id(p)] for p in g["params"]]}
+            for g in optimizer.param_groups
+        ]
+        state["optim"] = {"state": {fqn[id(p)]: s for p, s in optimizer.state.items()}, "param_groups": groups}
+        return state
+
+    def _prime_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Create the optimizer state so DCP can load into it in place. torch_xla's prime_optimizer takes one
+        zero-gradient step, which moves the weights (decay) and the hyperparameters' bookkeeping: this is only
+        called before a load, which overwrites all of it."""
+        from torch_xla.experimental.distributed_checkpoint import prime_optimizer
+
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        prime_optimizer(optimizer)
+        for g, h in zip(optimizer.param_groups, hyper):
+            g.update(h)
+        optimizer.zero_grad(set_to_none=True)
+
+    def load_state_dict_from_checkpoint(
+        self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], state: Dict[str, Any]
+    ) -> None:
+        # DCP's SPMD planner loads into the XLA tensors in place; copy only where it replaced an entry
+        named = dict(self._named_params(model))
+        with torch.no_grad():
+            for n, t in state["model"].items():
+                if t is not named[n]:
+                    named[n].copy_(t)
+            if optimizer is not None:
+                for n, saved in state["optim"]["state"].items():
+                    live = optimizer.state[named[n]]
+                    for k, v in saved.items():
+                        if isinstance(live.get(k), torch.Tensor) and live[k] is not v:
+                            live[k].copy_(v)
+                        else:
+                            live[k] = v
+                for g, saved in zip(optimizer.param_groups, state["optim"]["param_groups"]):
+                    g.update({k: v for k, v in saved.items() if k != "params"})
+        self._torch_xla.sync()
+
+    def dcp_save(self, state: Dict[str, Any], path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        import torch_xla.core.xla_model as xm
+        from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
+
+        self._torch_xla.sync()
+        xm.wait_device_ops()
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(path), planner=SPMDSavePlanner())
+
+    def dcp_load(self, state: Dict[str, Any], path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        import torch_xla.core.xla_model as xm
+        from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
+
+        self._torch_xla.sync()
+        xm.wait_device_ops()
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), planner=SPMDLoadPlanner())
+        self._torch_xla.sync()
+
+    def export_hf(self, model: nn.Module, out_dir: str, max_shard_size_mb: int, dtype: torch.dtype = torch.float32) -> None:
+        """HF safetensors shards + index. Every host takes part in each tensor's gather (a sharded array's
+        transfer to the host is collective); only host 0 writes, one shard of at most max_shard_size_mb
+        on the host at a time."""
+        from safetensors.torch import save_file
+
+        named = self._named_params(model)
+        if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            named = [(n, p) for n, p in named if n != "lm_head.weight"]
+        limit = max_shard_size_mb * 1024 * 1024
+        shards: List[List[Tuple[str, nn.Parameter]]] = [[]]
+        size = 0
+        for n, p in named:
+            nbytes = p.numel() * dtype.itemsize
+            if shards[-1] and size + nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append((n, p))
+            size += nbytes
+        self._torch_xla.sync()
+        if self.is_main:
+            os.makedirs(out_dir, exist_ok=True)
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {n: p.detach().cpu().to(dtype).contiguous() for n, p in shard}
+            if self.is_main:
+                save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            for n, t in tensors.items():
+                weight_map[n] = fname
+                total += t.numel() * t.element_size()
+            del tensors
+        if self.is_main:
+            with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        self.barrier()
+
+    # ---------------------------------------------------------------- misc
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def memory_stats(self) -> Dict[str, float]:
+        import torch_xla.core.xla_model as xm
+
+        try:
+            info = xm.get_memory_info(self.device)
+        except Exception:  # noqa: BLE001  (the CPU client has no memory info)
+            return {}
+        used = info.get("bytes_used", info.get("kb_total", 0))
+        return {"device_mem_gb": used / 2**30} if used else {}
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        import torch_xla.core.xla_model as xm
+
+        self._torch_xla.sync()
+        xm.wait_device_ops()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def load_pretrained_(model: nn.Module, name_or_path: str) -> None:
+    """Copy an HF safetensors checkpoint (folder or hub id) into a host-materialised model, tensor by tensor."""
+    import glob
+
+    from safetensors import safe_open
+
+    folder = name_or_path
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"])
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"model.pretrained: no *.safetensors in {folder}")
+    params = dict(model.named_parameters())
+    missing = set(params)
+    with torch.no_grad():
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    if key in params:
+                        params[key].copy_(f.get_tensor(key))
+                        missing.discard(key)
+    if getattr(model.config, "tie_word_embeddings", False):
+        missing.discard("lm_head.weight")
+    if missing:
+        raise KeyError(f"model.pretrained={name_or_path}: tensors missing from the checkpoint: {sorted(missing)[:5]}")

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The torch_xla test lane (`make test-xla`): torch 2.9 + torch_xla 2.9 in their own venv, SPMD on 4 CPU PJRT
+# devices, each test file in its own process (SPMD mode is process-global), then the main-lane checks
+# (.venv, torch 2.13) on what the XLA runs wrote: HF export and cross-backend checkpoints.
+#
+# The venv is rebuilt only when tests/xla/requirements.txt or pyproject.toml change (stamp), and pip's cache
+# keeps the ~3.5 GB of wheels between builds. LEMUR_XLA_VENV moves the venv; LEMUR_XLA_ARTIFACTS keeps the
+# runs' outputs (default: a temporary folder removed at exit).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+VENV=${LEMUR_XLA_VENV:-$ROOT/.venv-xla}
+PY=${LEMUR_XLA_PYTHON:-python3.11}
+MAIN_PY=$ROOT/.venv/bin/python
+t_start=$(date +%s)
+
+want=$(cat tests/xla/requirements.txt pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.lemur-stamp" 2>/dev/null)" != "$want" ]; then
+    echo "xla lane: building $VENV (torch 2.9 + torch_xla 2.9)"
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/xla/requirements.txt
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e .
+    echo "$want" > "$VENV/.lemur-stamp"
+    echo "xla lane: venv built in $(( $(date +%s) - t_start ))s"
+fi
+if [ ! -x "$MAIN_PY" ]; then
+    make -s setup
+fi
+
+if [ -z "${LEMUR_XLA_ARTIFACTS:-}" ]; then
+    LEMUR_XLA_ARTIFACTS=$(mktemp -d -t lemur-xla-XXXXXX)
+    trap 'rm -rf "$LEMUR_XLA_ARTIFACTS"' EXIT
+fi
+export LEMUR_XLA_ARTIFACTS
+export PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export LEMUR_MAIN_PYTHON=$MAIN_PY
+
+status=0
+for f in tests/xla/test_*.py; do
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$f" || status=1
+done
+# The same artifacts read by plain transformers / the FSDP backend in the main lane's torch.
+"$MAIN_PY" -m pytest -q -p no:cacheprovider tests/xla/main_lane || status=1
+echo "xla lane: done in $(( $(date +%s) - t_start ))s (status $status)"
+exit $status
