@@ -100,6 +100,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     # sequence chunk for the fp32 cross-entropy (bounds the fp32 logits memory)
     loss_chunk: int = 1024
+    # stop (with a checkpoint) after this step even though the schedule runs to max_steps: time-boxed
+    # jobs, and resume tests; null = run to max_steps
+    stop_at_step: Optional[int] = None
     # exit status after a preemption signal (SIGTERM/SIGUSR1) was honoured with a checkpoint
     preempt_exit_code: int = 124
 
@@ -115,6 +118,8 @@ class CheckpointConfig:
     export_dir: Optional[str] = "${run_dir}/hf"
     export_at_end: bool = True
     max_shard_size_mb: int = 2000
+    # float32 | bfloat16 | float16
+    export_dtype: str = "float32"
 
 
 @dataclass
@@ -224,6 +229,8 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError("optim.betas", "needs exactly two values")
     if cfg.log.wandb_mode not in ("online", "offline", "disabled"):
         raise ConfigError("log.wandb_mode", "use online, offline or disabled")
+    if cfg.checkpoint.export_dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError("checkpoint.export_dtype", "use float32, bfloat16 or float16")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last", "must be >= 1")
 

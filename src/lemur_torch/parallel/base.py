@@ -30,9 +30,10 @@ class Backend(ABC):
         return self.rank == 0
 
     @abstractmethod
-    def setup_model(self, cfg: DictConfig) -> nn.Module:
+    def setup_model(self, cfg: DictConfig, init_weights: bool = True) -> nn.Module:
         """Build LlamaForCausalLM on the meta device, shard it, materialise each shard (random init from
-        cfg.train.seed, or cfg.model.pretrained loaded straight into the shards). Returns the wrapped model."""
+        cfg.train.seed, or cfg.model.pretrained loaded straight into the shards). Returns the wrapped model.
+        init_weights=False leaves the shards uninitialised (the caller loads a checkpoint into them)."""
 
     @abstractmethod
     def device_batches(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, torch.Tensor]]:
@@ -54,7 +55,8 @@ class Backend(ABC):
 
     @abstractmethod
     def state_dict_for_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
-        """Sharded {'model': ..., 'optim': ...} for torch.distributed.checkpoint, keys as in the HF model."""
+        """Sharded {'model': ..., 'optim': ...} for torch.distributed.checkpoint, keys as in the HF model.
+        optimizer=None gives {'model': ...} only (export, evaluation)."""
 
     @abstractmethod
     def load_state_dict_from_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:

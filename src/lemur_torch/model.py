@@ -1,0 +1,144 @@
+"""The model: HF `LlamaForCausalLM` as it is, built on the meta device, plus weight init and the loss.
+
+Backends shard the meta model first and materialise only their shards (`init_weights` after `to_empty`),
+so no process ever holds a full 70B model. The loss is computed here from the logits, as a sum over label
+tokens, so the trainer can divide by the global label-token count.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+IGNORE_INDEX = -100
+_HF_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
+    "hidden_act", "initializer_range",
+)
+
+
+def hf_llama_config(model_cfg: DictConfig) -> LlamaConfig:
+    kwargs = {k: model_cfg[k] for k in _HF_FIELDS}
+    config = LlamaConfig(**kwargs, bos_token_id=1, eos_token_id=2, use_cache=False)
+    config._attn_implementation = model_cfg.attention
+    return config
+
+
+def build_meta_model(model_cfg: DictConfig) -> LlamaForCausalLM:
+    """LlamaForCausalLM with every parameter on the meta device (free, any size)."""
+    config = hf_llama_config(model_cfg)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return model
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int, initializer_range: float) -> None:
+    """Llama's init (normal(0, std) for linear/embedding, ones for RMSNorm), shard by shard.
+
+    Each parameter draws from a generator seeded by (seed, parameter name), so the values do not depend on
+    the order of materialisation or the number of shards: a 2-rank FSDP run starts from exactly the weights
+    of a 1-process run. DTensor shards draw the full tensor's values for their slice via `_full_init`.
+    """
+    for name, param in model.named_parameters():
+        clean = clean_fqn(name)
+        full_shape, local_slices = _full_shape_and_slices(param)
+        if clean.endswith("norm.weight"):
+            values = torch.ones(full_shape, dtype=torch.float32)
+        else:
+            gen = torch.Generator().manual_seed(_name_seed(seed, clean))
+            values = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, initializer_range, generator=gen)
+        local = _local_tensor(param)
+        local.copy_(values[local_slices].to(local.dtype))
+
+
+def reset_rope_buffers(model: nn.Module, device: torch.device) -> None:
+    """Rotary inv_freq buffers are non-persistent, so `to_empty` leaves them garbage: rebuild each rotary
+    module from its config and copy its buffers in (works for every rope_type HF supports)."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            fresh = type(module)(module.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                setattr(module, name, buf.to(device))
+            module.attention_scaling = fresh.attention_scaling
+
+
+def _name_seed(seed: int, name: str) -> int:
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _local_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _full_shape_and_slices(param: torch.Tensor) -> Tuple[torch.Size, Tuple[slice, ...]]:
+    """Global shape and the slices of it held locally (DTensor Shard(0) from FSDP2; plain tensors: all)."""
+    if not hasattr(param, "device_mesh"):
+        return param.shape, tuple(slice(None) for _ in param.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return param.shape, tuple(slice(o, o + s) for o, s in zip(offset, shape))
+
+
+def clean_fqn(name: str) -> str:
+    """State-dict key as in the HF checkpoint: drop wrapper segments added by AC, compile and XLA FSDPv2."""
+    for seg in ("_checkpoint_wrapped_module.", "_orig_mod.", "_orig_module.", "_fsdp_wrapped_module."):
+        name = name.replace(seg, "")
+    return name
+
+
+def token_loss_sums(
+    logits: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor, num_domains: int, chunk: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum of next-token CE over label tokens (labels are unshifted, HF-style), in fp32 chunks over the
+    sequence so the fp32 copy of the logits stays at [B, chunk, V].
+
+    Returns (loss_sum, per-domain loss sums [D], per-domain label-token counts [D]); all fp32 on-device.
+    """
+    logits = logits[:, :-1]
+    targets = labels[:, 1:]
+    domains = domain_ids[:, 1:].long()
+    total = logits.new_zeros((), dtype=torch.float32)
+    dom_sum = logits.new_zeros((num_domains,), dtype=torch.float32)
+    dom_cnt = logits.new_zeros((num_domains,), dtype=torch.float32)
+    for start in range(0, logits.shape[1], chunk):
+        lg = logits[:, start : start + chunk].float()
+        tg = targets[:, start : start + chunk]
+        per_tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+        valid = (tg.reshape(-1) != IGNORE_INDEX).float()
+        total = total + per_tok.sum()
+        d = domains[:, start : start + chunk].reshape(-1)
+        dom_sum = dom_sum.index_add(0, d, per_tok.detach())
+        dom_cnt = dom_cnt.index_add(0, d, valid)
+    return total, dom_sum, dom_cnt
+
+
+def count_params(model_cfg: DictConfig) -> int:
+    """Parameter count from the config alone (no model needed): embeddings, layers, norm, head."""
+    h, i, L, V = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_hidden_layers, model_cfg.vocab_size
+    head_dim = h // model_cfg.num_attention_heads
+    kv = model_cfg.num_key_value_heads * head_dim
+    attn = h * h * 2 + h * kv * 2
+    mlp = 3 * h * i
+    per_layer = attn + mlp + 2 * h
+    return V * h * (1 if model_cfg.tie_word_embeddings else 2) + L * per_layer + h
+
+
+def flops_per_token(model_cfg: DictConfig, seq_len: int) -> float:
+    """Training FLOPs per token, counting attention: 6N + 12 * L * d * s (RECIPE.md, scale arithmetic)."""
+    return 6.0 * count_params(model_cfg) + 12.0 * model_cfg.num_hidden_layers * model_cfg.hidden_size * seq_len
+
+
+def batch_label_tokens(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+

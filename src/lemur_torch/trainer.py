@@ -1,0 +1,169 @@
+"""The training loop: accumulate, clip, guard, step, log, checkpoint. Backend-agnostic.
+
+One optimizer step = `grad_accum` micro-batches per data-parallel rank, together exactly
+`train.global_batch_tokens` tokens. The loss is the sum of token losses over the global batch divided by the
+global count of label tokens (all-reduced first), so it does not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any, Dict, List
+
+import torch
+from omegaconf import DictConfig
+
+from lemur_torch.checkpoint import Checkpointer
+from lemur_torch.config import grad_accum_steps
+from lemur_torch.metrics import MetricsLogger, mfu, peak_flops
+from lemur_torch.model import batch_label_tokens, flops_per_token, token_loss_sums
+from lemur_torch.parallel.base import Backend
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, backend: Backend, model, optimizer, scheduler, loader,
+                 checkpointer: Checkpointer, logger: MetricsLogger):
+        self.cfg, self.backend, self.model = cfg, backend, model
+        self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
+        self.checkpointer, self.logger = checkpointer, logger
+        self.grad_accum = grad_accum_steps(cfg, backend.dp_size)
+        self.domains: List[str] = list(loader.domain_names)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
+        self.peak = peak_flops(cfg.log.peak_flops, backend.device_kind)
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.consecutive_nonfinite = 0
+        self.stop_requested = False
+        self.preempted = False
+
+    # -- signals -----------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        # finish the current step, checkpoint, exit; repeated signals only re-set the flag, so a save
+        # in progress is never interrupted
+        self.stop_requested = True
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    # -- state -------------------------------------------------------------------------------------
+    def trainer_state(self) -> Dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+
+    def maybe_resume(self) -> None:
+        path = self.checkpointer.resume_path()
+        if path is None:
+            return
+        state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler, self.loader)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.logger.info(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+
+    def save(self) -> str:
+        t0 = time.perf_counter()
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, self.loader, self.trainer_state())
+        self.logger.info(f"checkpoint {path} written in {time.perf_counter() - t0:.1f}s")
+        return path
+
+    # -- loop --------------------------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to train.max_steps (or until a stop signal). Returns 0, or the preemption exit code."""
+        t = self.cfg.train
+        self.maybe_resume()
+        self.install_signal_handlers()
+        self.logger.info(
+            f"training {self.cfg.model.name} on {self.backend.world_size} process(es) [{self.backend.name}], "
+            f"{self.grad_accum} micro-batch(es) of {t.micro_batch_size}x{t.seq_len} per rank per step, "
+            f"{t.global_batch_tokens:,} tokens/step, steps {self.step}->{t.max_steps}"
+        )
+        batches = self.backend.device_batches(iter(self.loader))
+        every = self.cfg.checkpoint.every_steps
+        while self.step < t.max_steps:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(self.grad_accum)]
+            stats = self.train_step(micro)
+            self.step += 1
+            self.tokens_seen += t.global_batch_tokens
+            self.log_step(stats, time.perf_counter() - t0)
+            if t.stop_at_step is not None and self.step >= t.stop_at_step and self.step < t.max_steps:
+                self.save()
+                self.logger.info(f"train.stop_at_step={t.stop_at_step} reached: checkpoint written, stopping")
+                return 0
+            if stats["stop"]:
+                self.save()
+                self.preempted = True
+                self.logger.info(f"stop signal honoured: checkpoint at step {self.step}, exiting for requeue")
+                return t.preempt_exit_code
+            if every and self.step % every == 0 and self.step < t.max_steps:
+                self.save()
+        if self.cfg.checkpoint.save_at_end:
+            self.save()
+        return 0
+
+    def train_step(self, micro: List[Dict[str, torch.Tensor]]) -> Dict[str, Any]:
+        t, b = self.cfg.train, self.backend
+        device = micro[0]["input_ids"].device
+        n_dom = len(self.domains)
+        # global label-token count first: each micro-batch's loss sum is divided by it
+        local_tokens = sum(batch_label_tokens(mb) for mb in micro).to(torch.float32)
+        global_tokens = b.all_reduce_sum(local_tokens.clone()).clamp(min=1.0)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        dom_sum = torch.zeros(n_dom, dtype=torch.float32, device=device)
+        dom_cnt = torch.zeros(n_dom, dtype=torch.float32, device=device)
+        for i, mb in enumerate(micro):
+            b.prepare_backward(self.model, i, len(micro))
+            logits = self.model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
+            s, ds, dc = token_loss_sums(logits, mb["labels"], mb["domain_ids"], n_dom, t.loss_chunk)
+            (s / global_tokens).backward()
+            loss_sum += s.detach()
+            dom_sum += ds
+            dom_cnt += dc
+        stop = torch.tensor([1.0 if self.stop_requested else 0.0], device=device)
+        reduced = b.all_reduce_sum(torch.cat([loss_sum.view(1), dom_sum, dom_cnt, stop]))
+        grad_norm = b.clip_grad_norm_(self.model, t.grad_clip)
+        loss = reduced[0] / global_tokens
+        finite = bool(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item())
+        lr = self.scheduler.get_last_lr()[0]
+        if finite:
+            self.optimizer.step()
+            self.consecutive_nonfinite = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        b.step_done()
+        if self.consecutive_nonfinite >= t.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.consecutive_nonfinite} consecutive steps with a non-finite loss or grad norm "
+                f"(last: loss={loss.item()}, grad_norm={grad_norm.item()}) at step {self.step + 1}; "
+                f"lower optim.lr or check the data, then resume from the last checkpoint"
+            )
+        dom_loss = reduced[1 : 1 + n_dom] / reduced[1 + n_dom : 1 + 2 * n_dom].clamp(min=1.0)
+        return {
+            "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "finite": finite,
+            "domain_loss": {d: (dom_loss[i].item() if reduced[1 + n_dom + i] > 0 else None) for i, d in enumerate(self.domains)},
+            "label_tokens": int(global_tokens.item()), "stop": bool(reduced[-1].item() > 0),
+        }
+
+    def log_step(self, stats: Dict[str, Any], step_time: float) -> None:
+        if self.step % self.cfg.log.every_steps and self.step != self.cfg.train.max_steps:
+            return
+        tokens_per_s = self.cfg.train.global_batch_tokens / step_time
+        metrics: Dict[str, Any] = {
+            "step": self.step, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+            "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / self.backend.num_devices,
+            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, self.backend.num_devices),
+            "step_time_s": step_time, "tokens_seen": self.tokens_seen, "label_tokens": stats["label_tokens"],
+            "skipped_steps": self.skipped_steps,
+        }
+        metrics.update({f"loss/{d}": v for d, v in stats["domain_loss"].items()})
+        metrics.update({f"data/{k}": v for k, v in self.loader.stats().items()})
+        metrics.update(self.backend.memory_stats())
+        self.logger.log_step(metrics)

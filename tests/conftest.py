@@ -1,0 +1,57 @@
+"""Shared helpers: run lemur-train as a real subprocess (1 process, or torchrun with gloo) and read its metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+import pytest
+
+# small but real: the tiny Llama with the 32000-piece tokenizer, 64-token rows, 256 tokens per step
+FAST = [
+    "model=tiny", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_tokens=256",
+    "optim.warmup_steps=5", "optim.lr=1e-3", "checkpoint.every_steps=0", "checkpoint.export_at_end=false",
+    "log.wandb_mode=disabled", "log.console=false",
+]
+
+
+def subprocess_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def run_train(overrides: List[str], nproc: int = 1, check: bool = True, timeout: int = 600,
+              extra_env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "lemur_torch.train", *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "lemur_torch.train", *overrides]
+    env = subprocess_env()
+    env.update(extra_env or {})
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: str) -> List[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(run_dir: str) -> Dict[int, float]:
+    """step -> loss; a resumed run appends, and the latest line for a step wins."""
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
