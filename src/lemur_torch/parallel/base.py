@@ -50,6 +50,13 @@ class Backend(ABC):
     def prepare_backward(self, model: nn.Module, micro_step: int, num_micro_steps: int) -> None:
         """Hook before each micro-batch backward (e.g. skip gradient sync until the last one)."""
 
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+        """optimizer.step() unless `finite` (0-d bool tensor: loss and grad norm are finite) is false; the
+        trainer's non-finite guard. Decided on the host here; XLA decides on the device, so that reading the
+        guard does not cut its step into two graphs."""
+        if bool(finite.item()):
+            optimizer.step()
+
     def step_done(self) -> None:
         """Called once per optimizer step after optimizer.step(): XLA cuts and runs its graph here."""
 

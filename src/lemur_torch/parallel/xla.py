@@ -201,6 +201,24 @@ class XlaSpmdBackend(Backend):
         # stays on the device: no host sync, so clipping is part of the step's one graph
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # torch_xla patches it; no foreach
 
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+        """optimizer.step() kept only where `finite` (a 0-d bool tensor) holds, decided on the device: reading
+        the guard on the host would cut the step into two graphs. The select fuses into AdamW's elementwise
+        update, so it costs no memory. A skipped step leaves weights and moments as they were; only AdamW's
+        host-side step counter still advances (bias correction, ~1 after warmup)."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+        def tensors(p):
+            return {k: v for k, v in optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor) and v.device == p.device}
+
+        before = {p: (p.detach().clone(), {k: v.clone() for k, v in tensors(p).items()}) for p in params}
+        optimizer.step()
+        with torch.no_grad():
+            for p, (old, old_state) in before.items():
+                p.copy_(torch.where(finite, p, old))
+                for k, v in tensors(p).items():
+                    v.copy_(torch.where(finite, v, old_state[k] if k in old_state else torch.zeros_like(v)))
+
     def step_done(self) -> None:
         self._torch_xla.sync()
 
