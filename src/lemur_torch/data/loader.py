@@ -52,7 +52,10 @@ class _Lane:
         packer = self.packers.get(s)
         if packer is None:
             src = ctx.sources[s]
-            packer = Packer(src, self.lane, ctx.lanes, ctx.seq_len, ctx.tokenize, ctx.bad, ctx.read_chars, self._initial.get(src.name))
+            # read-ahead in proportion to the source's share of rows: every packer's chunk then lasts about as long,
+            # and a small source does not hold (or, at the end of a run, waste) as much tokenized text as a big one
+            chunk = max(16384, ctx.read_chars * ctx.schedule.weights[s] // ctx.schedule.period)
+            packer = Packer(src, self.lane, ctx.lanes, ctx.seq_len, ctx.tokenize, ctx.bad, chunk, self._initial.get(src.name), ctx.pool)
             self.packers[s] = packer
         row = packer.next_row(ctx.attend_across_documents)
         self.m += 1
@@ -69,32 +72,42 @@ class _RowStream(IterableDataset):
     """The rows of one rank from global row `start` on; in a DataLoader worker, that worker's share of them."""
 
     def __init__(self, sources, schedule, domain_of, tokenizer, seq_len, lanes, read_chars, attend_across_documents,
-                 strict, log_bad, start, dp_rank, dp_size, num_workers, lane_states):
+                 strict, log_bad, start, dp_rank, dp_size, num_workers, lane_states, prefetch_threads=0):
         self.sources, self.schedule, self.domain_of = sources, schedule, domain_of
         self.tokenizer, self.seq_len, self.lanes, self.read_chars = tokenizer, seq_len, lanes, read_chars
         self.attend_across_documents, self.strict, self.log_bad = attend_across_documents, strict, log_bad
         self.start, self.dp_rank, self.dp_size, self.num_workers = start, dp_rank, dp_size, max(1, num_workers)
         self.lane_states = lane_states
+        self.prefetch_threads = prefetch_threads
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         self.tokenize = Tokenize(self.tokenizer)
         self.bad = BadCounter(self.strict, self.log_bad)
+        self.pool = None
+        if self.prefetch_threads > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix="lemur-data")
         stride = self.dp_size * self.num_workers
         lanes: Dict[int, _Lane] = {}
         g = self.start + self.dp_rank + self.dp_size * worker
-        while True:
-            lane_id, m = g % self.lanes, g // self.lanes
-            lane = lanes.get(lane_id)
-            if lane is None:
-                lane = lanes[lane_id] = _Lane(lane_id, self, self.lane_states.get(lane_id))
-            while lane.m < m:  # rows of a shared lane that other workers own: made, then dropped
-                lane.next_row()
-            s, (ids, labels, pos) = lane.next_row()
-            row = torch.stack([torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos)])
-            yield row, self.domain_of[s], lane_id, lane.state()
-            g += stride
+        try:
+            while True:
+                lane_id, m = g % self.lanes, g // self.lanes
+                lane = lanes.get(lane_id)
+                if lane is None:
+                    lane = lanes[lane_id] = _Lane(lane_id, self, self.lane_states.get(lane_id))
+                while lane.m < m:  # rows of a shared lane that other workers own: made, then dropped
+                    lane.next_row()
+                s, (ids, labels, pos) = lane.next_row()
+                row = torch.stack([torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos)])
+                yield row, self.domain_of[s], lane_id, lane.state()
+                g += stride
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class PackedMixtureLoader:
@@ -114,6 +127,7 @@ class PackedMixtureLoader:
         self.lanes = int(data_cfg.get("lanes", 12))
         self.num_workers = int(data_cfg.get("num_workers", 0))
         self.read_chars = int(data_cfg.get("read_chars", 1 << 18))
+        self.prefetch_threads = int(data_cfg.get("prefetch_threads", 1))
         self.strict = bool(data_cfg.get("strict", False))
         self.log_bad = int(data_cfg.get("log_bad_records", 5))
         self.attend_across_documents = bool(data_cfg.get("attend_across_documents", False))
@@ -140,7 +154,7 @@ class PackedMixtureLoader:
         ds = _RowStream(
             self.sources, self.schedule, self._domain_of, self.tokenizer, self.seq_len, self.lanes, self.read_chars,
             self.attend_across_documents, self.strict, self.log_bad, self._rows, self.dp_rank, self.dp_size,
-            self.num_workers, dict(self._lane_states),
+            self.num_workers, dict(self._lane_states), self.prefetch_threads,
         )
         if self.num_workers == 0:
             return iter(ds)

@@ -78,7 +78,7 @@ class Packer:
     """Rows of one source's share of one lane: records lane, lane+L, lane+2L, ... of each epoch in turn."""
 
     def __init__(self, source: Source, lane: int, lanes: int, seq_len: int, tokenize: Tokenize, bad: BadCounter,
-                 read_chars: int, state: Optional[dict] = None):
+                 read_chars: int, state: Optional[dict] = None, pool=None):
         self.source, self.lane, self.lanes, self.seq_len = source, lane, lanes, seq_len
         self.tokenize, self.bad, self.read_chars = tokenize, bad, read_chars
         st = state or {}
@@ -91,6 +91,8 @@ class Packer:
         self._queue: Deque[Tuple[int, int, object]] = deque()
         self._read_epoch, self._read_k = self.epoch, self.k
         self._reader = None
+        self._next = (self.epoch, self.k)  # reader position after the queued records
+        self.pool, self._pending = pool, None  # optional executor that reads + tokenizes the next chunk ahead
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "k": self.k, "offset": self.offset, "docs": self.docs, "skipped": dict(self.skipped)}
@@ -110,23 +112,34 @@ class Packer:
                 )
             self._read_epoch, self._read_k = self._read_epoch + 1, 0
 
-    def _refill(self) -> None:
+    def _read_chunk(self):
+        """Read about read_chars of text and tokenize it; runs in the prefetch thread when there is one (the
+        tokenizer releases the GIL). Returns the records and the reader position after them."""
         if self._reader is None:
             self._reader = self._records()
-        texts, keys, chars = [], [], 0
+        chunk, texts, keys, chars = [], [], [], 0
         while chars < self.read_chars:
             epoch, k, loc, rec = next(self._reader)
             if isinstance(rec, Bad):
                 self.bad.report(self.source, loc, rec)
-                self._queue.append((epoch, k, rec))
+                chunk.append((epoch, k, rec))
                 continue
             texts.append(rec)
-            keys.append(len(self._queue))
-            self._queue.append((epoch, k, None))
+            keys.append(len(chunk))
+            chunk.append((epoch, k, None))
             chars += len(rec)
-        for pos, toks in zip(keys, self.tokenize.documents(texts)):
-            e, k, _ = self._queue[pos]
-            self._queue[pos] = (e, k, toks)
+        for i, toks in zip(keys, self.tokenize.documents(texts)):
+            chunk[i] = (chunk[i][0], chunk[i][1], toks)
+        return chunk, (self._read_epoch, self._read_k)
+
+    def _refill(self) -> None:
+        # one chunk in flight at most per packer, so the reader is only ever advanced by one thread, in order
+        if self._pending is not None:
+            chunk, self._next = self._pending.result()
+        else:
+            chunk, self._next = self._read_chunk()
+        self._queue.extend(chunk)
+        self._pending = self.pool.submit(self._read_chunk) if self.pool is not None else None
 
     def next_row(self, attend_across_documents: bool) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(input_ids, labels, position_ids), each int64 [seq_len]."""
@@ -165,4 +178,4 @@ class Packer:
         if self._queue:
             self.epoch, self.k = self._queue[0][0], self._queue[0][1]
         else:
-            self.epoch, self.k = self._read_epoch, self._read_k
+            self.epoch, self.k = self._next

@@ -44,8 +44,11 @@ class DataConfig:
     # lanes of the global stream (loader.py): fixed for a run; resume needs the same value. Make it a multiple
     # of data-parallel ranks x num_workers so that no reader tokenizes rows it does not keep.
     lanes: int = 12
-    # characters of text read per tokenizer batch (per lane and source)
+    # characters of text read per tokenizer batch and lane, split over the sources by their share of rows
+    # (at least 16384 each); memory per reader ~ lanes it owns x read_chars x 2 (prefetch) x ~1.5 bytes
     read_chars: int = 262144
+    # threads (per reader process) that read and tokenize the next batch ahead of packing; 0 = inline
+    prefetch_threads: int = 1
     # bad records logged in full per source and process; after that only counts (loader.stats())
     log_bad_records: int = 5
     extra: Dict[str, Any] = field(default_factory=dict)
