@@ -53,7 +53,7 @@ def test_builtin_corpus_over_2m_tokens_is_10_to_1_code_to_text():
     assert checked > 300
     ratio = counts[code_id].item() / counts[text_id].item()
     assert abs(ratio / 10 - 1) < 0.01, ratio
-    assert loader.stats()["data/token_frac/text"] == pytest.approx(counts[text_id].item() / n)
+    assert loader.stats()["token_frac/text"] == pytest.approx(counts[text_id].item() / n)
 
 
 @pytest.mark.parametrize("weights,lanes", [([10, 1], 12), ([2, 1], 12), ([4.0, 1.5, 1.5, 0.5, 2.5, 0.4, 0.6], 8), ([1, 1, 1], 6)])

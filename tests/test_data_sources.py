@@ -59,8 +59,8 @@ def test_bad_lines_are_skipped_counted_and_reported_with_file_and_line(tok, capl
     for reason in BAD_LINES.values():
         counts[reason] = counts.get(reason, 0) + 1
     for reason, n in counts.items():
-        assert st[f"data/skipped/bad/{reason}"] == n
-    assert st["data/skipped/bad"] == len(BAD_LINES)
+        assert st[f"skipped/bad/{reason}"] == n
+    assert st["skipped/bad"] == len(BAD_LINES)
     text = caplog.text
     for line in BAD_LINES:
         assert f"bad_lines.jsonl:{line}:" in text

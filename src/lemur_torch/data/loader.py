@@ -17,10 +17,14 @@ in lanes l == c (mod gcd(dp_size*workers, L)): when dp_size*workers divides L (c
 1, 2, 3, 4, 6 readers) every lane is read by exactly one worker and nobody tokenizes anything twice; otherwise
 a worker also runs the rows of its lanes that other workers own, and drops them (correct, just slower).
 
-State: the number of global rows consumed G and every lane's packer positions. Each rank knows the lanes it
-read; `state_dict()` all-gathers them over the data-parallel group (a collective: every rank must call it) and
-keeps, per lane, the most advanced copy, so the result is identical on every rank and says nothing about the
+State: the number of global rows consumed G and every lane's packer positions (a few integers per lane and
+source). A rank only makes the rows of its own lanes, so after each micro-batch the ranks exchange the new
+positions of the lanes they used (one small all_gather_object on a gloo group of their own, CPU only, created
+when the loader is built; no GPU sync). Every rank thus holds every lane's position: `state_dict()` needs no
+communication (the trainer may call it on rank 0 alone), is identical on every rank and says nothing about the
 world size. `load_state_dict` on any number of ranks and workers continues the global stream at row G.
+Without torch.distributed (ranks simulated in one process, as the tests do), combine the ranks'
+`local_state_dict()`s with `merge_states`.
 """
 
 from __future__ import annotations
@@ -144,7 +148,7 @@ class PackedMixtureLoader:
         self.schedule = Schedule([s.name for s in self.sources], [s.weight for s in self.sources], self.lanes)
         self.domain_names: List[str] = sorted({s.domain for s in self.sources})
         self._domain_of = [self.domain_names.index(s.domain) for s in self.sources]
-        self.process_group = None  # the data-parallel group for state_dict(); None = the default (world) group
+        self._group = self._exchange_group()
         self._rows = 0  # global rows consumed
         self._lane_states: Dict[int, dict] = {}
 
@@ -174,8 +178,14 @@ class PackedMixtureLoader:
                 "position_ids": packed[:, 2].contiguous(),
                 "domain_ids": domains[:, None].expand(B, self.seq_len).contiguous(),
             }
-            for _, _, lane, state in items:
-                self._lane_states[lane] = state
+            updates = [(lane, state) for _, _, lane, state in items]
+            if self._group is not None:
+                gathered: List[Optional[list]] = [None] * self.dp_size
+                torch.distributed.all_gather_object(gathered, updates, group=self._group)
+                updates = [u for rank_updates in gathered for u in rank_updates]
+            for lane, state in updates:  # the most advanced copy of a lane wins (shared lanes)
+                if lane not in self._lane_states or state["m"] > self._lane_states[lane]["m"]:
+                    self._lane_states[lane] = state
             self._rows += B * self.dp_size
             yield batch
 
@@ -200,20 +210,29 @@ class PackedMixtureLoader:
         return {**self._fingerprint(), "rows": self._rows, "lane_states": {k: v for k, v in sorted(self._lane_states.items())}}
 
     def state_dict(self) -> dict:
-        """Identical on every rank and independent of the world size. A collective when dp_size > 1."""
-        local = self.local_state_dict()
+        """Identical on every rank and independent of the world size; no communication (see the module doc)."""
+        if self.dp_size > 1 and self._group is None:
+            raise RuntimeError(
+                f"loader.state_dict() with dp_size={self.dp_size} needs the lane exchange over torch.distributed, which was "
+                "not initialized when the loader was built; simulated ranks: merge_states([l.local_state_dict() ...])"
+            )
+        return self.local_state_dict()
+
+    def _exchange_group(self):
         if self.dp_size == 1:
-            return local
+            return None
         import torch.distributed as dist
 
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                f"loader.state_dict() with dp_size={self.dp_size} all-gathers the lanes over torch.distributed, "
-                "which is not initialized; call it on every rank after init_process_group (or merge local_state_dict()s with merge_states)"
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        if dist.get_world_size() != self.dp_size:
+            raise DataConfigError(
+                f"build_loader: dp_size={self.dp_size} but torch.distributed has {dist.get_world_size()} ranks; the loader's "
+                "lane exchange assumes every rank is a data-parallel rank"
             )
-        gathered: List[Optional[dict]] = [None] * dist.get_world_size(self.process_group)
-        dist.all_gather_object(gathered, local, group=self.process_group)
-        return merge_states(gathered)
+        # a CPU group of our own: the exchange never touches the (possibly NCCL) training group or syncs a GPU.
+        # new_group is collective: build_loader runs on every rank at the same point.
+        return dist.new_group(backend="gloo")
 
     def load_state_dict(self, state: dict) -> None:
         mine = self._fingerprint()
@@ -231,26 +250,26 @@ class PackedMixtureLoader:
             if got != expected:
                 raise DataConfigError(
                     f"data loader state is inconsistent: lane {lane} is at row {got} but {rows} global rows imply {expected}; "
-                    "was it taken from one rank without state_dict()'s gather?"
+                    "is it one simulated rank's local_state_dict() without merge_states?"
                 )
         self._rows, self._lane_states = rows, lane_states
 
     # -- metrics ------------------------------------------------------------------------------------------
 
     def stats(self) -> Dict[str, float]:
-        out: Dict[str, float] = {"data/rows": float(self._rows), "data/tokens": float(self._rows * self.seq_len)}
+        out: Dict[str, float] = {"rows": float(self._rows), "tokens": float(self._rows * self.seq_len)}
         rows = self.schedule.rows_before(self._rows)
         for d, name in enumerate(self.domain_names):
             n = sum(c for c, dom in zip(rows, self._domain_of) if dom == d)
-            out[f"data/token_frac/{name}"] = n / self._rows if self._rows else 0.0
+            out[f"token_frac/{name}"] = n / self._rows if self._rows else 0.0
         for src in self.sources:
             states = [ls["src"][src.name] for ls in self._lane_states.values() if src.name in ls["src"]]
-            out[f"data/skipped/{src.name}"] = float(sum(sum(st["skipped"].values()) for st in states))
+            out[f"skipped/{src.name}"] = float(sum(sum(st["skipped"].values()) for st in states))
             for reason in REASONS:
                 n = sum(st["skipped"].get(reason, 0) for st in states)
                 if n:
-                    out[f"data/skipped/{src.name}/{reason}"] = float(n)
-            out[f"data/epoch/{src.name}"] = float(max((st["epoch"] for st in states), default=0))
+                    out[f"skipped/{src.name}/{reason}"] = float(n)
+            out[f"epoch/{src.name}"] = float(max((st["epoch"] for st in states), default=0))
         return out
 
 
