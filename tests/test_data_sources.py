@@ -205,3 +205,24 @@ def test_shuffle_is_a_seeded_permutation_per_epoch():
     assert sorted(e0) == sorted(loc for loc, _ in a.iter_records(1, 0, 1)) == sorted(loc for loc, _ in b.iter_records(0, 0, 1))
     assert e0 != [loc for loc, _ in a.iter_records(1, 0, 1)] != [loc for loc, _ in b.iter_records(0, 0, 1)]
     assert e0 == [loc for loc, _ in a.iter_records(0, 0, 1)]
+
+
+def test_undecodable_text_file_is_skipped_with_its_line(tok, tmp_path, caplog):
+    (tmp_path / "a.txt").write_text("first document, fine\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(b"line one\nline two caf\xe9\n")
+    (tmp_path / "c.txt").write_text("third document, fine\n", encoding="utf-8")
+    cfg = cfg_of({"tree": {"kind": "text", "domain": "text", "path": str(tmp_path), "shuffle": False}}, lanes=1)
+    loader = build_loader(cfg, tok, 16, 1, 0, 1, 0)
+    with caplog.at_level(logging.WARNING, logger="lemur_torch.data"):
+        batch = next(iter(loader))
+    assert f"{tmp_path / 'b.txt'}:2:" in caplog.text
+    assert loader.stats()["skipped/tree/undecodable"] == 1
+    first = [tok.bos_token_id] + tok("first document, fine\n", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    third = [tok.bos_token_id] + tok("third document, fine\n", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert batch["input_ids"][0].tolist() == (first + third + first)[:16]
+
+
+def test_strict_mode_raises_through_dataloader_workers(tok):
+    cfg = cfg_of({"bad": {"kind": "jsonl", "domain": "code", "path": FIXTURE}}, lanes=1, strict=True, num_workers=1)
+    with pytest.raises(BadInputError, match=r"bad_lines\.jsonl:2"):
+        next(iter(build_loader(cfg, tok, 64, 1, 0, 1, 0)))

@@ -121,7 +121,7 @@ class Packer:
         while chars < self.read_chars:
             epoch, k, loc, rec = next(self._reader)
             if isinstance(rec, Bad):
-                self.bad.report(self.source, loc, rec)
+                rec.loc = loc  # reported (or raised, strict) when packing reaches it, in stream order
                 chunk.append((epoch, k, rec))
                 continue
             texts.append(rec)
@@ -153,6 +153,7 @@ class Packer:
                 self._refill()
             epoch, k, toks = self._queue[0]
             if isinstance(toks, Bad):
+                self.bad.report(self.source, toks.loc, toks)
                 self.skipped[toks.reason] = self.skipped.get(toks.reason, 0) + 1
                 self._advance()
                 continue

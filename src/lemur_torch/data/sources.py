@@ -50,6 +50,7 @@ class BadInputError(ValueError):
 class Bad:
     reason: str
     detail: str = ""
+    loc: str = ""
 
 
 Record = Tuple[str, Union[str, Bad]]  # (location, text or Bad)
