@@ -163,7 +163,8 @@ def test_state_dict_under_gloo_is_identical_on_every_rank_and_resumes(corpus, to
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         os.environ["_LT_PORT"] = str(s.getsockname()[1])
-    mp.spawn(_gloo_worker, args=(2, corpus, str(tmp_path)), nprocs=2, join=True)
+    # fork: the children inherit the imported torch and tokenizer (spawn would re-import them: slow on 2 cores)
+    mp.start_processes(_gloo_worker, args=(2, corpus, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     got = [pickle.load(open(tmp_path / f"{r}.pkl", "rb")) for r in range(2)]
     assert got[0]["state"] == got[1]["state"] == got[0]["only0"]
     assert got[0]["state"]["rows"] == 3 * B * 2

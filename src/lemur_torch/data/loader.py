@@ -202,7 +202,6 @@ class PackedMixtureLoader:
             "seed": self.seed,
             "sources": [s.name for s in self.sources],
             "weights": list(self.schedule.weights),
-            "attend_across_documents": self.attend_across_documents,
         }
 
     def local_state_dict(self) -> dict:
