@@ -37,14 +37,16 @@ export RDZV_ID="$SLURM_JOB_ID"
 if [[ -z "${NPROC_PER_NODE:-}" && -n "${SLURM_GPUS_ON_NODE:-}" ]]; then export NPROC_PER_NODE="$SLURM_GPUS_ON_NODE"; fi
 
 preempted=0
-on_signal() {
-  [[ "$1" == USR1 ]] && preempted=1
-  log "SIG$1: passing it to the training step (checkpoint, then exit)"
-  scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || true   # all steps, not this batch shell
+on_usr1() {
+  preempted=1
+  log "SIGUSR1: passing it to the training step (finish the step, checkpoint, exit), then requeue"
+  scancel --signal=USR1 "$SLURM_JOB_ID" || true   # every step of the job, not this batch shell
 }
-# The traps also keep this shell alive on SIGTERM: if it died, Slurm would end the job and kill the step mid-save.
-trap 'on_signal USR1' USR1
-trap 'on_signal TERM' TERM
+# Slurm sends SIGTERM to every process of the job itself (time limit, preemption, scancel). The trap only keeps
+# this shell alive meanwhile: if it died, the job would end and the step be killed in the middle of its save.
+on_term() { log "SIGTERM: the training step checkpoints and exits within the cluster's KillWait"; }
+trap on_usr1 USR1
+trap on_term TERM
 
 log "start: $EXPERIMENT on $SLURM_JOB_NUM_NODES node(s), $NNODES agent(s) x ${NPROC_PER_NODE:-auto} process(es), rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
 # No --kill-on-bad-exit: when one node's trainer exits after a checkpoint, the others must finish their part of it.
@@ -62,7 +64,11 @@ log "training step ended with status $rc"
 
 if [[ "$preempted" == 1 && "$rc" != 0 ]]; then
   log "preempted: requeueing; the trainer resumes from the newest checkpoint in $RUN_DIR/checkpoints"
-  scontrol requeue "$SLURM_JOB_ID"
-  sleep 60   # the requeue ends this shell; never report the preempted step's failure as the job's
+  trap - TERM USR1  # the requeue ends this shell with SIGTERM: let it, so the job is requeued at once
+  if scontrol requeue "$SLURM_JOB_ID"; then
+    sleep 600  # never reached in practice; the preempted step's status must not become the job's
+    exit 0
+  fi
+  log "scontrol requeue failed (was the job submitted with --no-requeue?); resubmit to resume"
 fi
 exit "$rc"

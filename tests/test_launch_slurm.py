@@ -1,0 +1,92 @@
+"""launch/slurm/cpu_test.sbatch on a real one-node Slurm (tests/slurm_cluster.py): the job completes and leaves a
+checkpoint and an HF export; preempted with `scancel --batch --signal=USR1` (what `--signal=B:USR1@...` sends
+before the time limit) it checkpoints, requeues itself, resumes, and ends with the uninterrupted run's loss.
+
+The cluster needs root and Debian packages (slurm-wlm, munge); where they cannot be installed the tests skip
+and say why. CI runs as root with apt-get, so they run there."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from launch_util import (MAX_STEPS, REPO, TRAIN_ARGS, assert_curves_match, checkpoints, free_port, last_logged_step,
+                         losses, tail, train_env, two_process_reference, wait_for)
+from slurm_cluster import SlurmCluster, unavailable_reason
+
+SBATCH = REPO / "launch" / "slurm" / "cpu_test.sbatch"
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"no local Slurm: {reason}")
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=2)
+    c.start()
+    yield c
+    c.stop()
+
+
+def submit(cluster, submit_dir: Path, *overrides: str) -> tuple[int, Path]:
+    """sbatch the CPU job script from `submit_dir` as a user would; returns the job id and its run folder."""
+    env = train_env(LEMUR_HOME=str(REPO), MASTER_PORT=str(free_port()), SLURM_CONF=cluster.env["SLURM_CONF"])
+    # the script names its experiment (EXPERIMENT, default smoke); the rest are overrides
+    args = [a for a in TRAIN_ARGS if not a.startswith("experiment=")]
+    out = cluster.run("sbatch", "--parsable", str(SBATCH), *args, *overrides, env=env, cwd=submit_dir)
+    job = int(out.stdout.strip().split(";")[0])
+    return job, submit_dir / "runs" / f"lemur-cpu-test-{job}"
+
+
+def job_output(submit_dir: Path, job: int, run_dir: Path) -> str:
+    parts = [tail(submit_dir / f"lemur-cpu-test-{job}.out", 5000)]
+    parts += [f"--- {p.name}\n{tail(p, 4000)}" for p in sorted((run_dir / "logs").glob("*.log"))] if (run_dir / "logs").exists() else []
+    return "\n".join(parts)
+
+
+def test_slurm_job_completes_with_checkpoint_and_export(cluster, tmp_path):
+    job, run_dir = submit(cluster, tmp_path)
+    info = cluster.wait_state(job, FINAL, timeout=420)
+    out = job_output(tmp_path, job, run_dir)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{out}\n{cluster.logs()}"
+    assert f"JobId={job} " in (cluster.root / "jobcomp.log").read_text() and "JobState=COMPLETED" in (cluster.root / "jobcomp.log").read_text()
+    assert checkpoints(run_dir)[-1] == f"step_{MAX_STEPS:08d}", out
+    assert (run_dir / "hf" / "config.json").exists() and list((run_dir / "hf").glob("*.safetensors")), out
+    assert (run_dir / "logs" / "task0.log").exists() and (run_dir / "logs" / "task1.log").exists()
+    assert "on 2 process" in out, out
+    # the Slurm job (2 srun tasks x 1 process) is the same computation as a plain 2-process run
+    diff = assert_curves_match(losses(run_dir), two_process_reference(), tol=1e-6)
+    print(f"Slurm job {job} COMPLETED; vs plain 2-process run: max |loss diff| {diff:.2e}")
+
+
+def test_slurm_preempt_requeues_and_resumes_to_same_loss(cluster, tmp_path):
+    job, run_dir = submit(cluster, tmp_path, "checkpoint.export_at_end=false")
+    wait_for(lambda: last_logged_step(run_dir) >= 3, 300, "step 3 of the Slurm job",
+             log=run_dir / "logs" / "task0.log")
+    # what `#SBATCH --signal=B:USR1@600` sends ten minutes before the time limit
+    cluster.run("scancel", "--batch", "--signal=USR1", str(job))
+
+    # job.sh requeues the job once the checkpoint is written. Slurm holds a requeued job back for a while
+    # (BeginTime); moving its start time to now only shortens the test, the job itself is untouched.
+    deadline = time.monotonic() + 240
+    while True:
+        info = cluster.job(job)
+        if int(info.get("Restarts", 0)) >= 1 and info["JobState"] == "PENDING":
+            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            break
+        assert info["JobState"] not in FINAL, f"ended without requeue: {info}\n{job_output(tmp_path, job, run_dir)}"
+        assert time.monotonic() < deadline, f"no requeue: {info}\n{job_output(tmp_path, job, run_dir)}"
+        time.sleep(0.5)
+    stopped_at = max(int(c.split("_")[1]) for c in checkpoints(run_dir))
+    assert 3 <= stopped_at < MAX_STEPS
+
+    info = cluster.wait_state(job, FINAL, timeout=420)
+    out = job_output(tmp_path, job, run_dir)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, f"{info}\n{out}"
+    assert "preempted: requeueing" in out and "resumed from" in out, out
+    # the requeued run continued from the checkpoint and ends on the uninterrupted run's loss
+    diff = assert_curves_match(losses(run_dir), two_process_reference(), tol=1e-6,
+                               steps=range(stopped_at + 1, MAX_STEPS + 1))
+    print(f"Slurm job {job}: preempted at step {stopped_at}, requeued, COMPLETED; steps {stopped_at + 1}-{MAX_STEPS} "
+          f"vs uninterrupted: max |loss diff| {diff:.2e} (final {losses(run_dir)[MAX_STEPS]!r})")

@@ -1,0 +1,96 @@
+"""launch/torchrun.sh: two agents as a 2-node stand-in (c10d rendezvous on 127.0.0.1, HSDP replicating across
+the "nodes" and sharding within) match the single-process loss; SIGTERM to one rank of a 2-rank run writes a
+checkpoint, ends every process, and a restart resumes with the uninterrupted run's losses."""
+
+import os
+import signal
+from pathlib import Path
+
+from launch_util import (MAX_STEPS, REPO, TRAIN_ARGS, assert_curves_match, checkpoints, finish, free_port,
+                         kill_session, last_logged_step, losses, single_process_reference, start, tail,
+                         train_env, two_process_reference, wait_for)
+
+TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
+
+
+def test_two_agents_hsdp_match_single_process(tmp_path):
+    run_dir = tmp_path / "run"  # one folder for both "nodes", as on a shared cluster file system
+    env = train_env(NNODES="2", NPROC_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                    RDZV_ID=f"hsdp-{os.getpid()}")
+    args = ["bash", TORCHRUN_SH, *TRAIN_ARGS, "parallel=hsdp", "parallel.dp_replicate=2",
+            "parallel.activation_checkpointing=none", "parallel.mixed_precision=fp32", f"run_dir={run_dir}",
+            "checkpoint.save_at_end=false", "checkpoint.export_at_end=false"]
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    agents = [start(args, log, env) for log in logs]
+    try:
+        for agent, log in zip(agents, logs):
+            rc = finish(agent, log, timeout=420)
+            assert rc == 0, f"agent exited {rc}:\n{tail(log)}"
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                kill_session(agent)
+    text = "".join(tail(log, 200_000) for log in logs)
+    assert "on 4 process" in text, text[-3000:]
+    diff = assert_curves_match(losses(run_dir), single_process_reference(), tol=1e-4)
+    print(f"2 agents x 2 processes, HSDP 2x2, vs 1 process: max |loss diff| {diff:.2e} over {MAX_STEPS} steps")
+
+
+def _workers(agent_pid: int) -> dict[int, int]:
+    """rank -> pid of the worker processes torchrun started (children of the agent)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != agent_pid:
+                continue
+            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(entry.name)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_to_one_rank_checkpoints_and_resumes_exactly(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["bash", TORCHRUN_SH, *TRAIN_ARGS, f"run_dir={run_dir}", "checkpoint.export_at_end=false"]
+    env = train_env(NPROC_PER_NODE="2")
+    log = tmp_path / "first.log"
+    agent = start(args, log, env)  # torchrun.sh execs torchrun: this pid is the agent
+    try:
+        wait_for(lambda: last_logged_step(run_dir) >= 3, 240, "step 3", agent, log)
+        workers = _workers(agent.pid)
+        assert sorted(workers) == [0, 1], f"workers of agent {agent.pid}: {workers}"
+        os.kill(workers[1], signal.SIGTERM)  # rank 1 only: rank 0 must learn of the stop from it
+        rc = finish(agent, log, timeout=120)
+    finally:
+        if agent.poll() is None:
+            kill_session(agent)
+    text = tail(log, 200_000)
+    assert rc != 0, f"a preempted run must not report success:\n{text[-3000:]}"
+    assert "exitcode  : 124" in text or "exitcode: 124" in text, f"trainer should exit 124:\n{text[-3000:]}"
+    assert not any(_alive(pid) for pid in workers.values()), "a worker outlived the stop"
+    stopped_at = last_logged_step(run_dir)
+    assert 3 <= stopped_at < MAX_STEPS
+    assert checkpoints(run_dir)[-1] == f"step_{stopped_at:08d}", (checkpoints(run_dir), text[-3000:])
+
+    log2 = tmp_path / "second.log"
+    rc = finish(start(args, log2, env), log2, timeout=300)
+    assert rc == 0, tail(log2)
+    assert "resumed from" in tail(log2, 200_000)
+    # the restart picks up where the stop left off and matches the uninterrupted 2-process run exactly
+    diff = assert_curves_match(losses(run_dir), two_process_reference(), tol=1e-6,
+                               steps=range(stopped_at + 1, MAX_STEPS + 1))
+    print(f"SIGTERM to rank 1 at step {stopped_at}: restart matches the uninterrupted run on steps "
+          f"{stopped_at + 1}-{MAX_STEPS}, max |loss diff| {diff:.2e}")
