@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import FAST, losses, run_train
+from conftest import FAST, losses, read_metrics, run_train
 
 STEPS = 20
 
@@ -49,8 +49,24 @@ def test_two_rank_checkpoint_resumes_on_one_rank(single_run, tmp_path):
         assert abs(ref[step] - got[step]) < 1e-4, (step, ref[step], got[step])
 
 
-def test_keep_last_k_and_atomic_dirs(tmp_path):
+def test_keep_last_k_atomic_dirs_and_wandb_files(tmp_path):
     run_dir = str(tmp_path / "keep")
-    run_train([*FAST, "train.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=2", f"run_dir={run_dir}"])
+    run_train([*FAST, "train.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=2", f"run_dir={run_dir}",
+               "log.wandb_mode=offline"])
     names = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
     assert names == ["step_00000004", "step_00000006"], names
+    runs = [d for d in os.listdir(os.path.join(run_dir, "wandb")) if d.startswith("offline-run-")]
+    assert runs and any(f.endswith(".wandb") for f in os.listdir(os.path.join(run_dir, "wandb", runs[0])))
+    metrics = read_metrics(run_dir)
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "loss/code", "loss/text", "step_time_s"):
+        assert key in metrics[-1], key
+
+
+def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
+    run_dir = str(tmp_path / "nan")
+    # an absurd lr blows the weights up after the first update; later steps are non-finite
+    proc = run_train([*FAST, "train.max_steps=10", "optim.lr=1e30", "optim.warmup_steps=1", "train.grad_clip=1e30",
+                      "train.max_nonfinite_steps=2", f"run_dir={run_dir}"], check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "2 consecutive steps with a non-finite loss or grad norm" in proc.stderr
+    assert read_metrics(run_dir)[-1]["skipped_steps"] >= 1

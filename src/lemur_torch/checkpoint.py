@@ -89,9 +89,10 @@ class Checkpointer:
         b.dcp_save(b.state_dict_for_checkpoint(model, optimizer), tmp)
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{b.rank}.pt"))
+        loader_state = loader.state_dict()  # on every rank: the loader may gather positions collectively
         b.barrier()
         if b.is_main:
-            extra = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "trainer": trainer_state,
+            extra = {"scheduler": scheduler.state_dict(), "loader": loader_state, "trainer": trainer_state,
                      "world_size": b.world_size, "backend": b.name}
             torch.save(extra, os.path.join(tmp, "extra_state.pt"))
             with open(os.path.join(tmp, "config.yaml"), "w") as f:

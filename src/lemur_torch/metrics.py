@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -60,7 +61,7 @@ class MetricsLogger:
         import wandb
 
         id_file = os.path.join(cfg.run_dir, "wandb_run_id")
-        run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
+        run_id = open(id_file).read().strip() if os.path.exists(id_file) else uuid.uuid4().hex[:12]
         with open(id_file, "w") as f:
             f.write(run_id)
         os.makedirs(cfg.log.wandb_dir, exist_ok=True)

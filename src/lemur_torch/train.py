@@ -1,7 +1,7 @@
 """Entry point (`lemur-train [overrides]`): compose the config, build the parts, run Trainer.fit().
 
 Works the same under a plain `python`, `torchrun`, `accelerate launch` and Slurm's `srun`: rank and world
-size come from the environment. Exit status: 0 done, 2 config error, `train.preempt_exit_code` after a
+size come from the environment. Exit status: 0 done, 2 config error, 3 aborted on non-finite steps, `train.preempt_exit_code` after a
 preemption signal was honoured with a checkpoint (the job script requeues on it).
 """
 
@@ -67,7 +67,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if show:
         print(OmegaConf.to_yaml(cfg))
         return 0
-    return build_and_fit(cfg)
+    from lemur_torch.trainer import NonFiniteError
+
+    try:
+        return build_and_fit(cfg)
+    except NonFiniteError as exc:
+        print(f"aborted: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -128,28 +128,32 @@ class Trainer:
         reduced = b.all_reduce_sum(torch.cat([loss_sum.view(1), dom_sum, dom_cnt, stop]))
         grad_norm = b.clip_grad_norm_(self.model, t.grad_clip)
         loss = reduced[0] / global_tokens
-        finite = bool(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item())
         lr = self.scheduler.get_last_lr()[0]
+        finite_t = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        b.optimizer_step(self.optimizer, finite_t)  # skipped when not finite (decided on device for XLA)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        b.step_done()
+        # one host transfer, only after the step has run
+        host = torch.cat([loss.view(1), grad_norm.detach().float().view(1).to(loss.device), finite_t.float().view(1),
+                          global_tokens.view(1), reduced]).tolist()
+        loss_v, gnorm_v, finite, n_tokens, red = host[0], host[1], host[2] > 0, host[3], host[4:]
         if finite:
-            self.optimizer.step()
             self.consecutive_nonfinite = 0
         else:
             self.skipped_steps += 1
             self.consecutive_nonfinite += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        b.step_done()
         if self.consecutive_nonfinite >= t.max_nonfinite_steps:
             raise NonFiniteError(
                 f"{self.consecutive_nonfinite} consecutive steps with a non-finite loss or grad norm "
-                f"(last: loss={loss.item()}, grad_norm={grad_norm.item()}) at step {self.step + 1}; "
+                f"(last: loss={loss_v}, grad_norm={gnorm_v}) at step {self.step + 1}; "
                 f"lower optim.lr or check the data, then resume from the last checkpoint"
             )
-        dom_loss = reduced[1 : 1 + n_dom] / reduced[1 + n_dom : 1 + 2 * n_dom].clamp(min=1.0)
+        dom_sum_v, dom_cnt_v = red[1 : 1 + n_dom], red[1 + n_dom : 1 + 2 * n_dom]
         return {
-            "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "finite": finite,
-            "domain_loss": {d: (dom_loss[i].item() if reduced[1 + n_dom + i] > 0 else None) for i, d in enumerate(self.domains)},
-            "label_tokens": int(global_tokens.item()), "stop": bool(reduced[-1].item() > 0),
+            "loss": loss_v, "grad_norm": gnorm_v, "lr": lr, "finite": finite,
+            "domain_loss": {d: (dom_sum_v[i] / dom_cnt_v[i] if dom_cnt_v[i] > 0 else None) for i, d in enumerate(self.domains)},
+            "label_tokens": int(n_tokens), "stop": red[-1] > 0,
         }
 
     def log_step(self, stats: Dict[str, Any], step_time: float) -> None:
