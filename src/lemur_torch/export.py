@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         print(f"lemur-export: {args.checkpoint} is not a complete lemur-torch checkpoint (meta.json/config.yaml missing)", file=sys.stderr)
         return 2
     from lemur_torch.parallel import build_backend
-    from lemur_torch.tokenizer import load_tokenizer
+    from lemur_torch.tokenizer import build_tokenizer
 
     cfg = OmegaConf.load(cfg_file)
     if args.dtype:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     state = backend.state_dict_for_checkpoint(model, None)
     backend.dcp_load(state, args.checkpoint)
     backend.load_state_dict_from_checkpoint(model, None, state)
-    out = export_model(backend, model, cfg, load_tokenizer(cfg.data.tokenizer), args.out)
+    out = export_model(backend, model, cfg, build_tokenizer(cfg.data), args.out)
     if backend.is_main:
         print(f"exported {args.checkpoint} -> {out}")
     backend.shutdown()

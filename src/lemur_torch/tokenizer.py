@@ -36,3 +36,9 @@ def load_tokenizer(name: str = BUILTIN):
     if name == BUILTIN:
         return LlamaTokenizer.from_pretrained(builtin_tokenizer_dir())
     return AutoTokenizer.from_pretrained(name)
+
+
+def build_tokenizer(data_cfg):
+    """The tokenizer a run trains and exports with: `data.tokenizer`, plus whatever the data config adds
+    (the chat stage adds ChatML special tokens and a chat_template)."""
+    return load_tokenizer(data_cfg.tokenizer)

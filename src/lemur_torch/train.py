@@ -25,14 +25,16 @@ def build_and_fit(cfg: DictConfig) -> int:
     from lemur_torch.metrics import MetricsLogger
     from lemur_torch.optim import build_optimizer, build_scheduler
     from lemur_torch.parallel import build_backend
-    from lemur_torch.tokenizer import load_tokenizer
+    from lemur_torch.tokenizer import build_tokenizer
     from lemur_torch.trainer import Trainer
 
     torch.manual_seed(cfg.train.seed)
     backend = build_backend(cfg)
     logger = MetricsLogger(cfg, enabled=backend.is_main)
     try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        tokenizer = build_tokenizer(cfg.data)
+        if len(tokenizer) > cfg.model.vocab_size:
+            raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
         loader = build_loader(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.micro_batch_size,
                               backend.dp_rank, backend.dp_size, cfg.train.seed)
         model = backend.setup_model(cfg)
@@ -74,6 +76,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteError as exc:
         print(f"aborted: {exc}", file=sys.stderr)
         return 3
+    except ConfigError as exc:  # found while building (e.g. tokenizer vs vocabulary, pretrained config)
+        print(str(exc), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
