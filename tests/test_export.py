@@ -76,3 +76,21 @@ def test_lemur_export_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lemur_torch.export", str(tmp_path), str(out)],
                          env=subprocess_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "not a complete lemur-torch checkpoint" in bad.stderr
+
+
+def test_bf16_checkpoint_with_smaller_vocab_loads_with_mean_rows(tmp_path):
+    """A Llama-2-style 32000-row bf16 checkpoint into a 32064-row model (the chat stage's padded vocabulary)."""
+    cfg = load_config(["model=tiny"])
+    torch.manual_seed(5)
+    ref = LlamaForCausalLM(hf_llama_config(cfg.model)).to(torch.bfloat16).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    torchrun(["--pretrained", str(tmp_path / "hf"), "--out-logits", str(tmp_path / "logits.pt"), "model.vocab_size=32064"])
+    got = torch.load(tmp_path / "logits.pt")
+    with torch.no_grad():
+        expected = ref.float()(input_ids=fixed_batch(), use_cache=False).logits
+        head = ref.lm_head.weight.float()
+        hidden = ref.float().model(input_ids=fixed_batch()).last_hidden_state
+    assert got.shape[-1] == 32064
+    assert (got[..., :32000] - expected).abs().max() < 1e-4
+    # new rows = mean of the old lm_head rows: their logits are the mean of the old logits' projection
+    assert (got[..., 32000:] - (hidden @ head.mean(0)).unsqueeze(-1)).abs().max() < 1e-4

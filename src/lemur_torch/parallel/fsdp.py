@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from lemur_torch.config import ConfigError
-from lemur_torch.model import build_meta_model, reset_rope_buffers
+from lemur_torch.model import _full_shape_and_slices, build_meta_model, reset_rope_buffers
 from lemur_torch.model import init_weights as init_model_weights
 from lemur_torch.parallel.base import Backend
 
@@ -63,7 +63,8 @@ def resolve_pretrained(name: str, is_main: bool) -> str:
     return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
 
 
-def check_pretrained_config(path: str, model_cfg: DictConfig) -> None:
+def check_pretrained_config(path: str, model_cfg: DictConfig) -> int:
+    """Fail on an architecture mismatch; return the checkpoint's vocabulary size (<= model.vocab_size)."""
     import json
 
     with open(os.path.join(path, "config.json")) as f:
@@ -73,6 +74,7 @@ def check_pretrained_config(path: str, model_cfg: DictConfig) -> None:
             raise ConfigError(f"model.{key}", f"{model_cfg[key]} but {path}/config.json has {hf[key]}; pick the matching model= group")
     if hf.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:
         raise ConfigError("model.vocab_size", f"{model_cfg.vocab_size} is smaller than the checkpoint's {hf['vocab_size']}")
+    return int(hf.get("vocab_size", model_cfg.vocab_size))
 
 
 class FsdpBackend(Backend):
@@ -125,13 +127,32 @@ class FsdpBackend(Backend):
         apply_fsdp(model, self.mesh, p, self.mp_policy)
 
     def load_hf_weights(self, model: nn.Module, name: str, model_cfg: DictConfig) -> None:
-        """HF safetensors read straight into the local shards (DCP's HuggingFaceStorageReader)."""
+        """HF safetensors read straight into the local shards (DCP's HuggingFaceStorageReader).
+
+        A checkpoint with a smaller vocabulary (Llama-2's 32000 under the chat stage's 32064 = 32000 + ChatML
+        tokens, padded to a multiple of 64) fills the first rows of the embedding and lm_head; the new rows
+        start at the mean of the existing ones. Those two tensors are read whole on every rank (1 GiB each
+        at 70B in fp32), everything else only as the local shard.
+        """
         path = resolve_pretrained(name, self.is_main)
-        check_pretrained_config(path, model_cfg)
+        hf_vocab = check_pretrained_config(path, model_cfg)
         state = get_model_state_dict(model)
         if model_cfg.tie_word_embeddings:
             state.pop("lm_head.weight", None)
+        resized = {}
+        if hf_vocab < model_cfg.vocab_size:
+            for key in ("model.embed_tokens.weight", "lm_head.weight"):
+                if key in state:
+                    resized[key] = state[key]
+                    state[key] = torch.empty(hf_vocab, model_cfg.hidden_size, dtype=torch.float32)
         dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path))
+        for key, target in resized.items():
+            full = state[key]
+            padded = torch.cat([full, full.mean(0, keepdim=True).expand(model_cfg.vocab_size - hf_vocab, -1)])
+            _, slices = _full_shape_and_slices(target)
+            local = target.to_local() if hasattr(target, "to_local") else target
+            local.copy_(padded[slices].to(local.dtype))
+            state[key] = target
         set_model_state_dict(model, state)
 
     # -- step --------------------------------------------------------------------------------------
