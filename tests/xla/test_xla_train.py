@@ -37,5 +37,7 @@ def test_one_graph_per_step(run_dir):
     if "optimizer_step" not in inspect.getsource(Trainer.train_step):
         pytest.xfail(f"the trainer reads the loss on the host mid-step (executions per step: {per_step}); "
                      "it needs Backend.optimizer_step and one transfer after step_done")
-    # after a checkpoint the next interval also holds the save's transfers; every other step is one execution
-    assert all(n == 1 for i, n in enumerate(per_step, start=2) if i != 6), per_step
+    # one execution per step, including the steps around the checkpoint after step 5. A second one means
+    # the trainer computes on step outputs after step_done (e.g. torch.cat of the logged values): build
+    # what goes to the host before step_done, transfer it after.
+    assert per_step == [1] * (len(steps) - 1), per_step

@@ -76,7 +76,12 @@ def eager_reference_losses(overrides: List[str]) -> Dict[int, float]:
     model = build_meta_model(cfg.model)
     model.to_empty(device="cpu")
     reset_rope_buffers(model, torch.device("cpu"))
-    init_weights(model, t.seed, cfg.model.initializer_range)
+    if cfg.model.pretrained:
+        from transformers import AutoModelForCausalLM
+
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(cfg.model.pretrained, dtype=torch.float32).state_dict())
+    else:
+        init_weights(model, t.seed, cfg.model.initializer_range)
     model.train()
     opt = build_optimizer(model, cfg.optim, "cpu")
     sched = build_scheduler(opt, cfg.optim, t.max_steps)

@@ -7,10 +7,11 @@ devices. What it owns, and why it looks the way it does:
 - Mesh: (fsdp, tensor) over `xr.global_runtime_device_count()` devices; `parallel.xla_tensor` sizes the
   tensor axis (1 = pure FSDP, the fastest choice whenever the model fits). With tensor > 1 the attention and
   MLP projections are split Megatron-style over `tensor` before FSDPv2 shards the rest over `fsdp`.
-- Model: built on the meta device by lemur_torch.model, materialised on the host (random init from
-  train.seed, or the pretrained safetensors), then each decoder layer is moved and sharded as FSDPv2 wraps
-  it, so the device never holds more than one unsharded layer. Activation checkpointing is applied inside
-  the wrap (`auto_wrapper_callable`), the only order that works with FSDPv2.
+- Model: built on the meta device by lemur_torch.model, then materialised one piece at a time (embeddings,
+  each decoder layer, norm, lm_head): host init (per-parameter name-seeded, so the values equal the FSDP
+  backend's) or the pretrained safetensors, moved to the devices and sharded at once, so no host or device
+  ever holds more than one unsharded layer. FSDPv2 then wraps each decoder layer with activation
+  checkpointing inside the wrap (`auto_wrapper_callable`), the only order that works with FSDPv2.
 - Attention: mask-free implementations from xla_attention (per-document masks from position_ids on the
   device), so a training step is one graph. HF's SDPA path would sync with the host to detect packing.
 - Batches: sent synchronously with `send_cpu_data_to_device` and sharded along `fsdp`. No MpDeviceLoader:
@@ -110,27 +111,18 @@ class XlaSpmdBackend(Backend):
 
         from lemur_torch import model as model_lib
 
-        # Materialised on the host, then moved to the devices one decoder layer at a time by the FSDPv2
-        # wrap below. init_weights seeds each parameter by its name, so the values equal the FSDP
-        # backend's and the eager reference's whatever the sharding.
         model = model_lib.build_meta_model(cfg.model)
-        model.to_empty(device="cpu")
-        model_lib.reset_rope_buffers(model, torch.device("cpu"))
-        if init_weights:
-            if cfg.model.pretrained:
-                from lemur_torch.parallel.fsdp import check_pretrained_config, resolve_pretrained
+        weights = None
+        if init_weights and cfg.model.pretrained:
+            from lemur_torch.parallel.fsdp import check_pretrained_config, resolve_pretrained
 
-                path = resolve_pretrained(cfg.model.pretrained, self.is_main)
-                check_pretrained_config(path, cfg.model)
-                load_pretrained_(model, path)
-            else:
-                model_lib.init_weights(model, cfg.train.seed, cfg.model.initializer_range)
+            path = resolve_pretrained(cfg.model.pretrained, self.is_main)
+            check_pretrained_config(path, cfg.model)
+            weights = HFWeights(path)
+        self._materialise(model, cfg, init_weights, weights)
         model.config._attn_implementation = self.attn_impl
         model.config.use_cache = False
         model.train()
-
-        if self.tensor_size > 1:
-            self._shard_tensor_parallel(model)
 
         p = cfg.parallel
 
@@ -174,17 +166,46 @@ class XlaSpmdBackend(Backend):
             t = output.logits
         self._xs.mark_sharding(t, mesh, ("fsdp",) + (None,) * (t.dim() - 1))
 
-    def _shard_tensor_parallel(self, model: nn.Module) -> None:
-        """Megatron-style splits over `tensor` (column for q/k/v/gate/up, row for o/down), sharded over
-        `fsdp` on the other dimension; FSDPv2 then shards only what is left (embeddings, norms, lm_head)."""
-        xs = self._xs
-        for layer in model.model.layers:
-            layer.to(self.device)
-            a, m = layer.self_attn, layer.mlp
-            for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
-                xs.mark_sharding(lin.weight, self.mesh, ("tensor", "fsdp"))
-            for lin in (a.o_proj, m.down_proj):
-                xs.mark_sharding(lin.weight, self.mesh, ("fsdp", "tensor"))
+    def _materialise(self, model: nn.Module, cfg: DictConfig, init_weights: bool, weights: Optional["HFWeights"]) -> None:
+        """Meta -> host -> devices one piece at a time (embeddings, each decoder layer, final norm, lm_head),
+        every parameter sharded as soon as it lands: neither the host nor a device holds more than one
+        unsharded layer (Llama-2-70B in fp32 is 280 GB, more than a TPU VM host's memory). init_weights seeds
+        each parameter by its name, so the values equal the FSDP backend's and the eager reference's."""
+        from lemur_torch import model as model_lib
+
+        lm = model.model
+        pieces = [("model.embed_tokens", lm.embed_tokens)]
+        pieces += [(f"model.layers.{i}", layer) for i, layer in enumerate(lm.layers)]
+        pieces += [("model.norm", lm.norm)]
+        tied = model.config.tie_word_embeddings
+        if not tied:
+            pieces += [("lm_head", model.lm_head)]
+        for prefix, module in pieces:
+            module.to_empty(device="cpu")
+            if weights is not None:
+                weights.fill_(module, prefix)
+            elif init_weights:
+                model_lib.init_weights(_under(prefix, module), cfg.train.seed, cfg.model.initializer_range)
+            module.to(self.device)
+            for name, param in module.named_parameters():
+                self._xs.mark_sharding(param, self.mesh, self._param_spec(f"{prefix}.{name}", param))
+            self._torch_xla.sync()
+        if tied:
+            model.tie_weights()
+        model_lib.reset_rope_buffers(model, torch.device("cpu"))
+        lm.rotary_emb.to(self.device)
+
+    def _param_spec(self, name: str, param: torch.Tensor) -> Tuple:
+        """FSDPv2's own rule (the largest dimension over `fsdp`), or with a tensor axis Megatron-style splits:
+        q/k/v/gate/up by output features, o/down by input features, the other dimension over `fsdp`."""
+        from torch_xla.experimental.spmd_fully_sharded_data_parallel import _prepare_spmd_partition_spec
+
+        if self.tensor_size > 1 and param.dim() == 2:
+            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")):
+                return ("tensor", "fsdp")
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                return ("fsdp", "tensor")
+        return _prepare_spmd_partition_spec(param, shard_maximal=True)
 
     # ---------------------------------------------------------------- steps
 
@@ -377,30 +398,37 @@ class XlaSpmdBackend(Backend):
             dist.destroy_process_group()
 
 
-def load_pretrained_(model: nn.Module, name_or_path: str) -> None:
-    """Copy an HF safetensors checkpoint (folder or hub id) into a host-materialised model, tensor by tensor."""
-    import glob
+def _under(prefix: str, module: nn.Module) -> nn.Module:
+    """A throwaway root holding `module` at `prefix`, so its parameters carry their full model names."""
+    root = parent = nn.Module()
+    *path, last = prefix.split(".")
+    for part in path:
+        child = nn.Module()
+        parent.add_module(part, child)
+        parent = child
+    parent.add_module(last, module)
+    return root
 
-    from safetensors import safe_open
 
-    folder = name_or_path
-    if not os.path.isdir(folder):
-        from huggingface_hub import snapshot_download
+class HFWeights:
+    """Tensors of an HF safetensors checkpoint folder, read one by one by name."""
 
-        folder = snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"])
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"model.pretrained: no *.safetensors in {folder}")
-    params = dict(model.named_parameters())
-    missing = set(params)
-    with torch.no_grad():
-        for path in files:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    if key in params:
-                        params[key].copy_(f.get_tensor(key))
-                        missing.discard(key)
-    if getattr(model.config, "tie_word_embeddings", False):
-        missing.discard("lm_head.weight")
-    if missing:
-        raise KeyError(f"model.pretrained={name_or_path}: tensors missing from the checkpoint: {sorted(missing)[:5]}")
+    def __init__(self, folder: str):
+        import glob
+
+        from safetensors import safe_open
+
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"model.pretrained: no *.safetensors in {folder}")
+        self.folder = folder
+        self._open = [safe_open(f, framework="pt") for f in files]
+        self._where = {k: h for h in self._open for k in h.keys()}
+
+    @torch.no_grad()
+    def fill_(self, module: nn.Module, prefix: str) -> None:
+        for name, param in module.named_parameters():
+            key = f"{prefix}.{name}"
+            if key not in self._where:
+                raise KeyError(f"model.pretrained={self.folder} has no tensor {key!r}")
+            param.copy_(self._where[key].get_tensor(key))
