@@ -40,12 +40,14 @@ fi
 # SIGUSR1 is the early preemption warning (Slurm's --signal, see launch/slurm/job.sh). torchrun passes the
 # signals it handles on to every worker and then waits SHUTDOWN_TIMEOUT for them to checkpoint and exit;
 # a signal it did not handle would kill the agent (SIGUSR1's default action) and orphan the workers mid-save.
+# Set through the environment (torchrun's PET_* defaults), which a torchrun without these options ignores.
+signals="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+export PET_SIGNALS_TO_HANDLE="$signals" TORCHELASTIC_SIGNALS_TO_HANDLE="$signals"
+export PET_SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-600}" TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-600}"
 args=(
   --nnodes "$NNODES"
   --nproc-per-node "$NPROC_PER_NODE"
   --max-restarts "${MAX_RESTARTS:-0}"
-  --signals-to-handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-  --shutdown-timeout "${SHUTDOWN_TIMEOUT:-600}"
 )
 if [[ "$NNODES" == 1 && -z "${MASTER_ADDR:-}" ]]; then
   args+=(--standalone)
