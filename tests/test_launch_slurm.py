@@ -5,6 +5,7 @@ before the time limit) it checkpoints, requeues itself, resumes, and ends with t
 The cluster needs root and Debian packages (slurm-wlm, munge); where they cannot be installed the tests skip
 and say why. CI runs as root with apt-get, so they run there."""
 
+import socket
 import time
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def cluster(tmp_path_factory):
 def submit(cluster, submit_dir: Path, *overrides: str) -> tuple[int, Path]:
     """sbatch the CPU job script from `submit_dir` as a user would; returns the job id and its run folder."""
     env = train_env(LEMUR_HOME=str(REPO), MASTER_PORT=str(free_port()), SLURM_CONF=cluster.env["SLURM_CONF"])
+    try:
+        socket.gethostbyname(cluster.node)  # job.sh's rendezvous host: the job's first node, by name
+    except OSError:
+        env["MASTER_ADDR"] = "127.0.0.1"  # a container whose own hostname does not resolve
     # the script names its experiment (EXPERIMENT, default smoke); the rest are overrides
     args = [a for a in TRAIN_ARGS if not a.startswith("experiment=")]
     out = cluster.run("sbatch", "--parsable", str(SBATCH), *args, *overrides, env=env, cwd=submit_dir)
