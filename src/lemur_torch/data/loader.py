@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lemur_torch.data.mixture import Schedule
-from lemur_torch.data.packing import BadCounter, Packer, Tokenize
+from lemur_torch.data.packing import BadCounter, Packer, Refiller, Tokenize
 from lemur_torch.data.sources import REASONS, DataConfigError, Source, build_source
 
 STATE_VERSION = 1
@@ -59,7 +59,7 @@ class _Lane:
             # read-ahead in proportion to the source's share of rows: every packer's chunk then lasts about as long,
             # and a small source does not hold (or, at the end of a run, waste) as much tokenized text as a big one
             chunk = max(16384, ctx.read_chars * ctx.schedule.weights[s] // ctx.schedule.period)
-            packer = Packer(src, self.lane, ctx.lanes, ctx.seq_len, ctx.tokenize, ctx.bad, chunk, self._initial.get(src.name), ctx.pool)
+            packer = ctx.packer_cls(src, self.lane, ctx.lanes, ctx.seq_len, ctx.tokenize, ctx.bad, chunk, self._initial.get(src.name), ctx.refiller)
             self.packers[s] = packer
         row = packer.next_row(ctx.attend_across_documents)
         self.m += 1
@@ -76,24 +76,29 @@ class _RowStream(IterableDataset):
     """The rows of one rank from global row `start` on; in a DataLoader worker, that worker's share of them."""
 
     def __init__(self, sources, schedule, domain_of, tokenizer, seq_len, lanes, read_chars, attend_across_documents,
-                 strict, log_bad, start, dp_rank, dp_size, num_workers, lane_states, prefetch_threads=0):
+                 strict, log_bad, start, dp_rank, dp_size, num_workers, lane_states, prefetch_threads=0,
+                 packer_cls=Packer, make_tokenize=Tokenize):
         self.sources, self.schedule, self.domain_of = sources, schedule, domain_of
         self.tokenizer, self.seq_len, self.lanes, self.read_chars = tokenizer, seq_len, lanes, read_chars
         self.attend_across_documents, self.strict, self.log_bad = attend_across_documents, strict, log_bad
         self.start, self.dp_rank, self.dp_size, self.num_workers = start, dp_rank, dp_size, max(1, num_workers)
         self.lane_states = lane_states
         self.prefetch_threads = prefetch_threads
+        self.packer_cls, self.make_tokenize = packer_cls, make_tokenize
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        self.tokenize = Tokenize(self.tokenizer)
+        self.tokenize = self.make_tokenize(self.tokenizer)
         self.bad = BadCounter(self.strict, self.log_bad)
         self.pool = None
         if self.prefetch_threads > 0:
             from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix="lemur-data")
+            # one read in flight at a time: a read is one batched tokenizer call that already spreads over the
+            # cores; prefetch_threads > 0 means "read ahead in the background", 0 means inline
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="lemur-data")
+        self.refiller = Refiller(self.tokenize, self.pool)
         stride = self.dp_size * self.num_workers
         lanes: Dict[int, _Lane] = {}
         g = self.start + self.dp_rank + self.dp_size * worker
@@ -115,7 +120,14 @@ class _RowStream(IterableDataset):
 
 
 class PackedMixtureLoader:
-    """Micro-batches of packed rows from a token-ratio mixture of sources; see the module docstring."""
+    """Micro-batches of packed rows from a token-ratio mixture of sources; see the module docstring.
+
+    The chat loader (chat_loader.py) is this loader with other records and rows: it overrides `build_source`,
+    `make_tokenize`, `packer_cls` and `reasons`, and keeps the schedule, lanes, workers and resume as they are.
+    """
+
+    packer_cls = Packer
+    reasons = REASONS  # skip reasons broken down in stats()
 
     def __init__(self, data_cfg, tokenizer, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int):
         if seq_len < 2 or micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -138,7 +150,7 @@ class PackedMixtureLoader:
         if self.lanes < 1 or self.num_workers < 0 or self.read_chars < 1:
             raise DataConfigError(f"data.lanes >= 1, data.num_workers >= 0, data.read_chars >= 1; got {self.lanes}, {self.num_workers}, {self.read_chars}")
 
-        self.sources: List[Source] = [build_source(str(name), scfg, self.seed) for name, scfg in data_cfg.sources.items()]
+        self.sources: List[Source] = [self.build_source(str(name), scfg) for name, scfg in data_cfg.sources.items()]
         for src in self.sources:
             n = src.num_records()
             if n is not None and n < self.lanes:
@@ -152,13 +164,20 @@ class PackedMixtureLoader:
         self._rows = 0  # global rows consumed
         self._lane_states: Dict[int, dict] = {}
 
+    def build_source(self, name: str, scfg) -> Source:
+        return build_source(name, scfg, self.seed)
+
+    def make_tokenize(self):
+        """A picklable factory (it travels to DataLoader workers): tokenizer -> the packers' tokenizer."""
+        return Tokenize
+
     # -- iteration ----------------------------------------------------------------------------------------
 
     def _stream(self):
         ds = _RowStream(
             self.sources, self.schedule, self._domain_of, self.tokenizer, self.seq_len, self.lanes, self.read_chars,
             self.attend_across_documents, self.strict, self.log_bad, self._rows, self.dp_rank, self.dp_size,
-            self.num_workers, dict(self._lane_states), self.prefetch_threads,
+            self.num_workers, dict(self._lane_states), self.prefetch_threads, self.packer_cls, self.make_tokenize(),
         )
         if self.num_workers == 0:
             return iter(ds)
@@ -264,7 +283,7 @@ class PackedMixtureLoader:
         for src in self.sources:
             states = [ls["src"][src.name] for ls in self._lane_states.values() if src.name in ls["src"]]
             out[f"skipped/{src.name}"] = float(sum(sum(st["skipped"].values()) for st in states))
-            for reason in REASONS:
+            for reason in self.reasons:
                 n = sum(st["skipped"].get(reason, 0) for st in states)
                 if n:
                     out[f"skipped/{src.name}/{reason}"] = float(n)
@@ -287,6 +306,13 @@ def merge_states(states: Sequence[dict]) -> dict:
 
 
 def build_loader(data_cfg, tokenizer, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int):
+    fmt = data_cfg.get("format", "pretrain")
+    if fmt == "chat":
+        from lemur_torch.data.chat_loader import ChatLoader
+
+        return ChatLoader(data_cfg, tokenizer, seq_len, micro_batch_size, dp_rank, dp_size, seed)
+    if fmt != "pretrain":
+        raise DataConfigError(f"data.format={fmt!r}: use pretrain (packed documents) or chat (ChatML conversations)")
     return PackedMixtureLoader(data_cfg, tokenizer, seq_len, micro_batch_size, dp_rank, dp_size, seed)
 
 

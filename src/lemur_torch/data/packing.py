@@ -74,13 +74,87 @@ class BadCounter:
             log.warning("source %r: %d bad records skipped by this reader so far (see loader.stats())", source.name, n)
 
 
+class Refiller:
+    """Reads and tokenizes packers' next chunks ahead of need, many packers per tokenizer call.
+
+    Rows visit a reader's lanes in turn, so its packers run dry at about the same rate: when a packer takes a
+    chunk it asks for the next one, and every request made while a read is in flight joins the next read, which
+    tokenizes all their texts in one batch call (the batch the fast tokenizer spreads over cores), without any
+    packer holding more than one chunk ahead. With a thread pool the read runs in its thread (the tokenizer
+    releases the GIL) while rows are packed; without one it runs inline when a packer needs it. Each packer is in
+    at most one read at a time, so its reader advances in order; its records do not depend on who else was read.
+    """
+
+    def __init__(self, tokenize: Tokenize, pool=None):
+        self.tokenize, self.pool = tokenize, pool
+        self.wanting: List["Packer"] = []  # asked for a chunk, not yet in a read
+        self.future = None  # the read in flight: -> {packer: (chunk, next position)}
+        self.members: List["Packer"] = []
+
+    def take(self, packer: "Packer"):
+        """The packer's next chunk (waiting for it if needed); asks for the one after it."""
+        while packer.ready is None:
+            if self.future is not None and (packer.inflight or self.future.done()):
+                self._harvest()
+                continue
+            if packer not in self.wanting:
+                self.wanting.append(packer)
+            if self.future is not None:
+                self._harvest()  # an unrelated read is in flight; the next one will include this packer
+            self._launch()
+        chunk, packer.ready = packer.ready, None
+        self.wanting.append(packer)
+        if self.pool is not None:  # keep the background read busy
+            if self.future is not None and self.future.done():
+                self._harvest()
+            if self.future is None:
+                self._launch()
+        return chunk
+
+    def _launch(self) -> None:
+        members, self.wanting = self.wanting, []
+        for p in members:
+            p.inflight = True
+        self.members = members
+        if self.pool is None:
+            from concurrent.futures import Future
+
+            self.future = Future()
+            try:
+                self.future.set_result(self._read(members))
+            except BaseException as exc:  # noqa: BLE001 - re-raised by _harvest, as a thread's would be
+                self.future.set_exception(exc)
+        else:
+            self.future = self.pool.submit(self._read, members)
+
+    def _harvest(self) -> None:
+        future, members, self.future, self.members = self.future, self.members, None, []
+        for p in members:
+            p.inflight = False
+        for p, ready in future.result().items():
+            p.ready = ready
+
+    def _read(self, members: List["Packer"]):
+        parts = [p.read_chunk() for p in members]
+        texts = [t for _, ts, _, _ in parts for t in ts]
+        docs = iter(self.tokenize.documents(texts))
+        out = {}
+        for p, (chunk, _, keys, nxt) in zip(members, parts):
+            for i in keys:
+                chunk[i] = (chunk[i][0], chunk[i][1], next(docs))
+            out[p] = (chunk, nxt)
+        return out
+
+
 class Packer:
     """Rows of one source's share of one lane: records lane, lane+L, lane+2L, ... of each epoch in turn."""
 
     def __init__(self, source: Source, lane: int, lanes: int, seq_len: int, tokenize: Tokenize, bad: BadCounter,
-                 read_chars: int, state: Optional[dict] = None, pool=None):
+                 read_chars: int, state: Optional[dict] = None, refiller: Optional[Refiller] = None):
         self.source, self.lane, self.lanes, self.seq_len = source, lane, lanes, seq_len
         self.tokenize, self.bad, self.read_chars = tokenize, bad, read_chars
+        # the reader's shared Refiller (it batches many packers' reads into one tokenizer call); alone: inline
+        self.refiller = refiller if refiller is not None else Refiller(tokenize)
         st = state or {}
         self.epoch: int = st.get("epoch", 0)
         self.k: int = st.get("k", 0)  # index (in this lane's share of the epoch) of the first unfinished record
@@ -92,7 +166,9 @@ class Packer:
         self._read_epoch, self._read_k = self.epoch, self.k
         self._reader = None
         self._next = (self.epoch, self.k)  # reader position after the queued records
-        self.pool, self._pending = pool, None  # optional executor that reads + tokenizes the next chunk ahead
+        # refill bookkeeping, owned by the Refiller: a chunk read ahead, and whether a read is in flight
+        self.ready: Optional[tuple] = None
+        self.inflight = False
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "k": self.k, "offset": self.offset, "docs": self.docs, "skipped": dict(self.skipped)}
@@ -112,9 +188,9 @@ class Packer:
                 )
             self._read_epoch, self._read_k = self._read_epoch + 1, 0
 
-    def _read_chunk(self):
-        """Read about read_chars of text and tokenize it; runs in the prefetch thread when there is one (the
-        tokenizer releases the GIL). Returns the records and the reader position after them."""
+    def read_chunk(self):
+        """Read about read_chars of text (Refiller thread or inline): records with tokens still to fill in, the
+        texts, their places in the chunk, and the reader position after the chunk."""
         if self._reader is None:
             self._reader = self._records()
         chunk, texts, keys, chars = [], [], [], 0
@@ -128,18 +204,11 @@ class Packer:
             keys.append(len(chunk))
             chunk.append((epoch, k, None))
             chars += len(rec)
-        for i, toks in zip(keys, self.tokenize.documents(texts)):
-            chunk[i] = (chunk[i][0], chunk[i][1], toks)
-        return chunk, (self._read_epoch, self._read_k)
+        return chunk, texts, keys, (self._read_epoch, self._read_k)
 
     def _refill(self) -> None:
-        # one chunk in flight at most per packer, so the reader is only ever advanced by one thread, in order
-        if self._pending is not None:
-            chunk, self._next = self._pending.result()
-        else:
-            chunk, self._next = self._read_chunk()
+        chunk, self._next = self.refiller.take(self)
         self._queue.extend(chunk)
-        self._pending = self.pool.submit(self._read_chunk) if self.pool is not None else None
 
     def next_row(self, attend_across_documents: bool) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(input_ids, labels, position_ids), each int64 [seq_len]."""

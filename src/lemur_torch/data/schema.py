@@ -26,6 +26,13 @@ class SourceConfig:
     # permute the per-epoch order with (seed, source, epoch): documents for one-file-per-document kinds
     # (builtin_*, text), files for jsonl/parquet; HF streams keep their own order
     shuffle: bool = True
+    # data.format=chat only (kinds jsonl, hf, builtin_chat): messages (OpenAI role/content) | sharegpt
+    # (conversations with from/value) | alpaca (instruction/input/output) | auto (by the fields each record has).
+    # For kind=builtin_chat, path names the built-in set: pydoc_topics or stdlib_functions.
+    chat_format: str = "auto"
+    # data.format=chat only: the record's field for each field a format reads, when the dataset names it
+    # differently, e.g. OpenOrca as alpaca: {system: system_prompt, instruction: question, output: response}
+    fields: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -35,6 +42,12 @@ class DataConfig:
     # otherwise a folder or hub id that AutoTokenizer can load.
     tokenizer: str = "builtin"
     sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    # pretrain: documents packed into rows (stage 1) | chat: ChatML conversations with loss on the assistant
+    # turns only (stage 2; data/chat.py); a chat run also needs model.vocab_size >= 32005 (32064 padded)
+    format: str = "pretrain"
+    # chat only: packed (whole conversations packed into each row, attention per conversation) | padded (one
+    # conversation per row, padded with <pad>); both give fixed [B, seq_len] shapes
+    chat_packing: str = "packed"
     # false: per-document attention (position_ids restart at each document); true: the original
     # Lemur/EasyLM behaviour where packed documents attend to each other.
     attend_across_documents: bool = False
@@ -47,7 +60,8 @@ class DataConfig:
     # characters of text read per tokenizer batch and lane, split over the sources by their share of rows
     # (at least 16384 each); memory per reader ~ lanes it owns x read_chars x 2 (prefetch) x ~1.5 bytes
     read_chars: int = 262144
-    # threads (per reader process) that read and tokenize the next batch ahead of packing; 0 = inline
+    # 1: a background thread (per reader process) reads and tokenizes the next chunks while rows are packed,
+    # batching many lanes' chunks into one tokenizer call; 0: the same reads, inline
     prefetch_threads: int = 1
     # bad records logged in full per source and process; after that only counts (loader.stats())
     log_bad_records: int = 5

@@ -86,6 +86,10 @@ class Source:
         """Records per epoch when cheap to know (None for streaming datasets); used to validate lanes."""
         return None
 
+    def record(self, obj: dict):
+        """The record of one JSON object or HF example: its text field (chat sources make a conversation of it)."""
+        return _check_text(obj.get(self.text_field), self.text_field)
+
     def iter_records(self, epoch: int, start: int, step: int) -> Iterator[Record]:
         for i, rec in enumerate(self._records(epoch)):
             if i >= start and (i - start) % step == 0:
@@ -215,7 +219,7 @@ class JsonlSource(Source):
             return Bad(MALFORMED_JSON, f"malformed JSON: {exc.msg} at column {exc.colno}")
         if not isinstance(obj, dict):
             return Bad(MALFORMED_JSON, f"a JSON {type(obj).__name__}, not an object")
-        return _check_text(obj.get(self.text_field), self.text_field)
+        return self.record(obj)
 
 
 class ParquetSource(Source):
@@ -301,7 +305,7 @@ class HFSource(Source):
         if k:
             ds = ds.skip(k)
         for i, ex in enumerate(ds, k):
-            yield f"{self.path}[{self.split}] lane {lane}/{step} #{i}", _check_text(ex.get(self.text_field), self.text_field)
+            yield f"{self.path}[{self.split}] lane {lane}/{step} #{i}", self.record(ex)
 
 
 def _expand(name: str, path: Optional[str], kind: str) -> List[str]:
