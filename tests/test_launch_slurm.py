@@ -55,7 +55,8 @@ def test_slurm_job_completes_with_checkpoint_and_export(cluster, tmp_path):
     info = cluster.wait_state(job, FINAL, timeout=420)
     out = job_output(tmp_path, job, run_dir)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{out}\n{cluster.logs()}"
-    assert f"JobId={job} " in (cluster.root / "jobcomp.log").read_text() and "JobState=COMPLETED" in (cluster.root / "jobcomp.log").read_text()
+    (record,) = [line for line in (cluster.root / "jobcomp.log").read_text().splitlines() if f"JobId={job} " in line]
+    assert "JobState=COMPLETED" in record, record
     assert checkpoints(run_dir)[-1] == f"step_{MAX_STEPS:08d}", out
     assert (run_dir / "hf" / "config.json").exists() and list((run_dir / "hf").glob("*.safetensors")), out
     assert (run_dir / "logs" / "task0.log").exists() and (run_dir / "logs" / "task1.log").exists()

@@ -1,9 +1,11 @@
 """launch/torchrun.sh: two agents as a 2-node stand-in (c10d rendezvous on 127.0.0.1, HSDP replicating across
-the "nodes" and sharding within) match the single-process loss; SIGTERM to one rank of a 2-rank run writes a
-checkpoint, ends every process, and a restart resumes with the uninterrupted run's losses."""
+the "nodes" and sharding within) match the single-process loss; SIGTERM to one rank of a 2-rank run (and again to
+every rank during the save) writes a complete checkpoint, ends every process, and a restart resumes with the
+uninterrupted run's losses."""
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from launch_util import (MAX_STEPS, REPO, TRAIN_ARGS, assert_curves_match, checkpoints, finish, free_port,
@@ -73,6 +75,20 @@ def test_sigterm_to_one_rank_checkpoints_and_resumes_exactly(tmp_path):
         workers = _workers(agent.pid)
         assert sorted(workers) == [0, 1], f"workers of agent {agent.pid}: {workers}"
         os.kill(workers[1], signal.SIGTERM)  # rank 1 only: rank 0 must learn of the stop from it
+        # a second signal to every rank while the checkpoint is being written must not interrupt the save
+        ckpt_dir = run_dir / "checkpoints"
+        during_save = False
+        deadline = time.monotonic() + 60
+        while agent.poll() is None and time.monotonic() < deadline:
+            if ckpt_dir.exists() and any(p.name.startswith(".tmp-") for p in ckpt_dir.iterdir()):
+                for pid in workers.values():
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+                during_save = True
+                break
+            time.sleep(0.01)
         rc = finish(agent, log, timeout=120)
     finally:
         if agent.poll() is None:
@@ -92,5 +108,5 @@ def test_sigterm_to_one_rank_checkpoints_and_resumes_exactly(tmp_path):
     # the restart picks up where the stop left off and matches the uninterrupted 2-process run exactly
     diff = assert_curves_match(losses(run_dir), two_process_reference(), tol=1e-6,
                                steps=range(stopped_at + 1, MAX_STEPS + 1))
-    print(f"SIGTERM to rank 1 at step {stopped_at}: restart matches the uninterrupted run on steps "
+    print(f"SIGTERM to rank 1 at step {stopped_at} (second SIGTERM during the save: {during_save}): restart matches the uninterrupted run on steps "
           f"{stopped_at + 1}-{MAX_STEPS}, max |loss diff| {diff:.2e}")
