@@ -74,6 +74,15 @@ class XlaSpmdBackend(Backend):
                 f"the global micro-batch ({self.micro_batch_size} x {self.world_size} hosts = {global_micro} rows) "
                 f"must divide by the fsdp axis ({self.fsdp_size} devices)",
             )
+        t = cfg.train
+        per_micro = t.micro_batch_size * t.seq_len * self.world_size
+        if t.global_batch_tokens % per_micro:
+            # config.validate sees one data shard for xla_spmd; on a pod every host is one
+            raise ConfigError(
+                "train.global_batch_tokens",
+                f"{t.global_batch_tokens} is not divisible by micro_batch_size x seq_len x hosts = "
+                f"{t.micro_batch_size} x {t.seq_len} x {self.world_size} = {per_micro}",
+            )
         self.precision = self._resolve_precision(cfg.parallel.mixed_precision)
         self.attn_impl = xla_attention.implementation_for(cfg.model.attention, self.device_type)
         spec = ("fsdp", "tensor" if tensor > 1 else None, None, None)
@@ -89,14 +98,13 @@ class XlaSpmdBackend(Backend):
     # ---------------------------------------------------------------- setup
 
     def _device_kind(self) -> str:
-        if self.device_type != "TPU":
-            return self.device_type.lower()
-        try:
-            from torch_xla._internal import tpu
+        """PJRT's own name for the chip ("TPU v4", "TPU v5 lite", ...), looked up in metrics.PEAK_FLOPS."""
+        import torch_xla.core.xla_model as xm
 
-            return f"tpu_v{tpu.version()}"
-        except Exception:  # noqa: BLE001  (version lookup needs TPU metadata; the kind is only for MFU)
-            return "tpu"
+        try:
+            return xm.xla_device_kind(self.device)
+        except Exception:  # noqa: BLE001  (only used for MFU)
+            return self.device_type
 
     def _resolve_precision(self, mixed_precision: str) -> str:
         if mixed_precision == "auto":
@@ -431,4 +439,10 @@ class HFWeights:
             key = f"{prefix}.{name}"
             if key not in self._where:
                 raise KeyError(f"model.pretrained={self.folder} has no tensor {key!r}")
-            param.copy_(self._where[key].get_tensor(key))
+            value = self._where[key].get_tensor(key)
+            if key in ("model.embed_tokens.weight", "lm_head.weight") and value.shape[0] < param.shape[0]:
+                # a smaller vocabulary (Llama-2's 32000 under the chat stage's padded 32064): new rows start
+                # at the mean of the existing ones, as in the FSDP backend
+                extra = value.float().mean(0, keepdim=True).expand(param.shape[0] - value.shape[0], -1)
+                value = torch.cat([value.float(), extra])
+            param.copy_(value)

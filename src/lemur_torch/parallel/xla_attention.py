@@ -39,6 +39,12 @@ def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     return x if n == 1 else x.repeat_interleave(n, dim=1)
 
 
+def _same_dtype(query, key, value):
+    # under autocast v comes out of its projection in bf16 while RoPE's fp32 cos/sin promote q and k back
+    # to fp32; the kernels want one dtype, the projections' (no-op in fp32)
+    return query.to(value.dtype), key.to(value.dtype), value
+
+
 def _position_ids(kwargs, q: torch.Tensor) -> torch.Tensor:
     pos = kwargs.get("position_ids")
     if pos is None:
@@ -51,6 +57,7 @@ def xla_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if attention_mask is not None:
         raise ValueError("the XLA attention is mask-free: pass position_ids, not attention_mask")
     doc = document_ids(_position_ids(kwargs, query))
+    query, key, value = _same_dtype(query, key, value)
     s = query.shape[2]
     causal = torch.ones(s, s, dtype=torch.bool, device=query.device).tril()
     mask = (doc[:, :, None] == doc[:, None, :]) & causal
@@ -70,6 +77,7 @@ def xla_flash_attention(module, query, key, value, attention_mask, dropout=0.0, 
     if dropout:
         raise ValueError("xla_flash has no attention dropout")
     seg = document_ids(_position_ids(kwargs, query)).to(torch.int32)
+    query, key, value = _same_dtype(query, key, value)
     n = query.shape[1] // key.shape[1]
     out = flash_attention(
         query,
