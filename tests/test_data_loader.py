@@ -171,3 +171,10 @@ def test_state_dict_under_gloo_is_identical_on_every_rank_and_resumes(corpus, to
     _, rest = run(make_cfg(corpus), tok, 0, 1, 4, got[0]["state"])
     stream = global_stream([g["rows"] for g in got]) + rest
     assert same(stream, reference[: len(stream)])
+
+
+@pytest.mark.parametrize("prefetch_threads,read_chars", [(0, 4000), (1, 100), (0, 1 << 20)])
+def test_stream_does_not_depend_on_read_ahead_or_batching(corpus, tok, reference, prefetch_threads, read_chars):
+    # how many records a read takes and which packers share a tokenizer call must not change a single token
+    _, rows = run(make_cfg(corpus, prefetch_threads=prefetch_threads, read_chars=read_chars), tok, 0, 1, 20)
+    assert same(rows, reference[: len(rows)])
