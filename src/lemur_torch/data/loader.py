@@ -29,6 +29,7 @@ Without torch.distributed (ranks simulated in one process, as the tests do), com
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -40,6 +41,7 @@ from lemur_torch.data.packing import BadCounter, Packer, Refiller, Tokenize
 from lemur_torch.data.sources import REASONS, DataConfigError, Source, build_source
 
 STATE_VERSION = 1
+log = logging.getLogger("lemur_torch.data")
 
 
 class _Lane:
@@ -160,6 +162,13 @@ class PackedMixtureLoader:
         self.schedule = Schedule([s.name for s in self.sources], [s.weight for s in self.sources], self.lanes)
         self.domain_names: List[str] = sorted({s.domain for s in self.sources})
         self._domain_of = [self.domain_names.index(s.domain) for s in self.sources]
+        readers = self.dp_size * max(1, self.num_workers)
+        if self.lanes % readers and self.dp_rank == 0:
+            log.warning(
+                "data.lanes=%d is not a multiple of data-parallel ranks x workers = %d: readers share lanes and each "
+                "tokenizes rows it then drops (the stream is still exact, just up to %dx slower); pick lanes = k x %d",
+                self.lanes, readers, readers // math.gcd(readers, self.lanes), readers,
+            )
         self._group = self._exchange_group()
         self._rows = 0  # global rows consumed
         self._lane_states: Dict[int, dict] = {}

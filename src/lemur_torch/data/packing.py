@@ -1,8 +1,9 @@
 """Tokenize documents in batches and pack them into rows of exactly `seq_len` tokens.
 
-A `Packer` owns one (lane, source) pair: it reads that lane's records of the source (sources.py), tokenizes
-them in batches with the fast tokenizer (`encode_batch_fast`, no offsets), wraps each document as
-BOS + tokens + EOS, and cuts the concatenation into rows. Row rules (the batch contract, shared/DESIGN.md):
+A `Packer` owns one (lane, source) pair: it reads that lane's records of the source (sources.py), has them
+tokenized with the fast tokenizer's batch call (`encode_batch_fast`, no offsets; the reader's `Refiller`
+puts many packers' chunks into one call), wraps each document as BOS + tokens + EOS, and cuts the
+concatenation into rows. Row rules (the batch contract, shared/DESIGN.md):
 - every row holds exactly `seq_len` real tokens: no padding ever (documents longer than a row continue into
   the next row of the same packer);
 - `labels` = `input_ids`, except -100 on each document's first token (its BOS), so nothing learns to predict
@@ -14,9 +15,9 @@ BOS + tokens + EOS, and cuts the concatenation into rows. Row rules (the batch c
 - with `attend_across_documents` (the original Lemur/EasyLM behaviour) position_ids are 0..seq_len-1 in every
   row, so documents in a row attend to each other; labels are the same.
 
-A packer's position is `PackerState` (epoch, index k of the first unfinished record in this lane's share of the
-epoch, tokens of it already emitted): re-reading from there reproduces the rest of the stream exactly,
-because a document's tokens do not depend on which batch it was tokenized in.
+A packer's position, `Packer.state()`, is (epoch, index k of the first unfinished record in this lane's share
+of the epoch, tokens of it already emitted) plus counters: re-reading from there reproduces the rest of the
+stream exactly, because a document's tokens do not depend on which batch it was tokenized in.
 """
 
 from __future__ import annotations
