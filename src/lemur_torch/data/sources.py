@@ -197,7 +197,7 @@ class JsonlSource(Source):
                 base += n
                 continue
             # first wanted index in this file: >= start and == start (mod step)
-            first = max(start, base + (-(base - start)) % step) if base > start else start
+            first = start if base <= start else base + (start - base) % step
             with self._open(path) as f:
                 for lineno, raw in enumerate(f, 1):
                     i = base + lineno - 1
@@ -250,7 +250,7 @@ class ParquetSource(Source):
             path = self.files[fi]
             pf = None
             for g, n in enumerate(self.groups[fi]):
-                lo = max(start, base + (-(base - start)) % step) if base > start else start
+                lo = start if base <= start else base + (start - base) % step  # first wanted index here
                 if lo < base + n:
                     pf = pf or pq.ParquetFile(path)
                     col = pf.read_row_group(g, columns=[self.text_field]).column(0)
