@@ -41,4 +41,36 @@ def load_tokenizer(name: str = BUILTIN):
 def build_tokenizer(data_cfg):
     """The tokenizer a run trains and exports with: `data.tokenizer`, plus whatever the data config adds
     (the chat stage adds ChatML special tokens and a chat_template)."""
+    if data_cfg.get("format", "pretrain") == "chat":
+        return chat_tokenizer(data_cfg.tokenizer)
     return load_tokenizer(data_cfg.tokenizer)
+
+
+@lru_cache(maxsize=8)
+def chat_tokenizer(name: str = BUILTIN):
+    """Lemur-Chat's tokenizer: `<pad>`, `<|im_start|>`, `<|im_end|>`, `<|im_sep|>`, `<|diff_marker|>` added as special
+    tokens (ids 32000..32004 on the 32000-piece Llama-2 vocabulary; kept where the tokenizer has them already),
+    `<pad>` as the pad token, and the ChatML chat_template that renders exactly the training text (data/chat.py).
+    len() is the true size (32005); the model's vocab_size is that rounded up to a multiple of 64 (32064)."""
+    import copy
+
+    from lemur_torch.data.chat import CHAT_SPECIAL_TOKENS, CHAT_TEMPLATE, PAD
+
+    tok = copy.deepcopy(load_tokenizer(name))  # the cached pretraining tokenizer stays unchanged
+    tok.add_special_tokens({"pad_token": PAD, "additional_special_tokens": [t for t in CHAT_SPECIAL_TOKENS if t != PAD]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def generation_config(tokenizer):
+    """For a chat tokenizer, the exported model's generation defaults: stop at `<|im_end|>` (or EOS), pad with
+    `<pad>`. None for a plain tokenizer (the model config's EOS is all a pretrained model needs)."""
+    from transformers import GenerationConfig
+
+    from lemur_torch.data.chat import IM_END
+
+    im_end = tokenizer.get_vocab().get(IM_END)
+    if im_end is None:
+        return None
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=[im_end, tokenizer.eos_token_id],
+                            pad_token_id=tokenizer.pad_token_id)

@@ -1,0 +1,208 @@
+"""ChatML as Lemur-Chat renders it, conversation formats, and token ids + labels built turn by turn.
+
+Rendering (shared/RECIPE.md, stage 2): BOS once, then per message, content stripped,
+
+    <|im_start|>{role}\\n{content}<|im_end|>\\n
+
+`CHAT_TEMPLATE` is the same rendering as a Jinja chat_template, saved with the exported tokenizer, so
+`tokenizer.apply_chat_template(messages)` gives the training text byte for byte (and, with
+`add_generation_prompt=True`, the `<|im_start|>assistant\\n` header a reply is generated after).
+
+Labels are built turn by turn, never by re-tokenizing prefixes of the conversation: each message is
+[<|im_start|>] + ids(role + "\\n") + ids(content) + [<|im_end|>] + ids("\\n"). Loss falls on an assistant
+message's content, its <|im_end|> and that "\\n"; BOS, system and user messages and every header are -100.
+Each piece is tokenized as the tokenizer tokenizes it *in place*: SentencePiece adds a "▁" at the start of a
+string but not after a special token or a newline, so a piece is encoded behind a fixed anchor (the special
+token <|im_start|>, plus "\\n" for content) whose ids are then dropped. Newline is a hard boundary for the
+Llama vocabulary (no piece contains it) and special tokens split the text, so the concatenation equals the
+tokenizer's own encoding of the whole rendered text; tests check it against character offsets.
+
+Conversations longer than seq_len are cut after the last assistant message that fits; when not even the first
+assistant message fits they are cut at seq_len tokens; an example left with no trainable token is dropped and
+counted (`no_trainable_tokens`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from lemur_torch.data.packing import Tokenize
+from lemur_torch.data.sources import MISSING_FIELD, Bad
+
+PAD, IM_START, IM_END, IM_SEP, DIFF_MARKER = "<pad>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|diff_marker|>"
+# the order fixes the ids: 32000..32004 on the Llama-2 tokenizer (Lemur-Chat's released tokenizer)
+CHAT_SPECIAL_TOKENS = (PAD, IM_START, IM_END, IM_SEP, DIFF_MARKER)
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# reasons a conversation is skipped (next to sources.REASONS in the per-source skip counters)
+WRONG_TYPE = "wrong_type"
+UNKNOWN_ROLE = "unknown_role"
+EMPTY_TURN = "empty_turn"
+BAD_ORDER = "bad_order"
+NOT_ENDING_WITH_ASSISTANT = "not_ending_with_assistant"
+NO_TRAINABLE = "no_trainable_tokens"  # not bad input: the conversation did not fit seq_len; counted, never strict
+CHAT_REASONS = (WRONG_TYPE, UNKNOWN_ROLE, EMPTY_TURN, BAD_ORDER, NOT_ENDING_WITH_ASSISTANT, NO_TRAINABLE)
+
+FORMATS = ("auto", "messages", "sharegpt", "alpaca")
+# the fields each format reads (renamed per source with `fields:`)
+DEFAULT_FIELDS = {
+    "messages": "messages", "role": "role", "content": "content",
+    "conversations": "conversations", "from": "from", "value": "value",
+    "instruction": "instruction", "input": "input", "output": "output", "system": "system",
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Conversation:
+    """A validated conversation: (role, content) pairs, roles in ROLES, contents stripped and non-empty."""
+
+    messages: List[Tuple[str, str]]
+    loc: str = ""
+    _chars: int = field(default=0, repr=False)
+
+    def __post_init__(self):
+        self._chars = sum(len(c) for _, c in self.messages)
+
+    def __len__(self) -> int:  # the packer budgets its read-ahead in characters
+        return self._chars
+
+    def as_dicts(self) -> List[Dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+
+def render(messages: Sequence[Union[Tuple[str, str], Dict[str, str]]], bos: str = "<s>") -> str:
+    """The training text of a conversation (what CHAT_TEMPLATE renders)."""
+    pairs = [(m["role"], m["content"]) if isinstance(m, dict) else m for m in messages]
+    return bos + "".join(f"{IM_START}{role}\n{content.strip()}{IM_END}\n" for role, content in pairs)
+
+
+# -- formats -> Conversation ------------------------------------------------------------------------------
+
+def _check_turns(turns: List[Tuple[object, object]], where: str) -> Union[Conversation, Bad]:
+    out = []
+    for i, (role, content) in enumerate(turns):
+        if not isinstance(role, str) or not isinstance(content, str):
+            return Bad(WRONG_TYPE, f"{where} {i}: role/content must be strings, got {type(role).__name__}/{type(content).__name__}")
+        if role not in ROLES:
+            return Bad(UNKNOWN_ROLE, f"{where} {i}: unknown role {role!r} (use system, user, assistant)")
+        if not content.strip():
+            return Bad(EMPTY_TURN, f"{where} {i}: empty {role} turn")
+        if role == "system" and i > 0:
+            return Bad(BAD_ORDER, f"{where} {i}: a system message is only allowed first")
+        out.append((role, content.strip()))
+    if not out:
+        return Bad(EMPTY_TURN, f"no {where}s")
+    if out[-1][0] != "assistant":
+        return Bad(NOT_ENDING_WITH_ASSISTANT, f"the last {where} is {out[-1][0]!r}, not 'assistant'")
+    return Conversation(out)
+
+
+def to_conversation(obj, fmt: str = "auto", fields: Optional[Dict[str, str]] = None) -> Union[Conversation, Bad]:
+    """One record (a JSON object / HF example) in the OpenAI `messages`, ShareGPT or Alpaca form -> Conversation or Bad."""
+    f = {**DEFAULT_FIELDS, **(fields or {})}
+    if not isinstance(obj, dict):
+        return Bad(WRONG_TYPE, f"a {type(obj).__name__}, not an object")
+    if fmt == "auto":
+        present = [k for k in ("messages", "conversations", "instruction") if obj.get(f[k]) is not None]
+        if not present:
+            return Bad(MISSING_FIELD, f"none of the fields {f['messages']!r}, {f['conversations']!r}, {f['instruction']!r}")
+        fmt = {"messages": "messages", "conversations": "sharegpt", "instruction": "alpaca"}[present[0]]
+    if fmt == "alpaca":
+        instruction, inp, output, system = (obj.get(f[k]) for k in ("instruction", "input", "output", "system"))
+        if instruction is None or output is None:
+            return Bad(MISSING_FIELD, f"alpaca record needs {f['instruction']!r} and {f['output']!r}")
+        for name, v in (("instruction", instruction), ("output", output), ("input", inp or ""), ("system", system or "")):
+            if not isinstance(v, str):
+                return Bad(WRONG_TYPE, f"{f[name]!r} is {type(v).__name__}, not a string")
+        user = instruction.strip() + ("\n\n" + inp.strip() if inp and inp.strip() else "")
+        turns = ([("system", system)] if system and system.strip() else []) + [("user", user), ("assistant", output)]
+        return _check_turns(turns, "turn")
+    key, role_key, content_key = {"messages": ("messages", "role", "content"), "sharegpt": ("conversations", "from", "value")}[fmt]
+    msgs = obj.get(f[key])
+    if msgs is None:
+        return Bad(MISSING_FIELD, f"no field {f[key]!r}")
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+        return Bad(WRONG_TYPE, f"{f[key]!r} must be a list of objects")
+    turns = [(m.get(f[role_key]), m.get(f[content_key])) for m in msgs]
+    if fmt == "sharegpt":
+        turns = [(SHAREGPT_ROLES.get(r, r) if isinstance(r, str) else r, c) for r, c in turns]
+        system = obj.get(f["system"])  # some ShareGPT dumps keep the system prompt beside the turns
+        if isinstance(system, str) and system.strip() and not (turns and turns[0][0] == "system"):
+            turns.insert(0, ("system", system))
+    return _check_turns(turns, "message")
+
+
+# -- ids and labels ---------------------------------------------------------------------------------------
+
+class ChatEncoder(Tokenize):
+    """Conversations -> int32 arrays [2, n] (input_ids, labels), turn by turn; the packers' `tokenize`."""
+
+    def __init__(self, tokenizer, seq_len: int):
+        super().__init__(tokenizer)
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in CHAT_SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            raise ValueError(
+                f"the tokenizer lacks the ChatML tokens {missing}: build it with lemur_torch.tokenizer.build_tokenizer "
+                "on a data config with format: chat"
+            )
+        if self.bos is None:
+            raise ValueError("the chat format needs a tokenizer with a BOS token")
+        self.seq_len = int(seq_len)
+        self.im_start, self.im_end = vocab[IM_START], vocab[IM_END]
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab[PAD]
+        # pieces are encoded behind an anchor whose ids are then dropped (module docstring)
+        self._anchors = {a: self._fn([a])[0] for a in (IM_START, IM_START + "\n")}
+        self.header = {r: [self.im_start] + self._in_place([r + "\n"], IM_START)[0] for r in ROLES}
+        self.tail = [self.im_end] + self._in_place(["\n"], IM_START)[0]
+
+    def _in_place(self, pieces: List[str], anchor: str) -> List[List[int]]:
+        """Each piece's ids as the tokenizer produces them right after `anchor` in a longer text."""
+        anchor_ids = self._anchors[anchor]
+        out = []
+        for piece, ids in zip(pieces, self._fn([anchor + p for p in pieces])):
+            if ids[: len(anchor_ids)] != anchor_ids:
+                raise ValueError(f"tokenizer merges across {anchor!r} when encoding {piece[:40]!r}: turn-by-turn labels would be wrong")
+            out.append(ids[len(anchor_ids):])
+        return out
+
+    def encode(self, conversations: Sequence[Conversation]) -> List[Tuple[List[int], List[int], List[int]]]:
+        """Untruncated (ids, labels, message end offsets) per conversation; one batched tokenizer call for all contents."""
+        contents = [c.strip() for conv in conversations for _, c in conv.messages]  # as render() does
+        content_ids = iter(self._in_place(contents, IM_START + "\n") if contents else [])
+        out = []
+        for conv in conversations:
+            ids, labels, ends = [self.bos], [IGNORE_INDEX], []
+            for role, _ in conv.messages:
+                body = next(content_ids) + self.tail
+                ids += self.header[role] + body
+                labels += [IGNORE_INDEX] * len(self.header[role]) + (body if role == "assistant" else [IGNORE_INDEX] * len(body))
+                ends.append(len(ids))
+            out.append((ids, labels, ends))
+        return out
+
+    def truncate(self, conv: Conversation, ids: List[int], labels: List[int], ends: List[int]) -> Union[np.ndarray, Bad]:
+        S = self.seq_len
+        if len(ids) > S:
+            fits = [e for e, (role, _) in zip(ends, conv.messages) if e <= S and role == "assistant"]
+            cut = fits[-1] if fits else S  # after the last assistant message that fits, else mid-turn
+            ids, labels = ids[:cut], labels[:cut]
+        if all(x == IGNORE_INDEX for x in labels):
+            return Bad(NO_TRAINABLE, f"no assistant token within seq_len={S} ({len(ids)} tokens kept)", conv.loc)
+        return np.array([ids, labels], dtype=np.int32)
+
+    def documents(self, conversations: List[Conversation]) -> List[Union[np.ndarray, Bad]]:
+        return [self.truncate(conv, *enc) for conv, enc in zip(conversations, self.encode(conversations))]
