@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lemur_torch.model import hf_llama_config
 from lemur_torch.parallel.base import Backend
+from lemur_torch.tokenizer import generation_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,6 +39,9 @@ def export_model(backend: Backend, model, cfg: DictConfig, tokenizer, out_dir: s
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            gen = generation_config(tokenizer)  # chat models: generate() stops at <|im_end|>
+            if gen is not None:
+                gen.save_pretrained(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
