@@ -41,7 +41,7 @@ def answers_of(turns):
     return "".join(f"{c.strip()}<|im_end|>\n" for r, c in turns if r == "assistant")
 
 
-N = 30
+N = 60
 TEXTS = {text_of(conversation(i)): i for i in range(N)}
 
 
@@ -167,6 +167,8 @@ def test_resume_on_a_different_number_of_ranks_continues_the_conversation_order(
         first.append(rows)
     state = pickle.loads(pickle.dumps(merge_states([ld.local_state_dict() for ld in loaders])))
     assert state["rows"] == n1 * B * before and state["format"] == "chat"
+    positions = [st for ls in state["lane_states"].values() for st in ls["src"].values()]
+    assert all(st["epoch"] == 0 and 0 < st["k"] < N // 6 for st in positions), positions  # every lane mid-epoch
     second = [run(make_cfg(files), tok, r, after, n2, state)[1] for r in range(after)]
     stream = global_stream(first) + global_stream(second, start=state["rows"])
     assert same(stream, reference[: len(stream)])

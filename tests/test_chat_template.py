@@ -170,3 +170,16 @@ def test_truncation_at_turn_boundary(tok):
     prompt_conv = Conversation(prompt.messages, loc="f.jsonl:3")
     dropped = ChatEncoder(tok, 16).documents([prompt_conv])[0]
     assert isinstance(dropped, Bad) and dropped.reason == "no_trainable_tokens" and dropped.loc == "f.jsonl:3"
+
+
+def test_lemur_70b_chat_experiment_is_the_papers_stage_2():
+    from lemur_torch.config import load_config, validate
+
+    cfg = load_config(["experiment=lemur_70b_chat"])
+    validate(cfg, 64)
+    assert cfg.data.format == "chat" and cfg.model.name == "llama2_70b" and cfg.model.vocab_size == 32064
+    assert cfg.model.pretrained == "OpenLemur/lemur-70b-v1"
+    assert cfg.train.seq_len == 4096 and cfg.train.global_batch_tokens // cfg.train.seq_len == 128
+    assert cfg.optim.lr == 2e-5 and cfg.optim.weight_decay == 0.0
+    assert sorted(cfg.data.sources) == ["evol_codealpaca", "oasst1", "openorca", "sharegpt"]
+    assert all(s.kind == "hf" for s in cfg.data.sources.values())

@@ -90,3 +90,17 @@ def test_chat_run_needs_the_padded_vocabulary(tmp_path):
     proc = run_train(["experiment=chat_smoke", "model.vocab_size=32000", "train.max_steps=1", f"run_dir={tmp_path}"], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.vocab_size" in proc.stderr and "32005" in proc.stderr
+
+
+def test_two_rank_chat_checkpoint_resumes_on_one_rank(trained, tmp_path):
+    """Through lemur-train: 2 gloo ranks stop mid-epoch at step 3, 1 rank resumes from the checkpoint; steps 4-6
+    must equal the uninterrupted single-process run (the same conversations in the same order)."""
+    data_file = os.path.join(os.path.dirname(trained), "chats.jsonl")
+    run_dir = str(tmp_path / "resharded")
+    base = chat_overrides(data_file, run_dir)
+    run_train([*base, "train.micro_batch_size=1", "train.stop_at_step=3"], nproc=2)
+    run_train([*base, "train.stop_at_step=6"])
+    ref, got = losses(trained), losses(run_dir)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        assert abs(ref[step] - got[step]) < 1e-4, (step, ref[step], got[step])
