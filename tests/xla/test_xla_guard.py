@@ -11,7 +11,9 @@ def _backend():
     from lemur_torch.config import load_config
     from lemur_torch.parallel.xla import XlaSpmdBackend
 
-    return XlaSpmdBackend(load_config(["parallel=xla_spmd", "model=tiny"]))
+    from xla_helpers import XLA
+
+    return XlaSpmdBackend(load_config(XLA))
 
 
 def _setup():
