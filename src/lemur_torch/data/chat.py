@@ -71,7 +71,7 @@ class Conversation:
 
     messages: List[Tuple[str, str]]
     loc: str = ""
-    _chars: int = field(default=0, repr=False)
+    _chars: int = field(init=False, repr=False)
 
     def __post_init__(self):
         self._chars = sum(len(c) for _, c in self.messages)
