@@ -239,3 +239,29 @@ def test_builtin_conversation_sets(tok):
     cfg = load_config(["data=sample_chat"]).data
     loader, rows = run(cfg, tok, 0, 1, 3, seq=256)
     assert loader.domain_names == ["code", "text"] and all((r[1] != -100).any() for r in rows)
+
+
+def test_hf_datasets_sources_with_renamed_fields(tmp_path, tok):
+    """kind hf (datasets, streaming) on local files: OpenOrca-style jsonl read as alpaca with renamed fields, and a
+    ShareGPT dump that is one JSON array."""
+    orca = [{"id": str(i), "system_prompt": "Be exact." if i % 2 else "", "question": f"Double {i}?", "response": f"{2 * i}."}
+            for i in range(8)]
+    (tmp_path / "orca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in orca))
+    share = [{"id": str(i), "conversations": [{"from": "human", "value": f"Halve {2 * i}?"}, {"from": "gpt", "value": f"{i}."}]}
+             for i in range(8)]
+    (tmp_path / "share.json").write_text(json.dumps(share))
+    sources = {
+        "orca": {"kind": "hf", "domain": "openorca", "path": "json", "data_files": str(tmp_path / "orca.jsonl"), "chat_format": "alpaca",
+                 "fields": {"system": "system_prompt", "instruction": "question", "output": "response"}},
+        "share": {"kind": "hf", "domain": "sharegpt", "path": "json", "data_files": str(tmp_path / "share.json"), "chat_format": "sharegpt"},
+    }
+    expected = {text_of(([("system", "Be exact.")] if i % 2 else []) + [("user", f"Double {i}?"), ("assistant", f"{2 * i}.")]): ("orca", i)
+                for i in range(8)}
+    expected.update({text_of([("user", f"Halve {2 * i}?"), ("assistant", f"{i}.")]): ("share", i) for i in range(8)})
+    loader, rows = run(make_cfg(None, sources, lanes=2, chat_packing="padded"), tok, 0, 1, 8, seq=48)
+    seen = []
+    for row in rows:
+        ids = row[0][row[0] != PAD].tolist()
+        seen.append(expected[tok.decode(ids)])
+        assert loader.domain_names[int(row[3, 0])] == {"orca": "openorca", "share": "sharegpt"}[seen[-1][0]]
+    assert sorted(seen) == sorted(expected.values())  # one padded row each: 16 rows = one epoch of both
