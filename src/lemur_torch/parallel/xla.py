@@ -40,6 +40,7 @@ from lemur_torch.config import ConfigError
 from lemur_torch.parallel import xla_attention
 from lemur_torch.parallel.base import Backend
 
+
 class XlaSpmdBackend(Backend):
     name = "xla_spmd"
 
@@ -66,15 +67,14 @@ class XlaSpmdBackend(Backend):
         self.dp_rank, self.dp_size = self.rank, self.world_size
         self.num_devices = n
         self.device_kind = self._device_kind()
-        self.micro_batch_size = int(cfg.train.micro_batch_size)
-        global_micro = self.micro_batch_size * self.world_size
+        t = cfg.train
+        global_micro = t.micro_batch_size * self.world_size
         if global_micro % self.fsdp_size:
             raise ConfigError(
                 "train.micro_batch_size",
-                f"the global micro-batch ({self.micro_batch_size} x {self.world_size} hosts = {global_micro} rows) "
+                f"the global micro-batch ({t.micro_batch_size} x {self.world_size} hosts = {global_micro} rows) "
                 f"must divide by the fsdp axis ({self.fsdp_size} devices)",
             )
-        t = cfg.train
         per_micro = t.micro_batch_size * t.seq_len * self.world_size
         if t.global_batch_tokens % per_micro:
             # config.validate sees one data shard for xla_spmd; on a pod every host is one
