@@ -73,12 +73,14 @@ def test_slurm_preempt_requeues_and_resumes_to_same_loss(cluster, tmp_path):
     # what `#SBATCH --signal=B:USR1@600` sends ten minutes before the time limit
     cluster.run("scancel", "--batch", "--signal=USR1", str(job))
 
-    # job.sh requeues the job once the checkpoint is written. Slurm holds a requeued job back for a while
-    # (BeginTime); moving its start time to now only shortens the test, the job itself is untouched.
+    # job.sh requeues the job once the checkpoint is written. Slurm holds a requeued job back for a few minutes
+    # (BeginTime); an earlier start only shortens the test. Not at once: slurmd refuses a job whose credential is
+    # issued in the same second its previous run's credential was revoked ("Job credential revoked").
     deadline = time.monotonic() + 240
     while True:
         info = cluster.job(job)
         if int(info.get("Restarts", 0)) >= 1 and info["JobState"] == "PENDING":
+            time.sleep(2)
             cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
             break
         assert info["JobState"] not in FINAL, f"ended without requeue: {info}\n{job_output(tmp_path, job, run_dir)}"
