@@ -178,3 +178,28 @@ def test_stream_does_not_depend_on_read_ahead_or_batching(corpus, tok, reference
     # how many records a read takes and which packers share a tokenizer call must not change a single token
     _, rows = run(make_cfg(corpus, prefetch_threads=prefetch_threads, read_chars=read_chars), tok, 0, 1, 20)
     assert same(rows, reference[: len(rows)])
+
+
+def test_memory_does_not_grow_with_the_corpus(tok, tmp_path):
+    """Streaming: the same number of tokens from an 8x larger corpus needs about the same peak memory."""
+    import tracemalloc
+
+    from pydoc_data.topics import topics
+
+    base = [topics[k] for k in sorted(topics)]
+    peaks = {}
+    for copies in (2, 16):
+        path = tmp_path / f"corpus{copies}.jsonl"
+        with open(path, "w") as f:
+            for c in range(copies):
+                f.writelines(json.dumps({"text": f"[copy {c}] {t}"}) + "\n" for t in base)
+        cfg = OmegaConf.merge(OmegaConf.structured(DataConfig),
+                              {"sources": {"t": {"kind": "jsonl", "domain": "text", "path": str(path)}}, "lanes": 2, "read_chars": 65536})
+        tracemalloc.start()
+        for i, _ in enumerate(build_loader(cfg, tok, 512, 4, 0, 1, 0)):
+            if i == 150:  # 300k tokens: a good part of the small corpus, a small part of the big one
+                break
+        peaks[copies] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert os.path.getsize(tmp_path / "corpus16.jsonl") > 7e6  # more than twice the peak memory of a run
+    assert peaks[16] < 1.25 * peaks[2] + 5e5, peaks
