@@ -8,6 +8,7 @@ are computed once per test session and shared.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -134,6 +135,7 @@ def assert_curves_match(got: dict[int, float], ref: dict[int, float], tol: float
 # -- references, computed once per session --------------------------------------------------------------------
 
 _scratch = Path(tempfile.mkdtemp(prefix="lemur-launch-refs-"))
+atexit.register(shutil.rmtree, _scratch, True)
 _refs: dict[str, dict[int, float]] = {}
 
 

@@ -25,9 +25,11 @@ def cluster(tmp_path_factory):
     if reason:
         pytest.skip(f"no local Slurm: {reason}")
     c = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=2)
-    c.start()
-    yield c
-    c.stop()
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
 
 
 def submit(cluster, submit_dir: Path, *overrides: str) -> tuple[int, Path]:
