@@ -1,6 +1,7 @@
 """launch/slurm/cpu_test.sbatch on a real one-node Slurm (tests/slurm_cluster.py): the job completes and leaves a
 checkpoint and an HF export; preempted with `scancel --batch --signal=USR1` (what `--signal=B:USR1@...` sends
-before the time limit) it checkpoints, requeues itself, resumes, and ends with the uninterrupted run's loss.
+before the time limit) it checkpoints, requeues itself, resumes, and ends with the uninterrupted run's loss;
+cancelled with a plain `scancel` (SIGTERM everywhere) it still checkpoints, and stays cancelled.
 
 The cluster needs root and Debian packages (slurm-wlm, munge); where they cannot be installed the tests skip
 and say why. CI runs as root with apt-get, so they run there."""
@@ -100,3 +101,18 @@ def test_slurm_preempt_requeues_and_resumes_to_same_loss(cluster, tmp_path):
                                steps=range(stopped_at + 1, MAX_STEPS + 1))
     print(f"Slurm job {job}: preempted at step {stopped_at}, requeued, COMPLETED; steps {stopped_at + 1}-{MAX_STEPS} "
           f"vs uninterrupted: max |loss diff| {diff:.2e} (final {losses(run_dir)[MAX_STEPS]!r})")
+
+
+def test_slurm_sigterm_checkpoints_and_cancel_stays_cancelled(cluster, tmp_path):
+    """A plain `scancel` (SIGTERM to every process, as on Slurm preemption or the time limit): the trainer still
+    checkpoints the step it was on before the job ends, and a cancelled job is not requeued."""
+    job, run_dir = submit(cluster, tmp_path, "checkpoint.export_at_end=false")
+    wait_for(lambda: last_logged_step(run_dir) >= 3, 300, "step 3 of the Slurm job",
+             log=run_dir / "logs" / "task0.log")
+    cluster.run("scancel", str(job))
+    info = cluster.wait_state(job, FINAL, timeout=120)
+    out = job_output(tmp_path, job, run_dir)
+    assert info["JobState"] == "CANCELLED" and int(info["Restarts"]) == 0, f"{info}\n{out}"
+    stopped_at = last_logged_step(run_dir)
+    assert 3 <= stopped_at < MAX_STEPS
+    assert checkpoints(run_dir)[-1] == f"step_{stopped_at:08d}", out
