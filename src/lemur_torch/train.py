@@ -26,8 +26,9 @@ def build_and_fit(cfg: DictConfig) -> int:
     from lemur_torch.optim import build_optimizer, build_scheduler
     from lemur_torch.parallel import build_backend
     from lemur_torch.tokenizer import build_tokenizer
-    from lemur_torch.trainer import Trainer
+    from lemur_torch.trainer import StopSignal, Trainer
 
+    stop = StopSignal().install()  # first: a preemption warning may come while a 70B model loads
     torch.manual_seed(cfg.train.seed)
     backend = build_backend(cfg)
     logger = MetricsLogger(cfg, enabled=backend.is_main)
@@ -40,7 +41,7 @@ def build_and_fit(cfg: DictConfig) -> int:
         model = backend.setup_model(cfg)
         optimizer = build_optimizer(model, cfg.optim, backend.device.type)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-        trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend), logger)
+        trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend), logger, stop)
         status = trainer.fit()
         if status == 0 and trainer.step >= cfg.train.max_steps and cfg.checkpoint.export_at_end and cfg.checkpoint.export_dir:
             out = export_model(backend, model, cfg, tokenizer, cfg.checkpoint.export_dir)

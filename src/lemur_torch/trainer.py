@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -25,9 +25,26 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class StopSignal:
+    """SIGTERM/SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits. Installed before the
+    model is built, so a preemption warning during a long 70B load is not fatal. Repeated signals only
+    re-set the flag, so a save in progress is never interrupted."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> "StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, backend: Backend, model, optimizer, scheduler, loader,
-                 checkpointer: Checkpointer, logger: MetricsLogger):
+                 checkpointer: Checkpointer, logger: MetricsLogger, stop: Optional[StopSignal] = None):
         self.cfg, self.backend, self.model = cfg, backend, model
         self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
         self.checkpointer, self.logger = checkpointer, logger
@@ -39,18 +56,8 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
-        self.stop_requested = False
+        self.stop = stop or StopSignal().install()
         self.preempted = False
-
-    # -- signals -----------------------------------------------------------------------------------
-    def _on_signal(self, signum, frame) -> None:
-        # finish the current step, checkpoint, exit; repeated signals only re-set the flag, so a save
-        # in progress is never interrupted
-        self.stop_requested = True
-
-    def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
 
     # -- state -------------------------------------------------------------------------------------
     def trainer_state(self) -> Dict[str, Any]:
@@ -76,7 +83,11 @@ class Trainer:
         """Train to train.max_steps (or until a stop signal). Returns 0, or the preemption exit code."""
         t = self.cfg.train
         self.maybe_resume()
-        self.install_signal_handlers()
+        if self.backend.all_reduce_sum(torch.tensor([float(self.stop.requested)], device=self.backend.device)).item() > 0:
+            # signalled while building or resuming: nothing new to save since the last checkpoint
+            self.preempted = True
+            self.logger.info("stop signal received before the first step: exiting for requeue")
+            return t.preempt_exit_code
         self.logger.info(
             f"training {self.cfg.model.name} on {self.backend.world_size} process(es) [{self.backend.name}], "
             f"{self.grad_accum} micro-batch(es) of {t.micro_batch_size}x{t.seq_len} per rank per step, "
@@ -124,7 +135,7 @@ class Trainer:
             loss_sum += s.detach()
             dom_sum += ds
             dom_cnt += dc
-        stop = torch.tensor([1.0 if self.stop_requested else 0.0], device=device)
+        stop = torch.tensor([1.0 if self.stop.requested else 0.0], device=device)
         reduced = b.all_reduce_sum(torch.cat([loss_sum.view(1), dom_sum, dom_cnt, stop]))
         grad_norm = b.clip_grad_norm_(self.model, t.grad_clip)
         loss = reduced[0] / global_tokens
