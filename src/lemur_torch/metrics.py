@@ -18,6 +18,8 @@ PEAK_FLOPS = {
     "TPUv4": 275e12,
     "TPU v5p": 459e12,
     "TPU v5e": 197e12,
+    "TPU v5 lite": 197e12,  # PJRT's name for v5e
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
 }
 
 

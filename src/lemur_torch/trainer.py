@@ -144,10 +144,11 @@ class Trainer:
         b.optimizer_step(self.optimizer, finite_t)  # skipped when not finite (decided on device for XLA)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        # built before step_done so it is part of the step's graph (XLA: one graph per step); read after
+        host_t = torch.cat([loss.view(1), grad_norm.detach().float().view(1).to(loss.device), finite_t.float().view(1),
+                            global_tokens.view(1), reduced])
         b.step_done()
-        # one host transfer, only after the step has run
-        host = torch.cat([loss.view(1), grad_norm.detach().float().view(1).to(loss.device), finite_t.float().view(1),
-                          global_tokens.view(1), reduced]).tolist()
+        host = host_t.tolist()  # the one host transfer of the step
         loss_v, gnorm_v, finite, n_tokens, red = host[0], host[1], host[2] > 0, host[3], host[4:]
         if finite:
             self.consecutive_nonfinite = 0
