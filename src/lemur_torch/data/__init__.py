@@ -5,7 +5,8 @@ equal-shape [B, S] tensors `input_ids`, `labels` (-100 = no loss), `position_ids
 fixed on every step. It also has:
   - `domain_names`: list[str], index i = domain id i (for the per-domain loss);
   - `state_dict()` -> a small picklable dict, identical on every rank and independent of the world size,
-    taken after a whole optimizer step;
+    taken after a whole optimizer step; it needs no communication (ranks exchange positions as they go);
+Build and iterate the loader on every data-parallel rank in lockstep: building it creates a gloo group.
   - `load_state_dict(state)`: continue the *global* stream exactly there, on any number of ranks;
   - `stats()` -> dict of floats to log (e.g. realised token ratio per domain, skipped documents).
 """
