@@ -96,7 +96,8 @@ def run_bare(cfg, batches, steps):
         for i in range(accum):
             b = batches[(step * accum + i) % len(batches)]
             logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(), ignore_index=-100)
+            targets = F.pad(b["labels"][:, 1:], (0, 1), value=-100)  # shift labels, not logits (as HF does)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
             (loss / accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -100,26 +100,29 @@ def clean_fqn(name: str) -> str:
 def token_loss_sums(
     logits: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor, num_domains: int, chunk: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum of next-token CE over label tokens (labels are unshifted, HF-style), in fp32 chunks over the
-    sequence so the fp32 copy of the logits stays at [B, chunk, V].
+    """Sum of next-token CE over label tokens (labels are unshifted, HF-style), in fp32 chunks of `chunk`
+    x batch tokens so the fp32 copy of the logits stays at [B * chunk, V].
 
+    The targets are shifted (labels[:, 1:] padded with -100), not the logits: slicing logits[:, :-1] would
+    copy the largest activation of the model, forward and backward.
     Returns (loss_sum, per-domain loss sums [D], per-domain label-token counts [D]); all fp32 on-device.
     """
-    logits = logits[:, :-1]
-    targets = labels[:, 1:]
-    domains = domain_ids[:, 1:].long()
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)  # a view: logits are contiguous
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    domains = F.pad(domain_ids[:, 1:].long(), (0, 1), value=0).reshape(-1)
     total = logits.new_zeros((), dtype=torch.float32)
     dom_sum = logits.new_zeros((num_domains,), dtype=torch.float32)
     dom_cnt = logits.new_zeros((num_domains,), dtype=torch.float32)
-    for start in range(0, logits.shape[1], chunk):
-        lg = logits[:, start : start + chunk].float()
-        tg = targets[:, start : start + chunk]
-        per_tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
-        valid = (tg.reshape(-1) != IGNORE_INDEX).float()
+    rows = chunk * logits.shape[0]
+    # split, not slicing: the backward of a slice writes into a zeroed full-size gradient per chunk,
+    # split's backward is one concatenation (and no copy at all when one chunk covers everything)
+    chunks = zip(flat.split(rows), targets.split(rows), domains.split(rows)) if rows < flat.shape[0] else [(flat, targets, domains)]
+    for lg, tg, d in chunks:
+        per_tok = F.cross_entropy(lg.float(), tg, ignore_index=IGNORE_INDEX, reduction="none")
         total = total + per_tok.sum()
-        d = domains[:, start : start + chunk].reshape(-1)
         dom_sum = dom_sum.index_add(0, d, per_tok.detach())
-        dom_cnt = dom_cnt.index_add(0, d, valid)
+        dom_cnt = dom_cnt.index_add(0, d, (tg != IGNORE_INDEX).float())
     return total, dom_sum, dom_cnt
 
 

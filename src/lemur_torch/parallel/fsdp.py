@@ -234,15 +234,25 @@ class FsdpBackend(Backend):
 
 
 def apply_fsdp(model: nn.Module, mesh, p: DictConfig, mp_policy: MixedPrecisionPolicy) -> None:
-    """Activation checkpointing -> compile -> fully_shard per decoder layer -> fully_shard of the root."""
+    """Activation checkpointing -> compile -> fully_shard per decoder layer -> fully_shard of the root.
+
+    fully_shard is applied only when it has work to do: sharding over more than one rank, or casting for
+    mixed precision. On one process in fp32 (the CPU smoke run) it would only add a copy-in/copy-out per
+    layer (about 9% of the tiny model's step on CPU, bench/trainer_overhead.py); the parameters are then
+    plain tensors, and checkpoints keep the same keys and load on any world size.
+    """
+    shard = mesh.size() > 1 or mp_policy.param_dtype is not None
     layers = model.model.layers
     for i, layer in enumerate(layers):
         if p.activation_checkpointing == "full" or (p.activation_checkpointing == "every_n" and i % p.ac_every_n == 0):
             layer = checkpoint_wrapper(layer, preserve_rng_state=False)
         if p.compile:
             layer.compile()
-        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=p.reshard_after_forward)
+        if shard:
+            fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=p.reshard_after_forward)
         layers[i] = layer
+    if not shard:
+        return
     # the root holds embeddings, final norm and lm_head; no reshard: backward needs them right away
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     # the trainer divides the loss by the global token count itself, so gradients are reduced as a plain
