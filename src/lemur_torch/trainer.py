@@ -58,6 +58,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.stop = stop or StopSignal().install()
         self.preempted = False
+        self.last_saved_step = -1
 
     # -- state -------------------------------------------------------------------------------------
     def trainer_state(self) -> Dict[str, Any]:
@@ -69,12 +70,14 @@ class Trainer:
             return
         state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler, self.loader)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.last_saved_step = self.step
         self.skipped_steps = state.get("skipped_steps", 0)
         self.logger.info(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
 
     def save(self) -> str:
         t0 = time.perf_counter()
         path = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, self.loader, self.trainer_state())
+        self.last_saved_step = self.step
         self.logger.info(f"checkpoint {path} written in {time.perf_counter() - t0:.1f}s")
         return path
 
@@ -98,7 +101,9 @@ class Trainer:
         while self.step < t.max_steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.grad_accum)]
+            data_time = time.perf_counter() - t0
             stats = self.train_step(micro)
+            stats["data_time_s"] = data_time
             self.step += 1
             self.tokens_seen += t.global_batch_tokens
             self.log_step(stats, time.perf_counter() - t0)
@@ -113,7 +118,7 @@ class Trainer:
                 return t.preempt_exit_code
             if every and self.step % every == 0 and self.step < t.max_steps:
                 self.save()
-        if self.cfg.checkpoint.save_at_end:
+        if self.cfg.checkpoint.save_at_end and self.last_saved_step != self.step:
             self.save()
         return 0
 
@@ -176,7 +181,7 @@ class Trainer:
             "step": self.step, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / self.backend.num_devices,
             "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, self.backend.num_devices),
-            "step_time_s": step_time, "tokens_seen": self.tokens_seen, "label_tokens": stats["label_tokens"],
+            "step_time_s": step_time, "data_time_s": stats["data_time_s"], "tokens_seen": self.tokens_seen, "label_tokens": stats["label_tokens"],
             "skipped_steps": self.skipped_steps,
         }
         metrics.update({f"loss/{d}": v for d, v in stats["domain_loss"].items()})
