@@ -59,8 +59,10 @@ class _Lane:
         if packer is None:
             src = ctx.sources[s]
             # read-ahead in proportion to the source's share of rows: every packer's chunk then lasts about as long,
-            # and a small source does not hold (or, at the end of a run, waste) as much tokenized text as a big one
-            chunk = max(16384, ctx.read_chars * ctx.schedule.weights[s] // ctx.schedule.period)
+            # and a small source does not hold (or, at the end of a run, waste) as much tokenized text as a big one.
+            # A quarter of the lane's read_chars: the Refiller gathers several packers' chunks into each tokenizer
+            # call of read_chars, so small chunks keep the read-ahead small without shrinking the batches
+            chunk = max(16384, ctx.read_chars * ctx.schedule.weights[s] // ctx.schedule.period // 4)
             packer = ctx.packer_cls(src, self.lane, ctx.lanes, ctx.seq_len, ctx.tokenize, ctx.bad, chunk, self._initial.get(src.name), ctx.refiller)
             self.packers[s] = packer
         row = packer.next_row(ctx.attend_across_documents)
@@ -97,10 +99,11 @@ class _RowStream(IterableDataset):
         if self.prefetch_threads > 0:
             from concurrent.futures import ThreadPoolExecutor
 
-            # one read in flight at a time: a read is one batched tokenizer call that already spreads over the
-            # cores; prefetch_threads > 0 means "read ahead in the background", 0 means inline
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="lemur-data")
-        self.refiller = Refiller(self.tokenize, self.pool)
+            # prefetch_threads > 0 means "read ahead in the background", 0 means inline. Two reads in flight
+            # (Refiller): each is one batched tokenizer call over the cores, and the second keeps them busy
+            # while the first finishes its longest document or converts its ids
+            self.pool = ThreadPoolExecutor(2, thread_name_prefix="lemur-data")
+        self.refiller = Refiller(self.tokenize, self.pool, depth=2, batch_chars=self.read_chars)
         stride = self.dp_size * self.num_workers
         lanes: Dict[int, _Lane] = {}
         g = self.start + self.dp_rank + self.dp_size * worker

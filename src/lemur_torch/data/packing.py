@@ -79,36 +79,45 @@ class Refiller:
     """Reads and tokenizes packers' next chunks ahead of need, many packers per tokenizer call.
 
     Rows visit a reader's lanes in turn, so its packers run dry at about the same rate: when a packer takes a
-    chunk it asks for the next one, and every request made while a read is in flight joins the next read, which
-    tokenizes all their texts in one batch call (the batch the fast tokenizer spreads over cores), without any
-    packer holding more than one chunk ahead. With a thread pool the read runs in its thread (the tokenizer
-    releases the GIL) while rows are packed; without one it runs inline when a packer needs it. Each packer is in
-    at most one read at a time, so its reader advances in order; its records do not depend on who else was read.
+    chunk it asks for the next one, and requests gather until they hold `batch_chars` of text (or half of what
+    all its packers read per chunk, if less), then go out as one read, which tokenizes all their texts in one
+    batch call (the batch the fast tokenizer spreads over cores); no packer holds more than one chunk ahead. So
+    the chunks can stay small (little read-ahead, little tokenized and unused when a run stops) while the
+    tokenizer's batches stay big. A packer that needs its chunk now never waits for a batch to fill.
+    With a thread pool, reads run in its threads (the tokenizer releases the GIL) while rows are packed, up to
+    `depth` at once: a read's longest document keeps a single core busy to the end of its call and the ids'
+    conversion to arrays runs on one core, and a second read keeps the other cores tokenizing meanwhile.
+    Without a pool a read runs inline when a packer needs it. Each packer is in at most one read at a time, so
+    its reader advances in order; its records do not depend on who else was read, or when.
     """
 
-    def __init__(self, tokenize: Tokenize, pool=None):
-        self.tokenize, self.pool = tokenize, pool
+    def __init__(self, tokenize: Tokenize, pool=None, depth: int = 2, batch_chars: int = 1 << 18):
+        self.tokenize, self.pool, self.batch_chars = tokenize, pool, batch_chars
+        self.depth = depth if pool is not None else 1
         self.wanting: List["Packer"] = []  # asked for a chunk, not yet in a read
-        self.future = None  # the read in flight: -> {packer: (chunk, next position)}
-        self.members: List["Packer"] = []
+        self.reads: Deque[tuple] = deque()  # reads in flight, oldest first: (future, members)
+        self.known: set = set()  # packers seen, and the characters they read per chunk
+        self.known_chars = 0
 
     def take(self, packer: "Packer"):
         """The packer's next chunk (waiting for it if needed); asks for the one after it."""
         while packer.ready is None:
-            if self.future is not None and (packer.inflight or self.future.done()):
-                self._harvest()
+            if packer.inflight or len(self.reads) >= self.depth:
+                self._harvest(self.reads[0])  # its own read is at most this old; or make room for it
                 continue
             if packer not in self.wanting:
                 self.wanting.append(packer)
-            if self.future is not None:
-                self._harvest()  # an unrelated read is in flight; the next one will include this packer
             self._launch()
         chunk, packer.ready = packer.ready, None
         self.wanting.append(packer)
-        if self.pool is not None:  # keep the background read busy
-            if self.future is not None and self.future.done():
-                self._harvest()
-            if self.future is None:
+        if packer not in self.known:
+            self.known.add(packer)
+            self.known_chars += packer.read_chars
+        if self.pool is not None:  # read ahead in the background, in batches
+            for read in [r for r in self.reads if r[0].done()]:
+                self._harvest(read)
+            batch = min(self.batch_chars, self.known_chars // 2)
+            if len(self.reads) < self.depth and sum(p.read_chars for p in self.wanting) >= batch:
                 self._launch()
         return chunk
 
@@ -116,20 +125,21 @@ class Refiller:
         members, self.wanting = self.wanting, []
         for p in members:
             p.inflight = True
-        self.members = members
         if self.pool is None:
             from concurrent.futures import Future
 
-            self.future = Future()
+            future = Future()
             try:
-                self.future.set_result(self._read(members))
+                future.set_result(self._read(members))
             except BaseException as exc:  # noqa: BLE001 - re-raised by _harvest, as a thread's would be
-                self.future.set_exception(exc)
+                future.set_exception(exc)
         else:
-            self.future = self.pool.submit(self._read, members)
+            future = self.pool.submit(self._read, members)
+        self.reads.append((future, members))
 
-    def _harvest(self) -> None:
-        future, members, self.future, self.members = self.future, self.members, None, []
+    def _harvest(self, read) -> None:
+        self.reads.remove(read)
+        future, members = read
         for p in members:
             p.inflight = False
         for p, ready in future.result().items():
