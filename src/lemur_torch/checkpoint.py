@@ -81,7 +81,6 @@ class Checkpointer:
         b = self.backend
         final = os.path.join(self.directory, step_dir_name(step))
         tmp = os.path.join(self.directory, ".tmp-" + step_dir_name(step))
-        t0 = time.perf_counter()
         if b.is_main:
             os.makedirs(self.directory, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # leftover of an interrupted save

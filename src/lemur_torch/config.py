@@ -8,7 +8,6 @@ line naming the offending key, before any model is built.
 from __future__ import annotations
 
 import importlib.util
-import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -253,6 +252,3 @@ def grad_accum_steps(cfg: DictConfig, dp_size: int) -> int:
     t = cfg.train
     return t.global_batch_tokens // (t.micro_batch_size * t.seq_len * dp_size)
 
-
-def print_config_error(exc: ConfigError) -> None:
-    print(str(exc), file=sys.stderr)

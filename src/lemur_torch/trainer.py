@@ -57,7 +57,6 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.stop = stop or StopSignal().install()
-        self.preempted = False
         self.last_saved_step = -1
 
     # -- state -------------------------------------------------------------------------------------
@@ -88,7 +87,6 @@ class Trainer:
         self.maybe_resume()
         if self.backend.all_reduce_sum(torch.tensor([float(self.stop.requested)], device=self.backend.device)).item() > 0:
             # signalled while building or resuming: nothing new to save since the last checkpoint
-            self.preempted = True
             self.logger.info("stop signal received before the first step: exiting for requeue")
             return t.preempt_exit_code
         self.logger.info(
@@ -113,7 +111,6 @@ class Trainer:
                 return 0
             if stats["stop"]:
                 self.save()
-                self.preempted = True
                 self.logger.info(f"stop signal honoured: checkpoint at step {self.step}, exiting for requeue")
                 return t.preempt_exit_code
             if every and self.step % every == 0 and self.step < t.max_steps:
