@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lemur_torch.data.mixture import Schedule
 from lemur_torch.data.packing import BadCounter, Packer, Refiller, Tokenize
 from lemur_torch.data.sources import REASONS, BadInputError, DataConfigError, Source, build_source, resolve_listing
-from lemur_torch.data.storage import DataReadError, Storage
+from lemur_torch.data.storage import DataReadError, Storage, io_counters
 
 # 2: lanes read contiguous shares and positions are seekable reader positions (1: strided record indices)
 STATE_VERSION = 2
@@ -233,12 +233,14 @@ class PackedMixtureLoader:
     def _shared_listings(self, data_cfg) -> dict:
         """Every source's file listing, resolved on rank 0 only and broadcast (one listing, not one per rank)."""
         listings, error = {}, None
+        retries0 = io_counters()[1]
         if self._group is None or self.dp_rank == 0:
             try:
                 for name, scfg in data_cfg.sources.items():
                     listings[str(name)] = resolve_listing(str(name), scfg, self.text_column(scfg), self.storage)
             except DataConfigError as exc:
                 error = str(exc)
+        self._listing_retries = io_counters()[1] - retries0
         if self._group is not None:
             box = [listings, error]
             torch.distributed.broadcast_object_list(box, src=0, group=self._group)
@@ -253,7 +255,7 @@ class PackedMixtureLoader:
         for src in self.sources:
             line, amp = src.describe(self.lanes)
             lines.append(line)
-            if amp > 1.5:
+            if amp > 1.5 and self.dp_rank == 0:
                 log.warning("%s", line)
         return lines
 
@@ -413,7 +415,7 @@ class PackedMixtureLoader:
             out[f"epoch/{src.name}"] = float(max((st["epoch"] for st in states), default=0))
             out[f"read_bytes/{src.name}"] = float(sum(st.get("io", {}).get("bytes", 0) for st in states))
             out[f"io_retries/{src.name}"] = float(sum(st.get("io", {}).get("retries", 0) for st in states))
-        out["io_retries"] = sum(v for k, v in out.items() if k.startswith("io_retries/"))
+        out["io_retries"] = self._listing_retries + sum(v for k, v in out.items() if k.startswith("io_retries/"))
         return out
 
 

@@ -221,7 +221,8 @@ class ParquetHandle:
             import pyarrow.parquet as pq
 
             meta = pq.read_metadata(io.BytesIO(b"PAR1" + self.footer_bytes + struct.pack("<I", len(self.footer_bytes)) + b"PAR1"))
-            self._pf = pq.ParquetFile(self.storage.open(self.path, self.size), metadata=meta)
+            # pre_buffer off: reads happen in the calling thread, where they are counted (storage.io_counters)
+            self._pf = pq.ParquetFile(self.storage.open(self.path, self.size), metadata=meta, pre_buffer=False)
         return self._pf
 
     # -- schema ----------------------------------------------------------------------------------------

@@ -346,7 +346,7 @@ def _parquet_groups(name: str, path: str, size: int, storage: Storage, column: O
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.ParquetFile(storage.open(path, size)).metadata
+        meta = pq.ParquetFile(storage.open(path, size), pre_buffer=False).metadata
     except DataReadError:
         raise
     except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError for a file that is not parquet
