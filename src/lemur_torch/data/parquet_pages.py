@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
+from collections import OrderedDict
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from lemur_torch.data.storage import DataReadError
@@ -25,8 +27,7 @@ from lemur_torch.data.storage import DataReadError
 # Thrift compact protocol type ids
 STOP, TRUE, FALSE, BYTE, I16, I32, I64, DOUBLE, BINARY, LIST, SET, MAP, STRUCT = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
 DATA_PAGE, DICTIONARY_PAGE, DATA_PAGE_V2 = 0, 2, 3
-FOOTER_READ = 1 << 14  # the first read of a footer (most fit; a bigger one takes a second read)
-HEADER_WINDOW = 128  # bytes per read while walking page headers
+HEADER_WINDOW = 64  # bytes per read while walking page headers (a header without statistics is ~30)
 
 
 class _Short(Exception):
@@ -199,22 +200,39 @@ def _get(s, fid, default=None):
     return s[fid][1] if fid in s else default
 
 
+# per reader process: footers and page tables, so that the lanes a reader owns read each file's footer once and
+# walk each shared row group's page headers once
+_LOCK = threading.Lock()
+_FOOTERS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PAGES: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _remember(cache: OrderedDict, key, value, limit: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)
+
+
 class ParquetHandle:
-    """One parquet file of a reader: its footer (parsed once), page tables of the row groups it shares, and a
-    pyarrow ParquetFile for whole-row-group reads (built on the same footer: no second footer read)."""
+    """One parquet file of a reader: its footer (read and parsed once per process), the page tables of the row
+    groups its lanes share, and a pyarrow ParquetFile for whole-row-group reads (built on the same footer)."""
 
     def __init__(self, storage, path: str, size: int):
         self.storage, self.path, self.size = storage, path, size
-        tail = storage.read(path, max(0, size - FOOTER_READ), size)
-        if len(tail) < 8 or tail[-4:] != b"PAR1":
-            raise DataReadError(f"{path}: not a parquet file (no PAR1 footer)")
-        n = struct.unpack("<I", tail[-8:-4])[0]
-        if n + 8 > len(tail):
-            tail = storage.read(path, size - n - 8, size)
-        self.footer_bytes = tail[-8 - n : -8]
-        self.meta = Reader(self.footer_bytes).struct()
+        with _LOCK:
+            cached = _FOOTERS.get((path, size))
+        if cached is None:
+            tail = storage.read(path, max(0, size - 8), size)  # its length, then exactly the footer
+            if len(tail) < 8 or tail[-4:] != b"PAR1":
+                raise DataReadError(f"{path}: not a parquet file (no PAR1 footer)")
+            n = struct.unpack("<I", tail[-8:-4])[0]
+            footer = storage.read(path, size - n - 8, size - 8)
+            cached = (footer, Reader(footer).struct())
+            with _LOCK:
+                _remember(_FOOTERS, (path, size), cached, 64)
+        self.footer_bytes, self.meta = cached
         self._pf = None
-        self._pages: Dict[Tuple[int, int], List[Page]] = {}
 
     def pyarrow_file(self):
         if self._pf is None:
@@ -247,27 +265,32 @@ class ParquetHandle:
         return None
 
     # -- pages -----------------------------------------------------------------------------------------
-    def page_table(self, group: int, leaf: int) -> List["Page"]:
-        """The pages of a column chunk, from their headers (the bodies are not read)."""
-        key = (group, leaf)
-        if key not in self._pages:
-            cmeta = self._column_meta(group, leaf)
-            dict_off = _get(cmeta, 11)
-            start = dict_off if dict_off else _get(cmeta, 9)
-            end = start + _get(cmeta, 7)
-            pages, off = [], start
-            while off < end:
-                header, hlen = self._header(off, end)
-                ptype, body = _get(header, 1), _get(header, 3)
-                rows, encoding = 0, None
-                if ptype == DATA_PAGE:
-                    rows, encoding = _get(_get(header, 5), 1), _get(_get(header, 5), 2)
-                elif ptype == DATA_PAGE_V2:
-                    rows, encoding = _get(_get(header, 8), 3), _get(_get(header, 8), 4)
-                pages.append(Page(off, hlen + body, ptype, rows, hlen, _get(header, 2), encoding))
-                off += hlen + body
-            self._pages[key] = pages
-        return self._pages[key]
+    def page_table(self, group: int, leaf: int, until_row: int) -> List["Page"]:
+        """The pages of a column chunk from its start to the one holding row `until_row - 1`, from their headers
+        (the bodies are not read); the walk goes on from where it stopped when a later row is asked for."""
+        key = (self.path, self.size, group, leaf)
+        with _LOCK:  # the lanes of a reader share its walks; a walk is extended under the lock (no duplicate pages)
+            if key not in _PAGES:
+                cmeta = self._column_meta(group, leaf)
+                start = _get(cmeta, 11) or _get(cmeta, 9)  # the dictionary page comes first, if there is one
+                _remember(_PAGES, key, ([], start, start + _get(cmeta, 7), 0), 4096)
+            return self._walk(key, until_row)
+
+    def _walk(self, key, until_row: int) -> List["Page"]:
+        pages, off, end, rows_seen = _PAGES[key]
+        while off < end and rows_seen < until_row:
+            header, hlen = self._header(off, end)
+            ptype, body = _get(header, 1), _get(header, 3)
+            rows, encoding = 0, None
+            if ptype == DATA_PAGE:
+                rows, encoding = _get(_get(header, 5), 1), _get(_get(header, 5), 2)
+            elif ptype == DATA_PAGE_V2:
+                rows, encoding = _get(_get(header, 8), 3), _get(_get(header, 8), 4)
+            pages.append(Page(off, hlen + body, ptype, rows, hlen, _get(header, 2), encoding))
+            off += hlen + body
+            rows_seen += rows
+        _PAGES[key] = (pages, off, end, rows_seen)
+        return pages
 
     def _header(self, off: int, end: int):
         r = Reader(b"", off, fetch=lambda pos: self.storage.read(self.path, pos, min(end, pos + HEADER_WINDOW)), skip_binary=True)
@@ -285,7 +308,7 @@ class ParquetHandle:
         """Rows [r0, r1) of the row group's column, from the data pages that hold them (a pyarrow Table)."""
         import pyarrow.parquet as pq
 
-        pages = self.page_table(group, leaf)
+        pages = self.page_table(group, leaf, r1)
         first, chosen, row = None, [], 0
         for p in pages:
             if p.type in (DATA_PAGE, DATA_PAGE_V2):
