@@ -177,3 +177,21 @@ def test_a_state_of_the_stride_design_is_refused_with_what_to_do(tmp_path, tok):
     old = {**loader.state_dict(), "version": 1}
     with pytest.raises(DataConfigError, match="version 1.*resume_stream=restart"):
         loader.load_state_dict(old)
+
+
+def test_training_refuses_a_changed_source_with_exit_2_and_restart_continues_the_model(tmp_path):
+    from conftest import FAST, run_train
+
+    run_dir = str(tmp_path / "run")
+    base = [*FAST, f"run_dir={run_dir}", "train.max_steps=4", "checkpoint.every_steps=2"]
+    run_train([*base, "train.stop_at_step=2"])
+    changed = [*base, "data.sources.pydoc_text.shuffle=false"]
+    proc = run_train(changed, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "sources.pydoc_text.shuffle=" in err[0] and "resume_stream=restart" in err[0], err
+    proc = run_train([*changed, "data.resume_stream=restart"])
+    assert "resumed from" in proc.stdout + proc.stderr and "step 2" in proc.stdout + proc.stderr
+    assert "data.resume_stream=restart" in proc.stderr
+    extra = __import__("torch").load(os.path.join(run_dir, "checkpoints", "step_00000004", "extra_state.pt"), weights_only=False)
+    assert extra["trainer"]["step"] == 4 and extra["loader"]["rows"] == 2 * 4  # the new stream: 2 steps of 4 rows

@@ -61,7 +61,7 @@ _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_te
 # bytes per ranged read of a JSON-lines share: big enough that a request's latency is amortised, small enough
 # that a share's last read overshoots little; past the share's end, reads are short (only the last line remains)
 READ_BLOCK = 1 << 20
-TAIL_BLOCK = 1 << 14
+TAIL_BLOCK = 1 << 12
 # a cut between shares moves to a file / row-group boundary within this fraction of a share
 SNAP = 1 / 8
 
@@ -260,11 +260,6 @@ def _files_digest(files: Sequence[Tuple[str, int]]) -> str:
     return f"{len(files)} files, {total} bytes, sha256 {h.hexdigest()[:16]}"
 
 
-def _expand(name: str, path: Optional[str], kind: str) -> List[str]:
-    """Local files of a path, folder or glob (kept for callers that want paths only)."""
-    return [p for p, _ in _expand_sized(name, path, kind)]
-
-
 _EXTS = {"jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson"), "parquet": (".parquet",), "text": None,
          "hf": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".parquet")}
 
@@ -320,7 +315,7 @@ def _expand_url(name, url, kind, exts) -> List[Tuple[str, int]]:
         size = entries[key].get("size")
         if size is None:
             raise DataConfigError(f"source {name!r}: {fs.unstrip_protocol(key)} has no known size (the server sends no Content-Length)")
-        out.append((fs.unstrip_protocol(key) if key != p or not url.startswith(("http://", "https://")) else url, int(size)))
+        out.append((fs.unstrip_protocol(key), int(size)))
     return out
 
 
@@ -352,12 +347,12 @@ def _parquet_groups(name: str, path: str, size: int, storage: Storage, column: O
     except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError for a file that is not parquet
         raise DataConfigError(f"source {name!r}: {path} is not a readable parquet file: {str(exc).splitlines()[0]}") from None
     names = meta.schema.to_arrow_schema().names
+    leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
     idx = None
     if column is not None:
         if column not in names:
             raise DataConfigError(f"source {name!r}: {path} has no column {column!r} (columns: {names}); set text_field")
-        idx = [meta.schema.column(i).path for i in range(meta.num_columns)].index(column) if column in \
-            [meta.schema.column(i).path for i in range(meta.num_columns)] else None
+        idx = leaves.index(column) if column in leaves else None  # a nested column: weigh the whole row group
     groups = []
     for g in range(meta.num_row_groups):
         rg = meta.row_group(g)
