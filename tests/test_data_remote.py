@@ -151,25 +151,40 @@ def test_a_failure_on_one_rank_stops_every_rank_at_the_same_micro_batch(corpus, 
     assert "source 'flaky'" in got[0]["error"] and "code.jsonl" in got[0]["error"]
 
 
-def test_a_permanent_failure_mid_run_checkpoints_the_last_step_and_exits_4(corpus, tmp_path):
-    # lanes 0-3 open in step 1 (11 ranged GETs: each reads its share and the tail of its last line), lanes 4-7 in step 2
-    plan = FaultPlan(fail_after=12, permanent_status=403)
-    server, url = serve(str(corpus), plan)
+def test_a_permanent_failure_mid_run_checkpoints_the_last_step_and_exits_4(corpus, tmp_path, tok):
+    from lemur_torch.config import load_config
+
     run_dir = tmp_path / "run"
+
+    def overrides(url):
+        return [*FAST, f"run_dir={run_dir}", "train.max_steps=50", "~data.sources.pydoc_text", "data.sources.stdlib_code.kind=jsonl",
+                f"data.sources.stdlib_code.path='{url}/code.jsonl'", "data.lanes=8", "data.read_chars=3000",
+                "data.io_retries=2", "data.io_backoff_s=0.01", "data.prefetch_threads=0"]
+
+    # how many ranged GETs the first step takes (lanes 0-3 open then; lanes 4-7 in step 2): the server refuses
+    # every GET after those
+    plan = FaultPlan()
+    server, url = serve(str(corpus), plan)
     try:
-        cmd = [sys.executable, "-m", "lemur_torch.train", *FAST, f"run_dir={run_dir}", "train.max_steps=50",
-               "~data.sources.pydoc_text", "data.sources.stdlib_code.kind=jsonl", f"data.sources.stdlib_code.path='{url}/code.jsonl'",
-               "data.lanes=8", "data.read_chars=3000", "data.io_retries=2", "data.io_backoff_s=0.01", "data.prefetch_threads=0"]
+        cfg = load_config(overrides(url))
+        loader = build_loader(cfg.data, tok, cfg.train.seq_len, cfg.train.micro_batch_size, 0, 1, cfg.train.seed)
+        it = iter(loader)
+        next(it), next(it)  # step 1: two micro-batches
+        first_step_gets = plan.gets
+    finally:
+        server.shutdown()
+    plan = FaultPlan(fail_after=first_step_gets, permanent_status=403)
+    server, url = serve(str(corpus), plan)
+    try:
+        cmd = [sys.executable, "-m", "lemur_torch.train", *overrides(url)]
         proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     finally:
         server.shutdown()
     assert proc.returncode == 4, proc.stderr[-3000:]
-
     last = proc.stderr.strip().splitlines()[-1]
     assert "source 'stdlib_code'" in last and "code.jsonl" in last and "HTTP 403" in last, last
     ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
-    assert ckpts, proc.stderr[-3000:]
-    step = int(ckpts[-1].name.split("_")[1])
+    assert [c.name for c in ckpts] == ["step_00000001"], proc.stderr[-3000:]
     extra = torch.load(ckpts[-1] / "extra_state.pt", weights_only=False)
-    assert step >= 1 and extra["trainer"]["step"] == step
-    assert extra["loader"]["rows"] == step * 4  # 256 tokens a step: 2 micro-batches of 2 rows of 64
+    assert extra["trainer"]["step"] == 1
+    assert extra["loader"]["rows"] == 4  # the loader position of step 1 (2 micro-batches of 2 rows), not of step 2's start
