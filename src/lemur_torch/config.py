@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
@@ -134,6 +134,19 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    # validation during training (lemur_torch/validation.py): evaluate the held-out slices of the training sources
+    # (data.holdout, data.sources.<name>.holdout) and eval.sources every this many optimizer steps and after the
+    # last step; 0 = never
+    every_steps: int = 0
+    # validation batches per source, each of train.global_batch_tokens tokens (one optimizer step's tokens, forward
+    # only: about a third of a step's compute); a source with less held-out data is evaluated on what it has
+    batches: int = 4
+    # separate validation sources (the data.sources schema; weight unused), read whole in path order
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     run_name: str = "smoke"
     run_dir: str = "outputs/${run_name}"
@@ -144,6 +157,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 ConfigStore.instance().store(name="lemur_schema", node=Config)
@@ -232,6 +246,10 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError("checkpoint.export_dtype", "use float32, bfloat16 or float16")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last", "must be >= 1")
+    if cfg.eval.every_steps < 0:
+        raise ConfigError("eval.every_steps", f"must be >= 0 (0: no validation), got {cfg.eval.every_steps}")
+    if cfg.eval.batches < 1:
+        raise ConfigError("eval.batches", f"must be >= 1, got {cfg.eval.batches}")
 
 
 def data_parallel_size(cfg: DictConfig, world_size: int) -> int:

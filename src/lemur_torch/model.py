@@ -142,6 +142,12 @@ def flops_per_token(model_cfg: DictConfig, seq_len: int) -> float:
     return 6.0 * count_params(model_cfg) + 12.0 * model_cfg.num_hidden_layers * model_cfg.hidden_size * seq_len
 
 
+def forward_logits(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits of a batch of the batch contract: how the training step and validation call the model.
+    use_cache=False with no attention_mask: HF then masks attention per document from position_ids."""
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+
+
 def batch_label_tokens(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 

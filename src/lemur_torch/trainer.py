@@ -18,7 +18,7 @@ from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import grad_accum_steps
 from lemur_torch.data.storage import DataReadError
 from lemur_torch.metrics import MetricsLogger, mfu, peak_flops
-from lemur_torch.model import batch_label_tokens, flops_per_token, token_loss_sums
+from lemur_torch.model import batch_label_tokens, flops_per_token, forward_logits, token_loss_sums
 from lemur_torch.parallel.base import Backend
 
 
@@ -45,7 +45,7 @@ class StopSignal:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, backend: Backend, model, optimizer, scheduler, loader,
-                 checkpointer: Checkpointer, logger: MetricsLogger, stop: Optional[StopSignal] = None):
+                 checkpointer: Checkpointer, logger: MetricsLogger, stop: Optional[StopSignal] = None, validator=None):
         self.cfg, self.backend, self.model = cfg, backend, model
         self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
         self.checkpointer, self.logger = checkpointer, logger
@@ -58,6 +58,7 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.stop = stop or StopSignal().install()
+        self.validator = validator  # lemur_torch.validation.Validator, or None (eval.every_steps: 0)
         self.last_saved_step = -1
 
     # -- state -------------------------------------------------------------------------------------
@@ -113,6 +114,8 @@ class Trainer:
             self.step += 1
             self.tokens_seen += t.global_batch_tokens
             self.log_step(stats, time.perf_counter() - t0)
+            if self.validator is not None and self.validator.due(self.step) and not stats["stop"]:
+                self.logger.log_validation(self.validator.run(self.model, self.step))  # a preemption's grace is the checkpoint's
             if t.stop_at_step is not None and self.step >= t.stop_at_step and self.step < t.max_steps:
                 self.save()
                 self.logger.info(f"train.stop_at_step={t.stop_at_step} reached: checkpoint written, stopping")
@@ -139,7 +142,7 @@ class Trainer:
         dom_cnt = torch.zeros(n_dom, dtype=torch.float32, device=device)
         for i, mb in enumerate(micro):
             b.prepare_backward(self.model, i, len(micro))
-            logits = self.model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
+            logits = forward_logits(self.model, mb)
             s, ds, dc = token_loss_sums(logits, mb["labels"], mb["domain_ids"], n_dom, t.loss_chunk)
             (s / global_tokens).backward()
             loss_sum += s.detach()
