@@ -334,7 +334,10 @@ def test_nothing_to_evaluate_and_bad_fractions_fail_naming_the_setting(tok, tmp_
         build_validator(cfg, loader, HostBackend())
 
     cfg = load_config([*VAL, "++eval.sources={pydoc_text: {kind: builtin_text, domain: text}}"])
-    with pytest.raises(ConfigError, match="eval.sources.pydoc_text"):
+    with pytest.raises(ConfigError, match="eval.sources.pydoc_text.*name of a training source"):
+        build_validator(cfg, build_loader(cfg.data, tok, 64, 2, 0, 1, 0), HostBackend())
+    cfg = load_config([*VAL, "++eval.sources={code: {kind: builtin_text, domain: text}}"])
+    with pytest.raises(ConfigError, match="eval.sources.code.*named like the domain 'code'"):
         build_validator(cfg, build_loader(cfg.data, tok, 64, 2, 0, 1, 0), HostBackend())
 
 

@@ -42,7 +42,7 @@ from lemur_torch.data.sources import READ_BLOCK, TAIL_BLOCK, Bad, DataConfigErro
 from lemur_torch.model import IGNORE_INDEX, forward_logits, token_loss_sums
 
 _END = -1  # token id of the end marker a one-pass packer emits after its share (never a real token)
-BYTES_PER_TOKEN = 6  # generous for Llama's tokenizer on code and English (~3.5-4.5): sizes a lane's first read
+BYTES_PER_TOKEN = 4  # about Llama's tokenizer on English (code ~3.5): sizes the validation reads to a row's text
 
 
 def build_validator(cfg: DictConfig, loader, backend, info: Callable[[str], None] = print) -> Optional["Validator"]:
@@ -71,9 +71,9 @@ class Validator:
         lanes, ranks = loader.lanes, backend.dp_size
         self.requested = int(e.batches) * (int(t.global_batch_tokens) // self.seq_len)
         quotas = [_apportion(self.requested, src.lane_weights(lanes)) for src, _, _ in sources]
-        for src, quota in zip(self.sources, quotas):  # read about the text of a lane's rows at a time, not 1 MB
+        for src in self.sources:  # ranged reads of about a row's text, not training's 1 MB: read ~ what is evaluated
             if hasattr(src, "read_block"):
-                src.read_block = min(READ_BLOCK, max(TAIL_BLOCK, BYTES_PER_TOKEN * self.seq_len * max(quota)))
+                src.read_block = min(READ_BLOCK, max(TAIL_BLOCK, BYTES_PER_TOKEN * self.seq_len))
         capacity = [sum(q[v] for q in quotas for v in range(r, lanes, ranks)) for r in range(ranks)]
         self.micro_batches = -(-max(capacity) // self.micro)  # the same on every rank, without communication
         self.quotas = quotas
@@ -131,14 +131,15 @@ class Validator:
     def _check_names(self, cfg: DictConfig, loader) -> None:
         # val/loss/<name> is logged for sources and domains alike: one name must not mean two things
         train = {s.name for s in loader.sources}
-        for name in cfg.eval.get("sources") or {}:
-            if str(name) in train:
-                raise ConfigError(f"eval.sources.{name}", "has the name of a training source; rename it (metrics are "
-                                  "logged per source name)")
+        extra = {str(name) for name in cfg.eval.get("sources") or {}}
+        for name in sorted(extra & train):
+            raise ConfigError(f"eval.sources.{name}", "has the name of a training source; rename it (metrics are logged "
+                              "per source name)")
         for name in self.names:
-            if name in self.domains and [d for d in self.domain_of if d == name] != [self.domain_of[self.names.index(name)]]:
-                raise ConfigError(f"data.sources.{name}", f"a validation source named like the domain {name!r}, which has "
-                                  "other sources too: val/loss/{name} would mean two things; rename the source")
+            if name in self.domains and [n for n, d in zip(self.names, self.domain_of) if d == name] != [name]:
+                key = f"eval.sources.{name}" if name in extra else f"data.sources.{name}"
+                raise ConfigError(key, f"a validation source named like the domain {name!r}, which has "
+                                  f"other sources: val/loss/{name} would mean two things; rename the source")
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -212,7 +213,7 @@ def _lane_rows(loader, src: Source, lane: int, lanes: int, tokenize, bad: BadCou
     """Up to n rows [3, S] (input_ids, labels, position_ids) from one pass over `src`'s share of `lane`, made by
     the loader's packer, and the bytes read for them."""
     S = loader.seq_len
-    read_chars = min(loader.read_chars, max(1024, BYTES_PER_TOKEN * n * S))  # about the text of n rows
+    read_chars = min(loader.read_chars, max(1024, BYTES_PER_TOKEN * S))  # a row's text per read: little read-ahead
     cls = type(f"OnePass{loader.packer_cls.__name__}", (_OnePass, loader.packer_cls), {})
     packer = cls(src, lane, lanes, S, tokenize, bad, read_chars, None, Refiller(tokenize))
     rows = []
@@ -264,6 +265,6 @@ def _apportion(total: int, weights: Sequence[float]) -> List[int]:
 
 
 def _ppl(loss: Optional[float]) -> Optional[float]:
-    if loss is None:
-        return None
+    if loss is None or math.isnan(loss):
+        return loss
     return math.exp(loss) if loss < 700 else float("inf")
