@@ -32,26 +32,9 @@ from lemur_torch.tokenizer import load_tokenizer
 from lemur_torch.validation import Validator, _apportion, rank_rows
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from validation_helpers import HostBackend  # noqa: E402  (the tests' one-process stand-in for a backend)
 WORDS = [w for w in open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read().split() if w.isalpha()]
-
-
-class HostBackend:
-    device, rank = torch.device("cpu"), 0
-
-    def __init__(self, dp_rank=0, dp_size=1):
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-
-    def device_batches(self, batches):
-        yield from batches
-
-    def all_reduce_sum(self, t):
-        return t
-
-    def eval_step_done(self):
-        pass
-
-    def broadcast_object(self, obj):
-        return obj
 
 
 def corpus(path: str, mb: int) -> None:

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import random
-import sysconfig
 
 import numpy as np
 import pyarrow as pa
@@ -23,37 +22,12 @@ from lemur_torch.data import build_loader
 from lemur_torch.data.chat import ChatEncoder
 from lemur_torch.data.schema import SourceConfig
 from lemur_torch.data.sources import Bad, DataConfigError, build_source, builtin_code_files
-from lemur_torch.model import build_meta_model, init_weights, reset_rope_buffers
 from lemur_torch.tokenizer import build_tokenizer, load_tokenizer
 from lemur_torch.validation import Validator, _apportion, build_validator, rank_rows
+from validation_helpers import HostBackend, tiny_model
 
 WORDS = [w for w in open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read().split() if w.isalpha()]
 VAL = [*[o for o in FAST if not o.startswith("eval.")], "eval.every_steps=5"]
-
-
-class HostBackend:
-    """What Validator needs of a backend, in one process: simulated data-parallel rank `dp_rank` of `dp_size`.
-    all_reduce_sum keeps the local sums (the tests add the ranks' up themselves)."""
-
-    device = torch.device("cpu")
-    rank = 0
-
-    def __init__(self, dp_rank=0, dp_size=1):
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.reduced = None
-
-    def device_batches(self, batches):
-        yield from batches
-
-    def all_reduce_sum(self, t):
-        self.reduced = t.clone()
-        return t
-
-    def eval_step_done(self):
-        pass
-
-    def broadcast_object(self, obj):
-        return obj
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +42,6 @@ def src_cfg(**kw):
 def docs_read(src, epoch, lanes):
     """The documents one epoch of every lane of `src` reads, as (location, text) in lane order."""
     return [(loc, rec) for lane in range(lanes) for loc, rec, _ in src.records(epoch, lane, lanes)]
-
-
-def tiny_model(cfg):
-    model = build_meta_model(cfg.model)
-    model.to_empty(device="cpu")
-    reset_rope_buffers(model, torch.device("cpu"))
-    init_weights(model, cfg.train.seed, cfg.model.initializer_range)
-    return model
 
 
 # -- the built-in corpus --------------------------------------------------------------------------------------

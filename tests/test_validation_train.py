@@ -7,7 +7,7 @@ import math
 import pytest
 
 from conftest import FAST, losses, read_metrics, run_train
-from test_validation import HostBackend, tiny_model
+from validation_helpers import HostBackend, tiny_model
 
 STEPS = 10
 EVAL = [*FAST, f"train.max_steps={STEPS}", "eval.every_steps=5"]

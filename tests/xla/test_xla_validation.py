@@ -24,39 +24,18 @@ def run():
 
 
 def test_values_match_the_eager_computation(run):
-    import torch
-
     from lemur_torch.config import load_config
     from lemur_torch.data import build_loader
-    from lemur_torch.model import build_meta_model, init_weights, reset_rope_buffers
     from lemur_torch.tokenizer import load_tokenizer
     from lemur_torch.validation import Validator
-
-    class Host:  # one process, eager CPU tensors
-        device, rank, dp_rank, dp_size = torch.device("cpu"), 0, 0, 1
-
-        def device_batches(self, batches):
-            yield from batches
-
-        def all_reduce_sum(self, t):
-            return t
-
-        def eval_step_done(self):
-            pass
-
-        def broadcast_object(self, obj):
-            return obj
+    from validation_helpers import HostBackend, tiny_model
 
     _, val = run
     assert sorted(val) == [2, STEPS]
     cfg = load_config([o for o in RUN if not o.startswith("parallel")])
     t = cfg.train
     loader = build_loader(cfg.data, load_tokenizer(cfg.data.tokenizer), t.seq_len, t.micro_batch_size, 0, 1, t.seed)
-    model = build_meta_model(cfg.model)
-    model.to_empty(device="cpu")
-    reset_rope_buffers(model, torch.device("cpu"))
-    init_weights(model, t.seed, cfg.model.initializer_range)
-    ref = Validator(cfg, loader, Host(), info=lambda line: None).run(model, 2)
+    ref = Validator(cfg, loader, HostBackend(), info=lambda line: None).run(tiny_model(cfg), 2)
     for step in val:
         for key in ("val/loss", "val/loss/code", "val/loss/text", "val/tokens/stdlib_code", "val/tokens/pydoc_text"):
             assert math.isfinite(val[step][key]) and abs(val[step][key] - ref[key]) < 1e-4, (step, key, val[step][key], ref[key])
