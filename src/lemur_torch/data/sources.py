@@ -182,7 +182,10 @@ class Source:
     def describe(self, lanes: int) -> Tuple[str, float]:
         """One line for the start-up log, and the expected read amplification (bytes read / bytes of the data)."""
         n = self.num_records()
-        return f"source {self.name!r} ({self.kind}): {n} documents, {n / lanes:.1f} per lane, each read once", 1.0
+        line = f"source {self.name!r} ({self.kind}): {n} documents, {n / lanes:.1f} per lane, each read once"
+        if self.holdout:
+            line += f"; held out of training: {self.held_out_summary()}"
+        return line, 1.0
 
 
 class IndexedSource(Source):
