@@ -335,6 +335,49 @@ def test_a_short_held_out_slice_is_evaluated_whole_and_reported(tok, tmp_path):
     assert len(expected) > 40 * 10  # the whole file, through eval.sources
 
 
+def _gloo_rank_failing_to_read(rank, size, port, out):
+    import datetime
+    import pickle
+
+    import lemur_torch.validation as validation
+    from lemur_torch.data.storage import DataReadError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=size, timeout=datetime.timedelta(seconds=60))
+    try:
+        if rank == 1:  # rank 1's first lane cannot be read (a remote file gone for good)
+            def unreadable(*args, **kwargs):
+                raise DataReadError("source 'stdlib_code': s3://bucket/code.jsonl: HTTP 403 after 8 retries")
+
+            validation._lane_rows = unreadable
+        cfg = load_config(VAL)
+        loader = build_loader(cfg.data, load_tokenizer("builtin"), 64, 2, rank, size, cfg.train.seed)
+        try:
+            Validator(cfg, loader, HostBackend(rank, size), info=lambda line: None)
+            got = "built"
+        except DataConfigError as exc:
+            got = str(exc)
+        with open(os.path.join(out, f"{rank}.pkl"), "wb") as f:
+            pickle.dump(got, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_rank_that_cannot_read_its_validation_rows_stops_every_rank_with_its_error(tmp_path):
+    import pickle
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_gloo_rank_failing_to_read, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    got = [pickle.load(open(tmp_path / f"{r}.pkl", "rb")) for r in range(2)]
+    assert got[0] == got[1]  # the same error on every rank, none left waiting in a collective
+    assert "validation" in got[0] and "DataReadError" in got[0] and "s3://bucket/code.jsonl: HTTP 403" in got[0]
+
+
 def test_the_held_out_fraction_is_part_of_the_resume_identity(tok):
     cfg = load_config(VAL)
     a = build_loader(cfg.data, tok, 64, 2, 0, 1, 0)
@@ -376,6 +419,6 @@ def test_validation_reads_about_what_it_evaluates_at_many_lanes_and_ranks(tok, t
     counts = set()
     for r in (0, 1, 63, 64, 511):
         ld = build_loader(cfg.data, tok, 256, 4, r, 512, 0)
-        ld.sum_over_ranks = lambda values: [max(1, x) for x in values]  # stands in for the other 511 ranks' counts
+        ld.gather = lambda mine: [([1] * len(mine[0]), mine[1], None)]  # stands in for the other 511 ranks' counts
         counts.add(Validator(cfg, ld, HostBackend(r, 512), info=lambda line: None).micro_batches)
     assert counts == {1}

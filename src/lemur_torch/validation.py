@@ -38,7 +38,8 @@ from omegaconf import DictConfig
 
 from lemur_torch.config import ConfigError
 from lemur_torch.data.packing import BadCounter, Refiller
-from lemur_torch.data.sources import READ_BLOCK, TAIL_BLOCK, Bad, DataConfigError, Source, holdout_fraction, resolve_listing
+from lemur_torch.data.sources import (READ_BLOCK, TAIL_BLOCK, Bad, BadInputError, DataConfigError, DataReadError, Source,
+                                     holdout_fraction, resolve_listing)
 from lemur_torch.model import IGNORE_INDEX, forward_logits, token_loss_sums
 
 _END = -1  # token id of the end marker a one-pass packer emits after its share (never a real token)
@@ -77,17 +78,26 @@ class Validator:
         capacity = [sum(q[v] for q in quotas for v in range(r, lanes, ranks)) for r in range(ranks)]
         self.micro_batches = -(-max(capacity) // self.micro)  # the same on every rank, without communication
         self.quotas = quotas
-        rows, ids, built, read = rank_rows(loader, self.sources, quotas, backend.dp_rank, ranks)
+        n = len(sources)
+        try:
+            rows, ids, built, read = rank_rows(loader, self.sources, quotas, backend.dp_rank, ranks)
+            failure = None
+        except (DataReadError, BadInputError) as exc:  # told to every rank below, so that none waits for this one
+            rows, ids, built, read, failure = [], [], [0] * n, [0] * n, f"{type(exc).__name__}: {exc}"
+        gathered = loader.gather((built, read, failure))
+        failures = [f for _, _, f in gathered if f is not None]
+        if failures:
+            raise DataConfigError(f"validation: building the validation rows failed: {failures[0]}")
+        self.rows = [sum(g[0][s] for g in gathered) for s in range(n)]
+        self.read_bytes = [sum(g[1][s] for g in gathered) for s in range(n)]
         pad = np.stack([np.zeros(self.seq_len, np.int64), np.full(self.seq_len, IGNORE_INDEX, np.int64),
                         np.arange(self.seq_len, dtype=np.int64)])
-        n = len(sources)  # row source ids index the sources; padding rows get the extra id n (no labels)
+        # row source ids index the sources; padding rows get the extra id n (no labels)
         rows += [pad] * (self.micro_batches * self.micro - len(rows))
         ids += [n] * (len(rows) - len(ids))
         self.batches = [loader.collate(torch.from_numpy(np.stack(rows[i : i + self.micro])), ids[i : i + self.micro])
                         for i in range(0, len(rows), self.micro)]
 
-        totals = loader.sum_over_ranks(built + read)
-        self.rows, self.read_bytes = totals[:n], totals[n:]
         for (src, key, what), got in zip(sources, self.rows):
             if not got:
                 raise DataConfigError(f"validation: source {src.name!r} gives no validation rows from {what} ({key}): "

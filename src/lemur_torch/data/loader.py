@@ -300,13 +300,14 @@ class PackedMixtureLoader:
             "domain_ids": domain_ids[:, None].expand(rows.shape[0], rows.shape[2]).contiguous(),
         }
 
-    def sum_over_ranks(self, values: Sequence[int]) -> List[int]:
-        """Small host-side counts summed over the data-parallel ranks, on the loader's CPU group (no GPU sync);
-        every rank calls it at the same point."""
-        t = torch.tensor(list(values), dtype=torch.long)
-        if self._group is not None:
-            torch.distributed.all_reduce(t, group=self._group)
-        return t.tolist()
+    def gather(self, obj) -> list:
+        """A small picklable `obj` from every data-parallel rank, in rank order, over the loader's CPU group (no GPU
+        sync); every rank calls it at the same point. Without torch.distributed: [obj]."""
+        if self._group is None:
+            return [obj]
+        out: List[object] = [None] * self.dp_size
+        torch.distributed.all_gather_object(out, obj, group=self._group)
+        return out
 
     def _exchange(self, items: list) -> None:
         """Share the lanes' new positions with every rank (and a reader's failure, if any)."""
