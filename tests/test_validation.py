@@ -329,8 +329,13 @@ def test_a_short_held_out_slice_is_evaluated_whole_and_reported(tok, tmp_path):
         for b in v.batches:
             for r in range(b["input_ids"].shape[0]):
                 if int(b["domain_ids"][r, 0]) == s:
-                    ids, labels = b["input_ids"][r], b["labels"][r]
-                    got += ids[~((ids == 0) & (labels == -100))].tolist()
+                    ids, labels, pos = b["input_ids"][r], b["labels"][r], b["position_ids"][r]
+                    real = ~((ids == 0) & (labels == -100))
+                    got += ids[real].tolist()
+                    # the training rows' rules: no loss on a document's BOS, positions restart there
+                    bos = (ids == tok.bos_token_id) & real
+                    assert (labels[real & ~bos] == ids[real & ~bos]).all() and (labels[bos] == -100).all()
+                    assert (pos[bos] == 0).all() and ((pos[1:] == pos[:-1] + 1) | (pos[1:] == 0))[real[1:]].all()
         assert got == expected
     assert len(expected) > 40 * 10  # the whole file, through eval.sources
 

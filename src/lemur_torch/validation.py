@@ -12,7 +12,8 @@ progress or a resume - and is built once, at start:
   `data.lanes` lanes of its held-out slice (cut as the training shares are, in natural order) in proportion to
   the data each lane holds. Lane v packs its rows from the start of its share and stops: reading stops there
   (bytes read ~ what is evaluated), and a lane that runs out pads its last row (no loss on the padding) and
-  gives what it has, so a short slice is evaluated as it is and the start-up log says so;
+  gives what it has, so a short slice is evaluated as it is and the start-up log says so. (With few rows per
+  lane the rows lean towards the beginnings of documents; they are the same rows at every evaluation.)
 - data-parallel rank r builds lanes v = r (mod ranks) of every source, so every lane is read by one rank.
 Every rank runs the same number of forward micro-batches (micro_batch_size rows; ranks with fewer rows pad
 with rows that carry no loss), and the per-source sums of token losses and label-token counts are all-reduced
