@@ -1,15 +1,18 @@
 """Entry point (`lemur-train [overrides]`): compose the config, build the parts, run Trainer.fit().
 
 Works the same under a plain `python`, `torchrun`, `accelerate launch` and Slurm's `srun`: rank and world
-size come from the environment. Exit status: 0 done, 2 config error, 3 aborted on non-finite steps, `train.preempt_exit_code` after a
-preemption signal was honoured with a checkpoint (the job script requeues on it).
+size come from the environment. Exit status: 0 done, 2 a bad input (one line on stderr naming the key: see
+`main`), 3 aborted on non-finite steps, `train.preempt_exit_code` after a preemption signal was honoured with
+a checkpoint (the job script requeues on it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import time
 from typing import List, Optional
 
 import torch
@@ -25,7 +28,7 @@ def build_and_fit(cfg: DictConfig) -> int:
     from lemur_torch.metrics import MetricsLogger
     from lemur_torch.optim import build_optimizer, build_scheduler
     from lemur_torch.parallel import build_backend
-    from lemur_torch.tokenizer import build_tokenizer
+    from lemur_torch.tokenizer import build_tokenizer, check_vocab_size
     from lemur_torch.trainer import StopSignal, Trainer
 
     stop = StopSignal().install()  # first: a preemption warning may come while a 70B model loads
@@ -33,9 +36,8 @@ def build_and_fit(cfg: DictConfig) -> int:
     backend = build_backend(cfg)
     logger = MetricsLogger(cfg, enabled=backend.is_main)
     try:
-        tokenizer = build_tokenizer(cfg.data)
-        if len(tokenizer) > cfg.model.vocab_size:
-            raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+        tokenizer = build_tokenizer(cfg.data)  # a hub tokenizer is first fetched here
+        check_vocab_size(tokenizer, cfg.model.vocab_size)
         loader = build_loader(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.micro_batch_size,
                               backend.dp_rank, backend.dp_size, cfg.train.seed)
         model = backend.setup_model(cfg)
@@ -52,6 +54,33 @@ def build_and_fit(cfg: DictConfig) -> int:
         backend.shutdown()
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (torchrun, accelerate, srun via launch/); 0 alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+# how long a rank other than 0 waits, after finding a bad input, for the launcher to stop it (see input_error)
+FOLLOWER_WAIT_S = 30
+
+
+def input_error(exc: Exception) -> int:
+    """A bad input: one line on stderr, printed by rank 0 (every rank checks the same inputs), exit status 2.
+
+    The other ranks do not exit first: torchrun stops the whole group as soon as one process exits, which
+    could stop rank 0 before it has printed. They wait to be stopped instead; one that is still running after
+    FOLLOWER_WAIT_S found a problem rank 0 did not (a path missing on its node only) and reports it itself."""
+    text = " ".join(str(exc).split("\n"))
+    if not text.startswith("config error"):
+        text = f"data error: {text}"  # a DataConfigError without a key names its source
+    rank = launch_rank()
+    if rank != 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # StopSignal may be installed: let the launcher stop us
+        time.sleep(FOLLOWER_WAIT_S)
+        text = f"[rank {rank}] {text}"
+    print(text, file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
@@ -61,12 +90,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     show = "--cfg" in args
     args = [a for a in args if a != "--cfg"]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from lemur_torch.data.sources import DataConfigError
+
+    # The gate: everything checkable here is checked before the process group or any model exists
     try:
         cfg = load_config(args)
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
+        if not show:  # --cfg prints a config that names inputs of another machine (e.g. the 70B cluster's paths)
+            from lemur_torch.preflight import check_inputs
+
+            check_inputs(cfg)
+    except (ConfigError, DataConfigError) as exc:
+        return input_error(exc)
     if show:
         print(OmegaConf.to_yaml(cfg))
         return 0
@@ -77,9 +112,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteError as exc:
         print(f"aborted: {exc}", file=sys.stderr)
         return 3
-    except ConfigError as exc:  # found while building (e.g. tokenizer vs vocabulary, pretrained config)
-        print(str(exc), file=sys.stderr)
-        return 2
+    except (ConfigError, DataConfigError) as exc:  # found once the process group exists (hub files, data listing)
+        return input_error(exc)
 
 
 if __name__ == "__main__":
