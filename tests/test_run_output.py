@@ -35,6 +35,7 @@ def test_smoke_run_prints_summary_and_eta_and_exits_cleanly(tmp_path):
     assert re.search(r"stdlib_code\s+builtin_code .*90\.9% of rows.*records", block)
     assert re.search(r"pydoc_text\s+builtin_text .*9\.1% of rows.*79 records", block)
     assert "fresh start at step 0" in block and "attention    sdpa" in block
+    assert "tokenizer builtin of 32,000 tokens" in block
     steps = [line for line in lines if line.startswith("step ")]
     assert len(steps) == 3
     for line in steps:

@@ -27,7 +27,7 @@ def run_summary(cfg: DictConfig, backend, model, loader, grad_accum: int, step: 
         ("batch", f"{t.micro_batch_size} rows x {t.seq_len} tokens x {backend.dp_size} data-parallel x {grad_accum} "
                   f"micro-batch(es) = {t.global_batch_tokens:,} tokens/step; {t.max_steps:,} steps = "
                   f"{t.max_steps * t.global_batch_tokens:,} tokens"),
-        ("data", f"{cfg.data.name} ({cfg.data.get('format', 'pretrain')}, tokenizer {cfg.data.tokenizer}), "
+        ("data", f"{cfg.data.name} ({cfg.data.get('format', 'pretrain')}, tokenizer {cfg.data.tokenizer}{_tokens(loader)}), "
                  f"{getattr(loader, 'lanes', '?')} lanes, {getattr(loader, 'num_workers', '?')} worker(s) per rank"),
     ]
     rows += [("", line) for line in source_lines(loader)]
@@ -93,6 +93,11 @@ def attention_kernel(model, configured) -> str:
     used = getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
     used = str(used) if used is not None else str(configured)
     return used if used == str(configured) else f"{used} (model.attention={configured})"
+
+
+def _tokens(loader) -> str:
+    tokenizer = getattr(loader, "tokenizer", None)
+    return f" of {len(tokenizer):,} tokens" if tokenizer is not None else ""
 
 
 def _unwrap(model):
