@@ -184,6 +184,19 @@ def test_bad_input_as_a_process(overrides, key, tmp_path):
         assert "/nonexistent" in line and "repo" not in line.lower()
 
 
+def test_bad_record_with_strict_data_is_one_line_naming_file_and_line(tmp_path):
+    """Found after the gate, in a DataLoader worker: still one line (file:line), exit 2, no traceback."""
+    fixture = os.path.join(ROOT, "tests", "fixtures", "data", "bad_lines.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "lemur_torch.train", "~data.sources.stdlib_code", "~data.sources.pydoc_text",
+                           f"++data.sources={{bad: {{kind: jsonl, domain: code, path: {fixture}}}}}", "data.lanes=1",
+                           "data.strict=true", "data.num_workers=1", "train.seq_len=64", "train.global_batch_tokens=128",
+                           f"run_dir={tmp_path / 'run'}", "log.wandb_mode=disabled"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "bad_lines.jsonl:2: malformed JSON" in lines[0], proc.stderr[-3000:]
+
+
 def test_two_ranks_print_the_line_once(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lemur_torch.train",

@@ -70,12 +70,12 @@ def check_pretrained(cfg: DictConfig) -> None:
         cached = try_to_load_from_cache(name, "config.json")
         if not isinstance(cached, str):
             return  # downloaded by rank 0 once the process group exists, and checked then
-        path = os.path.dirname(cached)
+        path = os.path.dirname(cached)  # the weights may not be in the cache yet: the config is checked here
     elif not os.path.isdir(path):
         raise ConfigError("model.pretrained", f"folder {name} does not exist; give an HF model folder, a hub id, or null for random init")
     from lemur_torch.parallel.fsdp import check_pretrained_config
 
-    check_pretrained_config(path, cfg.model)
+    check_pretrained_config(path, cfg.model, weights=where == "local")
 
 
 def check_resume(cfg: DictConfig) -> None:

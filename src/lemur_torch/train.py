@@ -59,26 +59,36 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-# how long a rank other than 0 waits, after finding a bad input, for the launcher to stop it (see input_error)
+# how long a rank other than 0 waits, after hitting a problem every rank hits, for the launcher to stop it
 FOLLOWER_WAIT_S = 30
 
 
-def input_error(exc: Exception) -> int:
-    """A bad input: one line on stderr, printed by rank 0 (every rank checks the same inputs), exit status 2.
+def report(text: str, status: int) -> int:
+    """End the run with one line on stderr, printed by rank 0, and `status`.
 
-    The other ranks do not exit first: torchrun stops the whole group as soon as one process exits, which
-    could stop rank 0 before it has printed. They wait to be stopped instead; one that is still running after
-    FOLLOWER_WAIT_S found a problem rank 0 did not (a path missing on its node only) and reports it itself."""
-    text = " ".join(str(exc).split("\n"))
-    if not text.startswith("config error"):
-        text = f"data error: {text}"  # a DataConfigError without a key names its source
+    A problem every rank finds (a bad input: all ranks check the same; a non-finite abort: all ranks see the
+    same reduced loss) is printed once. The other ranks do not exit first: torchrun stops the whole group as
+    soon as one process exits, which could stop rank 0 before it has printed. They wait to be stopped instead;
+    one still running after FOLLOWER_WAIT_S found something rank 0 did not (a path missing on its node only, a
+    bad record in its share of the data) and prints it itself."""
     rank = launch_rank()
     if rank != 0:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # StopSignal may be installed: let the launcher stop us
         time.sleep(FOLLOWER_WAIT_S)
         text = f"[rank {rank}] {text}"
     print(text, file=sys.stderr, flush=True)
-    return 2
+    return status
+
+
+def input_error(exc: Exception) -> int:
+    """A bad input: one line naming the key (or the source, or the file and line), exit status 2."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "Original Traceback" in str(exc):  # re-raised from a DataLoader worker: its last line is the message
+        lines = [lines[-1].split(": ", 1)[-1]]
+    text = " ".join(lines)
+    if not text.startswith("config error"):
+        text = f"data error: {text}"  # a DataConfigError without a key names its source; a bad record its line
+    return report(text, 2)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -90,7 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     show = "--cfg" in args
     args = [a for a in args if a != "--cfg"]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from lemur_torch.data.sources import DataConfigError
+    from lemur_torch.data.sources import BadInputError, DataConfigError
 
     # The gate: everything checkable here is checked before the process group or any model exists
     try:
@@ -110,9 +120,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return build_and_fit(cfg)
     except NonFiniteError as exc:
-        print(f"aborted: {exc}", file=sys.stderr)
-        return 3
-    except (ConfigError, DataConfigError) as exc:  # found once the process group exists (hub files, data listing)
+        return report(f"aborted: {exc}", 3)
+    # found once the process group exists (hub files, data listing), or a bad record with data.strict=true
+    except (ConfigError, DataConfigError, BadInputError) as exc:
         return input_error(exc)
 
 

@@ -63,9 +63,10 @@ def resolve_pretrained(name: str, is_main: bool) -> str:
     return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
 
 
-def check_pretrained_config(path: str, model_cfg: DictConfig) -> int:
-    """Fail (ConfigError naming the key) unless `path` holds Llama weights whose architecture matches the model
-    group; return the checkpoint's vocabulary size (<= model.vocab_size). Also run by the gate (preflight.py)."""
+def check_pretrained_config(path: str, model_cfg: DictConfig, weights: bool = True) -> int:
+    """Fail (ConfigError naming the key) unless `path` holds Llama weights (with `weights`: the safetensors too)
+    whose architecture matches the model group; return the checkpoint's vocabulary size (<= model.vocab_size).
+    Also run by the gate (preflight.py)."""
     import glob
     import json
 
@@ -77,7 +78,7 @@ def check_pretrained_config(path: str, model_cfg: DictConfig) -> int:
     if hf.get("model_type") != "llama":
         raise ConfigError("model.pretrained", f"{path} holds a {hf.get('model_type')!r} model ({', '.join(hf.get('architectures') or [])}); "
                                               "lemur-torch trains LlamaForCausalLM")
-    if not glob.glob(os.path.join(path, "*.safetensors")):
+    if weights and not glob.glob(os.path.join(path, "*.safetensors")):
         raise ConfigError("model.pretrained", f"{path} has no *.safetensors weights (convert .bin weights with transformers' save_pretrained)")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "tie_word_embeddings"):
