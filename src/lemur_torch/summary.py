@@ -32,7 +32,8 @@ def run_summary(cfg: DictConfig, backend, model, loader, grad_accum: int, step: 
     ]
     rows += [("", line) for line in source_lines(loader)]
     c = cfg.checkpoint
-    rows.append(("checkpoints", f"{c.dir}, every {c.every_steps} steps, keep {c.keep_last}"
+    when = f"every {c.every_steps} steps" if c.every_steps else "at the end"
+    rows.append(("checkpoints", f"{c.dir}, {when}, keep {c.keep_last}"
                                 + (f"; HF export to {c.export_dir}" if c.export_at_end and c.export_dir else "")))
     if resumed_from:
         rows.append(("resume", f"from {resumed_from} at step {step:,} ({tokens_seen:,} tokens seen); "
