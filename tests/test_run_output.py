@@ -34,7 +34,8 @@ def test_smoke_run_prints_summary_and_eta_and_exits_cleanly(tmp_path):
     assert "2 rows x 256 tokens x 1 data-parallel x 1 micro-batch(es) = 512 tokens/step; 3 steps = 1,536 tokens" in block
     assert re.search(r"stdlib_code\s+builtin_code .*90\.9% of rows.*records", block)
     assert re.search(r"pydoc_text\s+builtin_text .*9\.1% of rows.*79 records", block)
-    assert "fresh start at step 0" in block and "attention    sdpa" in block
+    assert "fresh start at step 0" in block and "attention    sdpa" in block and "tiny: LlamaForCausalLM" in block
+    assert "fsdp on 1 process(es)" in block
     assert "tokenizer builtin of 32,000 tokens" in block
     steps = [line for line in lines if line.startswith("step ")]
     assert len(steps) == 3
@@ -92,6 +93,6 @@ def test_summary_of_a_resumed_run_names_the_checkpoint_and_sources():
     text = run_summary(cfg, backend, model, loader, grad_accum=1, step=250, tokens_seen=250 * 65536,
                        resumed_from="/ckpt/step_00000250")
     assert "6.74B parameters" in text  # Llama-2-7B: 6.738e9
-    assert "16 process(es) x fsdp on 16 NVIDIA H100 device(s); mesh dp_replicate=2 x dp_shard=8" in text
+    assert "fsdp on 16 process(es), 16 NVIDIA H100 device(s); mesh dp_replicate=2 x dp_shard=8" in text
     assert "1 rows x 4096 tokens x 16 data-parallel x 1 micro-batch(es) = 65,536 tokens/step" in text
     assert "from /ckpt/step_00000250 at step 250 (16,384,000 tokens seen); 750 steps to go" in text

@@ -18,10 +18,10 @@ def run_summary(cfg: DictConfig, backend, model, loader, grad_accum: int, step: 
                 resumed_from: Optional[str]) -> str:
     t, m = cfg.train, cfg.model
     rows: List[tuple] = [
-        ("model", f"{m.name}: {type(_unwrap(model)).__name__}, {_count(_num_params(model))} parameters "
+        ("model", f"{m.name}: {_class_name(model)}, {_count(_num_params(model))} parameters "
                   f"({m.num_hidden_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads / "
                   f"{m.num_key_value_heads} kv heads, vocab {m.vocab_size})" + (f", from {m.pretrained}" if m.pretrained else "")),
-        ("processes", f"{backend.world_size} process(es) x {backend.name} on {backend.num_devices} {backend.device_kind} "
+        ("processes", f"{backend.name} on {backend.world_size} process(es), {backend.num_devices} {backend.device_kind} "
                       f"device(s); mesh {describe_mesh(getattr(backend, 'mesh', None))}; data-parallel {backend.dp_size}"),
         ("attention", attention_kernel(model, m.attention)),
         ("batch", f"{t.micro_batch_size} rows x {t.seq_len} tokens x {backend.dp_size} data-parallel x {grad_accum} "
@@ -106,6 +106,12 @@ def _unwrap(model):
     while hasattr(model, "module") and not hasattr(model, "config"):
         model = model.module
     return model
+
+
+def _class_name(model) -> str:
+    # FSDP2 swaps the class for a generated subclass (FSDPLlamaForCausalLM): name the model's own class
+    cls = type(_unwrap(model))
+    return next((c.__name__ for c in cls.__mro__ if c.__module__.startswith("transformers")), cls.__name__)
 
 
 def _num_params(model) -> int:
