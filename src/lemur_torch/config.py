@@ -319,10 +319,6 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError("model.num_key_value_heads", f"{m.num_attention_heads} attention heads do not divide by {m.num_key_value_heads} kv heads")
     if (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError("model.num_attention_heads", f"head size {m.hidden_size // m.num_attention_heads} is odd; rotary embeddings need an even one")
-    from transformers.activations import ACT2FN
-
-    if m.hidden_act not in ACT2FN:
-        raise ConfigError("model.hidden_act", f"unknown activation {m.hidden_act!r}; Llama uses silu")
     if m.attention == Attention.flash_attention_2 and not flash_attention_available():
         raise ConfigError(
             "model.attention",
@@ -335,6 +331,10 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     peak = cfg.log.peak_flops
     if peak != "auto" and not _positive_number(peak):
         raise ConfigError("log.peak_flops", f"{peak!r} is neither auto nor a number; give the device's peak FLOP/s, e.g. 989e12 for an H100 SXM")
+    from transformers.activations import ACT2FN  # last: the first transformers import costs a second or two
+
+    if m.hidden_act not in ACT2FN:
+        raise ConfigError("model.hidden_act", f"unknown activation {m.hidden_act!r}; Llama uses silu")
 
 
 def _positive_number(text: str) -> bool:

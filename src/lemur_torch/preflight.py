@@ -3,7 +3,7 @@
 `lemur-train` composes the config (config.load_config), checks its values (config.validate), then calls
 `check_inputs`, which looks at what the config names, on this machine, without the network and without
 reading a corpus:
-- the data sources: kind, weight, fields, local paths and globs (data.check.check_data_config);
+- the data sources: kind, domain, fields, local paths and globs (data.check.check_data_config);
 - the tokenizer: `builtin`, a folder that holds one, or a hub id; when it is on this machine it is loaded
   (it is cached for the run) and its size checked against model.vocab_size;
 - model.pretrained: a folder (or a hub id already in the local cache) with a Llama config.json whose shapes
@@ -31,11 +31,12 @@ ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidd
 
 
 def check_inputs(cfg: DictConfig) -> None:
-    """Raise ConfigError (or a DataConfigError with a key) for the first input that cannot work."""
+    """Raise ConfigError (or a DataConfigError with a key) for the first input that cannot work; the cheap
+    checks first, loading the tokenizer last."""
     check_data_config(cfg.data)
-    check_tokenizer(cfg)
-    check_pretrained(cfg)
     check_resume(cfg)
+    check_pretrained(cfg)
+    check_tokenizer(cfg)
 
 
 def check_tokenizer(cfg: DictConfig) -> None:
