@@ -182,10 +182,8 @@ class Source:
     def describe(self, lanes: int) -> Tuple[str, float]:
         """One line for the start-up log, and the expected read amplification (bytes read / bytes of the data)."""
         n = self.num_records()
-        line = f"source {self.name!r} ({self.kind}): {n} documents, {n / lanes:.1f} per lane, each read once"
-        if self.holdout:
-            line += f"; held out of training: {self.held_out_summary()}"
-        return line, 1.0
+        held = f" ({len(self._held)} held out of training, chosen by a hash of their names)" if self._held else ""
+        return f"source {self.name!r} ({self.kind}): {len(self)} documents{held}, {n / lanes:.1f} per lane, each read once", 1.0
 
 
 class IndexedSource(Source):
