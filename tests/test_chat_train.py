@@ -37,7 +37,6 @@ def chat_overrides(data_file, run_dir):
         "train.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens=256", f"train.max_steps={STEPS}",
         "optim.lr=3e-3", "optim.warmup_steps=10", "optim.min_lr_ratio=0.3", "optim.weight_decay=0.0",
         "checkpoint.every_steps=0", "log.wandb_mode=disabled", "log.console=false", f"run_dir={run_dir}",
-        "eval.every_steps=0",  # the four conversations are all trained on: nothing is held out
     ]
 
 

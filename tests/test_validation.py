@@ -272,11 +272,15 @@ def test_chat_validation_rows_are_held_out_conversations_with_the_training_label
 
 # -- errors and short slices ----------------------------------------------------------------------------------
 
-def test_nothing_to_evaluate_and_bad_fractions_fail_naming_the_setting(tok, tmp_path):
+def test_nothing_to_evaluate_says_so_and_bad_fractions_fail_naming_the_setting(tok, tmp_path):
+    # sources of one's own under the smoke experiment's validation: no validation, and one line saying why
     cfg = load_config([*VAL, "data.sources.stdlib_code.holdout=0", "data.sources.pydoc_text.holdout=0"])
     loader = build_loader(cfg.data, tok, 64, 2, 0, 1, 0)
+    said = []
+    assert build_validator(cfg, loader, HostBackend(), info=said.append) is None
+    assert len(said) == 1 and "validation off: eval.every_steps=5" in said[0] and "data.holdout" in said[0]
     with pytest.raises(ConfigError, match="eval.every_steps.*nothing to evaluate"):
-        build_validator(cfg, loader, HostBackend())
+        Validator(cfg, loader, HostBackend())
     assert build_validator(OmegaConf.merge(cfg, {"eval": {"every_steps": 0}}), loader, HostBackend()) is None
 
     with pytest.raises(DataConfigError, match=r"data.holdout=1.0 must be a fraction"):

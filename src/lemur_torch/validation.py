@@ -48,9 +48,14 @@ BYTES_PER_TOKEN = 4  # about Llama's tokenizer on English (code ~3.5): sizes the
 
 
 def build_validator(cfg: DictConfig, loader, backend, info: Callable[[str], None] = print) -> Optional["Validator"]:
-    """The run's Validator, or None when `eval.every_steps` is 0. Collective: every rank calls it right after
-    building the loader."""
+    """The run's Validator, or None when `eval.every_steps` is 0 or there is nothing to evaluate (said in one line:
+    every run inherits the smoke experiment's validation, also one whose own sources hold nothing out).
+    Collective: every rank calls it right after building the loader."""
     if not cfg.eval.every_steps:
+        return None
+    if not any(src.holdout for src in loader.sources) and not cfg.eval.get("sources"):
+        info(f"validation off: eval.every_steps={cfg.eval.every_steps}, but no source holds data out and eval.sources is "
+             "empty; set data.holdout (or data.sources.<name>.holdout) or eval.sources to validate, or eval.every_steps=0")
         return None
     return Validator(cfg, loader, backend, info)
 
@@ -134,9 +139,8 @@ class Validator:
                 src = loader.build_source(str(name), scfg, listings.get(str(name)))
                 out.append((src.held_out(whole=True), f"eval.sources.{name}", "the whole source"))
         if not out:
-            raise ConfigError("eval.every_steps", f"{cfg.eval.every_steps}, but there is nothing to evaluate: no source holds "
-                              "data out (data.holdout, data.sources.<name>.holdout) and eval.sources is empty; set one of "
-                              "them, or eval.every_steps=0")
+            raise ConfigError("eval.every_steps", "there is nothing to evaluate: no source holds data out (data.holdout, "
+                              "data.sources.<name>.holdout) and eval.sources is empty")
         return out
 
     def _check_names(self, cfg: DictConfig, loader) -> None:
