@@ -61,9 +61,10 @@ def test_resume_gives_the_uninterrupted_values_and_validation_leaves_training_al
 
 
 def test_two_ranks_give_the_single_process_values(tok, tmp_path):
-    """lr 0 keeps the initial weights, so what differs is only how validation is spread over ranks: 2 FSDP ranks
-    log what one process computes (1e-5), and the same values at steps 1 and 2 (a pure function of the config)."""
-    overrides = [*EVAL, "optim.lr=0", "train.max_steps=2", "eval.every_steps=1"]
+    """An lr of 1e-30 (the gate wants lr > 0) moves no fp32 weight, so the initial weights stay and what differs is
+    only how validation is spread over ranks: 2 FSDP ranks log what one process computes (1e-5), and the same
+    values at steps 1 and 2 (a pure function of the config)."""
+    overrides = [*EVAL, "optim.lr=1e-30", "train.max_steps=2", "eval.every_steps=1"]
     run_dir = str(tmp_path / "two")
     run_train([*overrides, f"run_dir={run_dir}"], nproc=2)
     got = validation(run_dir)
