@@ -104,6 +104,11 @@ class TrainConfig:
     stop_at_step: Optional[int] = None
     # exit status after a preemption signal (SIGTERM/SIGUSR1) was honoured with a checkpoint
     preempt_exit_code: int = 124
+    # step watchdog (lemur_torch/watchdog.py): a process whose loop makes no progress for this long (one step
+    # with its data wait and its checkpoint's blocking part; the first step includes compilation) dumps every
+    # thread's stack and exits with hang_exit_code, so the job restarts; null = no watchdog
+    hang_timeout_s: Optional[float] = None
+    hang_exit_code: int = 125
 
 
 @dataclass
@@ -111,8 +116,17 @@ class CheckpointConfig:
     dir: str = "${run_dir}/checkpoints"
     every_steps: int = 100
     keep_last: int = 3
-    # auto: resume from the newest complete checkpoint in `dir`; none: start fresh; or a checkpoint path
+    # auto: resume from the newest complete checkpoint in `dir` (the last one committed); none: start fresh
+    # (a new lineage: older checkpoints in `dir` are kept, never pruned); or a checkpoint path
     resume: str = "auto"
+    # none: training waits for the write | async: staged to host memory, written in the background by DCP's
+    # async_save | async_pinned: staged into reused pinned buffers (CUDA) in the background, overlapping the next
+    # forward/backward | auto: async on CUDA, none elsewhere (a CPU run's state is small and its background
+    # write would compete with training for the same cores)
+    async_mode: str = "auto"
+    # rename: write into .tmp-step_X, rename into place (POSIX) | marker: write in place, meta.json last
+    # (object stores, gcsfuse: no atomic folder rename). A folder without meta.json is never a checkpoint.
+    commit: str = "rename"
     save_at_end: bool = True
     export_dir: Optional[str] = "${run_dir}/hf"
     export_at_end: bool = True
@@ -232,6 +246,12 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError("checkpoint.export_dtype", "use float32, bfloat16 or float16")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last", "must be >= 1")
+    if cfg.checkpoint.async_mode not in ("auto", "none", "async", "async_pinned"):
+        raise ConfigError("checkpoint.async_mode", "use auto, none, async or async_pinned")
+    if cfg.checkpoint.commit not in ("rename", "marker"):
+        raise ConfigError("checkpoint.commit", "use rename (POSIX file systems) or marker (object stores, gcsfuse)")
+    if t.hang_timeout_s is not None and t.hang_timeout_s <= 0:
+        raise ConfigError("train.hang_timeout_s", f"must be positive (or null for no watchdog), got {t.hang_timeout_s}")
 
 
 def data_parallel_size(cfg: DictConfig, world_size: int) -> int:

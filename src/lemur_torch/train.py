@@ -2,13 +2,15 @@
 
 Works the same under a plain `python`, `torchrun`, `accelerate launch` and Slurm's `srun`: rank and world
 size come from the environment. Exit status: 0 done, 2 config error, 3 aborted on non-finite steps, `train.preempt_exit_code` after a
-preemption signal was honoured with a checkpoint (the job script requeues on it).
+preemption signal was honoured with a checkpoint (the job script requeues on it), `train.hang_exit_code` when
+the step watchdog found the loop stuck (lemur_torch/watchdog.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 from typing import List, Optional
 
@@ -21,7 +23,7 @@ from lemur_torch.config import ConfigError, load_config, validate
 def build_and_fit(cfg: DictConfig) -> int:
     from lemur_torch.checkpoint import Checkpointer
     from lemur_torch.data import build_loader
-    from lemur_torch.export import export_model
+    from lemur_torch.export import check_export_target, export_model
     from lemur_torch.metrics import MetricsLogger
     from lemur_torch.optim import build_optimizer, build_scheduler
     from lemur_torch.parallel import build_backend
@@ -30,9 +32,12 @@ def build_and_fit(cfg: DictConfig) -> int:
 
     stop = StopSignal().install()  # first: a preemption warning may come while a 70B model loads
     torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)  # every RNG a checkpoint records starts from the run's seed
     backend = build_backend(cfg)
     logger = MetricsLogger(cfg, enabled=backend.is_main)
     try:
+        if cfg.checkpoint.export_at_end and cfg.checkpoint.export_dir:  # now, not after the training
+            check_export_target(cfg.checkpoint.export_dir, cfg.run_dir, cfg.checkpoint.dir)
         tokenizer = build_tokenizer(cfg.data)
         if len(tokenizer) > cfg.model.vocab_size:
             raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
@@ -41,10 +46,10 @@ def build_and_fit(cfg: DictConfig) -> int:
         model = backend.setup_model(cfg)
         optimizer = build_optimizer(model, cfg.optim, backend.device.type)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-        trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend), logger, stop)
+        trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend, logger.info), logger, stop)
         status = trainer.fit()
         if status == 0 and trainer.step >= cfg.train.max_steps and cfg.checkpoint.export_at_end and cfg.checkpoint.export_dir:
-            out = export_model(backend, model, cfg, tokenizer, cfg.checkpoint.export_dir)
+            out = export_model(backend, model, cfg, tokenizer, cfg.checkpoint.export_dir, source=f"{cfg.run_dir} at step {trainer.step}")
             logger.info(f"HF export written to {out}")
         return status
     finally:
