@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FAST
+from hub_util import fill_hf_cache, make_hub_folder
 from lemur_torch import commit
 from lemur_torch.checkpoint import META, STEP_DIR, Checkpointer, read_meta, scan_checkpoints
 from lemur_torch.config import ConfigError, load_config
@@ -243,30 +244,6 @@ def test_changed_optim_settings_apply_on_resume_and_are_reported():
 
 
 # -- model.pretrained from each node's HF cache --------------------------------------------------------------
-
-def make_hub_folder(path: Path) -> Path:
-    """A small real HF Llama folder (several shards + index), the 'hub' the caches are filled from."""
-    from transformers import LlamaForCausalLM
-
-    from lemur_torch.model import hf_llama_config
-
-    cfg = load_config(["model=tiny"])
-    torch.manual_seed(11)
-    LlamaForCausalLM(hf_llama_config(cfg.model)).save_pretrained(path, max_shard_size="3MB")
-    return path
-
-
-def fill_hf_cache(cache: Path, repo_id: str, hub_folder: Path) -> Path:
-    """The layout huggingface_hub's downloads leave in HF_HUB_CACHE (files copied instead of blob symlinks)."""
-    import shutil
-
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    commit_hash = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit_hash)
-    shutil.copytree(hub_folder, repo / "snapshots" / commit_hash)
-    return repo / "snapshots" / commit_hash
-
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
