@@ -4,8 +4,6 @@ the optimizer hyperparameters on resume, and resolving model.pretrained from a n
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +18,6 @@ from lemur_torch.config import ConfigError, load_config
 from lemur_torch.export import EXPORT_MARKER, check_export_target
 from lemur_torch.optim import apply_config_on_resume, build_optimizer, build_scheduler, lr_lambda
 from lemur_torch.parallel.base import Backend
-
-HERE = Path(__file__).resolve().parent
 
 
 # -- commit protocol -----------------------------------------------------------------------------------------
@@ -270,18 +266,50 @@ def test_pretrained_from_offline_cache_and_one_line_errors(hub, tmp_path, monkey
         assert what in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
+def _resolve_on_node(cache: str, hub: str, repo_id: str, queue) -> None:
+    """One process of a node (forked): resolve `repo_id` online with its node's HF cache, where the download is
+    a stand-in that takes a second, copies the hub folder into the cache as a download does, and counts itself."""
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from lemur_torch.parallel.fsdp import resolve_pretrained
+
+    real = huggingface_hub.snapshot_download
+
+    def download(repo, allow_patterns=None, local_files_only=False, **kwargs):
+        if local_files_only:
+            return real(repo, allow_patterns=allow_patterns, local_files_only=True, **kwargs)
+        with open(os.path.join(cache, "downloads.log"), "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)  # a download takes a while: the node's other processes must wait, not start their own
+        return str(fill_hf_cache(Path(cache), repo, Path(hub)))
+
+    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = cache, False
+    huggingface_hub.snapshot_download = download
+    try:
+        queue.put(resolve_pretrained(repo_id))
+    except Exception as exc:  # noqa: BLE001
+        queue.put(f"error: {exc!r}")
+
+
 def test_pretrained_is_fetched_once_per_node(hub, tmp_path):
     """4 processes on 2 "nodes" (one HF cache each), online: one download per node, the others wait on the lock."""
-    script = HERE / "scripts" / "resolve_once.py"
-    procs = []
-    for node in range(2):
-        for local in range(2):
-            env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / f"node{node}"), HF_HUB_OFFLINE="0")
-            procs.append(subprocess.Popen([sys.executable, str(script), str(hub), "lemur-test/tiny-llama"], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # the children inherit this process's imports: no torch import each
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_resolve_on_node, args=(str(tmp_path / f"node{n}"), str(hub), "lemur-test/tiny-llama", queue))
+             for n in (0, 0, 1, 1)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert not [r for r in results if r.startswith("error")], results
     for node in range(2):
         downloads = (tmp_path / f"node{node}" / "downloads.log").read_text().splitlines()
         assert len(downloads) == 1, f"node {node}: {len(downloads)} downloads"
-    assert len({o[0].strip() for o in outs[:2]}) == 1 and len({o[0].strip() for o in outs[2:]}) == 1
+        assert results.count(str(tmp_path / f"node{node}" / "models--lemur-test--tiny-llama" / "snapshots" /
+                                 "0123456789abcdef0123456789abcdef01234567")) == 2, results

@@ -3,8 +3,6 @@ the resume choice, the edges of a resume), asynchronous and synchronous saves gi
 resume on 3 ranks, which split the 32000-row vocabulary unevenly."""
 
 import glob
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -103,7 +101,6 @@ def test_async_and_sync_saves_give_the_same_checkpoint_and_resume(tmp_path):
     # async: step 2 is written in the background while steps 3 and 4 train
     run_train([*common, f"run_dir={tmp_path / 'async'}", "checkpoint.async_mode=async"], nproc=2)
     run_train([*common, f"run_dir={tmp_path / 'sync'}", "checkpoint.async_mode=none", "train.stop_at_step=2"], nproc=2)
-    ref = losses(str(tmp_path / "async"))
     a, s = (tmp_path / m / "checkpoints" / "step_00000002" for m in ("async", "sync"))
     flat_a, flat_s = _flat_checkpoint(a, tmp_path), _flat_checkpoint(s, tmp_path)
     assert len(flat_a["dcp"]["model"]) > 10 and flat_a["extra"]["trainer"]["step"] == 2
@@ -113,29 +110,26 @@ def test_async_and_sync_saves_give_the_same_checkpoint_and_resume(tmp_path):
     extra_a, extra_s = (dict(f["extra"], trainer={k: v for k, v in f["extra"]["trainer"].items() if k != "run_id"})
                         for f in (flat_a, flat_s))
     _assert_same(extra_a, extra_s, "extra_state")
-    # resumed from either, the losses are the uninterrupted (async) run's
-    run_train([*common, f"run_dir={tmp_path / 'from_async'}", f"checkpoint.resume={a}", "checkpoint.save_at_end=false"], nproc=2)
-    run_train([*common, f"run_dir={tmp_path / 'sync'}", "checkpoint.async_mode=async"], nproc=2)
-    for run in ("from_async", "sync"):
-        got = losses(str(tmp_path / run))
-        assert [got[s] for s in (3, 4)] == [ref[s] for s in (3, 4)], (run, got, ref)
+    # resumed from the asynchronous checkpoint (identical to the synchronous one, so from either), the losses
+    # are exactly those of the uninterrupted run, which went on while its checkpoint was written
+    run_train([*common, f"run_dir={tmp_path / 'resumed'}", f"checkpoint.resume={a}", "checkpoint.save_at_end=false"], nproc=2)
+    ref, got = losses(str(tmp_path / "async")), losses(str(tmp_path / "resumed"))
+    assert sorted(got) == [3, 4] and [got[s] for s in (3, 4)] == [ref[s] for s in (3, 4)], (got, ref)
 
 
 # -- resharding over 3 ranks ---------------------------------------------------------------------------------
 
 def test_resume_on_three_ranks_splitting_the_vocabulary_unevenly(tmp_path):
-    """32000 rows over 3 ranks: 10667 + 10667 + 10666. 2 ranks save, 3 resume and save, 1 resumes; every step
-    matches the uninterrupted 2-rank run."""
-    common = [*FAST, "train.micro_batch_size=1", "train.global_batch_tokens=384", "train.max_steps=6"]  # 6 rows
-    ref_dir, three, one = tmp_path / "ref", tmp_path / "three", tmp_path / "one"
-    run_train([*common, f"run_dir={ref_dir}", "checkpoint.every_steps=2", "checkpoint.keep_last=3"], nproc=2)
-    run_train([*common, f"run_dir={three}", f"checkpoint.resume={ref_dir / 'checkpoints' / 'step_00000002'}",
-               "train.stop_at_step=4"], nproc=3)
+    """32000 rows over 3 ranks: 10667 + 10667 + 10666. A 1-process checkpoint resumes on 3 ranks and matches the
+    uninterrupted run."""
+    common = [*FAST, "train.micro_batch_size=1", "train.global_batch_tokens=384", "train.max_steps=4"]  # 6 rows
+    ref_dir, three = tmp_path / "ref", tmp_path / "three"
+    run_train([*common, f"run_dir={ref_dir}", "checkpoint.every_steps=2", "checkpoint.keep_last=3"])
+    run_train([*common, f"run_dir={three}", f"checkpoint.resume={ref_dir / 'checkpoints' / 'step_00000002'}"], nproc=3)
     shards = glob.glob(str(three / "checkpoints" / "step_00000004" / "*.distcp"))
-    assert len(shards) == 3, shards
-    run_train([*common, f"run_dir={one}", f"checkpoint.resume={three / 'checkpoints' / 'step_00000004'}"], nproc=1)
-    ref, got = losses(str(ref_dir)), {**losses(str(three)), **losses(str(one))}
-    assert sorted(got) == [3, 4, 5, 6], sorted(got)
+    assert len(shards) == 3, shards  # and the resumed run saved on 3 ranks
+    ref, got = losses(str(ref_dir)), losses(str(three))
+    assert sorted(got) == [3, 4], sorted(got)
     diffs = {s: abs(got[s] - ref[s]) for s in got}
     assert max(diffs.values()) < 1e-5, diffs
-    print(f"2 -> 3 -> 1 ranks: max |loss diff| {max(diffs.values()):.2e} vs the uninterrupted 2-rank run")
+    print(f"1 -> 3 ranks: max |loss diff| {max(diffs.values()):.2e} vs the uninterrupted run")
