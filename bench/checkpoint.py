@@ -36,38 +36,21 @@ from lemur_torch.metrics import MetricsLogger
 from lemur_torch.optim import build_optimizer, build_scheduler
 from lemur_torch.parallel.fsdp import FsdpBackend
 from lemur_torch.trainer import Trainer
+from trainer_overhead import ListLoader  # bench/ is on sys.path: this script's folder
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODES = ("none", "async", "async_pinned")
 
 
-class RandomLoader:
+def random_batches(batch: int, seq: int, n: int = 8):
     """Fixed random token batches in the batch contract (the data pipeline is not what is measured here)."""
-
-    domain_names = ["code", "text"]
-
-    def __init__(self, batch: int, seq: int, n: int = 8):
-        g = torch.Generator().manual_seed(0)
-        self.batches = []
-        for _ in range(n):
-            ids = torch.randint(3, 32000, (batch, seq), generator=g)
-            self.batches.append({"input_ids": ids, "labels": ids.clone(), "domain_ids": torch.zeros_like(ids),
-                                 "position_ids": torch.arange(seq).expand(batch, seq).contiguous()})
-        self.pos = 0
-
-    def __iter__(self):
-        while True:
-            yield self.batches[self.pos % len(self.batches)]
-            self.pos += 1
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.pos = state["pos"]
-
-    def stats(self):
-        return {}
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 32000, (batch, seq), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone(), "domain_ids": torch.zeros_like(ids),
+                    "position_ids": torch.arange(seq).expand(batch, seq).contiguous()})
+    return out
 
 
 def timed_steps(trainer: Trainer, batches, n: int) -> float:
@@ -96,7 +79,7 @@ def main(argv=None) -> int:
     model = backend.setup_model(cfg)
     optimizer = build_optimizer(model, cfg.optim, "cpu")
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    loader = RandomLoader(cfg.train.micro_batch_size, cfg.train.seq_len)
+    loader = ListLoader(random_batches(cfg.train.micro_batch_size, cfg.train.seq_len), ["code", "text"])
     batches = iter(loader)
     logger = MetricsLogger(cfg, enabled=False)
     trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend), logger)
