@@ -49,7 +49,7 @@ def build_and_fit(cfg: DictConfig) -> int:
         trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend, logger.info), logger, stop)
         status = trainer.fit()
         if status == 0 and trainer.step >= cfg.train.max_steps and cfg.checkpoint.export_at_end and cfg.checkpoint.export_dir:
-            out = export_model(backend, model, cfg, tokenizer, cfg.checkpoint.export_dir, source=f"{cfg.run_dir} at step {trainer.step}")
+            out = export_model(backend, model, cfg, tokenizer, cfg.checkpoint.export_dir)
             logger.info(f"HF export written to {out}")
         return status
     finally:
