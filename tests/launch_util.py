@@ -110,7 +110,7 @@ def checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name.startswith("step_")) if d.exists() else []
 
 
-def workers(agent_pid: int) -> dict[int, int]:
+def worker_pids(agent_pid: int) -> dict[int, int]:
     """rank -> pid of the worker processes a torchrun agent started (its children)."""
     found = {}
     for entry in Path("/proc").iterdir():

@@ -17,7 +17,7 @@ import torch
 
 from launch_util import (MAX_STEPS, REPO, TRAIN_ARGS, assert_curves_match, checkpoints, finish, free_port,
                          kill_session, last_logged_step, losses, start, tail, train_env, two_process_reference,
-                         wait_for, workers)
+                         wait_for, worker_pids)
 from hub_util import fill_hf_cache, make_hub_folder
 
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
@@ -52,7 +52,7 @@ def test_sigkill_at_random_steps_and_during_saves_restarts_exactly(tmp_path):
             if where == "save":  # the next save's data is written, its commit not yet
                 wait_for(lambda: any((p / ".metadata").exists() for p in _staging(run_dir)), 120, "a save in progress", agent, log)
                 in_flight = _staging(run_dir)[0].name[len(".tmp-"):]
-            pids = workers(agent.pid)
+            pids = worker_pids(agent.pid)
             assert sorted(pids) == [0, 1], pids
             os.kill(pids[rank], signal.SIGKILL)
             rc = finish(agent, log, timeout=180)

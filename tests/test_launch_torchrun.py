@@ -9,7 +9,7 @@ import time
 
 from launch_util import (MAX_STEPS, REPO, TRAIN_ARGS, alive, assert_curves_match, checkpoints, finish, free_port,
                          kill_session, last_logged_step, losses, single_process_reference, start, tail,
-                         train_env, two_process_reference, wait_for, workers)
+                         train_env, two_process_reference, wait_for, worker_pids)
 
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 
@@ -45,7 +45,7 @@ def test_sigterm_to_one_rank_checkpoints_and_resumes_exactly(tmp_path):
     agent = start(args, log, env)  # torchrun.sh execs torchrun: this pid is the agent
     try:
         wait_for(lambda: last_logged_step(run_dir) >= 3, 240, "step 3", agent, log)
-        workers = workers(agent.pid)
+        workers = worker_pids(agent.pid)
         assert sorted(workers) == [0, 1], f"workers of agent {agent.pid}: {workers}"
         os.kill(workers[1], signal.SIGTERM)  # rank 1 only: rank 0 must learn of the stop from it
         # a second signal to every rank while the checkpoint is being written must not interrupt the save
