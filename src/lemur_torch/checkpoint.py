@@ -164,7 +164,12 @@ class Checkpointer:
     def choose_resume(self) -> ResumeChoice:
         """Rank 0 finishes or removes interrupted saves, picks the checkpoint to resume from (by
         `checkpoint.resume`) and the lineage; every rank gets rank 0's answer."""
-        answer = self._choose_on_main() if self.backend.is_main else None
+        answer = None
+        if self.backend.is_main:
+            try:
+                answer = self._choose_on_main()
+            except OSError as exc:  # every rank must hear of it, or the others wait in the broadcast
+                answer = {"error": f"cannot read or clean up {self.directory}: {exc}"}
         answer = self.backend.broadcast_object(answer)
         if "error" in answer:
             raise ConfigError("checkpoint.resume", answer["error"])
@@ -176,10 +181,7 @@ class Checkpointer:
 
     def _choose_on_main(self) -> Dict[str, Any]:
         resume = self.ccfg.resume
-        try:
-            commit.recover(self.directory, META, STEP_DIR, self.log)
-        except OSError as exc:
-            return {"error": f"cannot clean up {self.directory}: {exc}"}
+        commit.recover(self.directory, META, STEP_DIR, self.log)
         if resume == "none":
             path = None
         elif resume == "auto":
