@@ -78,6 +78,16 @@ class WandbMode(Choice):
     disabled = "disabled"
 
 
+# auto: async on CUDA, none elsewhere. Built with the functional API: OmegaConf looks members up by name, and
+# "async" is a Python keyword, so it cannot be written as a class attribute
+AsyncMode = Choice("AsyncMode", [(m, m) for m in ("auto", "none", "async", "async_pinned")])
+
+
+class CommitMode(Choice):
+    rename = "rename"  # POSIX: write into .tmp-<name>, rename into place
+    marker = "marker"  # object stores, gcsfuse: write in place, the completion marker last
+
+
 class ExportDtype(Choice):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -161,6 +171,11 @@ class TrainConfig:
     # exit status after a preemption signal (SIGTERM/SIGUSR1) was honoured with a checkpoint; 0, 2 and 3 mean
     # done, config error and non-finite abort
     preempt_exit_code: int = bounded(124, ge=1, le=255)
+    # step watchdog (lemur_torch/watchdog.py): a process whose loop makes no progress for this long (one step
+    # with its data wait and its checkpoint's blocking part; the first step includes compilation) dumps every
+    # thread's stack and exits with hang_exit_code, so the job restarts; null = no watchdog
+    hang_timeout_s: Optional[float] = bounded(None, gt=0, hint="null turns the watchdog off")
+    hang_exit_code: int = bounded(125, ge=1, le=255)
 
 
 @dataclass
@@ -169,8 +184,17 @@ class CheckpointConfig:
     # 0: only at the end (checkpoint.save_at_end) and on a stop signal
     every_steps: int = bounded(100, ge=0)
     keep_last: int = bounded(3, ge=1)
-    # auto: resume from the newest complete checkpoint in `dir`; none: start fresh; or a checkpoint path
+    # auto: resume from the newest complete checkpoint in `dir` (the last one committed); none: start fresh
+    # (a new lineage: older checkpoints in `dir` are kept, never pruned); or a checkpoint path
     resume: str = "auto"
+    # none: training waits for the write | async: staged to host memory, written in the background by DCP's
+    # async_save | async_pinned: staged into reused pinned buffers (CUDA) in the background, overlapping the next
+    # forward/backward | auto: async on CUDA, none elsewhere (a CPU run's state is small and its background
+    # write would compete with training for the same cores)
+    async_mode: AsyncMode = AsyncMode.auto
+    # rename: write into .tmp-step_X, rename into place (POSIX) | marker: write in place, meta.json last
+    # (object stores, gcsfuse: no atomic folder rename). A folder without meta.json is never a checkpoint.
+    commit: CommitMode = CommitMode.rename
     save_at_end: bool = True
     export_dir: Optional[str] = "${run_dir}/hf"
     export_at_end: bool = True

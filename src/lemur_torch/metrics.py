@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from collections import deque
 from typing import Any, Deque, Dict, Optional, Tuple
 
@@ -76,18 +75,16 @@ class MetricsLogger:
             from rich.console import Console
 
             self.console = Console(highlight=False, soft_wrap=True)
-        if cfg.log.wandb_mode != "disabled":
-            self._init_wandb(cfg)
 
-    def _init_wandb(self, cfg: DictConfig) -> None:
+    def start_run(self, run_id: str) -> None:
+        """Open the wandb run of this lineage (the run id lemur_torch.checkpoint carries from checkpoint to
+        checkpoint): a resumed run continues its wandb run, a fresh start in the same folder gets a new one."""
+        if not self.enabled or self.cfg.log.wandb_mode == "disabled" or self.wandb_run is not None:
+            return
         import wandb
 
-        id_file = os.path.join(cfg.run_dir, "wandb_run_id")
-        run_id = open(id_file).read().strip() if os.path.exists(id_file) else uuid.uuid4().hex[:12]
-        with open(id_file, "w") as f:
-            f.write(run_id)
+        cfg = self.cfg
         os.makedirs(cfg.log.wandb_dir, exist_ok=True)
-        # a resumed job continues the same wandb run
         self.wandb_run = wandb.init(
             project=cfg.log.wandb_project, name=cfg.run_name, id=run_id, resume="allow", mode=cfg.log.wandb_mode,
             dir=cfg.log.wandb_dir, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),

@@ -124,7 +124,7 @@ class XlaSpmdBackend(Backend):
         if init_weights and cfg.model.pretrained:
             from lemur_torch.parallel.fsdp import check_pretrained_config, resolve_pretrained
 
-            path = resolve_pretrained(cfg.model.pretrained, self.is_main)
+            path = resolve_pretrained(cfg.model.pretrained)
             check_pretrained_config(path, cfg.model)
             weights = HFWeights(path)
         self._materialise(model, cfg, init_weights, weights)
