@@ -12,7 +12,9 @@ Exit status: 0 done, 2 bad arguments or config (one line naming the key or path)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import gc
 import json
 import os
 import shutil
@@ -143,13 +145,13 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
             from lemur_torch.eval.humaneval import run_humaneval
 
             s = cfg.sandbox
-            sandbox = Sandbox(SandboxLimits(timeout_s=s.timeout_s, cpu_s=s.cpu_s, memory_mb=s.memory_mb,
-                                            file_size_mb=s.file_size_mb, open_files=s.open_files, processes=s.processes),
-                              workers=s.workers, site_packages=s.site_packages)
+            limits = SandboxLimits(**{f.name: s[f.name] for f in dataclasses.fields(SandboxLimits)})
+            sandbox = Sandbox(limits, workers=s.workers, site_packages=s.site_packages)
             model, tokenizer = load_model(export, device, dtype)
             metrics = run_humaneval(model, tokenizer, cfg.humaneval, sandbox, os.path.join(out_dir, HUMANEVAL),
                                     cfg.limit, cfg.seed)
-            del model
+            del model  # lm-eval loads its own copy next
+            gc.collect()
             summary["tasks"][HUMANEVAL] = metrics
             summary["rows"] += [{"task": HUMANEVAL, "metric": k, "value": v, "stderr": None, "n": metrics["problems"]}
                                 for k, v in metrics.items() if k.startswith("pass@")]
@@ -213,6 +215,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"lemur-eval: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # the sandbox could not run programs on this machine (it says why)
+        print(f"lemur-eval: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

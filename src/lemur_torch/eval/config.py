@@ -7,6 +7,8 @@ from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from lemur_torch.eval.sandbox import SandboxLimits
+
 
 @dataclass
 class ChatPromptConfig:
@@ -34,15 +36,9 @@ class HumanEvalConfig:
 
 
 @dataclass
-class SandboxConfig:
+class SandboxConfig(SandboxLimits):
     # parallel executions; 0 = one per CPU core
     workers: int = 0
-    timeout_s: float = 10.0
-    cpu_s: int = 3
-    memory_mb: int = 1024
-    file_size_mb: int = 16
-    open_files: int = 64
-    processes: int = 16
     # let programs import the evaluator's site-packages (numpy, ...); HumanEval needs the standard library only
     site_packages: bool = False
 

@@ -24,6 +24,8 @@ def run_harness(model_dir: str, tasks: List[str], cfg, out_dir: str, limit, devi
                 seed: int, log=print) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Evaluate `tasks`; writes out_dir/results.json and out_dir/samples_<task>.jsonl. Returns lm-eval's
     results (without the samples) and the summary rows."""
+    import torch
+
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     from lm_eval.utils import handle_non_serializable
 
@@ -37,6 +39,8 @@ def run_harness(model_dir: str, tasks: List[str], cfg, out_dir: str, limit, devi
     model_args: Dict[str, Any] = {"pretrained": model_dir, "dtype": dtype, "device": device, "batch_size": h.batch_size}
     if h.add_bos_token is not None:
         model_args["add_bos_token"] = h.add_bos_token
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        model_args["parallelize"] = True  # a model larger than one GPU: spread over all of them
     log(f"lm-eval: {', '.join(tasks)} with {model_args}, chat template {'on' if apply_chat else 'off'}")
     lm = HFLM(**model_args)
     results = lm_eval.simple_evaluate(

@@ -79,7 +79,7 @@ class Sandbox:
         if not sys.platform.startswith("linux"):
             raise RuntimeError("the sandbox needs Linux (namespaces, prlimits); run lemur-eval's execution on Linux")
         self.limits = limits or SandboxLimits()
-        self.workers = workers or len(os.sched_getaffinity(0))
+        self.workers = workers or min(64, len(os.sched_getaffinity(0)))
         if not 1 <= self.workers <= 64:
             raise ValueError(f"sandbox workers must be in 1..64, got {self.workers}")
         self.isolate = isolate
