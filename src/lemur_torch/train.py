@@ -1,8 +1,10 @@
 """Entry point (`lemur-train [overrides]`): compose the config, build the parts, run Trainer.fit().
 
 Works the same under a plain `python`, `torchrun`, `accelerate launch` and Slurm's `srun`: rank and world
-size come from the environment. Exit status: 0 done, 2 config error, 3 aborted on non-finite steps, `train.preempt_exit_code` after a
-preemption signal was honoured with a checkpoint (the job script requeues on it).
+size come from the environment. Exit status: 0 done, 2 config error (data config and resume refusals included), 3 aborted on
+non-finite steps, 4 a data source failed for good mid-run (the last completed step was checkpointed: fix the source and
+rerun to resume), `train.preempt_exit_code` after a preemption signal was honoured with a checkpoint (the job script
+requeues on it).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def build_and_fit(cfg: DictConfig) -> int:
             raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
         loader = build_loader(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.micro_batch_size,
                               backend.dp_rank, backend.dp_size, cfg.train.seed)
+        for line in loader.describe():
+            logger.info(line)
         model = backend.setup_model(cfg)
         optimizer = build_optimizer(model, cfg.optim, backend.device.type)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
@@ -70,6 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if show:
         print(OmegaConf.to_yaml(cfg))
         return 0
+    from lemur_torch.data.sources import DataConfigError
+    from lemur_torch.data.storage import DataReadError
     from lemur_torch.trainer import NonFiniteError
 
     try:
@@ -77,9 +83,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteError as exc:
         print(f"aborted: {exc}", file=sys.stderr)
         return 3
-    except ConfigError as exc:  # found while building (e.g. tokenizer vs vocabulary, pretrained config)
+    except (ConfigError, DataConfigError) as exc:  # found while building or resuming (tokenizer, data, checkpoint)
         print(str(exc), file=sys.stderr)
         return 2
+    except DataReadError as exc:
+        print(f"aborted on a data read error: {exc}; the last completed step is checkpointed: fix the source and rerun "
+              "to resume", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

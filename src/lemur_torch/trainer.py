@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import grad_accum_steps
+from lemur_torch.data.storage import DataReadError
 from lemur_torch.metrics import MetricsLogger, mfu, peak_flops
 from lemur_torch.model import batch_label_tokens, flops_per_token, token_loss_sums
 from lemur_torch.parallel.base import Backend
@@ -98,7 +99,14 @@ class Trainer:
         every = self.cfg.checkpoint.every_steps
         while self.step < t.max_steps:
             t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(self.grad_accum)]
+            mark = self.loader.mark()  # the data position of the last completed step
+            try:
+                micro = [next(batches) for _ in range(self.grad_accum)]
+            except DataReadError:  # raised on every rank at the same micro-batch (data/loader.py)
+                self.loader.rewind(mark)
+                if self.last_saved_step != self.step:
+                    self.save()
+                raise
             data_time = time.perf_counter() - t0
             stats = self.train_step(micro)
             stats["data_time_s"] = data_time

@@ -14,7 +14,8 @@ class SourceConfig:
     domain: str = "code"
     # relative weight in the token mixture
     weight: float = 1.0
-    # file path or glob for local kinds; dataset id for kind=hf
+    # jsonl/parquet/text: a file, folder or glob, local or an fsspec URL (s3://, gs://, hf://datasets/..., https://);
+    # hf: a hub dataset id, a local dataset folder, or json/parquet with data_files
     path: Optional[str] = None
     text_field: str = "text"
     # HF datasets only
@@ -23,8 +24,9 @@ class SourceConfig:
     # HF only: data_dir (e.g. data/python in bigcode/the-stack-dedup) and data_files (e.g. path=json + local files)
     data_dir: Optional[str] = None
     data_files: Optional[Any] = None
-    # permute the per-epoch order with (seed, source, epoch): documents for one-file-per-document kinds
-    # (builtin_*, text), files for jsonl/parquet; HF streams keep their own order
+    # per epoch, a seeded permutation (seed, source, epoch) of the documents for one-file-per-document kinds
+    # (builtin_*, text); of the files, and of which lane reads which share, for jsonl/parquet/hf (reads stay
+    # sequential inside a share). Part of the resume identity: changing it changes what positions mean
     shuffle: bool = True
     # data.format=chat only (kinds jsonl, hf, builtin_chat): messages (OpenAI role/content) | sharegpt
     # (conversations with from/value) | alpaca (instruction/input/output) | auto (by the fields each record has).
@@ -65,4 +67,12 @@ class DataConfig:
     prefetch_threads: int = 1
     # bad records logged in full per source and process; after that only counts (loader.stats())
     log_bad_records: int = 5
+    # resuming from a checkpoint: exact (continue the saved data stream; refused if the data, tokenizer or
+    # layout changed) | restart (load model and optimizer, start this config's data stream at its beginning)
+    resume_stream: str = "exact"
+    # reads of remote (and local) files: retries after a transient error (connection reset, timeout, HTTP
+    # 408/425/429/5xx), with exponential backoff from io_backoff_s (x0.5-1.5 jitter) up to io_max_backoff_s
+    io_retries: int = 8
+    io_backoff_s: float = 1.0
+    io_max_backoff_s: float = 60.0
     extra: Dict[str, Any] = field(default_factory=dict)
