@@ -64,7 +64,7 @@ def one_at_a_time(model, tok, prompts, args):
         ids = torch.tensor([encode_prompt(tok, prompt)])
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, stop_strings=CODEX_STOPS,
-                             tokenizer=tok, pad_token_id=tok.eos_token_id)
+                             tokenizer=tok, pad_token_id=tok.eos_token_id, use_cache=True)
         seconds += time.perf_counter() - t0
         new = out[0, ids.shape[1]:].tolist()
         tokens += len(new)

@@ -165,7 +165,7 @@ def test_batched_generation_matches_one_prompt_at_a_time(smoke_run):
     for prompt in prompts:
         ids = torch.tensor([encode_prompt(tok, prompt)])
         with torch.no_grad():
-            new = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+            new = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id, use_cache=True)[0, ids.shape[1]:]
         ref.append(tok.decode(ids[0].tolist() + new.tolist(), skip_special_tokens=True)[len(tok.decode(ids[0], skip_special_tokens=True)):])
     stops = ["\ndef", ref[0][4:8]]  # the second cuts prompt 0 short: its row must stop while others go on
     got = generate(model, tok, prompts, max_new_tokens=20, stop=stops, batch_size=5)

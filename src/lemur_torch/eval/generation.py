@@ -116,7 +116,7 @@ def generate(model, tokenizer, prompts: Sequence[str], n_samples: int = 1, max_n
         t0 = time.perf_counter()
         result = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                 max_new_tokens=max_new_tokens, stopping_criteria=StoppingCriteriaList([criteria]),
-                                eos_token_id=eos, pad_token_id=pad, **sampling)
+                                eos_token_id=eos, pad_token_id=pad, use_cache=True, **sampling)  # whatever the config says
         stats.seconds += time.perf_counter() - t0
         stats.batches += 1
         new = result[:, width:].tolist()
