@@ -102,7 +102,11 @@ def test_hostile_programs_are_contained_and_the_run_goes_on(tmp_path, monkeypatc
     # the fork bomb is only safe to run where the process limit binds: a uid of its own (root) or a user namespace
     assert prot["uid"] != 0 and (prot["uid"] != os.getuid() or prot["user_namespace"]), prot
     hostile = hostile_programs(secret, outside, server.getsockname()[1])
-    programs = list(hostile.values()) + ["assert sum(range(10)) == 45\n"]
+    # afterwards, an ordinary program; it also checks its surroundings: an empty folder of its own, nothing inherited
+    ordinary = ("import os\nassert os.listdir('.') == [] and os.getcwd() == os.environ['HOME'] == os.environ['TMPDIR']\n"
+                "assert set(os.environ) <= {'HOME', 'TMPDIR', 'PATH', 'LANG', 'LC_CTYPE', 'PYTHONHASHSEED', "
+                "'PYTHONDONTWRITEBYTECODE'}, sorted(os.environ)\nassert sum(range(10)) == 45\n")
+    programs = list(hostile.values()) + [ordinary]
     t0 = time.perf_counter()
     results = sandbox.run_all(programs)
     elapsed = time.perf_counter() - t0

@@ -2,7 +2,7 @@
 with a scrubbed environment, in a new session, its spec as JSON on stdin. Standard library only: it runs
 before (and, with -S, without) site-packages.
 
-Steps, each recorded in `sandbox.json` in the work folder (what the platform allowed):
+Steps, each recorded in the record file the evaluator passed (what the platform allowed):
 1. unshare new network, mount and PID namespaces (as root directly; otherwise inside a new user namespace
    when unprivileged user namespaces are allowed);
 2. fork: the child is PID 1 of the new PID namespace, so when it ends (or is killed) the kernel kills every
@@ -179,18 +179,15 @@ def _readable(path):
 
 
 def run_program(spec, record):
+    """In the child. Its stdout (fd 1) is the output file and `record_fd` the record file, both opened by the
+    evaluator outside the work folder (files opened before unshare do not keep the copied mounts busy)."""
     workdir = spec["workdir"]
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if record["mount_namespace"]:  # never outside our own mount namespace: that would seal the host
-        # before any file is opened for writing: a mount with open writers cannot be made read-only
         dropping = os.geteuid() == 0 and spec.get("uid") is not None
         seal_filesystem(workdir, record["pid_namespace"], sys.path if dropping else [], record)
-    out = os.open(os.path.join(workdir, "output.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(out)
     os.close(null)
     set_limits(spec["limits"])
     drop_privileges(spec.get("uid"), record)
@@ -200,9 +197,11 @@ def run_program(spec, record):
         raise PermissionError(f"the interpreter's folders {unreadable} are not readable by the sandbox's uid "
                               f"{os.getuid()} and no mount namespace could expose them: use a Python installed "
                               f"in a world-readable place, or allow namespaces")
-    with open(os.path.join(workdir, "sandbox.json"), "w") as f:
-        json.dump(record, f)
     os.chdir(workdir)
+    # the record is the evaluator's proof that the program runs inside a complete sandbox: written last
+    with os.fdopen(spec["record_fd"], "w") as f:
+        json.dump(record, f)
+    os.dup2(1, 2)  # from here on, the launcher's own log is no more: the program's errors go to its output
     sys.argv = ["program.py"]
     program = spec["program"]
     del spec

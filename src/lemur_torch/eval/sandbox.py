@@ -35,7 +35,7 @@ from queue import Queue
 from typing import Any, Dict, List, Optional, Sequence
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
-SETUP_FAILED, TIMED_OUT = 3, 124  # _sandbox_child's exit codes: could not set the sandbox up; wall clock
+TIMED_OUT = 124  # _sandbox_child's exit code when the wall clock killed the program
 _BACKSTOP_S = 5.0  # the evaluator kills the launcher itself this long after timeout_s
 # uids for sandboxed programs when the evaluator runs as root: unused by any system (above the 16-bit and
 # container sub-uid ranges), distinct per evaluator process, Sandbox object and worker slot
@@ -105,22 +105,29 @@ class Sandbox:
 
     def _run(self, program: str, uid: int) -> ExecutionResult:
         lim = self.limits
-        workdir = tempfile.mkdtemp(prefix="lemur-sandbox-", dir=self.tmp_root)
+        # base/ (the evaluator's; others may only pass through it): the output, the launcher's log and the
+        # record, files only the evaluator can read or write; base/work: the program's
+        base = tempfile.mkdtemp(prefix="lemur-sandbox-", dir=self.tmp_root)
+        os.chmod(base, 0o711)
+        workdir = os.path.join(base, "work")
+        os.mkdir(workdir, 0o700)
         root = os.geteuid() == 0
         if root:
             os.chown(workdir, uid, uid)
         success = 64 + secrets.randbelow(60)  # an exit code the program cannot produce by accident
-        spec = {"program": program, "workdir": workdir, "uid": uid if root else None, "success_code": success,
-                "isolate": self.isolate, "timeout_s": lim.timeout_s, "limits": {"cpu_s": lim.cpu_s, "memory_mb": lim.memory_mb,
-                "file_size_mb": lim.file_size_mb, "open_files": lim.open_files, "processes": lim.processes}}
         env = {"HOME": workdir, "TMPDIR": workdir, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
                "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
-        log_path = os.path.join(workdir, "launcher.log")
+        paths = {name: os.path.join(base, name) for name in ("output.txt", "launcher.log", "sandbox.json")}
         t0 = time.perf_counter()
         try:
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log,
-                                        cwd=workdir, env=env, start_new_session=True, close_fds=True)
+            with _private(paths["output.txt"]) as out, _private(paths["launcher.log"]) as log, \
+                    _private(paths["sandbox.json"]) as record:
+                spec = {"program": program, "workdir": workdir, "uid": uid if root else None, "success_code": success,
+                        "isolate": self.isolate, "timeout_s": lim.timeout_s, "record_fd": record.fileno(),
+                        "limits": {"cpu_s": lim.cpu_s, "memory_mb": lim.memory_mb, "file_size_mb": lim.file_size_mb,
+                                   "open_files": lim.open_files, "processes": lim.processes}}
+                proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=out, stderr=log, cwd=workdir, env=env,
+                                        start_new_session=True, close_fds=True, pass_fds=(record.fileno(),))
             try:
                 proc.stdin.write(json.dumps(spec).encode())
                 proc.stdin.close()
@@ -136,20 +143,24 @@ class Sandbox:
             duration = time.perf_counter() - t0
             # whatever is left of the group (without a PID namespace, children the program left behind)
             _kill_group(proc.pid)
-            output = _tail(os.path.join(workdir, "output.txt"), 4000)
-            launcher_log = _tail(log_path, 4000)
-            protections = _read_json(os.path.join(workdir, "sandbox.json"))
+            output = _tail(paths["output.txt"], 4000)
+            output_full = os.path.getsize(paths["output.txt"]) >= lim.file_size_mb * 1024 * 1024
+            launcher_log = _tail(paths["launcher.log"], 4000)
+            protections = _read_json(paths["sandbox.json"])
         finally:
-            _remove(workdir)
-        if code == SETUP_FAILED and not protections:
+            _remove(base)
+        if not protections:  # the program never started: a problem of this machine, not of the program
             why = (launcher_log + output).strip().splitlines()
-            raise RuntimeError(f"the sandbox could not start a program: {why[-1] if why else f'exit code {code}'}")
+            why = why[-1] if why else ("the set-up ran past sandbox.timeout_s" if timed_out else f"exit code {code}")
+            raise RuntimeError(f"the sandbox could not start a program: {why}")
         if code == success and not timed_out:
             result = "passed"
         elif timed_out:
             result = "timed out"
         elif code in (128 + signal.SIGXCPU, 128 + signal.SIGKILL, -signal.SIGXCPU, -signal.SIGKILL):
             result = "timed out"  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one
+        elif output_full:
+            result = f"failed: output beyond the {lim.file_size_mb} MB file-size limit"
         else:
             result = f"failed: {_last_error(output) or f'exit code {code}'}"
         return ExecutionResult(passed=result == "passed", result=result, exit_code=code, duration_s=duration,
@@ -175,6 +186,10 @@ class Sandbox:
         if self._protections is None:
             self._protections = self.run("pass").protections
         return dict(self._protections, limits=asdict(self.limits))
+
+
+def _private(path: str):
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
 
 def _kill_group(pgid: int) -> None:
