@@ -240,6 +240,8 @@ def test_errors_name_the_path_or_key(tmp_path, capsys):
     assert "humaneval.k" in capsys.readouterr().err
     assert cli.main([str(tmp_path), "sandbox.workers=100"]) == 2
     assert "sandbox.workers" in capsys.readouterr().err
+    assert cli.main([str(tmp_path), "humaneval.temperature=0", "humaneval.n_samples=5"]) == 2
+    assert "humaneval.n_samples" in capsys.readouterr().err
 
 
 def test_console_script_prints_the_config():

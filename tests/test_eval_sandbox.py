@@ -187,3 +187,20 @@ def test_pass_at_k_is_the_unbiased_estimator():
     for k in (1, 3):
         assert abs(got[f"pass@{k}"] - sum(closed_form(a, b, k) for a, b in zip(n, c)) / len(n)) < 1e-12
     assert "pass@10" not in pass_at_k(n, c, [10])  # undefined where some problem has fewer than k samples
+
+
+def test_a_launcher_that_hangs_is_killed_and_reported(tmp_path, monkeypatch):
+    """The evaluator's backstop: a launcher that never starts the program (here a fake interpreter that only
+    sleeps) is killed with its process group, and the evaluation stops with a message instead of a score."""
+    from lemur_torch.eval import sandbox as sandbox_module
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexec sleep 300\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox_module, "_BACKSTOP_S", 0.5)
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="could not start a program: the set-up ran past sandbox.timeout_s"):
+        Sandbox(SandboxLimits(timeout_s=1), workers=1, python=str(fake)).run("pass")
+    assert time.perf_counter() - t0 < 30
+    sleepers = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout.split()
+    assert sleepers == []

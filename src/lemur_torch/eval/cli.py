@@ -59,6 +59,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("humaneval.k", f"{bad_k}: each k must be in 1..humaneval.n_samples={h.n_samples}")
     if h.temperature < 0 or not 0 < h.top_p <= 1:
         raise ConfigError("humaneval.temperature", "temperature must be >= 0 (0 = greedy) and top_p in (0, 1]")
+    if h.temperature == 0 and h.n_samples > 1:
+        raise ConfigError("humaneval.n_samples", f"{h.n_samples} greedy samples (temperature 0) would all be the "
+                                                 f"same; sample with humaneval.temperature > 0 or use n_samples=1")
     for key in ("max_new_tokens", "batch_size"):
         if h[key] < 1:
             raise ConfigError(f"humaneval.{key}", f"must be >= 1, got {h[key]}")

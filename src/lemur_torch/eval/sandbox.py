@@ -133,16 +133,16 @@ class Sandbox:
                 proc.stdin.close()
             except BrokenPipeError:
                 pass
-            try:
-                # the launcher enforces timeout_s itself (it must reap the program); this is the backstop
-                code = proc.wait(timeout=lim.timeout_s + _BACKSTOP_S)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc.pid)
-                code = proc.wait()
-            timed_out = code == TIMED_OUT or time.perf_counter() - t0 >= lim.timeout_s + _BACKSTOP_S
+            # the launcher enforces timeout_s itself (it must reap the program); this timer is the backstop
+            backstop = threading.Timer(lim.timeout_s + _BACKSTOP_S, _kill_group, (proc.pid,))
+            backstop.start()
+            # exited but not reaped: its pid, hence its process group id, cannot be reused by another process
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+            backstop.cancel()
             duration = time.perf_counter() - t0
-            # whatever is left of the group (without a PID namespace, children the program left behind)
-            _kill_group(proc.pid)
+            _kill_group(proc.pid)  # what is left of the group (without a PID namespace: children left behind)
+            code = proc.wait()
+            timed_out = code == TIMED_OUT or duration >= lim.timeout_s + _BACKSTOP_S
             output = _tail(paths["output.txt"], 4000)
             output_full = os.path.getsize(paths["output.txt"]) >= lim.file_size_mb * 1024 * 1024
             launcher_log = _tail(paths["launcher.log"], 4000)
