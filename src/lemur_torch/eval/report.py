@@ -68,11 +68,15 @@ def build_figure(metrics: Sequence[Dict[str, Any]], title: str = ""):
     for name, a in ax.items():
         a.set_title(name)
         a.set_xlabel("step")
+        a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         a.grid(alpha=0.3)
 
     def plot(a, key, label, **kw):
         x, y = series(metrics, key)
         if x:
+            if len(x) <= 50:  # a short run, or a domain seen at few steps: points stay visible
+                kw.setdefault("marker", "o")
+                kw.setdefault("markersize", 2.5)
             a.plot(x, y, label=label, **kw)
         return bool(x)
 
