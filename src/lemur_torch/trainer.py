@@ -17,9 +17,10 @@ from omegaconf import DictConfig
 from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import grad_accum_steps
 from lemur_torch.data.storage import DataReadError
-from lemur_torch.metrics import MetricsLogger, mfu, peak_flops
+from lemur_torch.metrics import MetricsLogger, Progress, mfu, peak_flops
 from lemur_torch.model import batch_label_tokens, flops_per_token, token_loss_sums
 from lemur_torch.parallel.base import Backend
+from lemur_torch.summary import run_summary
 
 
 class NonFiniteError(RuntimeError):
@@ -59,6 +60,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.stop = stop or StopSignal().install()
         self.last_saved_step = -1
+        self.resumed_from: Optional[str] = None
 
     # -- state -------------------------------------------------------------------------------------
     def trainer_state(self) -> Dict[str, Any]:
@@ -68,6 +70,7 @@ class Trainer:
         path = self.checkpointer.resume_path()
         if path is None:
             return
+        self.resumed_from = path
         state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler, self.loader)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.last_saved_step = self.step
@@ -90,11 +93,10 @@ class Trainer:
             # signalled while building or resuming: nothing new to save since the last checkpoint
             self.logger.info("stop signal received before the first step: exiting for requeue")
             return t.preempt_exit_code
-        self.logger.info(
-            f"training {self.cfg.model.name} on {self.backend.world_size} process(es) [{self.backend.name}], "
-            f"{self.grad_accum} micro-batch(es) of {t.micro_batch_size}x{t.seq_len} per rank per step, "
-            f"{t.global_batch_tokens:,} tokens/step, steps {self.step}->{t.max_steps}"
-        )
+        if self.logger.enabled:
+            self.logger.info(run_summary(self.cfg, self.backend, self.model, self.loader, self.grad_accum, self.step,
+                                         self.tokens_seen, self.resumed_from))
+        self.progress = Progress(t.max_steps, self.step)
         batches = self.backend.device_batches(iter(self.loader))
         every = self.cfg.checkpoint.every_steps
         while self.step < t.max_steps:
@@ -192,4 +194,5 @@ class Trainer:
         metrics.update({f"loss/{d}": v for d, v in stats["domain_loss"].items()})
         metrics.update({f"data/{k}": v for k, v in self.loader.stats().items()})
         metrics.update(self.backend.memory_stats())
+        metrics.update(self.progress.update(self.step))
         self.logger.log_step(metrics)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import sys
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -136,6 +137,7 @@ class _RowStream(IterableDataset):
         stride = self.dp_size * self.num_workers
         lanes: Dict[int, _Lane] = {}
         g = self.start + self.dp_rank + self.dp_size * worker
+        finalizing = sys.is_finalizing  # held by the frame: module globals are gone when it runs at exit
         try:
             while True:
                 lane_id, m = g % self.lanes, g // self.lanes
@@ -153,7 +155,10 @@ class _RowStream(IterableDataset):
                 yield row, self.domain_of[s], lane_id, lane.state()
                 g += stride
         finally:
-            if self.pool is not None:
+            # An iterator still referenced at interpreter exit is finalized after concurrent.futures has stopped
+            # and joined its workers (threading's atexit hook); shutdown() would then only trip over torn-down
+            # module globals (AttributeError: 'NoneType' object has no attribute 'Empty'), with nothing to stop
+            if self.pool is not None and not finalizing():
                 self.pool.shutdown(wait=False, cancel_futures=True)
 
 
