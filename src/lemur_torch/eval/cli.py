@@ -49,33 +49,20 @@ def default_out_dir(model: str) -> str:
 
 
 def validate(cfg: DictConfig) -> None:
-    h, s = cfg.humaneval, cfg.sandbox
+    """Every bound on the schema's fields, then the combinations; ConfigError naming the key."""
+    from lemur_torch.eval.config import EvalConfig
+    from lemur_torch.fields import check_bounds
+
+    check_bounds(cfg, EvalConfig, "", ConfigError)
+    h = cfg.humaneval
     if not cfg.tasks:
         raise ConfigError("tasks", "no task given; e.g. --tasks humaneval")
-    if h.n_samples < 1:
-        raise ConfigError("humaneval.n_samples", f"must be >= 1, got {h.n_samples}")
     bad_k = [k for k in h.k if k < 1 or k > h.n_samples]
     if bad_k:
         raise ConfigError("humaneval.k", f"{bad_k}: each k must be in 1..humaneval.n_samples={h.n_samples}")
-    if h.temperature < 0 or not 0 < h.top_p <= 1:
-        raise ConfigError("humaneval.temperature", "temperature must be >= 0 (0 = greedy) and top_p in (0, 1]")
     if h.temperature == 0 and h.n_samples > 1:
         raise ConfigError("humaneval.n_samples", f"{h.n_samples} greedy samples (temperature 0) would all be the "
                                                  f"same; sample with humaneval.temperature > 0 or use n_samples=1")
-    for key in ("max_new_tokens", "batch_size"):
-        if h[key] < 1:
-            raise ConfigError(f"humaneval.{key}", f"must be >= 1, got {h[key]}")
-    for key in ("timeout_s", "cpu_s", "memory_mb", "file_size_mb", "open_files", "processes"):
-        if s[key] <= 0:
-            raise ConfigError(f"sandbox.{key}", f"must be positive, got {s[key]}")
-    if not 0 <= s.workers <= 64:
-        raise ConfigError("sandbox.workers", f"must be in 0..64 (0 = one per core), got {s.workers}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError("dtype", "use auto, float32, bfloat16 or float16")
-    if str(cfg.harness.apply_chat_template) not in ("auto", "true", "false", "True", "False"):
-        raise ConfigError("harness.apply_chat_template", "use auto, true or false")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise ConfigError("limit", f"must be >= 1 or null, got {cfg.limit}")
 
 
 def resolve_model(path: str) -> Tuple[str, Optional[str]]:
@@ -104,7 +91,7 @@ def device_and_dtype(cfg: DictConfig) -> Tuple[str, str]:
     import torch
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = str(cfg.dtype) if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     return device, dtype
 
 

@@ -1,4 +1,5 @@
-"""lemur-eval's config schema: the types. The values (with their sources) are in conf/lemur_eval.yaml."""
+"""lemur-eval's config schema: the types, choices and ranges. The values (with their sources) are in
+conf/lemur_eval.yaml."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 
 from lemur_torch.eval.sandbox import SandboxLimits
+from lemur_torch.fields import Choice, bounded
+
+
+class EvalDtype(Choice):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
 
 
 @dataclass
@@ -22,38 +31,39 @@ class ChatPromptConfig:
 
 @dataclass
 class HumanEvalConfig:
-    n_samples: int = 1
+    n_samples: int = bounded(1, ge=1)
     # 0 = greedy decoding
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 512
+    temperature: float = bounded(0.0, ge=0)
+    top_p: float = bounded(1.0, gt=0, le=1)
+    max_new_tokens: int = bounded(512, ge=1)
     # pass@k for each k <= n_samples
     k: List[int] = field(default_factory=lambda: [1])
     stop: List[str] = field(default_factory=list)
-    # prompts per generate() call
-    batch_size: int = 16
+    # prompts (x samples) per generate() call
+    batch_size: int = bounded(16, ge=1)
     chat: ChatPromptConfig = field(default_factory=ChatPromptConfig)
 
 
 @dataclass
 class SandboxConfig(SandboxLimits):
     # parallel executions; 0 = one per CPU core
-    workers: int = 0
+    workers: int = bounded(0, ge=0, le=64)
     # let programs import the evaluator's site-packages (numpy, ...); HumanEval needs the standard library only
     site_packages: bool = False
 
 
 @dataclass
 class HarnessConfig:
-    batch_size: int = 8
+    batch_size: int = bounded(8, ge=1)
     # null = each task's own default
-    num_fewshot: Optional[int] = None
+    num_fewshot: Optional[int] = bounded(None, ge=0)
     # folder of extra task YAML files (local tasks)
     include_path: Optional[str] = None
-    # auto = when the tokenizer has a chat_template | true | false
-    apply_chat_template: str = "auto"
+    # null = when the tokenizer has a chat_template
+    apply_chat_template: Optional[bool] = None
+    # null = the tokenizer's own behaviour
     add_bos_token: Optional[bool] = None
-    bootstrap_iters: int = 100000
+    bootstrap_iters: int = bounded(100000, ge=0)
     log_samples: bool = True
 
 
@@ -62,10 +72,11 @@ class EvalConfig:
     model: str = "???"
     tasks: List[str] = field(default_factory=lambda: ["humaneval"])
     out_dir: Optional[str] = None
-    limit: Optional[int] = None
+    limit: Optional[int] = bounded(None, ge=1)
     seed: int = 1234
+    # auto | cpu | cuda | cuda:N
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: EvalDtype = EvalDtype.auto
     humaneval: HumanEvalConfig = field(default_factory=HumanEvalConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     harness: HarnessConfig = field(default_factory=HarnessConfig)

@@ -30,7 +30,7 @@ def run_harness(model_dir: str, tasks: List[str], cfg, out_dir: str, limit, devi
     from lm_eval.utils import handle_non_serializable
 
     h = cfg
-    apply_chat = chat if h.apply_chat_template == "auto" else h.apply_chat_template == "true"
+    apply_chat = chat if h.apply_chat_template is None else bool(h.apply_chat_template)
     manager = TaskManager(include_path=h.include_path) if h.include_path else TaskManager()
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:

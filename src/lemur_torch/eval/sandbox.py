@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from queue import Queue
 from typing import Any, Dict, List, Optional, Sequence
 
+from lemur_torch.fields import bounded  # a range on the field (standard library only: this module runs anywhere)
+
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
 TIMED_OUT = 124  # _sandbox_child's exit code when the wall clock killed the program
 _BACKSTOP_S = 5.0  # the evaluator kills the launcher itself this long after timeout_s
@@ -47,16 +49,16 @@ _instances_lock = threading.Lock()
 @dataclass
 class SandboxLimits:
     # wall-clock seconds before the whole process group is killed
-    timeout_s: float = 10.0
+    timeout_s: float = bounded(10.0, gt=0)
     # CPU seconds (per process; RLIMIT_CPU)
-    cpu_s: int = 3
-    # address space per process (RLIMIT_AS)
-    memory_mb: int = 1024
+    cpu_s: int = bounded(3, ge=1)
+    # address space per process (RLIMIT_AS); the interpreter alone needs some
+    memory_mb: int = bounded(1024, ge=64)
     # largest file the program may write, its output included (RLIMIT_FSIZE)
-    file_size_mb: int = 16
-    open_files: int = 64
+    file_size_mb: int = bounded(16, ge=1)
+    open_files: int = bounded(64, ge=16)
     # processes and threads (RLIMIT_NPROC; applies to a uid of its own when the evaluator is root)
-    processes: int = 16
+    processes: int = bounded(16, ge=1)
 
 
 @dataclass
