@@ -83,7 +83,13 @@ def test_report_takes_the_training_overrides(smoke_run, tmp_path, capsys):
 
 
 def test_make_train_ends_with_the_report():
-    out = subprocess.run(["make", "-n", "train", "ARGS=train.max_steps=7 run_dir=/tmp/x"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout.strip().splitlines()
-    assert out[-2].endswith("lemur-train experiment=smoke train.max_steps=7 run_dir=/tmp/x")
-    assert out[-1].endswith("lemur-report experiment=smoke train.max_steps=7 run_dir=/tmp/x")
+    # -o: treat the venv stamp as up to date (a fresh clone would otherwise print the install recipe too)
+    # under `make test` the parent make's MAKEFLAGS/MAKELEVEL would make this one print "Entering directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "train",
+                          "ARGS=train.max_steps=7 run_dir=/tmp/x"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    commands = [line for line in out if "/lemur-train " in line or "/lemur-report " in line]
+    assert len(commands) == 2, out
+    assert commands[0].endswith("lemur-train experiment=smoke train.max_steps=7 run_dir=/tmp/x")
+    assert commands[1].endswith("lemur-report experiment=smoke train.max_steps=7 run_dir=/tmp/x")
