@@ -46,8 +46,9 @@ class ModelConfig:
     initializer_range: float = 0.02
     # HF folder (or hub id) to load weights from; null = random init with `train.seed`
     pretrained: Optional[str] = None
-    # sdpa | eager | flash_attention_2 (CUDA + flash-attn only) | xla_flash (TPU only)
-    attention: str = "sdpa"
+    # auto (flash on CUDA where a varlen kernel is present, else sdpa) | sdpa (per-document mask) |
+    # flex (FlexAttention, block-sparse; CUDA) | flash (varlen flash attention; CUDA, bf16) | xla_flash (TPU)
+    attention: str = "auto"
 
 
 @dataclass
@@ -171,12 +172,6 @@ def load_config(overrides: Optional[List[str]] = None, config_name: str = "confi
     return cfg
 
 
-def flash_attention_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-
-
 def xla_tpu_available() -> bool:
     if importlib.util.find_spec("torch_xla") is None:
         return False
@@ -205,21 +200,13 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         )
     if m.hidden_size % m.num_attention_heads or m.num_attention_heads % m.num_key_value_heads:
         raise ConfigError("model.num_key_value_heads", "hidden_size must divide by heads, and heads by kv heads")
-    if m.attention not in ("sdpa", "eager", "flash_attention_2", "xla_flash"):
-        raise ConfigError("model.attention", f"unknown attention {m.attention!r}; use sdpa, eager, flash_attention_2 or xla_flash")
-    if m.attention == "flash_attention_2" and not flash_attention_available():
-        raise ConfigError(
-            "model.attention",
-            "flash_attention_2 needs a CUDA device and the flash-attn package (pip install '.[gpu]'); use sdpa here",
-        )
-    if m.attention == "xla_flash" and (p.backend != "xla_spmd" or not xla_tpu_available()):
-        raise ConfigError("model.attention", "xla_flash (Pallas) runs only with parallel.backend=xla_spmd on a TPU")
     if p.activation_checkpointing not in ("none", "full", "every_n"):
         raise ConfigError("parallel.activation_checkpointing", "use none, full or every_n")
     if p.activation_checkpointing == "every_n" and p.ac_every_n < 1:
         raise ConfigError("parallel.ac_every_n", "must be >= 1")
     if p.mixed_precision not in ("auto", "bf16", "fp32"):
         raise ConfigError("parallel.mixed_precision", "use auto, bf16 or fp32")
+    validate_attention(cfg)
     if o.schedule not in ("cosine", "constant"):
         raise ConfigError("optim.schedule", "use cosine or constant")
     if o.implementation not in ("auto", "fused", "foreach", "for_loop"):
@@ -232,6 +219,23 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError("checkpoint.export_dtype", "use float32, bfloat16 or float16")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last", "must be >= 1")
+
+
+def validate_attention(cfg: DictConfig) -> None:
+    """model.attention against this machine: the kernel must exist here and run in the run's precision."""
+    import torch
+
+    from lemur_torch.attention import select
+
+    p = cfg.parallel
+    if p.backend == "xla_spmd":
+        if cfg.model.attention == "xla_flash" and not xla_tpu_available():
+            raise ConfigError("model.attention", "xla_flash (Pallas) runs only with parallel.backend=xla_spmd on a TPU")
+        select(cfg.model.attention, p.backend, "xla", torch.float32)
+        return
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = p.mixed_precision == "bf16" or (p.mixed_precision == "auto" and device_type == "cuda")
+    select(cfg.model.attention, p.backend, device_type, torch.bfloat16 if bf16 else torch.float32)
 
 
 def data_parallel_size(cfg: DictConfig, world_size: int) -> int:

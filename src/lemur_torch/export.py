@@ -36,6 +36,9 @@ def export_model(backend: Backend, model, cfg: DictConfig, tokenizer, out_dir: s
         config = hf_llama_config(cfg.model)
         config.dtype = dtype
         config.use_cache = True  # inference default for the exported model
+        # whatever kernel the run trained with (flash, flex, xla_flash), the export names one that every
+        # torch has: a config naming flash attention fails to load where flash-attn is not installed
+        config.attn_implementation = "sdpa"
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -39,6 +39,7 @@ def build_and_fit(cfg: DictConfig) -> int:
         loader = build_loader(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.micro_batch_size,
                               backend.dp_rank, backend.dp_size, cfg.train.seed)
         model = backend.setup_model(cfg)
+        logger.info(f"attention: {backend.attention}")
         optimizer = build_optimizer(model, cfg.optim, backend.device.type)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
         trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend), logger, stop)
