@@ -360,7 +360,10 @@ def forward_kwargs(batch: Dict[str, Any]) -> Dict[str, Any]:
 
 def with_varlen_boundaries(batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     """Host batch -> the same batch plus `cu_seqlens` (int32) and `max_seqlen` (a Python int), computed here on
-    the host so that no kernel reads them back from the device."""
+    the host so that no kernel reads them back from the device. A batch without `doc_lens` (not from the
+    project's loaders) passes as it is: the model then derives boundaries from position_ids, with a warning."""
+    if "doc_lens" not in batch:
+        return batch
     cu, longest = varlen_boundaries(batch["doc_lens"])
     return {**batch, "cu_seqlens": cu, "max_seqlen": longest}
 
