@@ -311,7 +311,7 @@ def select(choice: str, backend: str, device_type: str, param_dtype: torch.dtype
         if choice in ("flex", "flash"):
             raise ConfigError("model.attention", f"{choice} is not available with parallel.backend=xla_spmd; use sdpa, xla_flash or auto")
         impl = resolve_auto(backend, device_type, False) if choice == "auto" else choice
-        return Selection(impl, None, f"{choice} -> {impl}" if choice == "auto" else impl)
+        return Selection(impl, None, f"{impl} (auto)" if choice == "auto" else impl)
     if choice == "xla_flash":
         raise ConfigError("model.attention", "xla_flash (Pallas) runs only with parallel.backend=xla_spmd on a TPU")
     impl = choice
@@ -326,8 +326,8 @@ def select(choice: str, backend: str, device_type: str, param_dtype: torch.dtype
         if param_dtype not in kernel.dtypes:
             raise ConfigError("model.attention", f"{impl} ({kernel.name}) runs in bf16/fp16 only, but the parameters are "
                               f"{str(param_dtype).replace('torch.', '')}: set parallel.mixed_precision=bf16, or use sdpa/flex")
-    what = {"sdpa": "torch SDPA, [B,1,S,S] document-causal mask", "flex": None, "flash": None}[impl] or kernel.name
-    return Selection(impl, kernel, f"{'auto -> ' if choice == 'auto' else ''}{impl} ({what})")
+    what = "torch SDPA, [B,1,S,S] document-causal mask" if impl == "sdpa" else kernel.name
+    return Selection(impl, kernel, f"{impl} ({'auto: ' if choice == 'auto' else ''}{what})")
 
 
 def install(model: nn.Module, selection: Selection) -> None:

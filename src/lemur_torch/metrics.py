@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -54,6 +56,24 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: Optional[float], num_
     return tokens_per_s * flops_per_token / (peak * num_devices)
 
 
+class Progress:
+    """Where the run is in time: elapsed since the loop started, the recent rate in steps/s (over the last
+    `window` logged steps, so the first step's warm-up and compile fall out of it) and the ETA to max_steps."""
+
+    def __init__(self, max_steps: int, start_step: int, window: int = 20):
+        self.max_steps = max_steps
+        self.t0 = time.perf_counter()
+        self.marks: Deque[Tuple[int, float]] = deque([(start_step, self.t0)], maxlen=window + 1)
+
+    def update(self, step: int) -> Dict[str, Optional[float]]:
+        now = time.perf_counter()
+        self.marks.append((step, now))
+        first_step, first_time = self.marks[0]
+        rate = (step - first_step) / (now - first_time) if step > first_step and now > first_time else None
+        eta = max(self.max_steps - step, 0) / rate if rate else None
+        return {"elapsed_s": now - self.t0, "steps_per_s": rate, "eta_s": eta}
+
+
 class MetricsLogger:
     """Rank 0 writes every step to the console (rich), wandb and run_dir/metrics.jsonl; other ranks do nothing."""
 
@@ -85,7 +105,7 @@ class MetricsLogger:
         # a resumed job continues the same wandb run
         self.wandb_run = wandb.init(
             project=cfg.log.wandb_project, name=cfg.run_name, id=run_id, resume="allow", mode=cfg.log.wandb_mode,
-            dir=cfg.log.wandb_dir, config=OmegaConf.to_container(cfg, resolve=True),
+            dir=cfg.log.wandb_dir, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         )
 
     def info(self, message: str) -> None:
@@ -123,6 +143,23 @@ def _format(m: Dict[str, Any]) -> str:
     for key in ("mem_alloc_gib", "rss_peak_gib"):
         if key in m:
             parts.append(f"mem {m[key]:.2f}GiB")
+    if m.get("elapsed_s") is not None:
+        parts.append(f"elapsed {duration(m['elapsed_s'])}")
+    if m.get("steps_per_s") is not None:
+        parts.append(f"{m['steps_per_s']:.2f} steps/s")
+        parts.append(f"eta {duration(m['eta_s'])}")
     if m.get("skipped_steps"):
         parts.append(f"[red]skipped {m['skipped_steps']}[/red]")
     return "  ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    """45s, 3m05s, 2h03m, 3d04h: two units at most, to read at a glance."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

@@ -17,9 +17,11 @@ from omegaconf import DictConfig
 from lemur_torch.attention import forward_kwargs
 from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import grad_accum_steps
-from lemur_torch.metrics import MetricsLogger, mfu, peak_flops
+from lemur_torch.data.storage import DataReadError
+from lemur_torch.metrics import MetricsLogger, Progress, mfu, peak_flops
 from lemur_torch.model import batch_label_tokens, flops_per_token, token_loss_sums
 from lemur_torch.parallel.base import Backend
+from lemur_torch.summary import run_summary
 
 
 class NonFiniteError(RuntimeError):
@@ -59,6 +61,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.stop = stop or StopSignal().install()
         self.last_saved_step = -1
+        self.resumed_from: Optional[str] = None
 
     # -- state -------------------------------------------------------------------------------------
     def trainer_state(self) -> Dict[str, Any]:
@@ -68,6 +71,7 @@ class Trainer:
         path = self.checkpointer.resume_path()
         if path is None:
             return
+        self.resumed_from = path
         state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler, self.loader)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.last_saved_step = self.step
@@ -90,16 +94,22 @@ class Trainer:
             # signalled while building or resuming: nothing new to save since the last checkpoint
             self.logger.info("stop signal received before the first step: exiting for requeue")
             return t.preempt_exit_code
-        self.logger.info(
-            f"training {self.cfg.model.name} on {self.backend.world_size} process(es) [{self.backend.name}], "
-            f"{self.grad_accum} micro-batch(es) of {t.micro_batch_size}x{t.seq_len} per rank per step, "
-            f"{t.global_batch_tokens:,} tokens/step, steps {self.step}->{t.max_steps}"
-        )
+        if self.logger.enabled:
+            self.logger.info(run_summary(self.cfg, self.backend, self.model, self.loader, self.grad_accum, self.step,
+                                         self.tokens_seen, self.resumed_from))
+        self.progress = Progress(t.max_steps, self.step)
         batches = self.backend.device_batches(iter(self.loader))
         every = self.cfg.checkpoint.every_steps
         while self.step < t.max_steps:
             t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(self.grad_accum)]
+            mark = self.loader.mark()  # the data position of the last completed step
+            try:
+                micro = [next(batches) for _ in range(self.grad_accum)]
+            except DataReadError:  # raised on every rank at the same micro-batch (data/loader.py)
+                self.loader.rewind(mark)
+                if self.last_saved_step != self.step:
+                    self.save()
+                raise
             data_time = time.perf_counter() - t0
             stats = self.train_step(micro)
             stats["data_time_s"] = data_time
@@ -185,4 +195,5 @@ class Trainer:
         metrics.update({f"loss/{d}": v for d, v in stats["domain_loss"].items()})
         metrics.update({f"data/{k}": v for k, v in self.loader.stats().items()})
         metrics.update(self.backend.memory_stats())
+        metrics.update(self.progress.update(self.step))
         self.logger.log_step(metrics)

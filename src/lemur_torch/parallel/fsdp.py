@@ -64,13 +64,25 @@ def resolve_pretrained(name: str, is_main: bool) -> str:
     return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
 
 
-def check_pretrained_config(path: str, model_cfg: DictConfig) -> int:
-    """Fail on an architecture mismatch; return the checkpoint's vocabulary size (<= model.vocab_size)."""
+def check_pretrained_config(path: str, model_cfg: DictConfig, weights: bool = True) -> int:
+    """Fail (ConfigError naming the key) unless `path` holds Llama weights (with `weights`: the safetensors too)
+    whose architecture matches the model group; return the checkpoint's vocabulary size (<= model.vocab_size).
+    Also run by the gate (preflight.py)."""
+    import glob
     import json
 
-    with open(os.path.join(path, "config.json")) as f:
-        hf = json.load(f)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("model.pretrained", f"cannot read {path}/config.json ({exc}); point it at an HF model folder") from None
+    if hf.get("model_type") != "llama":
+        raise ConfigError("model.pretrained", f"{path} holds a {hf.get('model_type')!r} model ({', '.join(hf.get('architectures') or [])}); "
+                                              "lemur-torch trains LlamaForCausalLM")
+    if weights and not glob.glob(os.path.join(path, "*.safetensors")):
+        raise ConfigError("model.pretrained", f"{path} has no *.safetensors weights (convert .bin weights with transformers' save_pretrained)")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "tie_word_embeddings"):
         if key in hf and hf[key] != model_cfg[key]:
             raise ConfigError(f"model.{key}", f"{model_cfg[key]} but {path}/config.json has {hf[key]}; pick the matching model= group")
     if hf.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:
