@@ -272,6 +272,9 @@ def test_unknown_device_logs_once_how_to_set_peak_flops(caplog):
     lines = [r.getMessage() for r in caplog.records if "Mystery" in r.getMessage()]
     assert len(lines) == 1 and "MFU unavailable" in lines[0] and "log.peak_flops" in lines[0]
     assert mfu(1000.0, 1e9, None, 8) is None and peak_flops("4e14", "Mystery Accelerator 9000") == 4e14
+    with caplog.at_level(logging.WARNING, logger="lemur_torch.metrics"):
+        assert peak_flops("auto", "cpu") is None  # no MFU on CPU, and nothing to warn about
+    assert not [r for r in caplog.records if "'cpu'" in r.getMessage()]
 
 
 # -- training through the trainer, in this process ---------------------------------------------------------

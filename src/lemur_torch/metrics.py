@@ -36,10 +36,12 @@ _unknown_logged: set = set()
 
 def peak_flops(setting: str, device_kind: str) -> Optional[float]:
     """FLOP/s per device: a number from the config, or looked up by device name; None where unknown, which
-    is logged once (MFU is then left out of the metrics)."""
+    is logged once for an accelerator (MFU is then left out of the metrics; a CPU run has none to report)."""
     if setting != "auto":
         return float(setting)
     kind = device_kind.lower()
+    if kind == "cpu":
+        return None
     for names, value, _source in PEAK_FLOPS:
         if any(name.lower() in kind for name in names):
             return value
