@@ -16,12 +16,14 @@ import types
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from conftest import losses
 from lemur_torch import attention
 from lemur_torch.config import ConfigError, load_config, validate
 from lemur_torch.data.boundaries import document_ids, document_lengths, varlen_boundaries
+from lemur_torch.data.schema import DataConfig
 from lemur_torch.model import build_meta_model, hf_llama_config, init_weights, reset_rope_buffers
 
 S = 64
@@ -285,8 +287,6 @@ def _reference_kernels(impl, device_type):
 
 
 def train_in_process(overrides, run_dir, sources=None):
-    from omegaconf import OmegaConf
-
     from lemur_torch.train import build_and_fit
 
     # fused AdamW: on CPU ~5x faster than the foreach default, and the same in every run compared
@@ -296,8 +296,6 @@ def train_in_process(overrides, run_dir, sources=None):
     given = {o.split("=")[0] for o in overrides}
     cfg = load_config([o for o in base if o.split("=")[0] not in given] + list(overrides))
     if sources is not None:  # replace the sample corpus (a merge would keep its sources)
-        from lemur_torch.data.schema import DataConfig
-
         data = {**OmegaConf.to_container(cfg.data), "sources": sources}
         cfg.data = OmegaConf.merge(OmegaConf.structured(DataConfig), data)
     validate(cfg, 1)
@@ -305,9 +303,23 @@ def train_in_process(overrides, run_dir, sources=None):
     return losses(run_dir)
 
 
+def short_docs(path, n=160):
+    """Documents of 3 to 25 tokens, so that every 32-token row packs several of them, written as jsonl."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": " ".join(words[(i * 5 + j) % 12] for j in range(1 + (i * 7) % 12))}) + "\n")
+    return {"docs": {"kind": "jsonl", "domain": "text", "path": str(path), "shuffle": False}}
+
+
+TRAIN = ["train.seq_len=32", "train.global_batch_tokens=96", "train.max_steps=20", "data.lanes=1"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """20 steps of 192 tokens for each implementation and micro-batch size (3 or 1 micro-batches per step)."""
+    """20 steps of 3 rows x 32 tokens of short packed documents, for each implementation and micro-batch size
+    (3 micro-batches of 1 row, or 1 of 3 rows, per step)."""
+    sources = short_docs(tmp_path_factory.mktemp("data") / "docs.jsonl")
     mp = pytest.MonkeyPatch()
     mp.setattr(attention, "find_kernel", _reference_kernels)
     out = {}
@@ -317,11 +329,11 @@ def trained(tmp_path_factory):
                 run_dir = tmp_path_factory.mktemp(f"{impl}{mbs}")
                 export = ["checkpoint.export_at_end=true", f"checkpoint.export_dir={run_dir}/hf",
                           "checkpoint.save_at_end=true"] if mbs == 3 else []
-                out[impl, mbs] = (train_in_process([f"model.attention={impl}", f"train.micro_batch_size={mbs}",
-                                                    "train.global_batch_tokens=192", "train.max_steps=20", *export],
-                                                   str(run_dir)), str(run_dir))
+                overrides = [f"model.attention={impl}", f"train.micro_batch_size={mbs}", *TRAIN, *export]
+                out[impl, mbs] = (train_in_process(overrides, str(run_dir), sources), str(run_dir))
     finally:
         mp.undo()
+    out["sources"] = sources
     return out
 
 
@@ -334,7 +346,15 @@ def test_twenty_steps_same_losses_across_implementations(trained, mbs):
         worst = max(abs(got[s] - ref[s]) for s in ref)
         assert worst < 1e-4, (impl, mbs, worst)
     assert ref[20] < ref[1] - 0.5  # it trains
-    # correct at any micro-batch size: the same global batches give the same losses
+    # on rows that pack several documents each (what the comparison is about)
+    from lemur_torch.data import build_loader
+    from lemur_torch.tokenizer import load_tokenizer
+
+    cfg = load_config(TRAIN)
+    data = {**OmegaConf.to_container(cfg.data), "sources": trained["sources"]}
+    loader = build_loader(OmegaConf.merge(OmegaConf.structured(DataConfig), data), load_tokenizer("builtin"), 32, 3, 0, 1, 0)
+    lens = torch.cat([b["doc_lens"] for _, b in zip(range(20), loader)])
+    assert (lens > 0).sum(1).float().mean() > 2.5    # correct at any micro-batch size: the same global batches give the same losses
     other, _ = trained["sdpa", 3 if mbs == 1 else 1]
     assert max(abs(other[s] - ref[s]) for s in ref) < 1e-4
 
