@@ -31,6 +31,16 @@ S = 64
 DOCS = [[20, 30, 14], [64], [1, 4, 59]]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, like the subprocess runs (conftest): the tiny model gains nothing from two, and on
+    a busy 2-core machine two threads run it several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def positions(rows):
     return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in rows])
 
@@ -287,6 +297,7 @@ def _reference_kernels(impl, device_type):
 
 
 def train_in_process(overrides, run_dir, sources=None):
+    """lemur-train's build_and_fit in this process, so that the kernel seam can be substituted."""
     from lemur_torch.train import build_and_fit
 
     # fused AdamW: on CPU ~5x faster than the foreach default, and the same in every run compared
