@@ -64,6 +64,9 @@ def export_model(backend: Backend, model, cfg: DictConfig, tokenizer, out_dir: s
         config = hf_llama_config(cfg.model)
         config.dtype = dtype
         config.use_cache = True  # inference default for the exported model
+        # whatever kernel the run trained with (flash, flex, xla_flash), the export names one that every
+        # torch has: a config naming flash attention fails to load where flash-attn is not installed
+        config.attn_implementation = "sdpa"
         config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -102,6 +105,7 @@ def main(argv=None) -> int:
         cfg.parallel.backend = "fsdp"  # both backends write the same DCP keys; export on CPU/GPU
     cfg.parallel.dp_replicate, cfg.parallel.dp_shard = 1, -1
     cfg.parallel.activation_checkpointing, cfg.parallel.compile = "none", False
+    cfg.model.attention = "sdpa"  # exporting runs no attention, and the run's kernel may not exist here
     backend = build_backend(cfg)
     model = backend.setup_model(cfg, init_weights=False)
     state = backend.state_dict_for_checkpoint(model, None)

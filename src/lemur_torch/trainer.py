@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from lemur_torch import faults
+from lemur_torch.attention import forward_kwargs
 from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import grad_accum_steps
 from lemur_torch.data.storage import DataReadError
@@ -156,7 +157,7 @@ class Trainer:
         dom_cnt = torch.zeros(n_dom, dtype=torch.float32, device=device)
         for i, mb in enumerate(micro):
             b.prepare_backward(self.model, i, len(micro))
-            logits = self.model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
+            logits = self.model(**forward_kwargs(mb)).logits  # ids, positions, document boundaries
             s, ds, dc = token_loss_sums(logits, mb["labels"], mb["domain_ids"], n_dom, t.loss_chunk)
             (s / global_tokens).backward()
             loss_sum += s.detach()

@@ -52,6 +52,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lemur_torch.data.boundaries import document_lengths
 from lemur_torch.data.mixture import Schedule
 from lemur_torch.data.packing import BadCounter, Packer, Refiller, Tokenize
 from lemur_torch.data.sources import REASONS, BadInputError, DataConfigError, Source, build_source, resolve_listing
@@ -295,6 +296,7 @@ class PackedMixtureLoader:
                 "position_ids": packed[:, 2].contiguous(),
                 "domain_ids": domains[:, None].expand(B, self.seq_len).contiguous(),
             }
+            batch["doc_lens"] = document_lengths(batch["position_ids"])  # the attention kernels' boundaries
             self._rows += B * self.dp_size
             yield batch
 

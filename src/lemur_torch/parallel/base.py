@@ -25,6 +25,7 @@ class Backend(ABC):
     dp_size: int = 1  # number of data shards
     num_devices: int = 1  # accelerators doing the work (MFU denominator)
     device_kind: str = "cpu"  # looked up in metrics.PEAK_FLOPS
+    attention: str = ""  # the attention implementation and kernel in use, for the start-of-run log
 
     @property
     def is_main(self) -> bool:

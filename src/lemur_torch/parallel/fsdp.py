@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from lemur_torch import attention
 from lemur_torch.config import ConfigError
 from lemur_torch.model import _full_shape_and_slices, build_meta_model, reset_rope_buffers
 from lemur_torch.model import init_weights as init_model_weights
@@ -186,10 +187,16 @@ class FsdpBackend(Backend):
             if precision == "bf16"
             else MixedPrecisionPolicy()
         )
+        self.replicate = replicate
+        self.attention_selection = attention.select(
+            cfg.model.attention, self.name, device_type, self.mp_policy.param_dtype or torch.float32
+        )
+        self.attention = self.attention_selection.summary
 
     # -- model -------------------------------------------------------------------------------------
     def setup_model(self, cfg: DictConfig, init_weights: bool = True) -> nn.Module:
         model = build_meta_model(cfg.model)
+        attention.install(model, self.attention_selection)
         self.parallelize(model, cfg.parallel)
         model.to_empty(device=self.device)
         reset_rope_buffers(model, self.device)
@@ -234,9 +241,20 @@ class FsdpBackend(Backend):
         set_model_state_dict(model, state)
 
     # -- step --------------------------------------------------------------------------------------
-    def device_batches(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, torch.Tensor]]:
+    def device_batches(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, Any]]:
         for batch in batches:
-            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            # the varlen boundaries are made here on the host: max_seqlen stays a Python int
+            batch = attention.with_varlen_boundaries(batch)
+            yield {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def prepare_backward(self, model: nn.Module, micro_step: int, num_micro_steps: int) -> None:
+        """HSDP: gradients are reduce-scattered within the shard group after every micro-batch (each rank
+        keeps only its shard of them), but all-reduced across replicas only after the last one, which sums
+        the accumulated shards (FSDP2's partial-reduce buffer): one cross-replica all-reduce per step, not
+        one per micro-batch. Plain FSDP reduce-scatters every micro-batch: skipping it would keep a full
+        unsharded gradient on every rank."""
+        if self.replicate > 1 and isinstance(model, FSDPModule):
+            model.set_requires_all_reduce(micro_step == num_micro_steps - 1)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:

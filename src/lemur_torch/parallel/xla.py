@@ -85,6 +85,7 @@ class XlaSpmdBackend(Backend):
             )
         self.precision = self._resolve_precision(cfg.parallel.mixed_precision)
         self.attn_impl = xla_attention.implementation_for(cfg.model.attention, self.device_type)
+        self.attention = f"{self.attn_impl} (model.attention={cfg.model.attention})"
         spec = ("fsdp", "tensor" if tensor > 1 else None, None, None)
         xla_attention.register(partition_spec=spec)
         self.input_sharding = xs.ShardingSpec(self.mesh, ("fsdp", None), minibatch=self.world_size > 1)
