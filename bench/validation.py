@@ -27,7 +27,8 @@ import torch
 
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
-from lemur_torch.model import build_meta_model, forward_logits, init_weights, reset_rope_buffers, token_loss_sums
+from lemur_torch.attention import forward_kwargs, with_varlen_boundaries
+from lemur_torch.model import build_meta_model, init_weights, reset_rope_buffers, token_loss_sums
 from lemur_torch.tokenizer import load_tokenizer
 from lemur_torch.validation import Validator, _apportion, rank_rows
 
@@ -105,7 +106,7 @@ def build_costs(tok, path: str) -> dict:
 def eval_vs_train(tok, rounds: int) -> dict:
     cfg = load_config(["model=tiny", "train.seq_len=256", "train.micro_batch_size=4"])
     loader = build_loader(cfg.data, tok, 256, 4, 0, 1, 0)
-    batch = next(iter(loader))
+    batch = with_varlen_boundaries(next(iter(loader)))  # as the FSDP backend hands it to the model
     model = build_meta_model(cfg.model)
     model.to_empty(device="cpu")
     reset_rope_buffers(model, torch.device("cpu"))
@@ -113,14 +114,14 @@ def eval_vs_train(tok, rounds: int) -> dict:
     n = len(loader.domain_names)
 
     def train_micro_step():
-        s, _, _ = token_loss_sums(forward_logits(model, batch), batch["labels"], batch["domain_ids"], n, 1024)
+        s, _, _ = token_loss_sums(model(**forward_kwargs(batch)).logits, batch["labels"], batch["domain_ids"], n, 1024)
         s.backward()
         model.zero_grad(set_to_none=True)
 
     def validation_micro_batch():
         model.eval()
         with torch.no_grad():
-            token_loss_sums(forward_logits(model, batch), batch["labels"], batch["domain_ids"], n, 1024)
+            token_loss_sums(model(**forward_kwargs(batch)).logits, batch["labels"], batch["domain_ids"], n, 1024)
         model.train()
 
     best = {"train": float("inf"), "validation": float("inf")}

@@ -111,12 +111,12 @@ def test_choices_are_enums_that_read_as_their_strings():
     from lemur_torch.config import Attention
     from lemur_torch.model import hf_llama_config
 
-    cfg = load_config(["model.attention=eager", "parallel.activation_checkpointing=full"])
-    assert isinstance(cfg.model.attention, Attention) and cfg.model.attention == "eager"
-    assert f"{cfg.model.attention}" == "eager" and str(cfg.parallel.activation_checkpointing) == "full"
-    assert {"eager": 1}[cfg.model.attention] == 1 and json.dumps({"a": cfg.model.attention}) == '{"a": "eager"}'
-    assert "attention: eager" in OmegaConf.to_yaml(cfg.model)
-    assert hf_llama_config(cfg.model)._attn_implementation == "eager"
+    cfg = load_config(["model.attention=flex", "parallel.activation_checkpointing=full"])
+    assert isinstance(cfg.model.attention, Attention) and cfg.model.attention == "flex"
+    assert f"{cfg.model.attention}" == "flex" and str(cfg.parallel.activation_checkpointing) == "full"
+    assert {"flex": 1}[cfg.model.attention] == 1 and json.dumps({"a": cfg.model.attention}) == '{"a": "flex"}'
+    assert "attention: flex" in OmegaConf.to_yaml(cfg.model)
+    assert hf_llama_config(cfg.model)._attn_implementation == "sdpa"  # the backend installs the run's attention
     with pytest.raises(ConfigError, match="expected one of"):
         load_config(["parallel.mixed_precision=fp8"])
 

@@ -16,7 +16,10 @@ class HostBackend:
         self.reduced = None
 
     def device_batches(self, batches):
-        yield from batches
+        from lemur_torch.attention import with_varlen_boundaries
+
+        for batch in batches:  # as the FSDP backend does, on the host: the boundaries for the attention kernel
+            yield with_varlen_boundaries(batch)
 
     def all_reduce_sum(self, t):
         self.reduced = t.clone()

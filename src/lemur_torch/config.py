@@ -37,9 +37,12 @@ class ConfigError(ValueError):
 
 
 class Attention(Choice):
-    sdpa = "sdpa"
-    eager = "eager"
-    flash_attention_2 = "flash_attention_2"  # CUDA + the flash-attn package
+    """lemur_torch.attention: every implementation is given the batch's document boundaries."""
+
+    auto = "auto"  # flash on CUDA where a varlen kernel runs in the run's precision, else sdpa
+    sdpa = "sdpa"  # torch SDPA with a per-document mask; the CPU default
+    flex = "flex"  # FlexAttention with a block-sparse document mask (CUDA: no CPU backward)
+    flash = "flash"  # varlen flash attention (flash-attn, else torch.nn.attention.varlen); CUDA, bf16/fp16
     xla_flash = "xla_flash"  # Pallas flash attention, parallel.backend=xla_spmd on TPU
 
 
@@ -78,6 +81,16 @@ class WandbMode(Choice):
     disabled = "disabled"
 
 
+# auto: async on CUDA, none elsewhere. Built with the functional API: OmegaConf looks members up by name, and
+# "async" is a Python keyword, so it cannot be written as a class attribute
+AsyncMode = Choice("AsyncMode", [(m, m) for m in ("auto", "none", "async", "async_pinned")])
+
+
+class CommitMode(Choice):
+    rename = "rename"  # POSIX: write into .tmp-<name>, rename into place
+    marker = "marker"  # object stores, gcsfuse: write in place, the completion marker last
+
+
 class ExportDtype(Choice):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -106,7 +119,7 @@ class ModelConfig:
     initializer_range: float = bounded(0.02, **_GT0)
     # HF folder (or hub id) to load weights from; null = random init with `train.seed`
     pretrained: Optional[str] = None
-    attention: Attention = Attention.sdpa
+    attention: Attention = Attention.auto
 
 
 @dataclass
@@ -161,6 +174,11 @@ class TrainConfig:
     # exit status after a preemption signal (SIGTERM/SIGUSR1) was honoured with a checkpoint; 0, 2 and 3 mean
     # done, config error and non-finite abort
     preempt_exit_code: int = bounded(124, ge=1, le=255)
+    # step watchdog (lemur_torch/watchdog.py): a process whose loop makes no progress for this long (one step
+    # with its data wait and its checkpoint's blocking part; the first step includes compilation) dumps every
+    # thread's stack and exits with hang_exit_code, so the job restarts; null = no watchdog
+    hang_timeout_s: Optional[float] = bounded(None, gt=0, hint="null turns the watchdog off")
+    hang_exit_code: int = bounded(125, ge=1, le=255)
 
 
 @dataclass
@@ -169,8 +187,17 @@ class CheckpointConfig:
     # 0: only at the end (checkpoint.save_at_end) and on a stop signal
     every_steps: int = bounded(100, ge=0)
     keep_last: int = bounded(3, ge=1)
-    # auto: resume from the newest complete checkpoint in `dir`; none: start fresh; or a checkpoint path
+    # auto: resume from the newest complete checkpoint in `dir` (the last one committed); none: start fresh
+    # (a new lineage: older checkpoints in `dir` are kept, never pruned); or a checkpoint path
     resume: str = "auto"
+    # none: training waits for the write | async: staged to host memory, written in the background by DCP's
+    # async_save | async_pinned: staged into reused pinned buffers (CUDA) in the background, overlapping the next
+    # forward/backward | auto: async on CUDA, none elsewhere (a CPU run's state is small and its background
+    # write would compete with training for the same cores)
+    async_mode: AsyncMode = AsyncMode.auto
+    # rename: write into .tmp-step_X, rename into place (POSIX) | marker: write in place, meta.json last
+    # (object stores, gcsfuse: no atomic folder rename). A folder without meta.json is never a checkpoint.
+    commit: CommitMode = CommitMode.rename
     save_at_end: bool = True
     export_dir: Optional[str] = "${run_dir}/hf"
     export_at_end: bool = True
@@ -295,12 +322,6 @@ def composition_error(exc: BaseException, overrides: List[str]) -> ConfigError:
     return ConfigError(quoted[0] if quoted else "overrides", text)
 
 
-def flash_attention_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-
-
 def xla_tpu_available() -> bool:
     if importlib.util.find_spec("torch_xla") is None:
         return False
@@ -333,13 +354,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError("model.num_key_value_heads", f"{m.num_attention_heads} attention heads do not divide by {m.num_key_value_heads} kv heads")
     if (m.hidden_size // m.num_attention_heads) % 2:
         raise ConfigError("model.num_attention_heads", f"head size {m.hidden_size // m.num_attention_heads} is odd; rotary embeddings need an even one")
-    if m.attention == Attention.flash_attention_2 and not flash_attention_available():
-        raise ConfigError(
-            "model.attention",
-            "flash_attention_2 needs a CUDA device and the flash-attn package (pip install '.[gpu]'); use sdpa here",
-        )
-    if m.attention == Attention.xla_flash and (p.backend != ParallelBackend.xla_spmd or not xla_tpu_available()):
-        raise ConfigError("model.attention", "xla_flash (Pallas) runs only with parallel.backend=xla_spmd on a TPU")
+    validate_attention(cfg)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError("optim.betas", f"needs two values in [0, 1), got {list(o.betas)}; Lemur uses [0.9, 0.95]")
     peak = cfg.log.peak_flops
@@ -357,6 +372,23 @@ def _positive_number(text: str) -> bool:
     except (TypeError, ValueError):
         return False
     return math.isfinite(value) and value > 0
+
+
+def validate_attention(cfg: DictConfig) -> None:
+    """model.attention against this machine: the kernel must exist here and run in the run's precision."""
+    import torch
+
+    from lemur_torch.attention import select
+
+    p = cfg.parallel
+    if p.backend == ParallelBackend.xla_spmd:
+        if cfg.model.attention == Attention.xla_flash and not xla_tpu_available():
+            raise ConfigError("model.attention", "xla_flash (Pallas) runs only with parallel.backend=xla_spmd on a TPU")
+        select(str(cfg.model.attention), str(p.backend), "xla", torch.float32)
+        return
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = p.mixed_precision == MixedPrecision.bf16 or (p.mixed_precision == MixedPrecision.auto and device_type == "cuda")
+    select(str(cfg.model.attention), str(p.backend), device_type, torch.bfloat16 if bf16 else torch.float32)
 
 
 def data_parallel_size(cfg: DictConfig, world_size: int) -> int:

@@ -21,6 +21,7 @@ import os
 
 from omegaconf import DictConfig
 
+from lemur_torch import commit
 from lemur_torch.config import ConfigError
 from lemur_torch.data.check import check_data_config
 from lemur_torch.fields import local_or_hub
@@ -35,8 +36,19 @@ def check_inputs(cfg: DictConfig) -> None:
     checks first, loading the tokenizer last."""
     check_data_config(cfg.data)
     check_resume(cfg)
+    check_export(cfg)
     check_pretrained(cfg)
     check_tokenizer(cfg)
+
+
+def check_export(cfg: DictConfig) -> None:
+    """The end-of-run export would replace its folder: refuse one that holds anything not an earlier export
+    (the run or checkpoint folder, someone's files) now, not after the training."""
+    c = cfg.checkpoint
+    if c.export_at_end and c.export_dir:
+        from lemur_torch.export import check_export_target
+
+        check_export_target(c.export_dir, cfg.run_dir, c.dir)
 
 
 def check_tokenizer(cfg: DictConfig) -> None:
@@ -80,7 +92,7 @@ def check_pretrained(cfg: DictConfig) -> None:
 
 
 def check_resume(cfg: DictConfig) -> None:
-    from lemur_torch.checkpoint import latest_checkpoint
+    from lemur_torch.checkpoint import META, latest_checkpoint
 
     resume = cfg.checkpoint.resume
     if resume == "none":
@@ -94,7 +106,7 @@ def check_resume(cfg: DictConfig) -> None:
         if not os.path.isdir(path):
             raise ConfigError("checkpoint.resume", f"{path} does not exist; use auto (the newest complete checkpoint in "
                                                    "checkpoint.dir), none (start fresh) or a step_* folder")
-        if not os.path.exists(os.path.join(path, "meta.json")):
+        if not commit.is_complete(path, META):
             raise ConfigError("checkpoint.resume", f"{path} is not a complete checkpoint (no meta.json: a save that did not "
                                                    "finish, or not a step_* folder); pick a complete one or use auto")
     _check_same_model(path, cfg)

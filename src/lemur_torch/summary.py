@@ -22,7 +22,7 @@ def run_summary(cfg: DictConfig, backend, model, loader, grad_accum: int, step: 
                   f"{m.num_key_value_heads} kv heads, vocab {m.vocab_size})" + (f", from {m.pretrained}" if m.pretrained else "")),
         ("processes", f"{backend.name} on {backend.world_size} process(es), {backend.num_devices} {backend.device_kind} "
                       f"device(s); mesh {describe_mesh(getattr(backend, 'mesh', None))}; data-parallel {backend.dp_size}"),
-        ("attention", attention_kernel(model, m.attention)),
+        ("attention", getattr(backend, "attention", "") or attention_kernel(model, m.attention)),
         ("batch", f"{t.micro_batch_size} rows x {t.seq_len} tokens x {backend.dp_size} data-parallel x {grad_accum} "
                   f"micro-batch(es) = {t.global_batch_tokens:,} tokens/step; {t.max_steps:,} steps = "
                   f"{t.max_steps * t.global_batch_tokens:,} tokens"),

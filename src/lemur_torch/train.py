@@ -4,13 +4,15 @@ Works the same under a plain `python`, `torchrun`, `accelerate launch` and Slurm
 size come from the environment. Exit status: 0 done, 2 a bad input (one line on stderr naming the key: see
 `main`; data config and resume refusals included), 3 aborted on non-finite steps, 4 a data source failed for good
 mid-run (the last completed step was checkpointed: fix the source and rerun to resume), `train.preempt_exit_code`
-after a preemption signal was honoured with a checkpoint (the job script requeues on it).
+after a preemption signal was honoured with a checkpoint (the job script requeues on it), `train.hang_exit_code`
+when the step watchdog found the loop stuck (lemur_torch/watchdog.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import sys
 import time
@@ -35,6 +37,7 @@ def build_and_fit(cfg: DictConfig) -> int:
 
     stop = StopSignal().install()  # first: a preemption warning may come while a 70B model loads
     torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)  # every RNG a checkpoint records starts from the run's seed
     backend = build_backend(cfg)
     logger = MetricsLogger(cfg, enabled=backend.is_main)
     try:
@@ -46,8 +49,8 @@ def build_and_fit(cfg: DictConfig) -> int:
         model = backend.setup_model(cfg)
         optimizer = build_optimizer(model, cfg.optim, backend.device.type)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-        trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend), logger, stop,
-                          validator)
+        trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend, logger.info), logger,
+                          stop, validator)
         status = trainer.fit()
         if status == 0 and trainer.step >= cfg.train.max_steps and cfg.checkpoint.export_at_end and cfg.checkpoint.export_dir:
             out = export_model(backend, model, cfg, tokenizer, cfg.checkpoint.export_dir)

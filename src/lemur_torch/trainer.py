@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import signal
 import time
+from contextlib import closing
 from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig
 
+from lemur_torch import faults
+from lemur_torch.attention import forward_kwargs
 from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import grad_accum_steps
 from lemur_torch.data.storage import DataReadError
 from lemur_torch.metrics import MetricsLogger, Progress, mfu, peak_flops
-from lemur_torch.model import batch_label_tokens, flops_per_token, forward_logits, token_loss_sums
+from lemur_torch.model import batch_label_tokens, flops_per_token, token_loss_sums
+from lemur_torch.optim import apply_config_on_resume
 from lemur_torch.parallel.base import Backend
 from lemur_torch.summary import run_summary
+from lemur_torch.watchdog import StepWatchdog
 
 
 class NonFiniteError(RuntimeError):
@@ -65,29 +70,36 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------------
     def trainer_state(self) -> Dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "run_id": self.checkpointer.run_id}
 
     def maybe_resume(self) -> None:
-        path = self.checkpointer.resume_path()
-        if path is None:
+        choice = self.checkpointer.choose_resume()  # rank 0 decides; every rank loads the same checkpoint
+        self.logger.start_run(choice.run_id)  # a resumed run continues its wandb run
+        if choice.path is None:
             return
-        self.resumed_from = path
-        state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler, self.loader)
+        self.resumed_from = choice.path
+        state = self.checkpointer.load(choice.path, self.model, self.optimizer, self.scheduler, self.loader)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.last_saved_step = self.step
         self.skipped_steps = state.get("skipped_steps", 0)
-        self.logger.info(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+        for change in apply_config_on_resume(self.optimizer, self.scheduler, self.cfg.optim):
+            self.logger.info(f"resume: {change}")
+        self.logger.info(f"resumed from {choice.path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
 
-    def save(self) -> str:
-        t0 = time.perf_counter()
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, self.loader, self.trainer_state())
-        self.last_saved_step = self.step
-        self.logger.info(f"checkpoint {path} written in {time.perf_counter() - t0:.1f}s")
-        return path
+    def save(self, wait: bool = False) -> None:
+        """Checkpoint the current step (unless it is saved already); with `wait`, return only once it is
+        committed. Asynchronous saves return as soon as the state is staged."""
+        if self.last_saved_step != self.step:
+            self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, self.loader, self.trainer_state())
+            self.last_saved_step = self.step
+        if wait:
+            self.checkpointer.finalize()
 
     # -- loop --------------------------------------------------------------------------------------
     def fit(self) -> int:
-        """Train to train.max_steps (or until a stop signal). Returns 0, or the preemption exit code."""
+        """Train to train.max_steps, to train.stop_at_step, or until a stop signal. Returns 0, or the
+        preemption exit code. Every way out waits for the checkpoint in flight."""
         t = self.cfg.train
         self.maybe_resume()
         if self.backend.all_reduce_sum(torch.tensor([float(self.stop.requested)], device=self.backend.device)).item() > 0:
@@ -100,37 +112,42 @@ class Trainer:
         self.progress = Progress(t.max_steps, self.step)
         batches = self.backend.device_batches(iter(self.loader))
         every = self.cfg.checkpoint.every_steps
-        while self.step < t.max_steps:
-            t0 = time.perf_counter()
-            mark = self.loader.mark()  # the data position of the last completed step
-            try:
-                micro = [next(batches) for _ in range(self.grad_accum)]
-            except DataReadError:  # raised on every rank at the same micro-batch (data/loader.py)
-                self.loader.rewind(mark)
-                if self.last_saved_step != self.step:
+        with StepWatchdog(t.hang_timeout_s, t.hang_exit_code, self.backend.rank) as watchdog, closing(self.checkpointer):
+            while self.step < t.max_steps:
+                watchdog.beat(self.step)
+                if t.stop_at_step is not None and self.step >= t.stop_at_step:
+                    self.save(wait=True)
+                    self.logger.info(f"train.stop_at_step={t.stop_at_step} reached at step {self.step}: checkpoint committed, stopping")
+                    return 0
+                faults.before_step(self.step + 1, self.backend.rank)
+                t0 = time.perf_counter()
+                mark = self.loader.mark()  # the data position of the last completed step
+                try:
+                    micro = [next(batches) for _ in range(self.grad_accum)]
+                except DataReadError:  # raised on every rank at the same micro-batch (data/loader.py)
+                    self.loader.rewind(mark)
+                    self.save(wait=True)
+                    raise
+                data_time = time.perf_counter() - t0
+                stats = self.train_step(micro)
+                stats["data_time_s"] = data_time
+                self.step += 1
+                self.tokens_seen += t.global_batch_tokens
+                self.log_step(stats, time.perf_counter() - t0)
+                if self.validator is not None and self.validator.due(self.step) and not stats["stop"]:
+                    watchdog.beat(self.step)  # an evaluation gets the watchdog's timeout of its own, as a step does
+                    self.logger.log_validation(self.validator.run(self.model, self.step))  # a preemption's grace is the checkpoint's
+                if stats["stop"]:
+                    self.save(wait=True)
+                    self.logger.info(f"stop signal honoured: checkpoint at step {self.step}, exiting for requeue")
+                    return t.preempt_exit_code
+                if every and self.step % every == 0 and self.step < t.max_steps:
                     self.save()
-                raise
-            data_time = time.perf_counter() - t0
-            stats = self.train_step(micro)
-            stats["data_time_s"] = data_time
-            self.step += 1
-            self.tokens_seen += t.global_batch_tokens
-            self.log_step(stats, time.perf_counter() - t0)
-            if self.validator is not None and self.validator.due(self.step) and not stats["stop"]:
-                self.logger.log_validation(self.validator.run(self.model, self.step))  # a preemption's grace is the checkpoint's
-            if t.stop_at_step is not None and self.step >= t.stop_at_step and self.step < t.max_steps:
+            watchdog.beat(self.step)
+            if self.cfg.checkpoint.save_at_end:
                 self.save()
-                self.logger.info(f"train.stop_at_step={t.stop_at_step} reached: checkpoint written, stopping")
-                return 0
-            if stats["stop"]:
-                self.save()
-                self.logger.info(f"stop signal honoured: checkpoint at step {self.step}, exiting for requeue")
-                return t.preempt_exit_code
-            if every and self.step % every == 0 and self.step < t.max_steps:
-                self.save()
-        if self.cfg.checkpoint.save_at_end and self.last_saved_step != self.step:
-            self.save()
-        return 0
+            self.checkpointer.finalize()  # the end waits for the last save (the export comes next)
+            return 0
 
     def train_step(self, micro: List[Dict[str, torch.Tensor]]) -> Dict[str, Any]:
         t, b = self.cfg.train, self.backend
@@ -144,7 +161,7 @@ class Trainer:
         dom_cnt = torch.zeros(n_dom, dtype=torch.float32, device=device)
         for i, mb in enumerate(micro):
             b.prepare_backward(self.model, i, len(micro))
-            logits = forward_logits(self.model, mb)
+            logits = self.model(**forward_kwargs(mb)).logits  # ids, positions, document boundaries
             s, ds, dc = token_loss_sums(logits, mb["labels"], mb["domain_ids"], n_dom, t.loss_chunk)
             (s / global_tokens).backward()
             loss_sum += s.detach()
@@ -156,9 +173,9 @@ class Trainer:
         loss = reduced[0] / global_tokens
         lr = self.scheduler.get_last_lr()[0]
         finite_t = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self.checkpointer.wait_staged()  # an asynchronous save may still be copying the weights off the device
         b.optimizer_step(self.optimizer, finite_t)  # skipped when not finite (decided on device for XLA)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         # built before step_done so it is part of the step's graph (XLA: one graph per step); read after
         host_t = torch.cat([loss.view(1), grad_norm.detach().float().view(1).to(loss.device), finite_t.float().view(1),
                             global_tokens.view(1), reduced])
@@ -166,6 +183,7 @@ class Trainer:
         host = host_t.tolist()  # the one host transfer of the step
         loss_v, gnorm_v, finite, n_tokens, red = host[0], host[1], host[2] > 0, host[3], host[4:]
         if finite:
+            self.scheduler.step()  # the schedule counts applied updates: a skipped step does not advance it
             self.consecutive_nonfinite = 0
         else:
             self.skipped_steps += 1
@@ -197,5 +215,6 @@ class Trainer:
         metrics.update({f"loss/{d}": v for d, v in stats["domain_loss"].items()})
         metrics.update({f"data/{k}": v for k, v in self.loader.stats().items()})
         metrics.update(self.backend.memory_stats())
+        metrics.update(self.checkpointer.stats())
         metrics.update(self.progress.update(self.step))
         self.logger.log_step(metrics)

@@ -20,8 +20,9 @@ with rows that carry no loss), and the per-source sums of token losses and label
 once: loss = sum of token losses / label tokens, as for the training loss, so the values do not depend on
 how the rows are spread over ranks.
 
-An evaluation runs in eval mode under torch.no_grad, calls the model as the training step does
-(`model.forward_logits`) and computes the loss with the same function (`model.token_loss_sums`). On XLA each
+An evaluation runs in eval mode under torch.no_grad, moves its batches with the backend's `device_batches` and
+calls the model as the training step does (`attention.forward_kwargs`: the rows' document boundaries, `doc_lens`,
+reach the attention kernel), and computes the loss with the same function (`model.token_loss_sums`). On XLA each
 micro-batch is one graph (`backend.eval_step_done`), compiled at the first evaluation and reused; training
 steps keep their one graph per step. Nothing here touches the training loader's stream or state, so the
 training stream with evaluation equals the stream without it, and a resume is unaffected.
@@ -41,7 +42,8 @@ from lemur_torch.config import ConfigError
 from lemur_torch.data.packing import BadCounter, Refiller
 from lemur_torch.data.sources import (READ_BLOCK, TAIL_BLOCK, Bad, BadInputError, DataConfigError, DataReadError, Source,
                                      holdout_fraction, resolve_listing)
-from lemur_torch.model import IGNORE_INDEX, forward_logits, token_loss_sums
+from lemur_torch.attention import forward_kwargs
+from lemur_torch.model import IGNORE_INDEX, token_loss_sums
 
 _END = -1  # token id of the end marker a one-pass packer emits after its share (never a real token)
 BYTES_PER_TOKEN = 4  # about Llama's tokenizer on English (code ~3.5): sizes the validation reads to a row's text
@@ -170,7 +172,7 @@ class Validator:
             with torch.no_grad():
                 acc = None
                 for batch in b.device_batches(iter(self.batches)):
-                    logits = forward_logits(model, batch)
+                    logits = model(**forward_kwargs(batch)).logits  # as the training step: per-document attention
                     _, loss_sum, count = token_loss_sums(logits, batch["labels"], batch["domain_ids"], n + 1, self.loss_chunk)
                     src = batch["domain_ids"][:, 0]
                     rows = torch.zeros(n + 1, dtype=torch.float32, device=src.device).index_add_(

@@ -53,6 +53,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lemur_torch.data.boundaries import document_lengths
 from lemur_torch.data.mixture import Schedule
 from lemur_torch.data.packing import BadCounter, Packer, Refiller, Tokenize
 from lemur_torch.data.sources import (REASONS, BadInputError, DataConfigError, Source, build_source, holdout_fraction,
@@ -295,14 +296,15 @@ class PackedMixtureLoader:
             yield batch
 
     def collate(self, rows: torch.Tensor, domains: Sequence[int]) -> Dict[str, torch.Tensor]:
-        """[B, 3, S] rows (input_ids, labels, position_ids) and a domain id per row -> the batch contract's dict
-        (also how validation batches are made, lemur_torch/validation.py)."""
+        """[B, 3, S] rows (input_ids, labels, position_ids) and a domain id per row -> the batch contract's dict,
+        document boundaries included (also how validation batches are made, lemur_torch/validation.py)."""
         domain_ids = torch.tensor(list(domains), dtype=torch.long)
         return {
             "input_ids": rows[:, 0].contiguous(),
             "labels": rows[:, 1].contiguous(),
             "position_ids": rows[:, 2].contiguous(),
             "domain_ids": domain_ids[:, None].expand(rows.shape[0], rows.shape[2]).contiguous(),
+            "doc_lens": document_lengths(rows[:, 2]),  # the attention kernels' boundaries
         }
 
     def gather(self, obj) -> list:

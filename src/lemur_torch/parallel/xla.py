@@ -85,6 +85,7 @@ class XlaSpmdBackend(Backend):
             )
         self.precision = self._resolve_precision(cfg.parallel.mixed_precision)
         self.attn_impl = xla_attention.implementation_for(cfg.model.attention, self.device_type)
+        self.attention = f"{self.attn_impl} (model.attention={cfg.model.attention})"
         spec = ("fsdp", "tensor" if tensor > 1 else None, None, None)
         xla_attention.register(partition_spec=spec)
         self.input_sharding = xs.ShardingSpec(self.mesh, ("fsdp", None), minibatch=self.world_size > 1)
@@ -124,7 +125,7 @@ class XlaSpmdBackend(Backend):
         if init_weights and cfg.model.pretrained:
             from lemur_torch.parallel.fsdp import check_pretrained_config, resolve_pretrained
 
-            path = resolve_pretrained(cfg.model.pretrained, self.is_main)
+            path = resolve_pretrained(cfg.model.pretrained)
             check_pretrained_config(path, cfg.model)
             weights = HFWeights(path)
         self._materialise(model, cfg, init_weights, weights)
