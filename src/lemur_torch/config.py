@@ -217,8 +217,9 @@ class LogConfig:
 
 
 @dataclass
-class EvalConfig:
-    # validation during training (lemur_torch/validation.py): evaluate the held-out slices of the training sources
+class ValidationConfig:
+    # the `eval` node: validation during training (lemur_torch/validation.py); lemur-eval, the benchmarks of an
+    # export, has its own schema (lemur_torch/eval/config.py, conf/lemur_eval.yaml). Evaluate the held-out slices of the training sources
     # (data.holdout, data.sources.<name>.holdout) and eval.sources every this many optimizer steps and after the
     # last step; 0 = never
     every_steps: int = bounded(0, ge=0, hint="0 turns validation off")
@@ -240,7 +241,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 ConfigStore.instance().store(name="lemur_schema", node=Config)
