@@ -238,6 +238,47 @@ def test_values_match_transformers_and_do_not_depend_on_the_ranks(tok):
             assert abs(two[key] - value) < 1e-5, (key, value, two[key])
 
 
+def test_validation_rows_carry_boundaries_that_reach_the_attention_kernel(tok, tmp_path):
+    """Validation batches carry doc_lens like training batches, and the model is called with them as in training:
+    under the varlen seam (CPU reference kernel, which sees only cu_seqlens) every forward gets the boundaries of
+    its rows and the values equal plain transformers' per-document attention (sdpa from position_ids)."""
+    from lemur_torch import attention
+    from lemur_torch.data.boundaries import document_lengths, varlen_boundaries
+
+    write_jsonl(tmp_path / "short.jsonl", range(400), random.Random(2))  # documents of 3-60 words: several per row
+    cfg = load_config([*VAL, "eval.batches=1", "~data.sources.pydoc_text", "data.sources.stdlib_code.kind=jsonl",
+                       f"data.sources.stdlib_code.path={tmp_path / 'short.jsonl'}", "data.sources.stdlib_code.holdout=0.5"])
+    t = cfg.train
+    loader = build_loader(cfg.data, tok, t.seq_len, t.micro_batch_size, 0, 1, t.seed)
+    v = Validator(cfg, loader, HostBackend(), info=lambda line: None)
+    assert set(next(iter(loader))) == set(v.batches[0])  # the batch contract's keys, boundaries included
+    packed = 0
+    for batch in v.batches:
+        assert torch.equal(batch["doc_lens"], document_lengths(batch["position_ids"]))
+        packed += int((batch["doc_lens"] > 0).sum(1).gt(1).sum())
+    assert packed, "some validation row packs several documents (else boundaries would not matter)"
+    plain = v.run(tiny_model(cfg), 5)
+
+    seen = []
+
+    def kernel(q, k, v_, cu_q, cu_k, max_q, max_k, **kw):
+        seen.append(cu_q.clone())
+        return attention.varlen_reference(q, k, v_, cu_q, cu_k, max_q, max_k, **kw)
+
+    model = tiny_model(cfg)
+    given = []
+    model.model.register_forward_pre_hook(lambda m, a, kw: given.append(kw.get("cu_seq_lens_q")), with_kwargs=True)
+    ref = attention.Kernel("val_ref", "CPU reference", kernel, attention.ALL_FLOATS)
+    attention.install(model, attention.Selection("flash", ref, "flash"))
+    got = v.run(model, 5)
+    expected = [varlen_boundaries(b["doc_lens"])[0] for b in v.batches]
+    assert len(given) == len(v.batches) and all(torch.equal(g, e) for g, e in zip(given, expected))  # from the batch
+    assert all(torch.equal(c, expected[i // cfg.model.num_hidden_layers]) for i, c in enumerate(seen))
+    for key, value in plain.items():
+        if key.startswith("val/loss"):
+            assert abs(got[key] - value) < 1e-5, (key, value, got[key])
+
+
 def test_chat_validation_rows_are_held_out_conversations_with_the_training_label_mask():
     cfg = load_config(["experiment=chat_smoke", "train.seq_len=256", "train.micro_batch_size=2",
                        "train.global_batch_tokens=1024", "eval.batches=2"])
