@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHES = ["trainer_overhead.py", "data_pipeline.py", "attention.py", "checkpoint.py", "eval.py"]
+BENCHES = ["trainer_overhead.py", "data_pipeline.py", "attention.py", "checkpoint.py", "eval.py", "validation.py"]
 
 
 def main() -> int:

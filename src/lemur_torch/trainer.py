@@ -51,7 +51,7 @@ class StopSignal:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, backend: Backend, model, optimizer, scheduler, loader,
-                 checkpointer: Checkpointer, logger: MetricsLogger, stop: Optional[StopSignal] = None):
+                 checkpointer: Checkpointer, logger: MetricsLogger, stop: Optional[StopSignal] = None, validator=None):
         self.cfg, self.backend, self.model = cfg, backend, model
         self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
         self.checkpointer, self.logger = checkpointer, logger
@@ -64,6 +64,7 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.stop = stop or StopSignal().install()
+        self.validator = validator  # lemur_torch.validation.Validator, or None (eval.every_steps: 0)
         self.last_saved_step = -1
         self.resumed_from: Optional[str] = None
 
@@ -133,6 +134,9 @@ class Trainer:
                 self.step += 1
                 self.tokens_seen += t.global_batch_tokens
                 self.log_step(stats, time.perf_counter() - t0)
+                if self.validator is not None and self.validator.due(self.step) and not stats["stop"]:
+                    watchdog.beat(self.step)  # an evaluation gets the watchdog's timeout of its own, as a step does
+                    self.logger.log_validation(self.validator.run(self.model, self.step))  # a preemption's grace is the checkpoint's
                 if stats["stop"]:
                     self.save(wait=True)
                     self.logger.info(f"stop signal honoured: checkpoint at step {self.step}, exiting for requeue")

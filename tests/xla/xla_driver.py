@@ -1,7 +1,8 @@
 """`lemur-train` under torch_xla with measurements: python xla_driver.py RESULTS.json [overrides...]
 
 Runs the real entry point (lemur_torch.train.main) and records, at the end of every optimizer step (after the
-backend's step_done and a wait for the device), torch_xla's compile and execution counts. If the run exports
+backend's step_done and a wait for the device), torch_xla's compile and execution counts, and the same after every
+validation micro-batch (eval_step_done) under "evals", with the number of steps done by then. If the run exports
 at the end, it also records the trained XLA model's logits on a fixed packed batch (LOGITS_BATCH) next to
 RESULTS.json, for the main-lane check of the HF export.
 """
@@ -33,18 +34,27 @@ def main() -> int:
     from lemur_torch import train
     from lemur_torch.parallel.xla import XlaSpmdBackend
 
-    steps = []
-    step_done = XlaSpmdBackend.step_done
+    steps, evals = [], []
+    step_done, eval_step_done = XlaSpmdBackend.step_done, XlaSpmdBackend.eval_step_done
+
+    def counts():
+        return {
+            "compiles": met.counter_value("UncachedCompile") or 0,
+            "executions": met.counter_value("ExecuteReplicated") or met.counter_value("ExecuteComputation") or 0,
+        }
 
     def measured_step_done(self):
         step_done(self)
         xm.wait_device_ops()
-        steps.append({
-            "compiles": met.counter_value("UncachedCompile") or 0,
-            "executions": met.counter_value("ExecuteReplicated") or met.counter_value("ExecuteComputation") or 0,
-        })
+        steps.append(counts())
+
+    def measured_eval_step_done(self):
+        eval_step_done(self)
+        xm.wait_device_ops()
+        evals.append({"after_step": len(steps), **counts()})
 
     XlaSpmdBackend.step_done = measured_step_done
+    XlaSpmdBackend.eval_step_done = measured_eval_step_done
 
     export_model = export_lib.export_model
 
@@ -59,7 +69,7 @@ def main() -> int:
     export_lib.export_model = export_and_record_logits
     status = train.main(overrides)
     with open(results_path, "w") as f:
-        json.dump({"status": status, "steps": steps}, f)
+        json.dump({"status": status, "steps": steps, "evals": evals}, f)
     return status
 
 

@@ -18,6 +18,7 @@ STEPS = 10
 BASE = [
     "model=tiny", "train.seq_len=64", "train.micro_batch_size=4", "train.global_batch_tokens=512",
     "optim.warmup_steps=3", "optim.lr=1e-3", f"train.max_steps={STEPS}", "log.wandb_mode=disabled", "log.console=false",
+    "eval.every_steps=0",  # validation under XLA has its own run (test_xla_validation.py)
 ]
 XLA = ["parallel=xla_spmd", "parallel.mixed_precision=fp32", *BASE]
 

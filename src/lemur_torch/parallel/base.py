@@ -62,6 +62,10 @@ class Backend(ABC):
     def step_done(self) -> None:
         """Called once per optimizer step after optimizer.step(): XLA cuts and runs its graph here."""
 
+    def eval_step_done(self) -> None:
+        """Called after each validation micro-batch (lemur_torch/validation.py): XLA cuts and runs its graph here,
+        one graph per micro-batch, compiled once; the training steps' graphs are left as they are."""
+
     @abstractmethod
     def state_dict_for_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
         """Sharded {'model': ..., 'optim': ...} for torch.distributed.checkpoint, keys as in the HF model.
