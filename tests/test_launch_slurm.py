@@ -51,7 +51,7 @@ def submit(cluster, submit_dir: Path, *overrides: str, **env_extra: str) -> tupl
 
 def job_output(submit_dir: Path, job: int, run_dir: Path) -> str:
     parts = [tail(submit_dir / f"lemur-cpu-test-{job}.out", 5000)]
-    parts += [f"--- {p.name}\n{tail(p, 4000)}" for p in sorted((run_dir / "logs").glob("*.log"))] if (run_dir / "logs").exists() else []
+    parts += [f"--- {p.name}\n{tail(p, 16000)}" for p in sorted((run_dir / "logs").glob("*.log"))] if (run_dir / "logs").exists() else []
     return "\n".join(parts)
 
 
