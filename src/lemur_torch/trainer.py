@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -23,6 +24,20 @@ from lemur_torch.parallel.base import Backend
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+@dataclass
+class PendingStep:
+    """A dispatched optimizer step whose metrics are still on the device: [loss, grad_norm, finite,
+    label_tokens, loss_sum, per-domain sums, per-domain counts], read by Trainer.complete."""
+
+    step: int
+    values: torch.Tensor
+    lr: float
+    started: float = 0.0
+    data_time: float = 0.0
+    tokens_seen: int = 0
+    done: bool = False
 
 
 class StopSignal:
@@ -58,6 +73,8 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.stop = stop or StopSignal().install()
         self.last_saved_step = -1
+        self._aborting = False  # set when a read step ends a run of max_nonfinite_steps; raised in agree()
+        self._last_nonfinite = ""
 
     # -- state -------------------------------------------------------------------------------------
     def trainer_state(self) -> Dict[str, Any]:
@@ -82,10 +99,19 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------------------------------
     def fit(self) -> int:
-        """Train to train.max_steps (or until a stop signal). Returns 0, or the preemption exit code."""
+        """Train to train.max_steps (or until a stop signal). Returns 0, or the preemption exit code.
+
+        Each step is dispatched before the previous one is read back: `train_step` returns the step's
+        metrics still on the device (a PendingStep), and they are read one iteration later, after the next
+        step has been dispatched, so the host never waits for the device between steps (XLA traces step k+1
+        while the device runs step k; CUDA queues its kernels). Everything that needs the numbers waits for
+        them first: the non-finite abort and the log lines follow one step behind, and a checkpoint or the end
+        of the run reads its own step before going on. Host decisions (stop signal, abort) are agreed by all
+        processes once per step with one small collective (Backend.any_process), taken while the device runs.
+        """
         t = self.cfg.train
         self.maybe_resume()
-        if self.backend.all_reduce_sum(torch.tensor([float(self.stop.requested)], device=self.backend.device)).item() > 0:
+        if self.backend.any_process([self.stop.requested])[0]:
             # signalled while building or resuming: nothing new to save since the last checkpoint
             self.logger.info("stop signal received before the first step: exiting for requeue")
             return t.preempt_exit_code
@@ -96,30 +122,54 @@ class Trainer:
         )
         batches = self.backend.device_batches(iter(self.loader))
         every = self.cfg.checkpoint.every_steps
+        pending: Optional[PendingStep] = None
         while self.step < t.max_steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.grad_accum)]
             data_time = time.perf_counter() - t0
-            stats = self.train_step(micro)
-            stats["data_time_s"] = data_time
+            current = self.train_step(micro)
             self.step += 1
             self.tokens_seen += t.global_batch_tokens
-            self.log_step(stats, time.perf_counter() - t0)
-            if t.stop_at_step is not None and self.step >= t.stop_at_step and self.step < t.max_steps:
+            current.started, current.data_time, current.tokens_seen = t0, data_time, self.tokens_seen
+            if pending is not None:
+                self.complete(pending, ended=t0)  # the previous step, read while this one runs
+            pending = current
+            stop = self.agree()
+            time_boxed = t.stop_at_step is not None and t.stop_at_step <= self.step < t.max_steps
+            periodic = every and self.step % every == 0 and self.step < t.max_steps
+            if stop or time_boxed or periodic:
+                self.complete(pending)  # a checkpoint holds only steps that were read and checked
+                self.agree()
                 self.save()
+            if time_boxed:
                 self.logger.info(f"train.stop_at_step={t.stop_at_step} reached: checkpoint written, stopping")
                 return 0
-            if stats["stop"]:
-                self.save()
+            if stop:
                 self.logger.info(f"stop signal honoured: checkpoint at step {self.step}, exiting for requeue")
                 return t.preempt_exit_code
-            if every and self.step % every == 0 and self.step < t.max_steps:
-                self.save()
+        if pending is not None:
+            self.complete(pending)
+            self.agree()
         if self.cfg.checkpoint.save_at_end and self.last_saved_step != self.step:
             self.save()
         return 0
 
-    def train_step(self, micro: List[Dict[str, torch.Tensor]]) -> Dict[str, Any]:
+    def agree(self) -> bool:
+        """All processes take the host decisions together, with one small collective: abort after too many
+        non-finite steps (raises NonFiniteError on every process) and stop on a signal that reached any of
+        them. Returns the stop decision."""
+        stop, abort = self.backend.any_process([self.stop.requested, self._aborting])
+        if abort:
+            raise NonFiniteError(
+                f"{self.cfg.train.max_nonfinite_steps} consecutive steps with a non-finite loss or grad norm "
+                f"(last: {self._last_nonfinite or 'on another process'}) by step {self.step}; "
+                f"lower optim.lr or check the data, then resume from the last checkpoint"
+            )
+        return stop
+
+    def train_step(self, micro: List[Dict[str, torch.Tensor]]) -> "PendingStep":
+        """Forward/backward over the micro-batches, clip, guarded optimizer step. Nothing here reads a device
+        value on the host: the step's metrics come back as one device tensor in a PendingStep."""
         t, b = self.cfg.train, self.backend
         device = micro[0]["input_ids"].device
         n_dom = len(self.domains)
@@ -137,8 +187,7 @@ class Trainer:
             loss_sum += s.detach()
             dom_sum += ds
             dom_cnt += dc
-        stop = torch.tensor([1.0 if self.stop.requested else 0.0], device=device)
-        reduced = b.all_reduce_sum(torch.cat([loss_sum.view(1), dom_sum, dom_cnt, stop]))
+        reduced = b.all_reduce_sum(torch.cat([loss_sum.view(1), dom_sum, dom_cnt]))
         grad_norm = b.clip_grad_norm_(self.model, t.grad_clip)
         loss = reduced[0] / global_tokens
         lr = self.scheduler.get_last_lr()[0]
@@ -146,39 +195,51 @@ class Trainer:
         b.optimizer_step(self.optimizer, finite_t)  # skipped when not finite (decided on device for XLA)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        # built before step_done so it is part of the step's graph (XLA: one graph per step); read after
-        host_t = torch.cat([loss.view(1), grad_norm.detach().float().view(1).to(loss.device), finite_t.float().view(1),
+        # built before step_done so it is part of the step's graph (XLA: one graph per step); read later
+        values = torch.cat([loss.view(1), grad_norm.detach().float().view(1).to(loss.device), finite_t.float().view(1),
                             global_tokens.view(1), reduced])
         b.step_done()
-        host = host_t.tolist()  # the one host transfer of the step
+        return PendingStep(step=self.step + 1, values=values, lr=lr)
+
+    def complete(self, pending: "PendingStep", ended: Optional[float] = None) -> None:
+        """Read a dispatched step's metrics (the step's one device-to-host transfer; waits for that step
+        only), count non-finite steps and log. An abort is only flagged here: every process raises together
+        in `agree`. `ended`: when the next step started (else now), for the step time."""
+        if pending.done:
+            return
+        t0 = time.perf_counter()
+        host = pending.values.tolist()
+        wait = time.perf_counter() - t0
+        pending.done = True
+        n_dom = len(self.domains)
         loss_v, gnorm_v, finite, n_tokens, red = host[0], host[1], host[2] > 0, host[3], host[4:]
         if finite:
             self.consecutive_nonfinite = 0
         else:
             self.skipped_steps += 1
             self.consecutive_nonfinite += 1
-        if self.consecutive_nonfinite >= t.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"{self.consecutive_nonfinite} consecutive steps with a non-finite loss or grad norm "
-                f"(last: loss={loss_v}, grad_norm={gnorm_v}) at step {self.step + 1}; "
-                f"lower optim.lr or check the data, then resume from the last checkpoint"
-            )
+            self._last_nonfinite = f"step {pending.step}: loss={loss_v}, grad_norm={gnorm_v}"
+        self._aborting = self.consecutive_nonfinite >= self.cfg.train.max_nonfinite_steps
         dom_sum_v, dom_cnt_v = red[1 : 1 + n_dom], red[1 + n_dom : 1 + 2 * n_dom]
-        return {
-            "loss": loss_v, "grad_norm": gnorm_v, "lr": lr, "finite": finite,
+        stats = {
+            "step": pending.step, "loss": loss_v, "grad_norm": gnorm_v, "lr": pending.lr, "finite": finite,
             "domain_loss": {d: (dom_sum_v[i] / dom_cnt_v[i] if dom_cnt_v[i] > 0 else None) for i, d in enumerate(self.domains)},
-            "label_tokens": int(n_tokens), "stop": red[-1] > 0,
+            "label_tokens": int(n_tokens), "data_time_s": pending.data_time, "host_wait_s": wait,
+            "tokens_seen": pending.tokens_seen,
         }
+        self.log_step(stats, (ended if ended is not None else time.perf_counter()) - pending.started)
 
     def log_step(self, stats: Dict[str, Any], step_time: float) -> None:
-        if self.step % self.cfg.log.every_steps and self.step != self.cfg.train.max_steps:
+        step = stats["step"]
+        if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps:
             return
         tokens_per_s = self.cfg.train.global_batch_tokens / step_time
         metrics: Dict[str, Any] = {
-            "step": self.step, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+            "step": step, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / self.backend.num_devices,
             "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, self.backend.num_devices),
-            "step_time_s": step_time, "data_time_s": stats["data_time_s"], "tokens_seen": self.tokens_seen, "label_tokens": stats["label_tokens"],
+            "step_time_s": step_time, "data_time_s": stats["data_time_s"], "host_wait_s": stats["host_wait_s"],
+            "tokens_seen": stats["tokens_seen"], "label_tokens": stats["label_tokens"],
             "skipped_steps": self.skipped_steps,
         }
         metrics.update({f"loss/{d}": v for d, v in stats["domain_loss"].items()})

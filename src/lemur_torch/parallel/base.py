@@ -8,7 +8,7 @@ written to and read from torch.distributed.checkpoint. The trainer never branche
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, List, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -88,6 +88,18 @@ class Backend(ABC):
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's value on every process."""
         return obj
+
+    def any_process(self, flags: Sequence[bool]) -> List[bool]:
+        """For each flag: True on every process if it is True on any. What one process decides alone (a stop
+        signal it received, a guard it read) becomes a decision all take at the same step. One all-reduce of a
+        few ints over the CPU (gloo) process group; nothing on the accelerator."""
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not dist.is_initialized():
+            return [bool(f) for f in flags]
+        votes = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in votes.tolist()]
 
     def memory_stats(self) -> Dict[str, float]:
         return {}
