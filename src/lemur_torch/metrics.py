@@ -17,6 +17,7 @@ PEAK_FLOPS = {
     "TPU v4": 275e12,
     "TPUv4": 275e12,
     "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # PJRT's name for v5p
     "TPU v5e": 197e12,
     "TPU v5 lite": 197e12,  # PJRT's name for v5e
     "TPU v6 lite": 918e12,  # v6e (Trillium)
@@ -27,6 +28,9 @@ def peak_flops(setting: str, device_kind: str) -> Optional[float]:
     """FLOP/s per device: a number from the config, or looked up by device name; None where unknown (CPU)."""
     if setting != "auto":
         return float(setting)
+    exact = {key.lower(): value for key, value in PEAK_FLOPS.items()}
+    if device_kind.lower() in exact:  # PJRT's "TPU v5" (v5p) is also a substring of "TPU v5 lite" (v5e)
+        return exact[device_kind.lower()]
     for key, value in PEAK_FLOPS.items():
         if key.lower() in device_kind.lower():
             return value

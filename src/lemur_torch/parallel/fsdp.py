@@ -67,7 +67,9 @@ def check_pretrained_config(path: str, model_cfg: DictConfig) -> int:
     """Fail on an architecture mismatch; return the checkpoint's vocabulary size (<= model.vocab_size)."""
     import json
 
-    with open(os.path.join(path, "config.json")) as f:
+    import fsspec
+
+    with fsspec.open(f"{path.rstrip('/')}/config.json") as f:  # a folder or a URL (the XLA backend reads gs://, hf://)
         hf = json.load(f)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
         if key in hf and hf[key] != model_cfg[key]:

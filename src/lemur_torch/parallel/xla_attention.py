@@ -7,7 +7,8 @@ implementation name that is not in transformers' mask registry makes HF skip mas
 pass `attention_mask=None` (and `position_ids` through **kwargs), so the whole step stays one graph.
 
 - `lemur_xla_sdpa`: SDPA with a boolean causal & same-document mask; any XLA device (the CPU test lane).
-- `lemur_xla_flash`: the Pallas flash-attention kernel with segment ids = document ids; TPU only.
+- `lemur_xla_flash`: the Pallas flash-attention kernel with segment ids = document ids; TPU only
+  (`model.attention=auto` picks it on TPU).
 
 A document starts wherever the position does not follow the previous one by 1, exactly HF's rule, so the
 masks equal what HF builds for the same packed batch on an eager device.
@@ -103,17 +104,20 @@ def register(partition_spec: Optional[Tuple] = None) -> None:
 
 
 def implementation_for(attention: str, device_type: str) -> str:
-    """Map `model.attention` to the implementation the XLA backend installs. sdpa and eager become the
-    mask-free SDPA (the same math); xla_flash needs a TPU."""
+    """Map `model.attention` to the implementation the XLA backend installs. `auto`: the Pallas flash kernel
+    on TPU (no [B, 1, S, S] mask: memory and time stay O(S) in the mask at seq 4096), the mask-free SDPA
+    elsewhere. sdpa and eager become the mask-free SDPA (the same math); xla_flash needs a TPU."""
     from lemur_torch.config import ConfigError
 
+    if attention == "auto":
+        return FLASH if device_type == "TPU" else SDPA
     if attention == "xla_flash":
         if device_type != "TPU":
             raise ConfigError(
                 "model.attention",
-                f"xla_flash needs a TPU (the Pallas kernel does not run on {device_type}); use model.attention=sdpa",
+                f"xla_flash needs a TPU (the Pallas kernel does not run on {device_type}); use model.attention=sdpa or auto",
             )
         return FLASH
     if attention in ("sdpa", "eager"):
         return SDPA
-    raise ConfigError("model.attention", f"{attention!r} is not available with parallel.backend=xla_spmd; use sdpa or xla_flash")
+    raise ConfigError("model.attention", f"{attention!r} is not available with parallel.backend=xla_spmd; use auto, sdpa or xla_flash")
