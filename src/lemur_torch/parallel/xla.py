@@ -83,8 +83,8 @@ class XlaSpmdBackend(Backend):
 
         self.device = torch_xla.device()
         self.device_type = xr.device_type()
+        self.device_kind = _pjrt_device_kind(self.device_type)
         self.num_devices = n
-        self.device_kind = self._device_kind()
         # each host reads its own share of the data; SPMD stitches the host batches into one global array
         self.hosts = xr.process_count()
         self.dp_rank, self.dp_size = xr.process_index(), self.hosts
@@ -146,15 +146,6 @@ class XlaSpmdBackend(Backend):
             self.rank, self.world_size = 0, 1
 
     # ---------------------------------------------------------------- setup
-
-    def _device_kind(self) -> str:
-        """PJRT's own name for the chip ("TPU v4", "TPU v5 lite", ...), looked up in metrics.PEAK_FLOPS."""
-        import torch_xla.core.xla_model as xm
-
-        try:
-            return xm.xla_device_kind(self.device)
-        except Exception:  # noqa: BLE001  (only used for MFU)
-            return self.device_type
 
     def _resolve_precision(self, mixed_precision: str) -> str:
         if mixed_precision == "auto":
@@ -487,10 +478,14 @@ class XlaSpmdBackend(Backend):
     # ---------------------------------------------------------------- misc
 
     def barrier(self) -> None:
+        """An all-reduce of one value over the hosts' gloo group. Not dist.barrier(): once torchax is imported
+        (torch_xla's mark_sharding imports it whenever it is installed, as with the tpu extra) it registers
+        a `jax` device module that claims to be available, dist.barrier() picks that as the accelerator for
+        its tensor, and fails ("Please register PrivateUse1HooksInterface")."""
         import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.barrier()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(torch.zeros(1))
 
     def broadcast_object(self, obj: Any) -> Any:
         import torch.distributed as dist
@@ -525,6 +520,26 @@ class XlaSpmdBackend(Backend):
         xm.wait_device_ops()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# TPU VM accelerator types (the part before "-<chips>") -> PJRT's device kind, the key of metrics.PEAK_FLOPS
+_TPU_KINDS = {"v4": "TPU v4", "v5litepod": "TPU v5 lite", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
+
+
+def _pjrt_device_kind(device_type: str) -> str:
+    """PJRT's own name for the chip, looked up in metrics.PEAK_FLOPS for MFU: "TPU v4", "TPU v5 lite" (v5e),
+    "TPU v5" (v5p), "TPU v6 lite" (v6e). torch_xla cannot ask PJRT under SPMD (the virtual SPMD device has
+    no kind, and asking a real device before use_spmd() leaves the SPMD runtime crashing at the first
+    step), so on TPU it comes from the VM's accelerator type in the TPU metadata (e.g. v5litepod-256)."""
+    if device_type != "TPU":
+        return (device_type or "unknown").lower()
+    from torch_xla._internal import tpu
+
+    try:
+        accelerator = tpu.get_tpu_type()
+    except Exception:  # noqa: BLE001  (no metadata server: MFU needs log.peak_flops then)
+        return "TPU"
+    return _TPU_KINDS.get(accelerator, f"TPU {accelerator}")
 
 
 def _spmd_save_planner():
@@ -602,7 +617,7 @@ class ScannedLayers(nn.ModuleList):
 
     def __getitem__(self, idx):
         if isinstance(idx, slice):
-            return [functools.partial(self._run, list(super().__getitem__(idx)))]
+            return [functools.partial(self._run, list(self._modules.values())[idx])]
         return super().__getitem__(idx)
 
     def _run(self, layers: List[nn.Module], hidden_states: torch.Tensor, position_embeddings=None, position_ids=None, **kwargs):
@@ -620,11 +635,13 @@ class ScannedLayers(nn.ModuleList):
             h, cos, sin, pos = carry
             out = torch.func.functional_call(template, params, (h,), {
                 "position_embeddings": (cos, sin), "position_ids": pos.long(), "attention_mask": None})
-            return (self._shard(out), cos, sin, pos), None
+            return (out, cos, sin, pos), None
 
+        # sharding annotations cannot go inside the traced body (AOTAutograd's tensors are not XLA tensors):
+        # the carry is sharded over fsdp going in and coming out, and SPMD propagates it through the loop
         carry = (self._shard(hidden_states), cos, sin, position_ids.float())
         (hidden_states, _, _, _), _ = scan(one_layer, carry, stacked, partition_fn=self._partition or default_partition)
-        return hidden_states
+        return self._shard(hidden_states)
 
 
 def _recompute_all_partition(joint_module, joint_inputs, *, num_fwd_outputs, **kwargs):
