@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from xla_helpers import XLA, artifacts, assert_matches_reference, eager_reference, full_run, losses, read_metrics, run_xla
+from xla_helpers import LAYERS, XLA, artifacts, assert_matches_reference, eager_reference, full_run, losses, read_metrics, run_xla
 
 # seq 256, one micro-batch of 4 rows (one per device) per step; the full run's export as starting weights
 SEQ = ["train.seq_len=256", "train.micro_batch_size=4", "train.global_batch_tokens=1024", "train.max_steps=4"]
@@ -67,7 +67,7 @@ def test_2d_mesh_checkpoint_holds_every_tensor(tp2):
     saved = set(dcp.FileSystemReader(_ckpt(tp2[0])).read_metadata().state_dict_metadata)
     with open(os.path.join(_pretrained(), "model.safetensors.index.json")) as f:
         hf_keys = set(json.load(f)["weight_map"])
-    assert len(hf_keys) == 39  # tiny: embeddings, 4 x 9 layer tensors, norm, lm_head
+    assert len(hf_keys) == 1 + 9 * LAYERS + 2  # embeddings, 9 tensors per layer, norm, lm_head
     missing = [k for k in sorted(hf_keys) if f"model.{k}" not in saved]
     missing += [f"{k}.{m}" for k in sorted(hf_keys) for m in ("exp_avg", "exp_avg_sq") if f"optim.state.{k}.{m}" not in saved]
     assert not missing, missing

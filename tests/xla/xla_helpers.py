@@ -14,9 +14,11 @@ from conftest import losses, read_metrics, subprocess_env  # tests/conftest.py  
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 10
-# the tiny Llama with the real tokenizer; 4 rows per micro-batch (one per fsdp device), 2 micro-batches per step
+# the tiny Llama (2 of its 4 layers: compile time grows with depth, and nothing here needs more) with the
+# real tokenizer; 4 rows per micro-batch (one per fsdp device), 2 micro-batches per step
+LAYERS = 2
 BASE = [
-    "model=tiny", "train.seq_len=64", "train.micro_batch_size=4", "train.global_batch_tokens=512",
+    "model=tiny", f"model.num_hidden_layers={LAYERS}", "train.seq_len=64", "train.micro_batch_size=4", "train.global_batch_tokens=512",
     "optim.warmup_steps=3", "optim.lr=1e-3", f"train.max_steps={STEPS}", "log.wandb_mode=disabled", "log.console=false",
 ]
 # no persistent compilation cache by default (the CPU client cannot load its own cached executables; see

@@ -272,8 +272,24 @@ class XlaSpmdBackend(Backend):
         device's shard is cut from them and padded as XLA pads uneven shards, and torch_xla assembles the
         global array from the local shards (`_global_tensor_from_cpu_shards`). The local shard boxes depend
         only on (shape, spec): found once per distinct pair (a handful in Llama) from an int8 probe tensor,
-        the only time a whole tensor reaches the devices (one byte per value).
-        Every Llama parameter has at least one dimension."""
+        the only time a whole tensor reaches the devices (one byte per value). A spec that leaves the first
+        dimension whole is built by rows and resharded on the devices, so a host never reads more than its
+        share of any tensor. Every Llama parameter has at least one dimension."""
+        sizes = self.mesh.shape()
+
+        def tiles(entry) -> int:
+            return math.prod(sizes[a] for a in (() if entry is None else entry if isinstance(entry, tuple) else (entry,)))
+
+        axes = [a for entry in spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))]
+        even = all(n % tiles(e) == 0 for n, e in zip(shape, spec)) and shape[0] % tiles(tuple(axes)) == 0
+        # (an uneven tensor computed on the devices comes back replicated: those are read whole instead)
+        if spec[0] is None and axes and even:
+            # sharded along a later dimension only (FSDPv2 shards the largest: k/v and down projections): a
+            # host's columns are not contiguous bytes, so read rows instead (sharded over the same devices
+            # along the first dimension) and let one on-device program move them into `spec` (an all-to-all)
+            by_rows = self._from_host_slices(shape, (tuple(axes) if len(axes) > 1 else axes[0],) + (None,) * (len(shape) - 1), rows)
+            out = self._xs.annotate_custom_sharding(by_rows.clone(), self.mesh, spec)
+            return out.global_tensor if hasattr(out, "global_tensor") else out
         key = (shape, spec)
         if key not in self._layouts:
             import torch_xla.core.xla_model as xm
@@ -286,12 +302,8 @@ class XlaSpmdBackend(Backend):
             self._torch_xla.sync()
             xm.wait_device_ops()
             boxes = [idx for _, idx in self._torch_xla._XLAC._get_local_shard_replica_and_indices([probe])[0]]
-            sizes = self.mesh.shape()
-            padded = []
-            for dim, axes in enumerate(spec):
-                axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-                padded.append(math.ceil(shape[dim] / math.prod(sizes[a] for a in axes)))
-            self._layouts[key] = [boxes, tuple(padded)]
+            padded = tuple(math.ceil(n / tiles(e)) for n, e in zip(shape, spec))
+            self._layouts[key] = [boxes, padded]
         boxes, padded = self._layouts[key]
         full = [slice(0, n) for n in shape]
         boxes = [full if b is Ellipsis else list(b) for b in boxes]
