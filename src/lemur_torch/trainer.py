@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -28,11 +28,12 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class PendingStep:
-    """A dispatched optimizer step whose metrics are still on the device: [loss, grad_norm, finite,
-    label_tokens, loss_sum, per-domain sums, per-domain counts], read by Trainer.complete."""
+    """A dispatched optimizer step whose metrics are still on their way from the device: `read()` waits for
+    them and gives [loss, grad_norm, finite, label_tokens, loss_sum, per-domain sums, per-domain counts]
+    (Backend.read_later); Trainer.complete calls it."""
 
     step: int
-    values: torch.Tensor
+    read: Callable[[], List[float]]
     lr: float
     started: float = 0.0
     data_time: float = 0.0
@@ -199,7 +200,7 @@ class Trainer:
         values = torch.cat([loss.view(1), grad_norm.detach().float().view(1).to(loss.device), finite_t.float().view(1),
                             global_tokens.view(1), reduced])
         b.step_done()
-        return PendingStep(step=self.step + 1, values=values, lr=lr)
+        return PendingStep(step=self.step + 1, read=b.read_later(values), lr=lr)
 
     def complete(self, pending: "PendingStep", ended: Optional[float] = None) -> None:
         """Read a dispatched step's metrics (the step's one device-to-host transfer; waits for that step
@@ -208,7 +209,7 @@ class Trainer:
         if pending.done:
             return
         t0 = time.perf_counter()
-        host = pending.values.tolist()
+        host = pending.read()
         wait = time.perf_counter() - t0
         pending.done = True
         n_dom = len(self.domains)

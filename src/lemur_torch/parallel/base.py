@@ -8,7 +8,7 @@ written to and read from torch.distributed.checkpoint. The trainer never branche
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -59,6 +59,26 @@ class Backend(ABC):
 
     def step_done(self) -> None:
         """Called once per optimizer step after optimizer.step(): XLA cuts and runs its graph here."""
+
+    def read_later(self, tensor: torch.Tensor) -> Callable[[], List[float]]:
+        """Start moving a step's small metrics tensor to the host (called after step_done) and return the
+        function that waits for it and gives the values; the trainer calls it one step later. On CUDA a plain
+        .tolist() then would wait for everything queued after the step too (the next step's kernels): here a
+        non-blocking copy into pinned memory and an event make the wait cover this step only. On XLA the
+        tensor is the step's own output buffer, so reading it waits for that step only; on CPU it is done."""
+        tensor = tensor.detach()
+        if tensor.device.type != "cuda":
+            return tensor.tolist
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def read() -> List[float]:
+            copied.synchronize()
+            return host.tolist()
+
+        return read
 
     @abstractmethod
     def state_dict_for_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
