@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# the smoke run, then its curves: <run_dir>/report.png and a short summary (same overrides, same run folder)
 train: $(STAMP)
 	$(BIN)/lemur-train experiment=smoke $(ARGS)
+	$(BIN)/lemur-report experiment=smoke $(ARGS)
 
 # Two lanes: the main suite (torch 2.13 CPU, gloo FSDP2), then the torch_xla lane in its own venv.
 test: test-main test-xla

@@ -15,6 +15,8 @@ repeated until text is 1/11 of the tokens, all of it --passes times (several pas
 read-ahead, as in a real run). Each side counts the tokens it produced; the pipeline is run to the raw side's
 token count. The sides alternate for --rounds rounds (the machine may be shared); ratios use medians.
 Prints tokens/s, ratios and peak RSS; writes bench/results/data_pipeline.json.
+Scale section (`scale_section`): read amplification at 1, 64 and 1024 lanes on one ~100 MB JSON-lines file, and
+the time to the first batch when resuming at 10% and 90% of it, beside the stride design's figures.
 
     python bench/data_pipeline.py [--seq-len 2048] [--batch 8] [--workers 0] [--passes 2] [--rounds 3]
 """
@@ -139,6 +141,66 @@ def side_pipeline(args):
             "peak_rss_mb": peak_rss_mb()}
 
 
+def scale_section(tmp_dir: str) -> dict:
+    """Read amplification at 1, 64 and 1024 lanes on one JSON-lines file, and resume latency at 10% and 90% of it,
+    each beside the previous (stride) design's figures: there every lane read the whole file and kept every L-th
+    line (amplification = L by construction), and a resume re-read the share consumed so far (counted here by
+    reading a file prefix with the same ranged reads)."""
+    import random
+
+    from omegaconf import OmegaConf
+
+    from lemur_torch.data import build_loader
+    from lemur_torch.data.schema import DataConfig, SourceConfig
+    from lemur_torch.data.sources import build_source
+    from lemur_torch.data.storage import Storage, io_counters
+    from lemur_torch.tokenizer import load_tokenizer
+
+    rng = random.Random(0)
+    words = open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read().split()
+    path = os.path.join(tmp_dir, "corpus.jsonl")
+    pool = [json.dumps({"text": " ".join(rng.choices(words, k=rng.randint(50, 500)))}) + "\n" for _ in range(4000)]
+    block = "".join(pool).encode()
+    with open(path, "wb") as f:
+        for _ in range(100_000_000 // len(block) + 1):
+            f.write(block)
+    size = os.path.getsize(path)
+    out = {"corpus_bytes": size, "amplification": {}, "resume": {}}
+    for lanes in (1, 64, 1024):
+        src = build_source("c", OmegaConf.merge(OmegaConf.structured(SourceConfig), {"kind": "jsonl", "path": path}), 0)
+        b0 = io_counters()[0]
+        for lane in range(lanes):
+            for _ in src.records(0, lane, lanes):
+                pass
+        out["amplification"][lanes] = {"contiguous_shares": (io_counters()[0] - b0) / size, "stride_design": float(lanes)}
+    tok = load_tokenizer("builtin")
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {
+        "sources": {"c": {"kind": "jsonl", "domain": "text", "path": path, "shuffle": False}}, "lanes": 1, "prefetch_threads": 0})
+    loader = build_loader(cfg, tok, 2048, 1, 0, 1, 0)
+    next(iter(loader))
+    state = loader.state_dict()
+    storage = Storage()
+    for frac in (0.1, 0.9):
+        with open(path, "rb") as f:
+            f.seek(int(frac * size))
+            f.readline()
+            off = f.tell()
+        st = json.loads(json.dumps(state))
+        st["lane_states"]["0"]["src"]["c"].update(pos=[0, off, 0], offset=0)
+        t0 = time.perf_counter()
+        resumed = build_loader(cfg, tok, 2048, 1, 0, 1, 0)
+        resumed.load_state_dict(st)
+        next(iter(resumed))
+        dt = time.perf_counter() - t0
+        t0 = time.perf_counter()  # the stride design skipped `off` bytes of lines before its first record
+        for start in range(0, off, 1 << 20):
+            storage.read(path, start, min(off, start + (1 << 20))).count(b"\n")
+        stride_read_s = time.perf_counter() - t0
+        out["resume"][frac] = {"seconds_to_first_batch": dt, "stride_design_seconds_lower_bound": stride_read_s + dt,
+                               "stride_design_bytes_skipped": off}
+    return out
+
+
 SIDES = {"raw": side_raw, "hf": side_hf, "pipeline": side_pipeline}
 
 
@@ -208,6 +270,18 @@ def main():
     print(f"pipeline / HF recipe      = {result['ratio_vs_hf']:.3f}  target > 1")
     print(f"per CPU-second (load-insensitive): pipeline / raw = {result['cpu_ratio_vs_raw']:.3f}, "
           f"pipeline / HF = {result['cpu_ratio_vs_hf']:.3f}")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scale = scale_section(tmp)
+    result["scale"] = scale
+    print(f"scale: one JSON-lines file of {scale['corpus_bytes'] / 1e6:.0f} MB")
+    print(f"{'lanes':<8}{'read amplification':>20}{'stride design':>16}")
+    for lanes, a in scale["amplification"].items():
+        print(f"{lanes:<8}{a['contiguous_shares']:>20.3f}{a['stride_design']:>16.0f}")
+    for frac, r in scale["resume"].items():
+        print(f"resume at {frac:.0%}: {r['seconds_to_first_batch']:.2f} s to the first batch; stride design >= "
+              f"{r['stride_design_seconds_lower_bound']:.2f} s (re-reads {r['stride_design_bytes_skipped'] / 1e6:.0f} MB first)")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "data_pipeline.json"), "w") as f:
         json.dump(result, f, indent=2)

@@ -55,3 +55,22 @@ def losses(run_dir: str) -> Dict[int, float]:
 def _quiet_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+# -- trained runs shared by the evaluation tests (one of each per test session) -------------------------------
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> str:
+    """A 4-step pretraining run of the tiny model with its checkpoint and HF export (run_dir/hf)."""
+    run_dir = str(tmp_path_factory.mktemp("smoke_run") / "run")
+    run_train([*FAST, "train.max_steps=4", f"run_dir={run_dir}", "checkpoint.export_at_end=true"])
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def chat_smoke_run(tmp_path_factory) -> str:
+    """A 2-step `experiment=chat_smoke` run: its export has the ChatML tokens and a chat_template."""
+    run_dir = str(tmp_path_factory.mktemp("chat_smoke_run") / "run")
+    run_train(["experiment=chat_smoke", "train.max_steps=2", "train.seq_len=128", "train.global_batch_tokens=256",
+               "checkpoint.every_steps=0", "log.wandb_mode=disabled", "log.console=false", f"run_dir={run_dir}"])
+    return run_dir

@@ -60,3 +60,74 @@ def test_lemur_70b_experiment_has_paper_values():
     assert cfg.optim.lr == 4e-5 and list(cfg.optim.betas) == [0.9, 0.95] and cfg.optim.warmup_steps == 2000
     assert cfg.train.grad_clip == 1.0 and cfg.optim.schedule == "cosine"
     validate(cfg, world_size=512)
+
+
+def _bounded_keys(schema, cfg, prefix=""):
+    """(key, Bounds) for every bounded field of the schema, data.sources.<name> entries included."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key, t = f"{prefix}{f.name}", hints[f.name]
+        if "bounds" in f.metadata:
+            args = [a for a in typing.get_args(t) if a is not type(None)]  # Optional[int] -> int
+            yield key, f.metadata["bounds"], (args[0] if args else t)
+        if dataclasses.is_dataclass(t):
+            yield from _bounded_keys(t, cfg[f.name], key + ".")
+        elif typing.get_origin(t) is dict and dataclasses.is_dataclass(typing.get_args(t)[1]):
+            for name in cfg[f.name]:
+                yield from _bounded_keys(typing.get_args(t)[1], cfg[f.name][name], f"{key}.{name}.")
+
+
+def test_every_bound_in_the_schema_is_enforced_with_its_key():
+    """Walks the schema itself: a value just outside each declared range is rejected, naming that key."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from lemur_torch.config import Config
+
+    base = load_config([])
+    keys = list(_bounded_keys(Config, base))
+    assert len(keys) >= 30 and "data.sources.stdlib_code.weight" in [k for k, _, _ in keys]
+    for key, b, kind in keys:
+        integer = kind is int
+        step = 1 if integer else 1e-6
+        for bad in ([b.ge - step] if b.ge is not None else []) + ([b.gt] if b.gt is not None else []) + \
+                   ([b.le + step] if b.le is not None else []) + ([b.lt] if b.lt is not None else []):
+            cfg = copy.deepcopy(base)
+            OmegaConf.update(cfg, key, int(bad) if integer else float(bad))
+            with pytest.raises(ConfigError) as info:
+                validate(cfg, world_size=1)
+            assert info.value.key == key, (key, bad, str(info.value))
+
+
+def test_choices_are_enums_that_read_as_their_strings():
+    import json
+
+    from omegaconf import OmegaConf
+
+    from lemur_torch.config import Attention
+    from lemur_torch.model import hf_llama_config
+
+    cfg = load_config(["model.attention=flex", "parallel.activation_checkpointing=full"])
+    assert isinstance(cfg.model.attention, Attention) and cfg.model.attention == "flex"
+    assert f"{cfg.model.attention}" == "flex" and str(cfg.parallel.activation_checkpointing) == "full"
+    assert {"flex": 1}[cfg.model.attention] == 1 and json.dumps({"a": cfg.model.attention}) == '{"a": "flex"}'
+    assert "attention: flex" in OmegaConf.to_yaml(cfg.model)
+    assert hf_llama_config(cfg.model)._attn_implementation == "sdpa"  # the backend installs the run's attention
+    with pytest.raises(ConfigError, match="expected one of"):
+        load_config(["parallel.mixed_precision=fp8"])
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["train.seq_len=abc"], "train.seq_len"),  # Hydra reports this as "Error merging override": the key is in the cause
+    (["+data.sources.more={kind: jsonl}"], "data.sources.more"),  # OmegaConf names it 'more'
+    (["model=nope"], "model"),
+    (["train.seq_len==3"], "train.seq_len"),
+])
+def test_composition_errors_name_the_full_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides)
+    assert info.value.key == key and "\n" not in str(info.value)

@@ -110,7 +110,8 @@ def test_attend_across_documents_changes_only_positions(tmp_path, tok):
 
 
 def test_lanes_and_sources_each_pack_their_own_share(tmp_path, tok):
-    """Global row g: lane g mod L; each (lane, source) packs that source's documents lane, lane+L, ... in order."""
+    """Global row g: lane g mod L; each (lane, source) packs, in order, the documents whose lines start in its
+    byte share [l*W/L, (l+1)*W/L) of the source's one file (the reference split is computed here)."""
     docs = real_docs()
     code, text = docs[:17], docs[17:]
     write_jsonl(tmp_path / "code.jsonl", code)
@@ -133,8 +134,12 @@ def test_lanes_and_sources_each_pack_their_own_share(tmp_path, tok):
         assert len(set(row["domain_ids"].tolist())) == 1
         assert abs(n_code - (g + 1) * 2 / 3) < 2
     for lane in range(L):
-        for dom, src_docs in ((0, code), (1, text)):
+        for dom, src_docs, name in ((0, code, "code.jsonl"), (1, text, "text.jsonl")):
+            raw = [(json.dumps({"text": d}) + "\n").encode() for d in src_docs]
+            W = sum(map(len, raw))
+            starts = [sum(map(len, raw[:i])) for i in range(len(raw))]
+            share = [d for d, s0 in zip(src_docs, starts) if lane * W // L <= s0 < (lane + 1) * W // L]
             mine = [r for g, r in enumerate(rows) if g % L == lane and r["domain_ids"][0] == dom]
             got = torch.cat([r["input_ids"] for r in mine]).tolist()
-            ref, _ = reference_stream(tok, src_docs[lane::L], len(got))
+            ref, _ = reference_stream(tok, share, len(got))
             assert got == ref[: len(got)], (lane, dom)

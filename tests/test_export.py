@@ -76,6 +76,15 @@ def test_lemur_export_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lemur_torch.export", str(tmp_path), str(out)],
                          env=subprocess_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "not a complete lemur-torch checkpoint" in bad.stderr
+    # an output folder that is not an earlier export is never replaced (the run and checkpoint folders:
+    # tests/test_checkpoint.py)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    refused = subprocess.run([sys.executable, "-m", "lemur_torch.export", ckpt, str(precious)],
+                             env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "refusing" in refused.stderr, refused.stderr[-2000:]
+    assert (precious / "notes.txt").read_text() == "keep me"
 
 
 def test_bf16_checkpoint_with_smaller_vocab_loads_with_mean_rows(tmp_path):

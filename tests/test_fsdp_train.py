@@ -65,8 +65,13 @@ def test_keep_last_k_atomic_dirs_and_wandb_files(tmp_path):
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
     run_dir = str(tmp_path / "nan")
     # an absurd lr blows the weights up after the first update; later steps are non-finite
-    proc = run_train([*FAST, "train.max_steps=10", "optim.lr=1e30", "optim.warmup_steps=1", "train.grad_clip=1e30",
-                      "train.max_nonfinite_steps=2", f"run_dir={run_dir}"], check=False)
+    proc = run_train([*FAST, "train.max_steps=10", "optim.lr=1e30", "optim.warmup_steps=3", "train.grad_clip=1e30",
+                      "train.max_nonfinite_steps=3", f"run_dir={run_dir}"], check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "2 consecutive steps with a non-finite loss or grad norm" in proc.stderr
-    assert read_metrics(run_dir)[-1]["skipped_steps"] >= 1
+    assert "3 consecutive steps with a non-finite loss or grad norm" in proc.stderr
+    metrics = read_metrics(run_dir)
+    # the step that ends the run is logged too (its metrics are read during the next step, which is discarded)
+    assert [m["skipped_steps"] for m in metrics] == [0, 1, 2, 3], metrics
+    assert "last: step 4: loss=" in proc.stderr, proc.stderr[-2000:]
+    # a skipped step does not advance the schedule: steps 3 and 4 run at step 2's lr (the warmup would raise it)
+    assert metrics[3]["lr"] == metrics[2]["lr"] == metrics[1]["lr"] > metrics[0]["lr"], [m["lr"] for m in metrics]

@@ -1,7 +1,9 @@
 """launch/slurm/cpu_test.sbatch on a real one-node Slurm (tests/slurm_cluster.py): the job completes and leaves a
 checkpoint and an HF export; preempted with `scancel --batch --signal=USR1` (what `--signal=B:USR1@...` sends
 before the time limit) it checkpoints, requeues itself, resumes, and ends with the uninterrupted run's loss;
-cancelled with a plain `scancel` (SIGTERM everywhere) it still checkpoints, and stays cancelled.
+cancelled with a plain `scancel` (SIGTERM everywhere) it still checkpoints, and stays cancelled; a rank that
+stops responding ends the job step through the step watchdog, and the job requeues itself as after a crash and
+resumes from its newest checkpoint.
 
 The cluster needs root and Debian packages (slurm-wlm, munge); where they cannot be installed the tests skip
 and say why. CI runs as root with apt-get, so they run there."""
@@ -33,9 +35,9 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-def submit(cluster, submit_dir: Path, *overrides: str) -> tuple[int, Path]:
+def submit(cluster, submit_dir: Path, *overrides: str, **env_extra: str) -> tuple[int, Path]:
     """sbatch the CPU job script from `submit_dir` as a user would; returns the job id and its run folder."""
-    env = train_env(LEMUR_HOME=str(REPO), MASTER_PORT=str(free_port()), SLURM_CONF=cluster.env["SLURM_CONF"])
+    env = train_env(LEMUR_HOME=str(REPO), MASTER_PORT=str(free_port()), SLURM_CONF=cluster.env["SLURM_CONF"], **env_extra)
     try:
         socket.gethostbyname(cluster.node)  # job.sh's rendezvous host: the job's first node, by name
     except OSError:
@@ -51,6 +53,22 @@ def job_output(submit_dir: Path, job: int, run_dir: Path) -> str:
     parts = [tail(submit_dir / f"lemur-cpu-test-{job}.out", 5000)]
     parts += [f"--- {p.name}\n{tail(p, 4000)}" for p in sorted((run_dir / "logs").glob("*.log"))] if (run_dir / "logs").exists() else []
     return "\n".join(parts)
+
+
+def release_requeued(cluster, job: int, submit_dir: Path, run_dir: Path) -> None:
+    """Wait until job.sh has requeued `job`, then let it start at once. Slurm holds a requeued job back for a few
+    minutes (BeginTime); an earlier start only shortens the test. Not at once: slurmd refuses a job whose
+    credential is issued in the same second its previous run's credential was revoked ("Job credential revoked")."""
+    deadline = time.monotonic() + 240
+    while True:
+        info = cluster.job(job)
+        if int(info.get("Restarts", 0)) >= 1 and info["JobState"] == "PENDING":
+            time.sleep(2)
+            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            return
+        assert info["JobState"] not in FINAL, f"ended without requeue: {info}\n{job_output(submit_dir, job, run_dir)}"
+        assert time.monotonic() < deadline, f"no requeue: {info}\n{job_output(submit_dir, job, run_dir)}"
+        time.sleep(0.5)
 
 
 def test_slurm_job_completes_with_checkpoint_and_export(cluster, tmp_path):
@@ -76,19 +94,8 @@ def test_slurm_preempt_requeues_and_resumes_to_same_loss(cluster, tmp_path):
     # what `#SBATCH --signal=B:USR1@600` sends ten minutes before the time limit
     cluster.run("scancel", "--batch", "--signal=USR1", str(job))
 
-    # job.sh requeues the job once the checkpoint is written. Slurm holds a requeued job back for a few minutes
-    # (BeginTime); an earlier start only shortens the test. Not at once: slurmd refuses a job whose credential is
-    # issued in the same second its previous run's credential was revoked ("Job credential revoked").
-    deadline = time.monotonic() + 240
-    while True:
-        info = cluster.job(job)
-        if int(info.get("Restarts", 0)) >= 1 and info["JobState"] == "PENDING":
-            time.sleep(2)
-            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-            break
-        assert info["JobState"] not in FINAL, f"ended without requeue: {info}\n{job_output(tmp_path, job, run_dir)}"
-        assert time.monotonic() < deadline, f"no requeue: {info}\n{job_output(tmp_path, job, run_dir)}"
-        time.sleep(0.5)
+    # job.sh requeues the job once the checkpoint is written
+    release_requeued(cluster, job, tmp_path, run_dir)
     stopped_at = max(int(c.split("_")[1]) for c in checkpoints(run_dir))
     assert 3 <= stopped_at < MAX_STEPS
 
@@ -116,3 +123,22 @@ def test_slurm_sigterm_checkpoints_and_cancel_stays_cancelled(cluster, tmp_path)
     stopped_at = last_logged_step(run_dir)
     assert 3 <= stopped_at < MAX_STEPS
     assert checkpoints(run_dir)[-1] == f"step_{stopped_at:08d}", out
+
+
+def test_slurm_hung_rank_requeues_and_resumes(cluster, tmp_path):
+    """Rank 1 stops responding before step 5 (a test hook, once); the step watchdog ends both ranks, job.sh
+    requeues the job as after any crash, and the requeued job resumes from step 3's checkpoint and completes
+    with the uninterrupted run's losses."""
+    once = tmp_path / "hung-once"
+    job, run_dir = submit(cluster, tmp_path, "checkpoint.export_at_end=false", "checkpoint.every_steps=3",
+                          "train.hang_timeout_s=10", LEMUR_TEST_HANG=f"1:5:600:{once}")
+    release_requeued(cluster, job, tmp_path, run_dir)
+    info = cluster.wait_state(job, FINAL, timeout=420)
+    out = "\n".join(tail(p, 1_000_000) for p in sorted((run_dir / "logs").glob("*.log")))
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1 and once.exists(), f"{info}\n{job_output(tmp_path, job, run_dir)}"
+    assert "step watchdog: no progress for train.hang_timeout_s=10s after step 4" in out, out
+    assert "crashed (status 1): requeueing, crash requeue 1 of MAX_CRASH_REQUEUES=3" in out, out
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000003'}" in out, out
+    diff = assert_curves_match(losses(run_dir), two_process_reference(), tol=1e-6, steps=range(4, MAX_STEPS + 1))
+    print(f"Slurm job {job}: rank 1 hung before step 5, watchdog exit, crash requeue, resumed at step 3, COMPLETED; "
+          f"steps 4-{MAX_STEPS} vs uninterrupted: max |loss diff| {diff:.2e}")

@@ -6,11 +6,10 @@ uninterrupted run's losses."""
 import os
 import signal
 import time
-from pathlib import Path
 
-from launch_util import (MAX_STEPS, REPO, TRAIN_ARGS, assert_curves_match, checkpoints, finish, free_port,
+from launch_util import (MAX_STEPS, REPO, TRAIN_ARGS, alive, assert_curves_match, checkpoints, finish, free_port,
                          kill_session, last_logged_step, losses, single_process_reference, start, tail,
-                         train_env, two_process_reference, wait_for)
+                         train_env, two_process_reference, wait_for, worker_pids)
 
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 
@@ -38,32 +37,6 @@ def test_two_agents_hsdp_match_single_process(tmp_path):
     print(f"2 agents x 2 processes, HSDP 2x2, vs 1 process: max |loss diff| {diff:.2e} over {MAX_STEPS} steps")
 
 
-def _workers(agent_pid: int) -> dict[int, int]:
-    """rank -> pid of the worker processes torchrun started (children of the agent)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid != agent_pid:
-                continue
-            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
-        except (OSError, ValueError, IndexError):
-            continue
-        if "RANK" in env:
-            found[int(env["RANK"])] = int(entry.name)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_sigterm_to_one_rank_checkpoints_and_resumes_exactly(tmp_path):
     run_dir = tmp_path / "run"
     args = ["bash", TORCHRUN_SH, *TRAIN_ARGS, f"run_dir={run_dir}", "checkpoint.export_at_end=false"]
@@ -72,7 +45,7 @@ def test_sigterm_to_one_rank_checkpoints_and_resumes_exactly(tmp_path):
     agent = start(args, log, env)  # torchrun.sh execs torchrun: this pid is the agent
     try:
         wait_for(lambda: last_logged_step(run_dir) >= 3, 240, "step 3", agent, log)
-        workers = _workers(agent.pid)
+        workers = worker_pids(agent.pid)
         assert sorted(workers) == [0, 1], f"workers of agent {agent.pid}: {workers}"
         os.kill(workers[1], signal.SIGTERM)  # rank 1 only: rank 0 must learn of the stop from it
         # a second signal to every rank while the checkpoint is being written must not interrupt the save
@@ -96,7 +69,7 @@ def test_sigterm_to_one_rank_checkpoints_and_resumes_exactly(tmp_path):
     text = tail(log, 200_000)
     assert rc != 0, f"a preempted run must not report success:\n{text[-3000:]}"
     assert "exitcode  : 124" in text or "exitcode: 124" in text, f"trainer should exit 124:\n{text[-3000:]}"
-    assert not any(_alive(pid) for pid in workers.values()), "a worker outlived the stop"
+    assert not any(alive(pid) for pid in workers.values()), "a worker outlived the stop"
     stopped_at = last_logged_step(run_dir)
     assert 3 <= stopped_at < MAX_STEPS
     assert checkpoints(run_dir)[-1] == f"step_{stopped_at:08d}", (checkpoints(run_dir), text[-3000:])

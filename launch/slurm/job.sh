@@ -15,6 +15,10 @@
 # - SIGTERM (Slurm preemption with PreemptMode=REQUEUE, scancel, the time limit) reaches every process; the
 #   trainer checkpoints within the cluster's KillWait/GraceTime. Slurm's own preemption requeues `--requeue`
 #   jobs itself; a plain scancel stays cancelled.
+# Crashes: when the training step ends with a non-zero status without a preemption (a node or GPU failure, an
+# NCCL error, the trainer's step watchdog ending a hung run, a killed process), the job is requeued as well and
+# resumes from the newest complete checkpoint, up to MAX_CRASH_REQUEUES times per job (default 3; 0 turns it
+# off). Each crash requeue is one line in logs/job.log, which is also where the count is kept.
 set -euo pipefail
 
 : "${EXPERIMENT:?the sbatch script sets EXPERIMENT before sourcing job.sh}"
@@ -36,7 +40,9 @@ export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export RDZV_ID="$SLURM_JOB_ID"
 if [[ -z "${NPROC_PER_NODE:-}" && -n "${SLURM_GPUS_ON_NODE:-}" ]]; then export NPROC_PER_NODE="$SLURM_GPUS_ON_NODE"; fi
 
+MAX_CRASH_REQUEUES="${MAX_CRASH_REQUEUES:-3}"
 preempted=0
+terminated=0
 on_usr1() {
   preempted=1
   log "SIGUSR1: passing it to the training step (finish the step, checkpoint, exit), then requeue"
@@ -44,7 +50,7 @@ on_usr1() {
 }
 # Slurm sends SIGTERM to every process of the job itself (time limit, preemption, scancel). The trap only keeps
 # this shell alive meanwhile: if it died, the job would end and the step be killed in the middle of its save.
-on_term() { log "SIGTERM: the training step checkpoints and exits within the cluster's KillWait"; }
+on_term() { terminated=1; log "SIGTERM: the training step checkpoints and exits within the cluster's KillWait"; }
 trap on_usr1 USR1
 trap on_term TERM
 
@@ -62,13 +68,25 @@ while true; do
 done
 log "training step ended with status $rc"
 
-if [[ "$preempted" == 1 && "$rc" != 0 ]]; then
-  log "preempted: requeueing; the trainer resumes from the newest checkpoint in $RUN_DIR/checkpoints"
+requeue() {
   trap - TERM USR1  # the requeue ends this shell with SIGTERM: let it, so the job is requeued at once
   if scontrol requeue "$SLURM_JOB_ID"; then
-    sleep 600  # never reached in practice; the preempted step's status must not become the job's
+    sleep 600  # never reached in practice; the failed step's status must not become the job's
     exit 0
   fi
   log "scontrol requeue failed (was the job submitted with --no-requeue?); resubmit to resume"
+}
+
+if [[ "$rc" != 0 && "$preempted" == 1 ]]; then
+  log "preempted: requeueing; the trainer resumes from the newest checkpoint in $RUN_DIR/checkpoints"
+  requeue
+elif [[ "$rc" != 0 && "$terminated" == 0 ]]; then
+  crashes=$(grep -c "job ${SLURM_JOB_ID} restart [0-9]*\] crashed" "$RUN_DIR/logs/job.log" || true)
+  if (( crashes < MAX_CRASH_REQUEUES )); then
+    log "crashed (status $rc): requeueing, crash requeue $((crashes + 1)) of MAX_CRASH_REQUEUES=$MAX_CRASH_REQUEUES; the trainer resumes from the newest checkpoint in $RUN_DIR/checkpoints"
+    requeue
+  else
+    log "failed (status $rc) after $crashes crash requeue(s): MAX_CRASH_REQUEUES=$MAX_CRASH_REQUEUES reached, not requeueing"
+  fi
 fi
 exit "$rc"

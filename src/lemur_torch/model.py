@@ -1,13 +1,18 @@
 """The model: HF `LlamaForCausalLM` as it is, built on the meta device, plus weight init and the loss.
 
 Backends shard the meta model first and materialise only their shards (`init_weights` after `to_empty`),
-so no process ever holds a full 70B model. The loss is computed here from the logits, as a sum over label
+so no process ever holds a full 70B model, nor draws one: random values are a pure function of (seed,
+parameter name, element index). The attention implementation is installed by the backend
+(lemur_torch.attention). The loss is computed here from the logits, as a sum over label
 tokens, so the trainer can divide by the global label-token count.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import functools
+import itertools
+import math
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +30,9 @@ _HF_FIELDS = (
 
 def hf_llama_config(model_cfg: DictConfig) -> LlamaConfig:
     kwargs = {k: model_cfg[k] for k in _HF_FIELDS}
-    config = LlamaConfig(**kwargs, bos_token_id=1, eos_token_id=2, use_cache=False)
-    config._attn_implementation = model_cfg.attention
-    return config
+    # HF's own SDPA until a backend installs the run's attention (lemur_torch.attention): a model built
+    # here and used as it is (tools, tests) behaves as transformers' does
+    return LlamaConfig(**kwargs, bos_token_id=1, eos_token_id=2, use_cache=False, attn_implementation="sdpa")
 
 
 def build_meta_model(model_cfg: DictConfig) -> LlamaForCausalLM:
@@ -38,24 +43,70 @@ def build_meta_model(model_cfg: DictConfig) -> LlamaForCausalLM:
     return model
 
 
+# Random init draws fixed blocks of each parameter's flattened values, block i from a generator seeded by
+# (seed, parameter name, i): element j's value depends only on (seed, name, j), so a rank draws just the blocks
+# its shard overlaps, and every sharding (FSDP2 rows, HSDP, XLA's whole pieces, one process) gets the same
+# values. Blocks of 2^14 elements (64 KiB of fp32): a 70B matrix's shard on 512 ranks is ~0.5M elements,
+# so the parts of the two edge blocks drawn and dropped stay a few percent, at ~20 us of seeding per block.
+INIT_BLOCK = 1 << 14
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int, initializer_range: float) -> None:
-    """Llama's init (normal(0, std) for linear/embedding, ones for RMSNorm), shard by shard.
+    """Llama's init (normal(0, std) for linear/embedding, ones for RMSNorm) of the local shards only.
 
-    Each parameter draws from a generator seeded by (seed, parameter name), so the values do not depend on
-    the order of materialisation or the number of shards: a 2-rank FSDP run starts from exactly the weights
-    of a 1-process run. DTensor shards draw the full tensor's values for their slice via `_full_init`.
+    A rank draws the values of its own shard (plus at most a block either side of each contiguous run of it),
+    never a full tensor: at 70B on 512 ranks that is ~1/512 of the model instead of the whole of it per rank.
     """
     for name, param in model.named_parameters():
         clean = clean_fqn(name)
-        full_shape, local_slices = _full_shape_and_slices(param)
-        if clean.endswith("norm.weight"):
-            values = torch.ones(full_shape, dtype=torch.float32)
-        else:
-            gen = torch.Generator().manual_seed(_name_seed(seed, clean))
-            values = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, initializer_range, generator=gen)
         local = _local_tensor(param)
-        local.copy_(values[local_slices].to(local.dtype))
+        if local.numel() == 0:  # FSDP2 leaves some ranks without rows of a small tensor
+            continue
+        if clean.endswith("norm.weight"):
+            local.fill_(1.0)
+            continue
+        full_shape, local_slices = _full_shape_and_slices(param)
+        # runs ascend, so consecutive runs that share a block (a cut along a later dimension) draw it once
+        draw = functools.lru_cache(maxsize=2)(
+            functools.partial(_normal_block, _name_seed(seed, clean), initializer_range, math.prod(full_shape))
+        )
+        flat = local.view(-1) if local.is_contiguous() else torch.empty(local.numel(), dtype=local.dtype)
+        at = 0
+        for start, length in _flat_runs(full_shape, local_slices):
+            _draw_into(flat[at : at + length], draw, start)
+            at += length
+        if not local.is_contiguous():
+            local.copy_(flat.view(local.shape))
+
+
+def _normal_block(name_seed: int, std: float, numel: int, block: int) -> torch.Tensor:
+    """Block `block` of a parameter of `numel` elements: always drawn whole, so its values never depend on
+    which part of it a caller needs (torch's normal_ fills a tensor in chunks whose rounding depends on size)."""
+    n = min(INIT_BLOCK, numel - block * INIT_BLOCK)
+    gen = torch.Generator().manual_seed((name_seed + block * 0x9E3779B97F4A7C15) & ((1 << 63) - 1))
+    return torch.empty(n, dtype=torch.float32).normal_(0.0, std, generator=gen)
+
+
+def _draw_into(out: torch.Tensor, draw, start: int) -> None:
+    """Fill `out` with the values of flat elements start .. start + len(out), block by block."""
+    end = start + out.numel()
+    for block in range(start // INIT_BLOCK, -(-end // INIT_BLOCK)):
+        lo = block * INIT_BLOCK
+        a, b = max(start, lo), min(end, lo + INIT_BLOCK)
+        out[a - start : b - start].copy_(draw(block)[a - lo : b - lo])
+
+
+def _flat_runs(shape: torch.Size, slices: Tuple[slice, ...]) -> List[Tuple[int, int]]:
+    """The local region of a tensor of `shape` as contiguous runs (start, length) of its row-major flattening:
+    one run for a Shard(0) slice, one per leading index where a later dimension is cut."""
+    bounds = [sl.indices(size)[:2] for sl, size in zip(slices, shape)]
+    cut = max((d for d, (lo, hi) in enumerate(bounds) if (lo, hi) != (0, shape[d])), default=0)
+    inner = math.prod(shape[cut + 1 :])
+    run = (bounds[cut][1] - bounds[cut][0]) * inner
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    heads = itertools.product(*(range(lo, hi) for lo, hi in bounds[:cut]))
+    return [(sum(i * s for i, s in zip(head, strides)) + bounds[cut][0] * inner, run) for head in heads] if run else []
 
 
 def reset_rope_buffers(model: nn.Module, device: torch.device) -> None:

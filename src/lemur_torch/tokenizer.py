@@ -9,6 +9,8 @@ import tempfile
 from functools import lru_cache
 
 BUILTIN = "builtin"
+# a folder holding one of these is a tokenizer folder (fast, SentencePiece, or the config that names them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def builtin_tokenizer_dir() -> str:
@@ -40,10 +42,26 @@ def load_tokenizer(name: str = BUILTIN):
 
 def build_tokenizer(data_cfg):
     """The tokenizer a run trains and exports with: `data.tokenizer`, plus whatever the data config adds
-    (the chat stage adds ChatML special tokens and a chat_template)."""
-    if data_cfg.get("format", "pretrain") == "chat":
-        return chat_tokenizer(data_cfg.tokenizer)
-    return load_tokenizer(data_cfg.tokenizer)
+    (the chat stage adds ChatML special tokens and a chat_template). A tokenizer that does not load is a
+    ConfigError at data.tokenizer."""
+    from lemur_torch.config import ConfigError
+
+    try:
+        if data_cfg.get("format", "pretrain") == "chat":
+            return chat_tokenizer(data_cfg.tokenizer)
+        return load_tokenizer(data_cfg.tokenizer)
+    except Exception as exc:  # transformers/huggingface_hub raise OSError, ValueError, HFValidationError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError("data.tokenizer", f"cannot load {data_cfg.tokenizer!r}: {type(exc).__name__}: {first}") from None
+
+
+def check_vocab_size(tokenizer, vocab_size: int) -> None:
+    """The model's embedding must have a row for every token id the tokenizer can produce."""
+    from lemur_torch.config import ConfigError
+
+    if len(tokenizer) > vocab_size:
+        raise ConfigError("model.vocab_size", f"{vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens; "
+                                              "set it to the tokenizer's size rounded up to a multiple of 64")
 
 
 @lru_cache(maxsize=8)

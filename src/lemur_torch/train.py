@@ -1,15 +1,21 @@
 """Entry point (`lemur-train [overrides]`): compose the config, build the parts, run Trainer.fit().
 
 Works the same under a plain `python`, `torchrun`, `accelerate launch` and Slurm's `srun`: rank and world
-size come from the environment. Exit status: 0 done, 2 config error, 3 aborted on non-finite steps, `train.preempt_exit_code` after a
-preemption signal was honoured with a checkpoint (the job script requeues on it).
+size come from the environment. Exit status: 0 done, 2 a bad input (one line on stderr naming the key: see
+`main`; data config and resume refusals included), 3 aborted on non-finite steps, 4 a data source failed for good
+mid-run (the last completed step was checkpointed: fix the source and rerun to resume), `train.preempt_exit_code`
+after a preemption signal was honoured with a checkpoint (the job script requeues on it), `train.hang_exit_code`
+when the step watchdog found the loop stuck (lemur_torch/watchdog.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
+import signal
 import sys
+import time
 from typing import List, Optional
 
 import torch
@@ -25,23 +31,23 @@ def build_and_fit(cfg: DictConfig) -> int:
     from lemur_torch.metrics import MetricsLogger
     from lemur_torch.optim import build_optimizer, build_scheduler
     from lemur_torch.parallel import build_backend
-    from lemur_torch.tokenizer import build_tokenizer
+    from lemur_torch.tokenizer import build_tokenizer, check_vocab_size
     from lemur_torch.trainer import StopSignal, Trainer
 
     stop = StopSignal().install()  # first: a preemption warning may come while a 70B model loads
     torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)  # every RNG a checkpoint records starts from the run's seed
     backend = build_backend(cfg)
     logger = MetricsLogger(cfg, enabled=backend.is_main)
     try:
-        tokenizer = build_tokenizer(cfg.data)
-        if len(tokenizer) > cfg.model.vocab_size:
-            raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+        tokenizer = build_tokenizer(cfg.data)  # a hub tokenizer is first fetched here
+        check_vocab_size(tokenizer, cfg.model.vocab_size)
         loader = build_loader(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.micro_batch_size,
                               backend.dp_rank, backend.dp_size, cfg.train.seed)
         model = backend.setup_model(cfg)
         optimizer = build_optimizer(model, cfg.optim, backend.device.type)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-        trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend), logger, stop)
+        trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend, logger.info), logger, stop)
         status = trainer.fit()
         if status == 0 and trainer.step >= cfg.train.max_steps and cfg.checkpoint.export_at_end and cfg.checkpoint.export_dir:
             out = export_model(backend, model, cfg, tokenizer, cfg.checkpoint.export_dir)
@@ -50,6 +56,43 @@ def build_and_fit(cfg: DictConfig) -> int:
     finally:
         logger.close()
         backend.shutdown()
+
+
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (torchrun, accelerate, srun via launch/); 0 alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+# how long a rank other than 0 waits, after hitting a problem every rank hits, for the launcher to stop it
+FOLLOWER_WAIT_S = 30
+
+
+def report(text: str, status: int) -> int:
+    """End the run with one line on stderr, printed by rank 0, and `status`.
+
+    A problem every rank finds (a bad input: all ranks check the same; a non-finite abort: all ranks see the
+    same reduced loss) is printed once. The other ranks do not exit first: torchrun stops the whole group as
+    soon as one process exits, which could stop rank 0 before it has printed. They wait to be stopped instead;
+    one still running after FOLLOWER_WAIT_S found something rank 0 did not (a path missing on its node only, a
+    bad record in its share of the data) and prints it itself."""
+    rank = launch_rank()
+    if rank != 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # StopSignal may be installed: let the launcher stop us
+        time.sleep(FOLLOWER_WAIT_S)
+        text = f"[rank {rank}] {text}"
+    print(text, file=sys.stderr, flush=True)
+    return status
+
+
+def input_error(exc: Exception) -> int:
+    """A bad input: one line naming the key (or the source, or the file and line), exit status 2."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "Original Traceback" in str(exc):  # re-raised from a DataLoader worker: its last line is the message
+        lines = [lines[-1].split(": ", 1)[-1]]
+    text = " ".join(lines)
+    if not text.startswith("config error"):
+        text = f"data error: {text}"  # a DataConfigError without a key names its source; a bad record its line
+    return report(text, 2)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -61,25 +104,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     show = "--cfg" in args
     args = [a for a in args if a != "--cfg"]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from lemur_torch.data.sources import BadInputError, DataConfigError
+
+    # The gate: everything checkable here is checked before the process group or any model exists
     try:
         cfg = load_config(args)
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
+        if not show:  # --cfg prints a config that names inputs of another machine (e.g. the 70B cluster's paths)
+            from lemur_torch.preflight import check_inputs
+
+            check_inputs(cfg)
+    except (ConfigError, DataConfigError) as exc:
+        return input_error(exc)
     if show:
         print(OmegaConf.to_yaml(cfg))
         return 0
+    from lemur_torch.data.storage import DataReadError
     from lemur_torch.trainer import NonFiniteError
 
     try:
         return build_and_fit(cfg)
     except NonFiniteError as exc:
-        print(f"aborted: {exc}", file=sys.stderr)
-        return 3
-    except ConfigError as exc:  # found while building (e.g. tokenizer vs vocabulary, pretrained config)
-        print(str(exc), file=sys.stderr)
-        return 2
+        return report(f"aborted: {exc}", 3)
+    # found once the process group exists (hub files, data listing, a refused resume), or a bad record with
+    # data.strict=true
+    except (ConfigError, DataConfigError, BadInputError) as exc:
+        return input_error(exc)
+    except DataReadError as exc:
+        return report(f"aborted on a data read error: {exc}; the last completed step is checkpointed: fix the source "
+                      "and rerun to resume", 4)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import signal
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig
 
+from lemur_torch import faults
+from lemur_torch.attention import forward_kwargs
 from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import grad_accum_steps
-from lemur_torch.metrics import MetricsLogger, mfu, peak_flops
+from lemur_torch.data.storage import DataReadError
+from lemur_torch.metrics import MetricsLogger, Progress, mfu, peak_flops
 from lemur_torch.model import batch_label_tokens, flops_per_token, token_loss_sums
+from lemur_torch.optim import apply_config_on_resume
 from lemur_torch.parallel.base import Backend
+from lemur_torch.summary import run_summary
+from lemur_torch.watchdog import StepWatchdog
 
 
 class NonFiniteError(RuntimeError):
@@ -30,7 +37,7 @@ class NonFiniteError(RuntimeError):
 class PendingStep:
     """A dispatched optimizer step whose metrics are still on their way from the device: `read()` waits for
     them and gives [loss, grad_norm, finite, label_tokens, loss_sum, per-domain sums, per-domain counts]
-    (Backend.read_later); Trainer.complete calls it."""
+    (Backend.read_later); Trainer.complete calls it, exactly once."""
 
     step: int
     read: Callable[[], List[float]]
@@ -74,41 +81,52 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.stop = stop or StopSignal().install()
         self.last_saved_step = -1
+        self.resumed_from: Optional[str] = None
         self._aborting = False  # set when a read step ends a run of max_nonfinite_steps; raised in agree()
         self._last_nonfinite = ""
 
     # -- state -------------------------------------------------------------------------------------
     def trainer_state(self) -> Dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "run_id": self.checkpointer.run_id}
 
     def maybe_resume(self) -> None:
-        path = self.checkpointer.resume_path()
-        if path is None:
+        choice = self.checkpointer.choose_resume()  # rank 0 decides; every rank loads the same checkpoint
+        self.logger.start_run(choice.run_id)  # a resumed run continues its wandb run
+        if choice.path is None:
             return
-        state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler, self.loader)
+        self.resumed_from = choice.path
+        state = self.checkpointer.load(choice.path, self.model, self.optimizer, self.scheduler, self.loader)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.last_saved_step = self.step
         self.skipped_steps = state.get("skipped_steps", 0)
-        self.logger.info(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+        for change in apply_config_on_resume(self.optimizer, self.scheduler, self.cfg.optim):
+            self.logger.info(f"resume: {change}")
+        self.logger.info(f"resumed from {choice.path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
 
-    def save(self) -> str:
-        t0 = time.perf_counter()
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, self.loader, self.trainer_state())
-        self.last_saved_step = self.step
-        self.logger.info(f"checkpoint {path} written in {time.perf_counter() - t0:.1f}s")
-        return path
+    def save(self, wait: bool = False) -> None:
+        """Checkpoint the current step (unless it is saved already); with `wait`, return only once it is
+        committed. Asynchronous saves return as soon as the state is staged."""
+        if self.last_saved_step != self.step:
+            self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, self.loader, self.trainer_state())
+            self.last_saved_step = self.step
+        if wait:
+            self.checkpointer.finalize()
 
     # -- loop --------------------------------------------------------------------------------------
     def fit(self) -> int:
-        """Train to train.max_steps (or until a stop signal). Returns 0, or the preemption exit code.
+        """Train to train.max_steps, to train.stop_at_step, or until a stop signal. Returns 0, or the
+        preemption exit code. Every way out waits for the checkpoint in flight.
 
-        Each step is dispatched before the previous one is read back: `train_step` returns the step's
-        metrics still on the device (a PendingStep), and they are read one iteration later, after the next
-        step has been dispatched, so the host never waits for the device between steps (XLA traces step k+1
-        while the device runs step k; CUDA queues its kernels). Everything that needs the numbers waits for
-        them first: the non-finite abort and the log lines follow one step behind, and a checkpoint or the end
-        of the run reads its own step before going on. Host decisions (stop signal, abort) are agreed by all
-        processes once per step with one small collective (Backend.any_process), taken while the device runs.
+        The host never waits for the device between steps: a step's metrics (loss, grad norm, the finite
+        guard) come back through Backend.read_later and are read during the next step, once that step's
+        forward/backward is dispatched (XLA traces step k+1 while the device runs step k; CUDA queues its
+        kernels) and before its optimizer step. Everything that depends on step k's guard is therefore decided
+        before step k+1 updates anything: the LR schedule advances only after an applied update (step k+1's lr
+        is set from it), the skip counter counts it, and an abort is flagged. A checkpoint, a stop and the end
+        of the run read their own step first (`settle`), so what is saved holds only read and checked steps.
+        Host decisions (stop signal, abort) are agreed by all processes once per step with one small CPU
+        collective (Backend.any_process), taken while the device runs.
         """
         t = self.cfg.train
         self.maybe_resume()
@@ -116,44 +134,50 @@ class Trainer:
             # signalled while building or resuming: nothing new to save since the last checkpoint
             self.logger.info("stop signal received before the first step: exiting for requeue")
             return t.preempt_exit_code
-        self.logger.info(
-            f"training {self.cfg.model.name} on {self.backend.world_size} process(es) [{self.backend.name}], "
-            f"{self.grad_accum} micro-batch(es) of {t.micro_batch_size}x{t.seq_len} per rank per step, "
-            f"{t.global_batch_tokens:,} tokens/step, steps {self.step}->{t.max_steps}"
-        )
+        if self.logger.enabled:
+            self.logger.info(run_summary(self.cfg, self.backend, self.model, self.loader, self.grad_accum, self.step,
+                                         self.tokens_seen, self.resumed_from))
+        self.progress = Progress(t.max_steps, self.step)
         batches = self.backend.device_batches(iter(self.loader))
         every = self.cfg.checkpoint.every_steps
         pending: Optional[PendingStep] = None
-        while self.step < t.max_steps:
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(self.grad_accum)]
-            data_time = time.perf_counter() - t0
-            current = self.train_step(micro)
-            self.step += 1
-            self.tokens_seen += t.global_batch_tokens
-            current.started, current.data_time, current.tokens_seen = t0, data_time, self.tokens_seen
-            if pending is not None:
-                self.complete(pending, ended=t0)  # the previous step, read while this one runs
-            pending = current
-            stop = self.agree()
-            time_boxed = t.stop_at_step is not None and t.stop_at_step <= self.step < t.max_steps
-            periodic = every and self.step % every == 0 and self.step < t.max_steps
-            if stop or time_boxed or periodic:
-                self.complete(pending)  # a checkpoint holds only steps that were read and checked
-                self.agree()
+        with StepWatchdog(t.hang_timeout_s, t.hang_exit_code, self.backend.rank) as watchdog, closing(self.checkpointer):
+            while self.step < t.max_steps:
+                watchdog.beat(self.step)
+                if t.stop_at_step is not None and self.step >= t.stop_at_step:
+                    self.settle(pending)
+                    self.save(wait=True)
+                    self.logger.info(f"train.stop_at_step={t.stop_at_step} reached at step {self.step}: checkpoint committed, stopping")
+                    return 0
+                faults.before_step(self.step + 1, self.backend.rank)
+                t0 = time.perf_counter()
+                mark = self.loader.mark()  # the data position of the last completed step
+                try:
+                    micro = [next(batches) for _ in range(self.grad_accum)]
+                except DataReadError:  # raised on every rank at the same micro-batch (data/loader.py)
+                    self.loader.rewind(mark)
+                    self.settle(pending)
+                    self.save(wait=True)
+                    raise
+                data_time = time.perf_counter() - t0
+                pending = self.train_step(micro, pending, started=t0)
+                self.step += 1
+                self.tokens_seen += t.global_batch_tokens
+                pending.started, pending.data_time, pending.tokens_seen = t0, data_time, self.tokens_seen
+                stop = self.agree()
+                periodic = every and self.step % every == 0 and self.step < t.max_steps
+                if stop or periodic:
+                    stop = self.settle(pending) or stop  # a checkpoint holds only steps that were read and checked
+                    self.save(wait=stop)
+                if stop:
+                    self.logger.info(f"stop signal honoured: checkpoint at step {self.step}, exiting for requeue")
+                    return t.preempt_exit_code
+            self.settle(pending)
+            watchdog.beat(self.step)
+            if self.cfg.checkpoint.save_at_end:
                 self.save()
-            if time_boxed:
-                self.logger.info(f"train.stop_at_step={t.stop_at_step} reached: checkpoint written, stopping")
-                return 0
-            if stop:
-                self.logger.info(f"stop signal honoured: checkpoint at step {self.step}, exiting for requeue")
-                return t.preempt_exit_code
-        if pending is not None:
-            self.complete(pending)
-            self.agree()
-        if self.cfg.checkpoint.save_at_end and self.last_saved_step != self.step:
-            self.save()
-        return 0
+            self.checkpointer.finalize()  # the end waits for the last save (the export comes next)
+            return 0
 
     def agree(self) -> bool:
         """All processes take the host decisions together, with one small collective: abort after too many
@@ -163,14 +187,23 @@ class Trainer:
         if abort:
             raise NonFiniteError(
                 f"{self.cfg.train.max_nonfinite_steps} consecutive steps with a non-finite loss or grad norm "
-                f"(last: {self._last_nonfinite or 'on another process'}) by step {self.step}; "
+                f"(last: {self._last_nonfinite or 'on another process'}); "
                 f"lower optim.lr or check the data, then resume from the last checkpoint"
             )
         return stop
 
-    def train_step(self, micro: List[Dict[str, torch.Tensor]]) -> "PendingStep":
-        """Forward/backward over the micro-batches, clip, guarded optimizer step. Nothing here reads a device
-        value on the host: the step's metrics come back as one device tensor in a PendingStep."""
+    def settle(self, pending: Optional["PendingStep"]) -> bool:
+        """Read the last dispatched step (if not read yet) and agree on its outcome; returns the stop decision."""
+        if pending is not None:
+            self.complete(pending)
+        return self.agree()
+
+    def train_step(self, micro: List[Dict[str, torch.Tensor]], previous: Optional["PendingStep"] = None,
+                   started: Optional[float] = None) -> "PendingStep":
+        """Forward/backward over the micro-batches, clip, guarded optimizer step. The previous step is read
+        (`complete`) after this step's forward/backward is dispatched and before its optimizer step, so this
+        step's lr already reflects whether the previous update was applied. Nothing of this step is read on the
+        host here: its metrics come back as one device tensor in the returned PendingStep."""
         t, b = self.cfg.train, self.backend
         device = micro[0]["input_ids"].device
         n_dom = len(self.domains)
@@ -182,7 +215,7 @@ class Trainer:
         dom_cnt = torch.zeros(n_dom, dtype=torch.float32, device=device)
         for i, mb in enumerate(micro):
             b.prepare_backward(self.model, i, len(micro))
-            logits = self.model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
+            logits = self.model(**forward_kwargs(mb)).logits  # ids, positions, document boundaries
             s, ds, dc = token_loss_sums(logits, mb["labels"], mb["domain_ids"], n_dom, t.loss_chunk)
             (s / global_tokens).backward()
             loss_sum += s.detach()
@@ -191,11 +224,13 @@ class Trainer:
         reduced = b.all_reduce_sum(torch.cat([loss_sum.view(1), dom_sum, dom_cnt]))
         grad_norm = b.clip_grad_norm_(self.model, t.grad_clip)
         loss = reduced[0] / global_tokens
-        lr = self.scheduler.get_last_lr()[0]
         finite_t = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if previous is not None:
+            self.complete(previous, ended=started)  # sets this step's lr: the schedule counts applied updates
+        lr = self.scheduler.get_last_lr()[0]
+        self.checkpointer.wait_staged()  # an asynchronous save may still be copying the weights off the device
         b.optimizer_step(self.optimizer, finite_t)  # skipped when not finite (decided on device for XLA)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         # built before step_done so it is part of the step's graph (XLA: one graph per step); read later
         values = torch.cat([loss.view(1), grad_norm.detach().float().view(1).to(loss.device), finite_t.float().view(1),
                             global_tokens.view(1), reduced])
@@ -203,9 +238,10 @@ class Trainer:
         return PendingStep(step=self.step + 1, read=b.read_later(values), lr=lr)
 
     def complete(self, pending: "PendingStep", ended: Optional[float] = None) -> None:
-        """Read a dispatched step's metrics (the step's one device-to-host transfer; waits for that step
-        only), count non-finite steps and log. An abort is only flagged here: every process raises together
-        in `agree`. `ended`: when the next step started (else now), for the step time."""
+        """Read a dispatched step's metrics (its one device-to-host transfer; waits for that step only), then
+        act on its guard: advance the LR schedule after an applied update, count a skipped one, flag an abort
+        (raised on every process together in `agree`), and log. `ended`: when the next step started (else now),
+        for the step time."""
         if pending.done:
             return
         t0 = time.perf_counter()
@@ -215,6 +251,7 @@ class Trainer:
         n_dom = len(self.domains)
         loss_v, gnorm_v, finite, n_tokens, red = host[0], host[1], host[2] > 0, host[3], host[4:]
         if finite:
+            self.scheduler.step()  # the schedule counts applied updates: a skipped step does not advance it
             self.consecutive_nonfinite = 0
         else:
             self.skipped_steps += 1
@@ -246,4 +283,6 @@ class Trainer:
         metrics.update({f"loss/{d}": v for d, v in stats["domain_loss"].items()})
         metrics.update({f"data/{k}": v for k, v in self.loader.stats().items()})
         metrics.update(self.backend.memory_stats())
+        metrics.update(self.checkpointer.stats())
+        metrics.update(self.progress.update(step))
         self.logger.log_step(metrics)

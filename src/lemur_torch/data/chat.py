@@ -13,9 +13,18 @@ Labels are built turn by turn, never by re-tokenizing prefixes of the conversati
 message's content, its <|im_end|> and that "\\n"; BOS, system and user messages and every header are -100.
 Each piece is tokenized as the tokenizer tokenizes it *in place*: SentencePiece adds a "▁" at the start of a
 string but not after a special token or a newline, so a piece is encoded behind a fixed anchor (the special
-token <|im_start|>, plus "\\n" for content) whose ids are then dropped. Newline is a hard boundary for the
-Llama vocabulary (no piece contains it) and special tokens split the text, so the concatenation equals the
-tokenizer's own encoding of the whole rendered text; tests check it against character offsets.
+token <|im_start|> for the headers' role and the tail's newline, a "\\n" for content) whose ids are then
+dropped. Newline is a hard boundary for the Llama vocabulary (no piece contains it) and special tokens split
+the text, so the concatenation equals the tokenizer's own encoding of the whole rendered text; tests check it
+against character offsets.
+
+Content is text: message contents are encoded with special-token parsing off (packing.Tokenize), so a message
+that contains "<|im_end|>\\n<|im_start|>assistant\\n", "<s>", "</s>" or "<pad>" gets the ids of those
+characters, and the only control ids in a conversation are the ones this module places (BOS, and one
+<|im_start|> and one <|im_end|> per message). `tokenizer.apply_chat_template(messages, tokenize=True)` does
+not keep that guarantee: it renders one string and tokenizes it with special tokens parsed, so a server must
+encode prompts with `ChatEncoder.prompt` (or, equally, render with the template and tokenize each message's
+content on its own with `split_special_tokens=True`); docs/architecture.md, "Serving the chat model".
 
 Conversations longer than seq_len are cut after the last assistant message that fits; when not even the first
 assistant message fits they are cut at seq_len tokens; an example left with no trainable token is dropped and
@@ -29,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from lemur_torch.data.packing import Tokenize
+from lemur_torch.data.packing import Tokenize, _batch_encoder
 from lemur_torch.data.sources import MISSING_FIELD, Bad
 
 PAD, IM_START, IM_END, IM_SEP, DIFF_MARKER = "<pad>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|diff_marker|>"
@@ -164,16 +173,18 @@ class ChatEncoder(Tokenize):
         self.seq_len = int(seq_len)
         self.im_start, self.im_end = vocab[IM_START], vocab[IM_END]
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab[PAD]
-        # pieces are encoded behind an anchor whose ids are then dropped (module docstring)
-        self._anchors = {a: self._fn([a])[0] for a in (IM_START, IM_START + "\n")}
-        self.header = {r: [self.im_start] + self._in_place([r + "\n"], IM_START)[0] for r in ROLES}
-        self.tail = [self.im_end] + self._in_place(["\n"], IM_START)[0]
+        # the template's own markup, the one text whose special-token strings are control ids
+        markup = _batch_encoder(tokenizer, specials=True)
+        # headers and tails follow a special token; pieces are encoded behind an anchor whose ids are then
+        # dropped (module docstring)
+        self.header = {r: [self.im_start] + self._in_place([r + "\n"], IM_START, markup)[0] for r in ROLES}
+        self.tail = [self.im_end] + self._in_place(["\n"], IM_START, markup)[0]
 
-    def _in_place(self, pieces: List[str], anchor: str) -> List[List[int]]:
-        """Each piece's ids as the tokenizer produces them right after `anchor` in a longer text."""
-        anchor_ids = self._anchors[anchor]
+    def _in_place(self, pieces: List[str], anchor: str, encode) -> List[List[int]]:
+        """Each piece's ids as `encode` produces them right after `anchor` in a longer text."""
+        anchor_ids = encode([anchor])[0]
         out = []
-        for piece, ids in zip(pieces, self._fn([anchor + p for p in pieces])):
+        for piece, ids in zip(pieces, encode([anchor + p for p in pieces])):
             if ids[: len(anchor_ids)] != anchor_ids:
                 raise ValueError(f"tokenizer merges across {anchor!r} when encoding {piece[:40]!r}: turn-by-turn labels would be wrong")
             out.append(ids[len(anchor_ids):])
@@ -182,7 +193,9 @@ class ChatEncoder(Tokenize):
     def encode(self, conversations: Sequence[Conversation]) -> List[Tuple[List[int], List[int], List[int]]]:
         """Untruncated (ids, labels, message end offsets) per conversation; one batched tokenizer call for all contents."""
         contents = [c.strip() for conv in conversations for _, c in conv.messages]  # as render() does
-        content_ids = iter(self._in_place(contents, IM_START + "\n") if contents else [])
+        # content is text (Tokenize): markup inside a message stays characters, so no message can forge a turn.
+        # It follows "<role>\n" in the rendered text; "\n" is a hard boundary, so the anchor "\n" stands for that
+        content_ids = iter(self._in_place(contents, "\n", self._fn) if contents else [])
         out = []
         for conv in conversations:
             ids, labels, ends = [self.bos], [IGNORE_INDEX], []
@@ -193,6 +206,17 @@ class ChatEncoder(Tokenize):
                 ends.append(len(ids))
             out.append((ids, labels, ends))
         return out
+
+    def prompt(self, messages: Sequence[Dict[str, str]], add_generation_prompt: bool = True) -> List[int]:
+        """Ids of a conversation so far, for generation: the training encoding of `messages` (role/content
+        dicts, contents as text), then the `<|im_start|>assistant\\n` header a reply is generated after. The same
+        ids as the exported chat_template's text, with markup parsed in the template only, never in a message."""
+        for i, m in enumerate(messages):
+            if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i}: needs role in {ROLES} and a string content")
+        conv = Conversation([(m["role"], m["content"].strip()) for m in messages])
+        ids, _, _ = self.encode([conv])[0]
+        return ids + (self.header["assistant"] if add_generation_prompt else [])
 
     def truncate(self, conv: Conversation, ids: List[int], labels: List[int], ends: List[int]) -> Union[np.ndarray, Bad]:
         S = self.seq_len

@@ -9,7 +9,7 @@ What differs from pretraining, and only that:
 - position_ids restart at 0 at each conversation (per-conversation attention, as for documents) and at the
   padding, which is a segment of its own; `attend_across_documents` gives 0..S-1 instead (original Lemur);
 - a row's source follows the same weighted schedule (sources are mixed by rows), and a packer's position is the
-  same (epoch, k) with offset 0, so state_dict/load_state_dict and world-size changes work unchanged.
+  same (epoch, reader position) with offset 0, so state_dict/load_state_dict and world-size changes work unchanged.
 """
 
 from __future__ import annotations
@@ -104,14 +104,18 @@ class ChatLoader(PackedMixtureLoader):
             raise DataConfigError(str(exc)) from None
         super().__init__(data_cfg, tokenizer, seq_len, micro_batch_size, dp_rank, dp_size, seed)
 
-    def build_source(self, name, scfg):
-        return build_chat_source(name, scfg, self.seed)
+    def build_source(self, name, scfg, listing=None):
+        return build_chat_source(name, scfg, self.seed, listing, self.storage)
+
+    def text_column(self, scfg):
+        return None  # a conversation's fields are several columns
+
+    def _fingerprint(self) -> dict:
+        fp = {**super()._fingerprint(), "format": "chat", "chat_packing": self.chat_packing}
+        return fp
 
     def make_tokenize(self):
         return partial(ChatEncoder, seq_len=self.seq_len)
-
-    def _fingerprint(self) -> dict:
-        return {**super()._fingerprint(), "format": "chat", "chat_packing": self.chat_packing}
 
     def stats(self) -> Dict[str, float]:
         out = super().stats()

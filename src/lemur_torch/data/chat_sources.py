@@ -1,9 +1,9 @@
 """Conversation sources: the pretraining readers (sources.py) with a conversation per record, and a built-in set.
 
-`jsonl` and `hf` read exactly as for pretraining (files, lanes, shards, resume positions, bad-line reports with
-file:line); only `Source.record` differs: a JSON object / HF example becomes a `Conversation` (chat.py) in the
+`jsonl` and `hf` read exactly as for pretraining (files, lanes' shares, resume positions, bad-line reports with
+file:line); only `Source.record` differs: a JSON object / parquet row becomes a `Conversation` (chat.py) in the
 configured format, or a `Bad` naming what is wrong. A JSON *array* file (e.g. the ShareGPT dumps) reads as
-kind hf with path json and data_files.
+kind hf with path json and data_files (whole, by every lane that shares it: convert big ones to JSON lines).
 
 `builtin_chat` needs no download; it is made from material that ships with Python:
 - `pydoc_topics`: the language reference topics of `pydoc_data.topics` (Python's `help()` pages) as question and
@@ -21,30 +21,23 @@ from functools import lru_cache
 from typing import List, Tuple
 
 from lemur_torch.data.chat import FORMATS, Conversation, to_conversation
-from lemur_torch.data.sources import (
-    DataConfigError,
-    HFSource,
-    JsonlSource,
-    Source,
-    _epoch_order,
-    _expand,
-    _plain,
-)
+from lemur_torch.data.sources import DataConfigError, FileSource, IndexedSource, Source, _plain, resolve_listing, source_identity
+from lemur_torch.data.storage import Storage
 
 
-class _ChatRecords:
+class ChatFileSource(FileSource):
+    """JSON lines / JSON array / parquet records as conversations (kinds jsonl and hf)."""
+
     chat_format, fields = "auto", {}
 
     def record(self, obj):
         return to_conversation(obj, self.chat_format, self.fields)
 
+    def _columns(self):
+        return None  # every column: the format decides which fields make the conversation
 
-class ChatJsonlSource(_ChatRecords, JsonlSource):
-    pass
-
-
-class ChatHFSource(_ChatRecords, HFSource):
-    pass
+    def fingerprint(self):
+        return {**super().fingerprint(), "chat_format": self.chat_format, "fields": dict(self.fields)}
 
 
 # modules that exist in every supported Python (3.10+) and are plain Python; missing ones are skipped
@@ -111,7 +104,7 @@ def stdlib_function_conversations() -> Tuple[Tuple[str, List[Tuple[str, str]]], 
 BUILTIN_SETS = {"pydoc_topics": pydoc_conversations, "stdlib_functions": stdlib_function_conversations}
 
 
-class BuiltinChatSource(Source):
+class BuiltinChatSource(IndexedSource):
     """One of BUILTIN_SETS, one conversation per record, permuted per epoch like the other built-in sources."""
 
     kind = "builtin_chat"
@@ -123,17 +116,15 @@ class BuiltinChatSource(Source):
         self.which = which
         self.items = BUILTIN_SETS[which]()
 
-    def num_records(self):
+    def __len__(self):
         return len(self.items)
 
-    def iter_records(self, epoch, start, step):
-        order = _epoch_order(len(self.items), self.seed, self.name, epoch, self.shuffle)
-        for i in range(start, len(order), step):
-            loc, turns = self.items[order[i]]
-            yield loc, Conversation(list(turns))
+    def item(self, i):
+        loc, turns = self.items[i]
+        return loc, Conversation(list(turns))
 
 
-def build_chat_source(name: str, cfg, seed: int) -> Source:
+def build_chat_source(name: str, cfg, seed: int, listing=None, storage=None) -> Source:
     """A conversation source from its SourceConfig (data.format=chat); config problems raise DataConfigError."""
     kind = cfg.kind
     weight = float(cfg.weight)
@@ -145,14 +136,13 @@ def build_chat_source(name: str, cfg, seed: int) -> Source:
     shuffle = bool(cfg.get("shuffle", True))
     if kind == "builtin_chat":
         return BuiltinChatSource(name, cfg.domain, weight, seed, shuffle, cfg.path)
-    if kind == "jsonl":
-        src = ChatJsonlSource(name, cfg.domain, weight, seed, shuffle, _expand(name, cfg.path, kind), cfg.text_field)
-    elif kind == "hf":
-        if not cfg.path:
-            raise DataConfigError(f"source {name!r}: kind hf needs path (a dataset id or local folder)")
-        src = ChatHFSource(name, cfg.domain, weight, seed, shuffle, cfg.path, cfg.hf_config, cfg.split, cfg.text_field,
-                           _plain(cfg.get("data_files")), cfg.get("data_dir"))
-    else:
+    if kind not in ("jsonl", "hf"):
         raise DataConfigError(f"source {name!r}: kind {kind!r} does not hold conversations; with data.format=chat use builtin_chat, jsonl or hf")
+    if cfg.kind == "hf" and not cfg.path:
+        raise DataConfigError(f"source {name!r}: kind hf needs path (a dataset id or local folder)")
+    storage = storage or Storage()
+    if listing is None:
+        listing = resolve_listing(name, cfg, None, storage)
+    src = ChatFileSource(name, cfg.domain, weight, seed, shuffle, kind, listing, cfg.text_field, storage, source_identity(cfg))
     src.chat_format, src.fields = fmt, dict(_plain(cfg.get("fields")) or {})
     return src

@@ -5,9 +5,11 @@ The global stream (independent of the world size) is a sequence of packed rows g
 - row g comes from source `schedule.source_at(g)` (mixture.py: token ratio within 2 rows of exact at every
   prefix, arithmetic in g);
 - row g belongs to lane l = g mod L (L = `data.lanes`, fixed for a run); each lane has one packer per source
-  that reads that source's records l, l+L, l+2L, ... of each epoch (sources.py) and cuts them into rows
-  (packing.py); row g is the next row of packer (l, source_at(g)).
-So every row is a deterministic function of (seed, config, g), and a lane's position is a few integers.
+  that reads that lane's share of the source in each epoch (a contiguous part of its bytes or rows, or every
+  L-th document of a one-document-per-file source; sources.py) and cuts it into rows (packing.py); row g is the
+  next row of packer (l, source_at(g)).
+So every row is a deterministic function of (seed, config, data, g), and a lane's position is a few integers
+that its readers seek to: resuming late in a run costs what resuming at its start costs.
 
 Who reads what: a micro-step takes the next micro_batch_size * dp_size rows of the global stream; rank r takes
 every dp_size-th of them (global rows G0 + r + dp_size*j for its local rows j = 0, 1, ..., where G0 is the
@@ -25,22 +27,51 @@ communication (the trainer may call it on rank 0 alone), is identical on every r
 world size. `load_state_dict` on any number of ranks and workers continues the global stream at row G.
 Without torch.distributed (ranks simulated in one process, as the tests do), combine the ranks'
 `local_state_dict()`s with `merge_states`.
+
+The state carries a fingerprint of everything that gives positions their meaning - lanes, seq_len, seed,
+weights, the tokenizer, and per source its kind, path, files (names and sizes), text field and shuffle - and
+`load_state_dict` refuses a state whose fingerprint differs, naming the setting, unless `data.resume_stream`
+is `restart` (the model and optimizer resume; the data stream starts at its beginning).
+
+Start-up and failures: the sources' file listings are resolved once, on rank 0, and broadcast on the
+loader's gloo group (config errors then fail on every rank alike). A reader that fails for good mid-run (a
+`DataReadError` after retries, or bad input in strict mode) - in a DataLoader worker, its prefetch thread or
+inline - hands the failure on as an item; the micro-batch's lane exchange tells every rank, and every rank
+raises it at the same micro-batch, so none is left waiting in a collective. The trainer then checkpoints the
+last completed step (`mark`/`rewind`) and stops.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-from typing import Dict, Iterator, List, Optional, Sequence
+import sys
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lemur_torch.data.boundaries import document_lengths
 from lemur_torch.data.mixture import Schedule
 from lemur_torch.data.packing import BadCounter, Packer, Refiller, Tokenize
-from lemur_torch.data.sources import REASONS, DataConfigError, Source, build_source
+from lemur_torch.data.sources import REASONS, BadInputError, DataConfigError, Source, build_source, resolve_listing
+from lemur_torch.data.storage import DataReadError, Storage, io_counters
 
-STATE_VERSION = 1
+# 2: lanes read contiguous shares and positions are seekable reader positions (1: strided record indices)
+STATE_VERSION = 2
+RESUME_STREAM = ("exact", "restart")
+_FAILURES = {"DataReadError": DataReadError, "BadInputError": BadInputError}
+
+
+class _Failure:
+    """A reader's permanent failure, handed on as a stream item (crosses worker processes and threads intact)."""
+
+    def __init__(self, kind: str, message: str):
+        self.kind, self.message = kind, message
+
+    def error(self) -> Exception:
+        return _FAILURES[self.kind](self.message)
 log = logging.getLogger("lemur_torch.data")
 
 
@@ -107,21 +138,39 @@ class _RowStream(IterableDataset):
         stride = self.dp_size * self.num_workers
         lanes: Dict[int, _Lane] = {}
         g = self.start + self.dp_rank + self.dp_size * worker
+        finalizing = sys.is_finalizing  # held by the frame: module globals are gone when it runs at exit
         try:
             while True:
                 lane_id, m = g % self.lanes, g // self.lanes
-                lane = lanes.get(lane_id)
-                if lane is None:
-                    lane = lanes[lane_id] = _Lane(lane_id, self, self.lane_states.get(lane_id))
-                while lane.m < m:  # rows of a shared lane that other workers own: made, then dropped
-                    lane.next_row()
-                s, (ids, labels, pos) = lane.next_row()
+                try:
+                    lane = lanes.get(lane_id)
+                    if lane is None:
+                        lane = lanes[lane_id] = _Lane(lane_id, self, self.lane_states.get(lane_id))
+                    while lane.m < m:  # rows of a shared lane that other workers own: made, then dropped
+                        lane.next_row()
+                    s, (ids, labels, pos) = lane.next_row()
+                except (DataReadError, BadInputError) as exc:
+                    yield _Failure(type(exc).__name__, str(exc))
+                    return
                 row = torch.stack([torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos)])
                 yield row, self.domain_of[s], lane_id, lane.state()
                 g += stride
         finally:
-            if self.pool is not None:
+            # An iterator still referenced at interpreter exit is finalized after concurrent.futures has stopped
+            # and joined its workers (threading's atexit hook); shutdown() would then only trip over torn-down
+            # module globals (AttributeError: 'NoneType' object has no attribute 'Empty'), with nothing to stop
+            if self.pool is not None and not finalizing():
                 self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _take(rows, n: int) -> list:
+    """The next n items of a row stream, or fewer ending with a reader's failure (after which it has no more)."""
+    items = []
+    for _ in range(n):
+        items.append(next(rows))
+        if isinstance(items[-1], _Failure):
+            break
+    return items
 
 
 class PackedMixtureLoader:
@@ -154,14 +203,19 @@ class PackedMixtureLoader:
         self.attend_across_documents = bool(data_cfg.get("attend_across_documents", False))
         if self.lanes < 1 or self.num_workers < 0 or self.read_chars < 1:
             raise DataConfigError(f"data.lanes >= 1, data.num_workers >= 0, data.read_chars >= 1; got {self.lanes}, {self.num_workers}, {self.read_chars}")
+        self.resume_stream = str(data_cfg.get("resume_stream", "exact"))
+        if self.resume_stream not in RESUME_STREAM:
+            raise DataConfigError(f"data.resume_stream={self.resume_stream!r}: use exact (continue the saved stream) or restart")
+        self.storage = Storage(int(data_cfg.get("io_retries", 8)), float(data_cfg.get("io_backoff_s", 1.0)),
+                               float(data_cfg.get("io_max_backoff_s", 60.0)))
+        self.tokenizer_id = tokenizer_identity(tokenizer)
 
-        self.sources: List[Source] = [self.build_source(str(name), scfg) for name, scfg in data_cfg.sources.items()]
+        self._group = self._exchange_group()
+        listings = self._shared_listings(data_cfg)
+        self.sources: List[Source] = [self.build_source(str(name), scfg, listings.get(str(name)))
+                                      for name, scfg in data_cfg.sources.items()]
         for src in self.sources:
-            n = src.num_records()
-            if n is not None and n < self.lanes:
-                raise DataConfigError(
-                    f"source {src.name!r} has {n} records, fewer than data.lanes={self.lanes}: every lane needs documents; lower data.lanes"
-                )
+            src.check_lanes(self.lanes)
         self.schedule = Schedule([s.name for s in self.sources], [s.weight for s in self.sources], self.lanes)
         self.domain_names: List[str] = sorted({s.domain for s in self.sources})
         self._domain_of = [self.domain_names.index(s.domain) for s in self.sources]
@@ -172,12 +226,44 @@ class PackedMixtureLoader:
                 "tokenizes rows it then drops (the stream is still exact, just up to %dx slower); pick lanes = k x %d",
                 self.lanes, readers, readers // math.gcd(readers, self.lanes), readers,
             )
-        self._group = self._exchange_group()
         self._rows = 0  # global rows consumed
         self._lane_states: Dict[int, dict] = {}
 
-    def build_source(self, name: str, scfg) -> Source:
-        return build_source(name, scfg, self.seed)
+    def build_source(self, name: str, scfg, listing=None) -> Source:
+        return build_source(name, scfg, self.seed, listing, self.storage)
+
+    def text_column(self, scfg) -> Optional[str]:
+        """The parquet column a source reads (None: every column, as conversations need)."""
+        return scfg.text_field
+
+    def _shared_listings(self, data_cfg) -> dict:
+        """Every source's file listing, resolved on rank 0 only and broadcast (one listing, not one per rank)."""
+        listings, error = {}, None
+        retries0 = io_counters()[1]
+        if self._group is None or self.dp_rank == 0:
+            try:
+                for name, scfg in data_cfg.sources.items():
+                    listings[str(name)] = resolve_listing(str(name), scfg, self.text_column(scfg), self.storage)
+            except DataConfigError as exc:
+                error = str(exc)
+        self._listing_retries = io_counters()[1] - retries0
+        if self._group is not None:
+            box = [listings, error]
+            torch.distributed.broadcast_object_list(box, src=0, group=self._group)
+            listings, error = box
+        if error is not None:
+            raise DataConfigError(error)
+        return listings
+
+    def describe(self) -> List[str]:
+        """Start-up lines, one per source: files, bytes, lanes per file or files per lane, read amplification."""
+        lines = []
+        for src in self.sources:
+            line, amp = src.describe(self.lanes)
+            lines.append(line)
+            if amp > 1.5 and self.dp_rank == 0:
+                log.warning("%s", line)
+        return lines
 
     def make_tokenize(self):
         """A picklable factory (it travels to DataLoader workers): tokenizer -> the packers' tokenizer."""
@@ -200,7 +286,8 @@ class PackedMixtureLoader:
         rows = self._stream()
         B = self.micro_batch_size
         while True:
-            items = [next(rows) for _ in range(B)]
+            items = _take(rows, B)
+            self._exchange(items)  # every rank raises here, together, if any rank's reader failed
             packed = torch.stack([it[0] for it in items])  # [B, 3, S]
             domains = torch.tensor([it[1] for it in items], dtype=torch.long)
             batch = {
@@ -209,16 +296,24 @@ class PackedMixtureLoader:
                 "position_ids": packed[:, 2].contiguous(),
                 "domain_ids": domains[:, None].expand(B, self.seq_len).contiguous(),
             }
-            updates = [(lane, state) for _, _, lane, state in items]
-            if self._group is not None:
-                gathered: List[Optional[list]] = [None] * self.dp_size
-                torch.distributed.all_gather_object(gathered, updates, group=self._group)
-                updates = [u for rank_updates in gathered for u in rank_updates]
-            for lane, state in updates:  # the most advanced copy of a lane wins (shared lanes)
-                if lane not in self._lane_states or state["m"] > self._lane_states[lane]["m"]:
-                    self._lane_states[lane] = state
+            batch["doc_lens"] = document_lengths(batch["position_ids"])  # the attention kernels' boundaries
             self._rows += B * self.dp_size
             yield batch
+
+    def _exchange(self, items: list) -> None:
+        """Share the lanes' new positions with every rank (and a reader's failure, if any)."""
+        failure = next((it for it in items if isinstance(it, _Failure)), None)
+        updates = [] if failure else [(lane, state) for _, _, lane, state in items]
+        if self._group is not None:
+            gathered: List[Optional[tuple]] = [None] * self.dp_size
+            torch.distributed.all_gather_object(gathered, (updates, failure), group=self._group)
+            failure = next((f for _, f in gathered if f is not None), None)
+            updates = [u for rank_updates, _ in gathered for u in rank_updates]
+        if failure is not None:
+            raise failure.error()
+        for lane, state in updates:  # the most advanced copy of a lane wins (shared lanes)
+            if lane not in self._lane_states or state["m"] > self._lane_states[lane]["m"]:
+                self._lane_states[lane] = state
 
     def __len__(self):  # an endless stream: sources cycle with an epoch counter
         raise TypeError("the packed mixture is endless; count optimizer steps instead")
@@ -226,14 +321,27 @@ class PackedMixtureLoader:
     # -- state --------------------------------------------------------------------------------------------
 
     def _fingerprint(self) -> dict:
-        return {
+        fp = {
             "version": STATE_VERSION,
             "seq_len": self.seq_len,
             "lanes": self.lanes,
             "seed": self.seed,
             "sources": [s.name for s in self.sources],
             "weights": list(self.schedule.weights),
+            "tokenizer": self.tokenizer_id,
         }
+        for src in self.sources:
+            for key, value in src.fingerprint().items():
+                fp[f"sources.{src.name}.{key}"] = value
+        return fp
+
+    def mark(self) -> Tuple[int, Dict[int, dict]]:
+        """The current position (cheap: lane states are replaced, never changed in place); see `rewind`."""
+        return self._rows, dict(self._lane_states)
+
+    def rewind(self, mark: Tuple[int, Dict[int, dict]]) -> None:
+        """Back to a `mark()`: the trainer checkpoints the last completed step after a failed read mid-step."""
+        self._rows, self._lane_states = mark[0], dict(mark[1])
 
     def local_state_dict(self) -> dict:
         """This rank's view: global rows consumed and the lanes it has seen (no communication)."""
@@ -265,12 +373,24 @@ class PackedMixtureLoader:
         return dist.new_group(backend="gloo")
 
     def load_state_dict(self, state: dict) -> None:
+        if self.resume_stream == "restart":
+            log.warning("data.resume_stream=restart: the checkpoint's data position (row %s) is not used; this data stream "
+                        "starts at its beginning", state.get("rows"))
+            self._rows, self._lane_states = 0, {}
+            return
+        if state.get("version") != STATE_VERSION:
+            raise DataConfigError(
+                f"data loader state has version {state.get('version')!r}, this loader reads version {STATE_VERSION} (lanes "
+                "now read contiguous shares with seekable positions): set data.resume_stream=restart to resume the model "
+                "and optimizer with the data stream from its beginning, or resume with the lemur-torch version that wrote it"
+            )
         mine = self._fingerprint()
         for key, value in mine.items():
             if state.get(key) != value:
                 raise DataConfigError(
-                    f"data loader state was saved with {key}={state.get(key)!r} but this run has {key}={value!r}; "
-                    "the global stream would change: restore that setting (or start a fresh data stream)"
+                    f"data loader state was saved with {key}={state.get(key)!r} but this run has {key}={value!r}; the "
+                    "saved positions would mean other data: restore that setting, or set data.resume_stream=restart to "
+                    "resume the model and optimizer and start this data stream from its beginning"
                 )
         rows = int(state["rows"])
         lane_states = {int(k): v for k, v in state["lane_states"].items()}
@@ -300,6 +420,9 @@ class PackedMixtureLoader:
                 if n:
                     out[f"skipped/{src.name}/{reason}"] = float(n)
             out[f"epoch/{src.name}"] = float(max((st["epoch"] for st in states), default=0))
+            out[f"read_bytes/{src.name}"] = float(sum(st.get("io", {}).get("bytes", 0) for st in states))
+            out[f"io_retries/{src.name}"] = float(sum(st.get("io", {}).get("retries", 0) for st in states))
+        out["io_retries"] = self._listing_retries + sum(v for k, v in out.items() if k.startswith("io_retries/"))
         return out
 
 
@@ -308,8 +431,8 @@ def merge_states(states: Sequence[dict]) -> dict:
     first = states[0]
     lanes: Dict[int, dict] = {}
     for st in states:
-        for key in ("rows", "lanes", "seq_len", "sources", "weights", "seed"):
-            if st[key] != first[key]:
+        for key in [k for k in first if k != "lane_states"]:
+            if st.get(key) != first[key]:
                 raise RuntimeError(f"loader states differ in {key!r} across ranks ({st[key]!r} vs {first[key]!r}): not taken at the same step")
         for lane, ls in st["lane_states"].items():
             if lane not in lanes or ls["m"] > lanes[lane]["m"]:
@@ -326,6 +449,19 @@ def build_loader(data_cfg, tokenizer, seq_len: int, micro_batch_size: int, dp_ra
     if fmt != "pretrain":
         raise DataConfigError(f"data.format={fmt!r}: use pretrain (packed documents) or chat (ChatML conversations)")
     return PackedMixtureLoader(data_cfg, tokenizer, seq_len, micro_batch_size, dp_rank, dp_size, seed)
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """A digest of the tokenizer's vocabulary and rules (a checkpoint's positions are in its tokens)."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        for piece, i in sorted(tokenizer.get_vocab().items()):
+            h.update(f"{piece}\0{i}\n".encode())
+    h.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer))).encode())
+    return f"{type(tokenizer).__name__}/{len(tokenizer)}/{h.hexdigest()[:16]}"
 
 
 def expected_lane_rows(rows: int, lanes: int) -> List[int]:

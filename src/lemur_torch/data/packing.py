@@ -15,13 +15,15 @@ concatenation into rows. Row rules (the batch contract, shared/DESIGN.md):
 - with `attend_across_documents` (the original Lemur/EasyLM behaviour) position_ids are 0..seq_len-1 in every
   row, so documents in a row attend to each other; labels are the same.
 
-A packer's position, `Packer.state()`, is (epoch, index k of the first unfinished record in this lane's share
-of the epoch, tokens of it already emitted) plus counters: re-reading from there reproduces the rest of the
-stream exactly, because a document's tokens do not depend on which batch it was tokenized in.
+A packer's position, `Packer.state()`, is (epoch, the reader position `pos` of the first unfinished record in
+this lane's share of the epoch - a byte offset, row or index the reader seeks to, see sources.py - and tokens of
+it already emitted) plus counters (skipped records, bytes read, retried reads): re-reading from there reproduces
+the rest of the stream exactly, because a document's tokens do not depend on which batch it was tokenized in.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple
@@ -29,23 +31,25 @@ from typing import Deque, Dict, List, Optional, Tuple
 import numpy as np
 
 from lemur_torch.data.sources import Bad, BadInputError, Source
+from lemur_torch.data.storage import io_counters
 
 log = logging.getLogger("lemur_torch.data")
 
 
 class Tokenize:
-    """Batched tokenization without special tokens, through the fastest path the tokenizer has."""
+    """Batched tokenization of text as text, without BOS/EOS, through the fastest path the tokenizer has.
+
+    Content is text: a special token's string inside a document ("<s>", "</s>", "<pad>", "<|im_end|>", ...) is
+    encoded as the characters it is made of, never as the control id. HF tokenizers match added special tokens
+    inside any text they encode unless told not to: the Rust tokenizer's `encode_special_tokens` flag, and
+    `split_special_tokens` for slow (python) tokenizers (`_batch_encoder`). Control ids come only from code that
+    places them: BOS/EOS around each document here, the ChatML markup in chat.py.
+    """
 
     def __init__(self, tokenizer):
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None and hasattr(backend, "encode_batch_fast"):
-            self._fn = lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-        elif backend is not None:
-            self._fn = lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-        else:  # slow (python) tokenizers
-            self._fn = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+        self._fn = _batch_encoder(tokenizer, specials=False)
 
     def documents(self, texts: List[str]) -> List[np.ndarray]:
         """BOS + tokens + EOS per text, as int32 arrays (4 bytes a token instead of a python int's 28+8)."""
@@ -55,6 +59,21 @@ class Tokenize:
         for ids in self._fn(texts):
             out.append(np.array(head + ids + tail, dtype=np.int32))
         return out
+
+
+def _batch_encoder(tokenizer, specials: bool):
+    """texts -> ids per text, no BOS/EOS; special-token strings in the texts become control ids iff `specials`."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # slow (python) tokenizers
+        return lambda texts: tokenizer(list(texts), add_special_tokens=False, split_special_tokens=not specials)["input_ids"]
+    if not hasattr(backend, "encode_special_tokens"):
+        raise RuntimeError("this tokenizers version cannot encode special-token strings as text; pip install 'tokenizers>=0.15'")
+    # a private copy with the flag set either way: transformers flips the shared tokenizer's flag whenever it is
+    # called with split_special_tokens=..., so its current value says nothing
+    backend = copy.deepcopy(backend)
+    backend.encode_special_tokens = not specials  # True: special-token strings are encoded as the text they are
+    encode = backend.encode_batch_fast if hasattr(backend, "encode_batch_fast") else backend.encode_batch
+    return lambda texts: [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
 
 class BadCounter:
@@ -147,18 +166,18 @@ class Refiller:
 
     def _read(self, members: List["Packer"]):
         parts = [p.read_chunk() for p in members]
-        texts = [t for _, ts, _, _ in parts for t in ts]
+        texts = [t for _, ts, _, _, _ in parts for t in ts]
         docs = iter(self.tokenize.documents(texts))
         out = {}
-        for p, (chunk, _, keys, nxt) in zip(members, parts):
+        for p, (chunk, _, keys, nxt, io) in zip(members, parts):
             for i in keys:
                 chunk[i] = (chunk[i][0], chunk[i][1], next(docs))
-            out[p] = (chunk, nxt)
+            out[p] = (chunk, nxt, io)
         return out
 
 
 class Packer:
-    """Rows of one source's share of one lane: records lane, lane+L, lane+2L, ... of each epoch in turn."""
+    """Rows of one source's share of one lane: that lane's records of each epoch in turn (sources.py)."""
 
     def __init__(self, source: Source, lane: int, lanes: int, seq_len: int, tokenize: Tokenize, bad: BadCounter,
                  read_chars: int, state: Optional[dict] = None, refiller: Optional[Refiller] = None):
@@ -168,57 +187,63 @@ class Packer:
         self.refiller = refiller if refiller is not None else Refiller(tokenize)
         st = state or {}
         self.epoch: int = st.get("epoch", 0)
-        self.k: int = st.get("k", 0)  # index (in this lane's share of the epoch) of the first unfinished record
-        self.offset: int = st.get("offset", 0)  # tokens of record k already emitted
+        self.pos = st.get("pos")  # reader position of the first unfinished record (None: start of the epoch's share)
+        self.offset: int = st.get("offset", 0)  # tokens of that record already emitted
         self.docs: int = st.get("docs", 0)  # documents started
         self.skipped: Dict[str, int] = dict(st.get("skipped", {}))
-        # read-ahead queue of (epoch, k, tokens or Bad); head = record (self.epoch, self.k)
-        self._queue: Deque[Tuple[int, int, object]] = deque()
-        self._read_epoch, self._read_k = self.epoch, self.k
+        self.io: Dict[str, int] = dict(st.get("io", {"bytes": 0, "retries": 0}))  # bytes read, retried reads
+        # read-ahead queue of (epoch, pos, tokens or Bad); head = record (self.epoch, self.pos)
+        self._queue: Deque[Tuple[int, object, object]] = deque()
+        self._read_epoch, self._read_pos = self.epoch, self.pos
         self._reader = None
-        self._next = (self.epoch, self.k)  # reader position after the queued records
+        self._next = (self.epoch, self.pos)  # reader position after the queued records
         # refill bookkeeping, owned by the Refiller: a chunk read ahead, and whether a read is in flight
         self.ready: Optional[tuple] = None
         self.inflight = False
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "k": self.k, "offset": self.offset, "docs": self.docs, "skipped": dict(self.skipped)}
+        return {"epoch": self.epoch, "pos": self.pos, "offset": self.offset, "docs": self.docs,
+                "skipped": dict(self.skipped), "io": dict(self.io)}
 
     def _records(self):
         while True:
-            first_k, good = self._read_k, 0
-            for loc, rec in self.source.iter_records(self._read_epoch, self.lane + first_k * self.lanes, self.lanes):
+            epoch, first, good = self._read_epoch, self._read_pos is None, 0
+            for loc, rec, nxt in self.source.records(epoch, self.lane, self.lanes, self._read_pos):
                 good += not isinstance(rec, Bad)
-                k = self._read_k
-                self._read_k += 1  # before yielding: the position must be current while the consumer runs
-                yield self._read_epoch, k, loc, rec
-            if first_k == 0 and good == 0:
+                here, self._read_pos = self._read_pos, nxt  # before yielding: current while the consumer runs
+                yield epoch, here, loc, rec
+            if first and good == 0:
                 raise BadInputError(
                     f"source {self.source.name!r}: lane {self.lane} of {self.lanes} found no usable document in a whole "
-                    f"epoch (the source has fewer good records than data.lanes); lower data.lanes or fix the source"
+                    f"epoch (the source has too little data, or too few good records, for data.lanes); lower data.lanes "
+                    f"or fix the source"
                 )
-            self._read_epoch, self._read_k = self._read_epoch + 1, 0
+            self._read_epoch, self._read_pos = epoch + 1, None
 
     def read_chunk(self):
         """Read about read_chars of text (Refiller thread or inline): records with tokens still to fill in, the
-        texts, their places in the chunk, and the reader position after the chunk."""
+        texts, their places in the chunk, the reader position after the chunk, and the reads it cost."""
         if self._reader is None:
             self._reader = self._records()
+        bytes0, retries0 = io_counters()
         chunk, texts, keys, chars = [], [], [], 0
         while chars < self.read_chars:
-            epoch, k, loc, rec = next(self._reader)
+            epoch, pos, loc, rec = next(self._reader)
             if isinstance(rec, Bad):
                 rec.loc = loc  # reported (or raised, strict) when packing reaches it, in stream order
-                chunk.append((epoch, k, rec))
+                chunk.append((epoch, pos, rec))
                 continue
             texts.append(rec)
             keys.append(len(chunk))
-            chunk.append((epoch, k, None))
+            chunk.append((epoch, pos, None))
             chars += len(rec)
-        return chunk, texts, keys, (self._read_epoch, self._read_k)
+        bytes1, retries1 = io_counters()
+        return chunk, texts, keys, (self._read_epoch, self._read_pos), (bytes1 - bytes0, retries1 - retries0)
 
     def _refill(self) -> None:
-        chunk, self._next = self.refiller.take(self)
+        chunk, self._next, (nbytes, retries) = self.refiller.take(self)
+        self.io["bytes"] += nbytes
+        self.io["retries"] += retries
         self._queue.extend(chunk)
 
     def next_row(self, attend_across_documents: bool) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -231,7 +256,7 @@ class Packer:
         while filled < S:
             if not self._queue:
                 self._refill()
-            epoch, k, toks = self._queue[0]
+            epoch, _, toks = self._queue[0]
             if isinstance(toks, Bad):
                 self.bad.report(self.source, toks.loc, toks)
                 self.skipped[toks.reason] = self.skipped.get(toks.reason, 0) + 1
@@ -257,6 +282,6 @@ class Packer:
         self._queue.popleft()
         self.offset = 0
         if self._queue:
-            self.epoch, self.k = self._queue[0][0], self._queue[0][1]
+            self.epoch, self.pos = self._queue[0][0], self._queue[0][1]
         else:
-            self.epoch, self.k = self._next
+            self.epoch, self.pos = self._next

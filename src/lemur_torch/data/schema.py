@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from lemur_torch.fields import Choice, bounded
+
+
+class ResumeStream(Choice):
+    exact = "exact"
+    restart = "restart"
+
 
 @dataclass
 class SourceConfig:
@@ -13,8 +20,9 @@ class SourceConfig:
     # domain reported in the per-domain loss (e.g. code, text)
     domain: str = "code"
     # relative weight in the token mixture
-    weight: float = 1.0
-    # file path or glob for local kinds; dataset id for kind=hf
+    weight: float = bounded(1.0, gt=0, hint="it is the source's relative share of the mixture")
+    # jsonl/parquet/text: a file, folder or glob, local or an fsspec URL (s3://, gs://, hf://datasets/..., https://);
+    # hf: a hub dataset id, a local dataset folder, or json/parquet with data_files
     path: Optional[str] = None
     text_field: str = "text"
     # HF datasets only
@@ -23,8 +31,9 @@ class SourceConfig:
     # HF only: data_dir (e.g. data/python in bigcode/the-stack-dedup) and data_files (e.g. path=json + local files)
     data_dir: Optional[str] = None
     data_files: Optional[Any] = None
-    # permute the per-epoch order with (seed, source, epoch): documents for one-file-per-document kinds
-    # (builtin_*, text), files for jsonl/parquet; HF streams keep their own order
+    # per epoch, a seeded permutation (seed, source, epoch) of the documents for one-file-per-document kinds
+    # (builtin_*, text); of the files, and of which lane reads which share, for jsonl/parquet/hf (reads stay
+    # sequential inside a share). Part of the resume identity: changing it changes what positions mean
     shuffle: bool = True
     # data.format=chat only (kinds jsonl, hf, builtin_chat): messages (OpenAI role/content) | sharegpt
     # (conversations with from/value) | alpaca (instruction/input/output) | auto (by the fields each record has).
@@ -53,16 +62,24 @@ class DataConfig:
     attend_across_documents: bool = False
     # bad input (malformed lines, missing fields, empty documents) is an error instead of skipped+counted
     strict: bool = False
-    num_workers: int = 0
+    num_workers: int = bounded(0, ge=0)
     # lanes of the global stream (loader.py): fixed for a run; resume needs the same value. Make it a multiple
     # of data-parallel ranks x num_workers so that no reader tokenizes rows it does not keep.
-    lanes: int = 12
+    lanes: int = bounded(12, ge=1)
     # characters of text read per tokenizer batch and lane, split over the sources by their share of rows
     # (at least 16384 each); memory per reader ~ lanes it owns x read_chars x 2 (prefetch) x ~1.5 bytes
-    read_chars: int = 262144
+    read_chars: int = bounded(262144, ge=1)
     # 1: a background thread (per reader process) reads and tokenizes the next chunks while rows are packed,
     # batching many lanes' chunks into one tokenizer call; 0: the same reads, inline
-    prefetch_threads: int = 1
+    prefetch_threads: int = bounded(1, ge=0)
     # bad records logged in full per source and process; after that only counts (loader.stats())
-    log_bad_records: int = 5
+    log_bad_records: int = bounded(5, ge=0)
+    # resuming from a checkpoint: exact (continue the saved data stream; refused if the data, tokenizer or
+    # layout changed) | restart (load model and optimizer, start this config's data stream at its beginning)
+    resume_stream: ResumeStream = ResumeStream.exact
+    # reads of remote (and local) files: retries after a transient error (connection reset, timeout, HTTP
+    # 408/425/429/5xx), with exponential backoff from io_backoff_s (x0.5-1.5 jitter) up to io_max_backoff_s
+    io_retries: int = bounded(8, ge=0)
+    io_backoff_s: float = bounded(1.0, ge=0)
+    io_max_backoff_s: float = bounded(60.0, ge=0)
     extra: Dict[str, Any] = field(default_factory=dict)

@@ -1,30 +1,52 @@
-"""Document readers: what a document is, where it lives, and how a lane reads its share of it.
+"""Document readers: what a document is, where it lives, and which part of it each lane reads.
 
-A source is a sequence of *records* per epoch (a file, a JSON line, a parquet row, an HF example), each with a
-location (`file:line`, `file#row`, `dataset[split]#index`) used in bad-input reports. A record is either a
-document's text or a `Bad` (malformed JSON, missing text field, empty text, undecodable bytes); records are
-indexed including the bad ones, so an index is a stable position that resume can return to.
+A source is a sequence of *records* per epoch (a JSON line, a parquet row, a file, an HF example), each with a
+location used in bad-input reports (`file:line`, `file (byte N)` where a share starts mid-file, `file#row`). A
+record is either a document's text or a `Bad` (malformed JSON, missing text field, empty text, undecodable
+bytes).
 
-`Source.iter_records(epoch, start, step)` yields records start, start+step, start+2*step, ... of that epoch: the
-lane structure (see loader.py) gives lane l of L the records l, l+L, l+2L, ... so shares are disjoint without any
-coordination. Readers stream: nothing holds more than one record (or one parquet row group) at a time.
+`Source.records(epoch, lane, lanes, pos)` yields `(location, record, next_pos)` for lane `lane` of `lanes`,
+from position `pos` (None: the start of the lane's share of that epoch). A position is a few integers that the
+reader seeks to: resuming at 90% of a corpus costs what resuming at 0% costs.
 
-Per-epoch order: file-per-document sources (builtin corpus, text trees) permute their documents with
-(seed, source, epoch); jsonl and parquet permute their *files* (records within a file stay in order, so reading
-stays sequential); HF streaming datasets are read in their own order. `shuffle: false` keeps the natural order.
+File sources (kinds jsonl, parquet, hf: `FileSource`): the files are listed once, with their sizes (and, for
+parquet, the row groups from each footer) - on rank 0, then shared (loader.py) - and never scanned at start.
+Each epoch lays the files end to end (in a seeded order per epoch when `shuffle`) and cuts that address space
+into `lanes` contiguous shares of equal bytes (`split_shares`); a cut moves to a file or row-group boundary
+within 1/8 of a share, so lanes read whole files or row groups where those are small. So a lane reads only its
+share:
+- uncompressed JSON lines: a byte range; a line belongs to the range it starts in (as Hadoop/Spark input
+  splits): a reader starting mid-file skips to the first line start at or after the cut, and reads past its end
+  only to finish its last line;
+- parquet: row ranges, by row group; inside a row group shared by lanes only the data pages that hold the
+  lane's rows are read (parquet_pages.py);
+- `.gz` files and JSON array files cannot be split: one goes whole to the lanes whose shares' midpoints fall in
+  it, which read it each and keep every k-th record; the start-up log says what that costs (`describe`).
+Per-epoch order: with `shuffle` the file order and the assignment of shares to lanes are seeded permutations
+per epoch (reads stay sequential inside a share); `shuffle: false` keeps the natural order and lane l reads the
+l-th share. One-document-per-file sources (built-in corpus, text trees) are index-addressed instead: lane l
+reads documents l, l+L, ... of a seeded per-epoch permutation, each opened alone, so nothing is read twice.
+
+Carving out a held-out slice (issue 12) is a change to `FileSource.pieces`: drop the tail of the natural-order
+address space from the training pieces and give it, as its own pieces, to an evaluation reader.
 """
 
 from __future__ import annotations
 
+import bisect
 import glob
 import gzip
+import hashlib
+import io
 import json
 import logging
 import os
 import random
 import sysconfig
-from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+from lemur_torch.data.storage import DataReadError, Storage, fs_and_path, is_url
 
 log = logging.getLogger("lemur_torch.data")
 
@@ -36,6 +58,15 @@ UNDECODABLE = "undecodable"
 REASONS = (MALFORMED_JSON, MISSING_FIELD, EMPTY, UNDECODABLE)
 
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+# bytes per ranged read of a JSON-lines share: big enough that a request's latency is amortised, small enough
+# that a share's last read overshoots little; past the share's end, reads are short (only the last line remains)
+READ_BLOCK = 1 << 20
+TAIL_BLOCK = 1 << 12
+# a cut between shares moves to a file / row-group boundary within this fraction of a share
+SNAP = 1 / 8
+
+__all__ = ["DataConfigError", "BadInputError", "DataReadError", "Bad", "Source", "FileSource", "build_source",
+           "resolve_listing", "split_shares"]
 
 
 class DataConfigError(ValueError):
@@ -74,57 +105,102 @@ def _epoch_order(n: int, seed: int, name: str, epoch: int, shuffle: bool) -> Lis
     return order
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
 class Source:
-    """One configured source. Subclasses implement `_records(epoch)` or override `iter_records`."""
+    """One configured source. Subclasses implement `records` (see the module docstring)."""
 
     kind = "?"
+    text_field = "text"
 
     def __init__(self, name: str, domain: str, weight: float, seed: int, shuffle: bool = True):
         self.name, self.domain, self.weight, self.seed, self.shuffle = name, domain, weight, seed, shuffle
 
     def num_records(self) -> Optional[int]:
-        """Records per epoch when cheap to know (None for streaming datasets); used to validate lanes."""
+        """Records per epoch when known without reading (None otherwise); used to validate lanes."""
         return None
 
     def record(self, obj: dict):
-        """The record of one JSON object or HF example: its text field (chat sources make a conversation of it)."""
+        """The record of one JSON object or parquet row: its text field (chat sources make a conversation of it)."""
         return _check_text(obj.get(self.text_field), self.text_field)
 
-    def iter_records(self, epoch: int, start: int, step: int) -> Iterator[Record]:
-        for i, rec in enumerate(self._records(epoch)):
-            if i >= start and (i - start) % step == 0:
-                yield rec
+    def records(self, epoch: int, lane: int, lanes: int, pos=None) -> Iterator[Tuple[str, object, object]]:
+        raise NotImplementedError  # pragma: no cover
 
-    def _records(self, epoch: int) -> Iterator[Record]:  # pragma: no cover - abstract
+    def fingerprint(self) -> Dict[str, object]:
+        """What the meaning of a position depends on (loader.py refuses to resume when any of it changed)."""
+        return {"kind": self.kind, "shuffle": self.shuffle}
+
+    def check_lanes(self, lanes: int) -> None:
+        n = self.num_records()
+        if n is not None and n < lanes:
+            raise DataConfigError(
+                f"source {self.name!r} has {n} records, fewer than data.lanes={lanes}: every lane needs documents; lower data.lanes"
+            )
+
+    def describe(self, lanes: int) -> Tuple[str, float]:
+        """One line for the start-up log, and the expected read amplification (bytes read / bytes of the data)."""
+        n = self.num_records()
+        return f"source {self.name!r} ({self.kind}): {n} documents, {n / lanes:.1f} per lane, each read once", 1.0
+
+
+class IndexedSource(Source):
+    """Random-access records (one document per file or item): lane l reads items l, l+L, ... of a seeded
+    per-epoch permutation; the position is the index k in that share."""
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-
-class FileDocsSource(Source):
-    """One document per file: the built-in code corpus and plain-text trees."""
-
-    def __init__(self, name, domain, weight, seed, shuffle, files: Sequence[str]):
-        super().__init__(name, domain, weight, seed, shuffle)
-        self.files = list(files)
-
     def num_records(self):
+        return len(self)
+
+    def item(self, i: int) -> Record:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def records(self, epoch, lane, lanes, pos=None):
+        order = _epoch_order(len(self), self.seed, self.name, epoch, self.shuffle)
+        k = pos or 0
+        for i in range(lane + k * lanes, len(order), lanes):
+            k += 1
+            loc, rec = self.item(order[i])
+            yield loc, rec, k
+
+
+class FileDocsSource(IndexedSource):
+    """One document per file: the built-in code corpus and plain-text trees (local or fsspec URLs)."""
+
+    def __init__(self, name, domain, weight, seed, shuffle, files: Sequence[Tuple[str, int]], storage: Optional[Storage] = None):
+        super().__init__(name, domain, weight, seed, shuffle)
+        self.files = [(str(p), int(s)) for p, s in files]
+        self.storage = storage or Storage()
+
+    def __len__(self):
         return len(self.files)
 
-    def iter_records(self, epoch, start, step):
-        order = _epoch_order(len(self.files), self.seed, self.name, epoch, self.shuffle)
-        for i in range(start, len(order), step):  # random access: other lanes' files are never opened
-            path = self.files[order[i]]
-            with open(path, "rb") as f:
-                raw = f.read()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                line = raw[: exc.start].count(b"\n") + 1
-                yield f"{path}:{line}", Bad(UNDECODABLE, f"undecodable utf-8 bytes at byte {exc.start}")
-                continue
-            yield f"{path}:1", _check_text(text, "text")
+    def fingerprint(self):
+        return {**super().fingerprint(), "files": _files_digest(self.files)}
+
+    def item(self, i):
+        path, size = self.files[i]
+        try:
+            raw = self.storage.read(path, 0, size)
+        except DataReadError as exc:
+            raise DataReadError(f"source {self.name!r}: {exc}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            return f"{path}:{line}", Bad(UNDECODABLE, f"undecodable utf-8 bytes at byte {exc.start}")
+        return f"{path}:1", _check_text(text, "text")
 
 
-class BuiltinTextSource(Source):
+class BuiltinTextSource(IndexedSource):
     """Python's documentation topics (`pydoc_data.topics`), one document per topic, sorted by key."""
 
     kind = "builtin_text"
@@ -135,16 +211,14 @@ class BuiltinTextSource(Source):
 
         self.keys = sorted(topics)
 
-    def num_records(self):
+    def __len__(self):
         return len(self.keys)
 
-    def iter_records(self, epoch, start, step):
+    def item(self, i):
         from pydoc_data.topics import topics
 
-        order = _epoch_order(len(self.keys), self.seed, self.name, epoch, self.shuffle)
-        for i in range(start, len(order), step):
-            key = self.keys[order[i]]
-            yield f"pydoc_data.topics[{key!r}]", _check_text(topics[key], "text")
+        key = self.keys[i]
+        return f"pydoc_data.topics[{key!r}]", _check_text(topics[key], "text")
 
 
 def builtin_code_files() -> List[str]:
@@ -158,53 +232,448 @@ def builtin_code_files() -> List[str]:
     return sorted(p for p in out if os.path.getsize(p) > 0)
 
 
-class JsonlSource(Source):
-    """JSON lines, plain or gzipped, from a path or glob; one record per line (line numbers are 1-based)."""
+# -- file listing (resolved once, on rank 0, and shared) -----------------------------------------------------
 
-    kind = "jsonl"
+JSONL, GZ, JSON_ARRAY, PARQUET = "jsonl", "jsonl.gz", "json_array", "parquet"
 
-    def __init__(self, name, domain, weight, seed, shuffle, files, text_field):
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str  # local path or fsspec URL
+    size: int
+    fmt: str  # jsonl | jsonl.gz | json_array | parquet
+    # parquet: (rows, bytes of the columns read) per row group
+    groups: Tuple[Tuple[int, int], ...] = ()
+
+
+@dataclass
+class Listing:
+    files: List[FileInfo] = field(default_factory=list)
+
+
+def _files_digest(files: Sequence[Tuple[str, int]]) -> str:
+    """Names and sizes of a source's files, as a short digest (a changed file list or a rewritten file)."""
+    h = hashlib.sha256()
+    for path, size in files:
+        h.update(f"{path}\0{size}\n".encode())
+    total = sum(s for _, s in files)
+    return f"{len(files)} files, {total} bytes, sha256 {h.hexdigest()[:16]}"
+
+
+_EXTS = {"jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson"), "parquet": (".parquet",), "text": None,
+         "hf": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".parquet")}
+
+
+def _expand_sized(name: str, path: Optional[str], kind: str) -> List[Tuple[str, int]]:
+    """(path, size) of each file of a path, folder or glob, local or an fsspec URL; sorted by path."""
+    if not path:
+        raise DataConfigError(f"source {name!r}: kind {kind} needs a path (a file, folder, glob or URL)")
+    exts = _EXTS.get(kind)
+    if is_url(path):
+        return _expand_url(name, path, kind, exts)
+    path = os.path.expanduser(path)
+    if any(c in path for c in "*?["):
+        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise DataConfigError(f"source {name!r}: glob {path!r} matches no files")
+    elif not os.path.exists(path):
+        raise DataConfigError(f"source {name!r}: path {path!r} does not exist")
+    elif os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if exts is None or f.endswith(exts))
+        if not files:
+            raise DataConfigError(f"source {name!r}: folder {path!r} holds no {kind} files")
+    else:
+        files = [path]
+    return [(p, os.path.getsize(p)) for p in files]
+
+
+def _expand_url(name, url, kind, exts) -> List[Tuple[str, int]]:
+    storage = Storage(retries=3, backoff_s=0.5)
+    try:
+        fs, p = fs_and_path(url)
+    except (ImportError, ValueError) as exc:
+        raise DataConfigError(f"source {name!r}: cannot open {url!r}: {exc}") from None
+    try:
+        if any(c in p for c in "*?["):
+            found = storage.call(url, lambda: fs.glob(p, detail=True))
+            entries = {k: v for k, v in found.items() if v.get("type") != "directory"}
+            if not entries:
+                raise DataConfigError(f"source {name!r}: glob {url!r} matches no files")
+        else:
+            info = storage.call(url, lambda: fs.info(p))
+            if info.get("type") == "directory":
+                found = storage.call(url, lambda: fs.find(p, detail=True))
+                entries = {k: v for k, v in found.items() if exts is None or k.endswith(exts)}
+                if not entries:
+                    raise DataConfigError(f"source {name!r}: folder {url!r} holds no {kind} files")
+            else:
+                entries = {p: info}
+    except DataReadError as exc:
+        raise DataConfigError(f"source {name!r}: cannot list {exc}") from None
+    out = []
+    for key in sorted(entries):
+        size = entries[key].get("size")
+        if size is None:
+            raise DataConfigError(f"source {name!r}: {fs.unstrip_protocol(key)} has no known size (the server sends no Content-Length)")
+        out.append((fs.unstrip_protocol(key), int(size)))
+    return out
+
+
+def _file_format(name: str, path: str, storage: Storage) -> str:
+    base = path.rsplit("?", 1)[0]
+    if base.endswith(".parquet"):
+        return PARQUET
+    if base.endswith(".gz"):
+        return GZ
+    if base.endswith((".zst", ".bz2", ".xz", ".lz4", ".zip")):
+        raise DataConfigError(f"source {name!r}: {path} is compressed in a format the readers cannot split or stream; "
+                              "decompress it (JSON lines split by bytes) or recompress as .gz")
+    if base.endswith((".csv", ".tsv", ".arrow", ".txt")):
+        raise DataConfigError(f"source {name!r}: {path}: only JSON lines (.jsonl/.json, optionally .gz) and parquet are read; convert it")
+    if base.endswith(".json"):
+        head = storage.read(path, 0, 256).lstrip()
+        if head.startswith(b"["):
+            return JSON_ARRAY
+    return JSONL
+
+
+def _parquet_groups(name: str, path: str, size: int, storage: Storage, column: Optional[str]) -> Tuple[Tuple[int, int], ...]:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(storage.open(path, size), pre_buffer=False).metadata
+    except DataReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError for a file that is not parquet
+        raise DataConfigError(f"source {name!r}: {path} is not a readable parquet file: {str(exc).splitlines()[0]}") from None
+    names = meta.schema.to_arrow_schema().names
+    leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    idx = None
+    if column is not None:
+        if column not in names:
+            raise DataConfigError(f"source {name!r}: {path} has no column {column!r} (columns: {names}); set text_field")
+        idx = leaves.index(column) if column in leaves else None  # a nested column: weigh the whole row group
+    groups = []
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        nbytes = rg.column(idx).total_compressed_size if idx is not None else sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+        groups.append((rg.num_rows, int(nbytes)))
+    return tuple(groups)
+
+
+def _hf_data_files(name: str, cfg) -> List[str]:
+    """The data files of an HF dataset (hub id, local folder, or packaged builder json/parquet + data_files),
+    resolved the way `datasets` resolves them (README configs, data_dir, split patterns)."""
+    import datasets
+
+    path = os.path.expanduser(cfg.path)
+    looks_local = cfg.path.startswith((".", "/", "~")) or os.path.exists(path)
+    if looks_local and not os.path.exists(path):
+        raise DataConfigError(f"source {name!r}: HF dataset folder {cfg.path!r} does not exist")
+    try:
+        builder = datasets.load_dataset_builder(path, name=cfg.hf_config, data_files=_plain(cfg.get("data_files")),
+                                                data_dir=cfg.get("data_dir"))
+    except Exception as exc:  # datasets raises several types (DatasetNotFoundError, FileNotFoundError, ValueError)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataConfigError(f"source {name!r}: cannot open HF dataset {cfg.path!r} (config {cfg.hf_config!r}): "
+                              f"{type(exc).__name__}: {first}") from None
+    files = builder.config.data_files
+    if not files:
+        raise DataConfigError(
+            f"source {name!r}: HF dataset {cfg.path!r} has no data files the readers can split (a loading script?): set "
+            "data_files to its JSON-lines or parquet files, or path to its parquet conversion (revision refs/convert/parquet)"
+        )
+    split = str(cfg.split)
+    if split not in {str(k) for k in files}:
+        raise DataConfigError(f"source {name!r}: HF dataset {cfg.path!r} has no split {split!r} (splits: {sorted(map(str, files))})")
+    return [str(f) for f in files[next(k for k in files if str(k) == split)]]
+
+
+def resolve_listing(name: str, cfg, text_column: Optional[str] = "text", storage: Optional[Storage] = None) -> Optional[Listing]:
+    """List a source's files with sizes (and parquet row groups): the only start-up reads (footers, a JSON
+    file's first bytes). None for the built-in kinds. Config problems and unreadable files: DataConfigError."""
+    kind = cfg.kind
+    if kind not in ("text", "jsonl", "parquet", "hf"):
+        return None
+    storage = storage or Storage(retries=3, backoff_s=0.5)
+    if kind == "hf":
+        if not cfg.path:
+            raise DataConfigError(f"source {name!r}: kind hf needs path (a dataset id or local folder)")
+        urls = _hf_data_files(name, cfg)
+        sized = []
+        for u in urls:
+            sized += _expand_sized(name, u, "hf")
+    else:
+        sized = _expand_sized(name, cfg.path, kind)
+    if kind == "text":
+        return Listing([FileInfo(p, s, "text") for p, s in sized])
+    out = []
+    try:
+        for path, size in sized:
+            fmt = PARQUET if kind == "parquet" else _file_format(name, path, storage)
+            groups = _parquet_groups(name, path, size, storage, text_column) if fmt == PARQUET else ()
+            out.append(FileInfo(path, size, fmt, groups))
+    except DataReadError as exc:
+        raise DataConfigError(f"source {name!r}: cannot read {exc}") from None
+    return Listing(out)
+
+
+# -- shares of the address space --------------------------------------------------------------------------
+
+
+class Piece(NamedTuple):
+    file: int  # index into FileSource.files
+    lo: int  # coordinates in the file: bytes (JSON lines), rows (parquet); 0..1 for an unsplittable file
+    hi: int
+    weight: int  # bytes
+    splittable: bool
+
+
+class Segment(NamedTuple):
+    file: int
+    lo: int  # coordinates [lo, hi) of the file: bytes or rows; the whole file for an unsplittable one
+    hi: int
+    stride: int = 1  # unsplittable file shared by `stride` lanes: this lane keeps records i == rank (mod stride)
+    rank: int = 0
+
+
+def split_shares(pieces: Sequence[Piece], lanes: int) -> List[List[Segment]]:
+    """Cut the pieces, laid end to end, into `lanes` contiguous shares of about equal weight.
+
+    Ideal cuts are at j*W/L; a cut moves to the nearest piece boundary within SNAP of a share (whole files / row
+    groups where they are small). A splittable piece is divided at the cuts (its coordinates scaled to weight);
+    an unsplittable one goes to the lanes whose share's midpoint falls in it (or, if none, the lane whose share
+    holds its own midpoint), which read it each and keep every k-th record."""
+    total = sum(p.weight for p in pieces)
+    bounds = [0]
+    for p in pieces:
+        bounds.append(bounds[-1] + p.weight)
+    cuts = [j * total // lanes for j in range(lanes + 1)]
+    tol = total * SNAP / lanes
+    for j in range(1, lanes):
+        i = bisect.bisect_left(bounds, cuts[j])
+        near = min((b for b in bounds[max(0, i - 1) : i + 1]), key=lambda b: abs(b - cuts[j]))
+        if abs(near - cuts[j]) <= tol:
+            cuts[j] = near
+        cuts[j] = max(cuts[j], cuts[j - 1])
+    shares: List[List[Segment]] = [[] for _ in range(lanes)]
+    mids2 = [cuts[j] + cuts[j + 1] for j in range(lanes)]  # twice each share's midpoint (integers)
+
+    def add(j, seg):
+        last = shares[j][-1] if shares[j] else None
+        if last is not None and last.file == seg.file and last.hi == seg.lo and last.stride == seg.stride == 1:
+            shares[j][-1] = last._replace(hi=seg.hi)
+        else:
+            shares[j].append(seg)
+
+    for p, ps, pe in zip(pieces, bounds, bounds[1:]):
+        if pe == ps:
+            continue
+        if p.splittable:
+            first = max(0, bisect.bisect_right(cuts, ps) - 1)
+            for j in range(first, lanes):
+                a, b = max(cuts[j], ps), min(cuts[j + 1], pe)
+                if cuts[j] >= pe:
+                    break
+                if a >= b:
+                    continue
+                lo = p.lo + (a - ps) * (p.hi - p.lo) // (pe - ps)
+                hi = p.lo + (b - ps) * (p.hi - p.lo) // (pe - ps)
+                if lo < hi:
+                    add(j, Segment(p.file, lo, hi))
+        else:
+            group = [j for j in range(lanes) if 2 * ps <= mids2[j] < 2 * pe]
+            if not group:
+                group = [min(lanes - 1, max(0, bisect.bisect_right(cuts, (ps + pe) // 2) - 1))]
+            for r, j in enumerate(group):
+                add(j, Segment(p.file, p.lo, p.hi, len(group), r))
+    return shares
+
+
+class FileSource(Source):
+    """JSON lines (plain or .gz), JSON array files and parquet, local or remote (kinds jsonl, parquet, hf)."""
+
+    def __init__(self, name, domain, weight, seed, shuffle, kind: str, listing: Listing, text_field: str = "text",
+                 storage: Optional[Storage] = None, identity: Optional[Dict[str, object]] = None):
         super().__init__(name, domain, weight, seed, shuffle)
-        self.files, self.text_field = list(files), text_field
-        self._counts: Optional[List[int]] = None
+        self.kind, self.text_field = kind, text_field
+        self.files: List[FileInfo] = list(listing.files)
+        self.storage = storage or Storage()
+        self.identity = dict(identity or {})
+        self._shares: Dict[Tuple[int, int], List[List[Segment]]] = {}
 
-    def _open(self, path):
-        return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    # -- layout ----------------------------------------------------------------------------------------
+    def pieces(self, epoch: int) -> List[Piece]:
+        out = []
+        for fi in _epoch_order(len(self.files), self.seed, self.name, epoch, self.shuffle):
+            f = self.files[fi]
+            if f.fmt == PARQUET:
+                row = 0
+                for rows, nbytes in f.groups:
+                    if rows:
+                        out.append(Piece(fi, row, row + rows, max(1, nbytes), True))
+                    row += rows
+            elif f.size:
+                out.append(Piece(fi, 0, f.size, f.size, f.fmt == JSONL))
+        return out
 
-    def _line_counts(self) -> List[int]:
-        # one counting pass (no JSON parsing) so a reader can skip whole files on resume
-        if self._counts is None:
-            counts = []
-            for path in self.files:
-                n, last = 0, b"\n"
-                with self._open(path) as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        n += chunk.count(b"\n")
-                        last = chunk[-1:]
-                counts.append(n + (last != b"\n"))
-            self._counts = counts
-        return self._counts
+    def shares(self, epoch: int, lanes: int) -> List[List[Segment]]:
+        key = (epoch, lanes)
+        if key not in self._shares:
+            shares = split_shares(self.pieces(epoch), lanes)
+            order = _epoch_order(lanes, self.seed, self.name + "/lanes", epoch, self.shuffle)
+            if len(self._shares) >= 2:  # a packer moves to the next epoch while its neighbours finish theirs
+                self._shares.pop(next(iter(self._shares)))
+            self._shares[key] = [shares[order[lane]] for lane in range(lanes)]
+        return self._shares[key]
 
     def num_records(self):
-        return sum(self._line_counts())
+        if self.files and all(f.fmt == PARQUET for f in self.files):
+            return sum(r for f in self.files for r, _ in f.groups)
+        return None
 
-    def iter_records(self, epoch, start, step):
-        counts = self._line_counts()
-        base = 0  # epoch-local index of the file's first line
-        for fi in _epoch_order(len(self.files), self.seed, self.name, epoch, self.shuffle):
-            path, n = self.files[fi], counts[fi]
-            if base + n <= start:
-                base += n
-                continue
-            # first wanted index in this file: >= start and == start (mod step)
-            first = start if base <= start else base + (start - base) % step
-            with self._open(path) as f:
-                for lineno, raw in enumerate(f, 1):
-                    i = base + lineno - 1
-                    if i < first or (i - first) % step:
-                        continue
-                    yield f"{path}:{lineno}", self._parse(raw)
-            base += n
+    def check_lanes(self, lanes: int) -> None:
+        super().check_lanes(lanes)
+        empty = [lane for lane, share in enumerate(self.shares(0, lanes)) if not share]
+        if empty:
+            total = sum(f.size for f in self.files)
+            raise DataConfigError(
+                f"source {self.name!r}: {len(self.files)} file(s) of {total} bytes leave {len(empty)} of data.lanes={lanes} lanes "
+                "without data; lower data.lanes"
+            )
+
+    def fingerprint(self):
+        return {**super().fingerprint(), **self.identity, "text_field": self.text_field,
+                "files": _files_digest([(f.path, f.size) for f in self.files])}
+
+    def describe(self, lanes: int) -> Tuple[str, float]:
+        shares = self.shares(0, lanes)
+        total = sum(f.size for f in self.files)
+        read = 0.0
+        for share in shares:
+            for seg in share:
+                read += self._segment_read_bytes(seg)
+        amp = read / max(1, sum(self._file_weight(f) for f in self.files))
+        nfiles = len(self.files)
+        per = (f"{lanes / nfiles:.1f} lanes per file" if lanes >= nfiles else f"{nfiles / lanes:.1f} files per lane")
+        fmts = ", ".join(sorted({f.fmt for f in self.files}))
+        line = (f"source {self.name!r} ({self.kind}, {fmts}): {nfiles} files, {_human(total)}; {per}; "
+                f"expected read amplification {amp:.2f}x")
+        unsplit = [f for f in self.files if f.fmt in (GZ, JSON_ARRAY)]
+        if amp > 1.5 and unsplit:
+            line += (f" ({len(unsplit)} {'.gz' if unsplit[0].fmt == GZ else 'JSON array'} file(s) cannot be split and are "
+                     f"read whole by every lane that shares one: decompress them to JSON lines, or split them into >= {lanes} files)")
+        return line, amp
+
+    def _file_weight(self, f: FileInfo) -> int:
+        return sum(b for _, b in f.groups) if f.fmt == PARQUET else f.size
+
+    def _segment_read_bytes(self, seg: Segment) -> float:
+        f = self.files[seg.file]
+        if f.fmt == PARQUET:
+            out, row = 0.0, 0
+            for rows, nbytes in f.groups:
+                a, b = max(seg.lo, row), min(seg.hi, row + rows)
+                if a < b:
+                    out += nbytes * (b - a) / rows
+                row += rows
+            return out
+        if f.fmt == JSONL:
+            return seg.hi - seg.lo
+        return f.size  # an unsplittable file is read whole by each lane that shares it
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def records(self, epoch, lane, lanes, pos=None):
+        share = self.shares(epoch, lanes)[lane]
+        first, cur, line = pos if pos is not None else (0, None, 0)
+        for si in range(first, len(share)):
+            seg = share[si]
+            f = self.files[seg.file]
+            start = (cur, line) if si == first else (None, 0)
+            try:
+                if f.fmt == JSONL:
+                    it = self._jsonl(f, seg, *start)
+                elif f.fmt == GZ:
+                    it = self._gz(f, seg, *start)
+                elif f.fmt == JSON_ARRAY:
+                    it = self._json_array(f, seg, *start)
+                else:
+                    it = self._parquet(f, seg, *start)
+                for loc, rec, ncur, nline in it:
+                    yield loc, rec, (si, ncur, nline)
+            except DataReadError as exc:
+                raise DataReadError(f"source {self.name!r}: {exc}") from None
+
+    def _jsonl(self, f: FileInfo, seg: Segment, cur, line):
+        """Lines starting in [seg.lo, seg.hi): (location, record, next line's offset, its line number or 0)."""
+        if cur is None:
+            cur, line = seg.lo, (1 if seg.lo == 0 else 0)
+            align = seg.lo > 0
+        else:
+            align = False
+        for off, raw in _lines(self.storage, f.path, f.size, cur, seg.hi, align):
+            nxt = off + len(raw)
+            loc = f"{f.path}:{line}" if line else f"{f.path} (byte {off})"
+            yield loc, self._parse(raw), nxt, (line + 1 if line else 0)
+            line = line + 1 if line else 0
+
+    def _gz(self, f: FileInfo, seg: Segment, cur, line):
+        """Every stride-th line of a whole gzipped file (decompressed offsets: a resume re-inflates up to there)."""
+        raw = io.BufferedReader(self.storage.open(f.path, f.size), READ_BLOCK)
+        with gzip.GzipFile(fileobj=raw) as gz:
+            cur, line = (0, 1) if cur is None else (cur, line)
+            if cur:
+                try:
+                    gz.seek(cur)
+                except (OSError, EOFError) as exc:
+                    raise DataReadError(f"{f.path}: {exc}") from None
+            while True:
+                try:
+                    data = gz.readline()
+                except (OSError, EOFError, gzip.BadGzipFile) as exc:
+                    if isinstance(exc, DataReadError):
+                        raise
+                    raise DataReadError(f"{f.path}: corrupt gzip data near line {line}: {exc}") from None
+                if not data:
+                    return
+                cur += len(data)
+                if (line - 1) % seg.stride == seg.rank:
+                    yield f"{f.path}:{line}", self._parse(data), cur, line + 1
+                line += 1
+
+    def _json_array(self, f: FileInfo, seg: Segment, cur, line):
+        raw = self.storage.read(f.path, 0, f.size)
+        try:
+            items = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataReadError(f"{f.path}: not a JSON array: {exc}") from None
+        if not isinstance(items, list):
+            raise DataReadError(f"{f.path}: not a JSON array of objects")
+        for i in range(cur or seg.rank, len(items), seg.stride):
+            obj = items[i]
+            rec = self.record(obj) if isinstance(obj, dict) else Bad(MALFORMED_JSON, f"a JSON {type(obj).__name__}, not an object")
+            yield f"{f.path}[{i}]", rec, i + seg.stride, 0
+
+    def _columns(self) -> Optional[List[str]]:
+        return [self.text_field]
+
+    def _parquet(self, f: FileInfo, seg: Segment, cur, line):
+        from lemur_torch.data.parquet_pages import read_rows
+
+        row = seg.lo if cur is None else cur
+        starts = [0]
+        for rows, _ in f.groups:
+            starts.append(starts[-1] + rows)
+        pf = None
+        g = max(0, bisect.bisect_right(starts, row) - 1)
+        while row < seg.hi and g < len(f.groups):
+            hi = min(seg.hi, starts[g + 1])
+            if row < hi:
+                pf, table = read_rows(self.storage, f.path, f.size, pf, g, row - starts[g], hi - starts[g], self._columns())
+                for i, obj in enumerate(table.to_pylist()):
+                    yield f"{f.path}#{row + i}", self.record(obj), row + i + 1, 0
+                row = hi
+            g += 1
 
     def _parse(self, raw: bytes) -> Union[str, Bad]:
         try:
@@ -222,112 +691,39 @@ class JsonlSource(Source):
         return self.record(obj)
 
 
-class ParquetSource(Source):
-    """Parquet files from a path or glob; one record per row, read one row group at a time (text column only)."""
-
-    kind = "parquet"
-
-    def __init__(self, name, domain, weight, seed, shuffle, files, text_field):
-        super().__init__(name, domain, weight, seed, shuffle)
-        import pyarrow.parquet as pq
-
-        self.files, self.text_field = list(files), text_field
-        self.groups = []  # per file: row counts of its row groups
-        for path in self.files:
-            meta = pq.ParquetFile(path)
-            if text_field not in meta.schema_arrow.names:
-                raise DataConfigError(f"source {name!r}: {path} has no column {text_field!r} (columns: {meta.schema_arrow.names}); set text_field")
-            self.groups.append([meta.metadata.row_group(g).num_rows for g in range(meta.num_row_groups)])
-
-    def num_records(self):
-        return sum(sum(g) for g in self.groups)
-
-    def iter_records(self, epoch, start, step):
-        import pyarrow.parquet as pq
-
-        base = 0
-        for fi in _epoch_order(len(self.files), self.seed, self.name, epoch, self.shuffle):
-            path = self.files[fi]
-            pf = None
-            for g, n in enumerate(self.groups[fi]):
-                lo = start if base <= start else base + (start - base) % step  # first wanted index here
-                if lo < base + n:
-                    pf = pf or pq.ParquetFile(path)
-                    col = pf.read_row_group(g, columns=[self.text_field]).column(0)
-                    for i in range(lo, base + n, step):
-                        yield f"{path}#{i - base + sum(self.groups[fi][:g])}", _check_text(col[i - base].as_py(), self.text_field)
-                base += n
-
-
-class HFSource(Source):
-    """A HuggingFace dataset in streaming mode (`datasets.load_dataset(path, name, split=..., streaming=True)`)."""
-
-    kind = "hf"
-
-    def __init__(self, name, domain, weight, seed, shuffle, path, hf_config, split, text_field, data_files=None, data_dir=None):
-        super().__init__(name, domain, weight, seed, shuffle)
-        self.path, self.hf_config, self.split, self.text_field = path, hf_config, split, text_field
-        self.data_files, self.data_dir = data_files, data_dir
-        self.dataset = self._load()  # fails here, before training, for an unknown dataset
-
-    def _load(self):
-        import datasets
-
-        looks_local = self.path.startswith((".", "/", "~")) or os.path.exists(self.path)
-        if looks_local and not os.path.exists(os.path.expanduser(self.path)):
-            raise DataConfigError(f"source {self.name!r}: HF dataset folder {self.path!r} does not exist")
-        try:
-            return datasets.load_dataset(
-                os.path.expanduser(self.path), name=self.hf_config, split=self.split, streaming=True,
-                data_files=self.data_files, data_dir=self.data_dir,
-            )
-        except Exception as exc:  # datasets raises several types (DatasetNotFoundError, FileNotFoundError, ValueError)
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataConfigError(
-                f"source {self.name!r}: cannot open HF dataset {self.path!r} (config {self.hf_config!r}, split {self.split!r}) "
-                f"in streaming mode: {type(exc).__name__}: {first}"
-            ) from None
-
-    def iter_records(self, epoch, start, step):
-        # lane = start mod step, k = start div step (start = lane + k*step). With at least as many shards (files)
-        # as lanes, a lane streams only its own whole shards (those == lane mod step); with fewer, every lane
-        # streams the dataset and keeps every step-th example (datasets' split_dataset_by_node), which costs
-        # bandwidth: give HF sources at least data.lanes shards for big runs.
-        from datasets.distributed import split_dataset_by_node
-
-        lane, k = start % step, start // step
-        if step == 1:
-            ds = self.dataset
-        elif self.dataset.num_shards >= step:
-            ds = self.dataset.shard(num_shards=step, index=lane, contiguous=False)
-        else:
-            ds = split_dataset_by_node(self.dataset, rank=lane, world_size=step)
-        if k:
-            ds = ds.skip(k)
-        for i, ex in enumerate(ds, k):
-            yield f"{self.path}[{self.split}] lane {lane}/{step} #{i}", self.record(ex)
-
-
-def _expand(name: str, path: Optional[str], kind: str) -> List[str]:
-    if not path:
-        raise DataConfigError(f"source {name!r}: kind {kind} needs a path (a file, folder or glob)")
-    path = os.path.expanduser(path)
-    if any(c in path for c in "*?["):
-        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-        if not files:
-            raise DataConfigError(f"source {name!r}: glob {path!r} matches no files")
-        return files
-    if not os.path.exists(path):
-        raise DataConfigError(f"source {name!r}: path {path!r} does not exist")
-    if os.path.isdir(path):
-        exts = {"jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz"), "parquet": (".parquet",), "text": None}[kind]
-        files = sorted(
-            os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if exts is None or f.endswith(exts)
-        )
-        if not files:
-            raise DataConfigError(f"source {name!r}: folder {path!r} holds no {kind} files")
-        return files
-    return [path]
+def _lines(storage: Storage, path: str, size: int, start: int, stop: int, align: bool):
+    """(offset, bytes) of the lines of a file that start in [start, stop), read in ranged blocks. `start` is a
+    line start, or (align) any offset: then lines start after the first newline at or after start - 1."""
+    pos = start - 1 if align else start  # next byte to read
+    pending, pend_off = b"", pos  # an unfinished line and its offset
+    dropping = align
+    while True:
+        if not dropping and pend_off >= stop:
+            return
+        want = READ_BLOCK if pos < stop else TAIL_BLOCK  # past the share's end: just finish its last line
+        data = storage.read(path, pos, min(size, pos + min(want, max(stop - pos, TAIL_BLOCK))))
+        if not data:
+            if pending and not dropping and pend_off < stop:
+                yield pend_off, pending
+            return
+        pos += len(data)
+        buf, buf_off = pending + data, pend_off
+        i = 0
+        if dropping:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                pending, pend_off = b"", pos
+                continue
+            i, dropping = nl + 1, False
+        while True:
+            nl = buf.find(b"\n", i)
+            if nl < 0:
+                break
+            if buf_off + i >= stop:
+                return
+            yield buf_off + i, buf[i : nl + 1]
+            i = nl + 1
+        pending, pend_off = buf[i:], buf_off + i
 
 
 def _plain(value):
@@ -336,30 +732,34 @@ def _plain(value):
     return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-def build_source(name: str, cfg, seed: int) -> Source:
-    """Build one source from its SourceConfig; every config problem raises DataConfigError naming the source."""
+def source_identity(cfg) -> Dict[str, object]:
+    """The config settings that say which data a file source is (for the resume fingerprint)."""
+    out = {"path": cfg.path}
+    if cfg.kind == "hf":
+        out.update(hf_config=cfg.hf_config, split=cfg.split, data_dir=cfg.get("data_dir"), data_files=_plain(cfg.get("data_files")))
+    return out
+
+
+def build_source(name: str, cfg, seed: int, listing: Optional[Listing] = None, storage: Optional[Storage] = None) -> Source:
+    """Build one source from its SourceConfig; every config problem raises DataConfigError naming the source.
+    `listing` (from `resolve_listing`, possibly on another rank) saves listing the files here."""
     kind, domain = cfg.kind, cfg.domain
     weight = float(cfg.weight)
     if not weight > 0:
         raise DataConfigError(f"source {name!r}: weight must be positive, got {cfg.weight}")
     shuffle = bool(cfg.get("shuffle", True))
+    storage = storage or Storage()
     if kind == "builtin_code":
-        src = FileDocsSource(name, domain, weight, seed, shuffle, builtin_code_files())
+        src = FileDocsSource(name, domain, weight, seed, shuffle, [(p, os.path.getsize(p)) for p in builtin_code_files()], storage)
         src.kind = kind
-    elif kind == "builtin_text":
-        src = BuiltinTextSource(name, domain, weight, seed, shuffle)
-    elif kind == "text":
-        src = FileDocsSource(name, domain, weight, seed, shuffle, _expand(name, cfg.path, kind))
-        src.kind = kind
-    elif kind == "jsonl":
-        src = JsonlSource(name, domain, weight, seed, shuffle, _expand(name, cfg.path, kind), cfg.text_field)
-    elif kind == "parquet":
-        src = ParquetSource(name, domain, weight, seed, shuffle, _expand(name, cfg.path, kind), cfg.text_field)
-    elif kind == "hf":
-        if not cfg.path:
-            raise DataConfigError(f"source {name!r}: kind hf needs path (a dataset id or local folder)")
-        src = HFSource(name, domain, weight, seed, shuffle, cfg.path, cfg.hf_config, cfg.split, cfg.text_field,
-                       _plain(cfg.get("data_files")), cfg.get("data_dir"))
-    else:
+        return src
+    if kind == "builtin_text":
+        return BuiltinTextSource(name, domain, weight, seed, shuffle)
+    if kind not in ("text", "jsonl", "parquet", "hf"):
         raise DataConfigError(f"source {name!r}: unknown kind {kind!r}; use builtin_code, builtin_text, jsonl, parquet, text or hf")
-    return src
+    listing = listing if listing is not None else resolve_listing(name, cfg, cfg.text_field, storage)
+    if kind == "text":
+        src = FileDocsSource(name, domain, weight, seed, shuffle, [(f.path, f.size) for f in listing.files], storage)
+        src.kind = kind
+        return src
+    return FileSource(name, domain, weight, seed, shuffle, kind, listing, cfg.text_field, storage, source_identity(cfg))

@@ -8,7 +8,8 @@ written to and read from torch.distributed.checkpoint. The trainer never branche
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, Iterator, List, Sequence
+from concurrent.futures import Future
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -24,6 +25,7 @@ class Backend(ABC):
     dp_size: int = 1  # number of data shards
     num_devices: int = 1  # accelerators doing the work (MFU denominator)
     device_kind: str = "cpu"  # looked up in metrics.PEAK_FLOPS
+    attention: str = ""  # the attention implementation and kernel in use, for the start-of-run log
 
     @property
     def is_main(self) -> bool:
@@ -92,6 +94,18 @@ class Backend(ABC):
     @abstractmethod
     def dcp_save(self, state: Dict[str, Any], path: str) -> None:
         """torch.distributed.checkpoint.save with this backend's planner, collectively."""
+
+    def dcp_async_save(self, state: Dict[str, Any], path: str, pinned: bool) -> Tuple[Future, Future]:
+        """Start an asynchronous torch.distributed.checkpoint save of `state` into `path`, collectively.
+        Returns (staged, written): `staged` completes once the state is copied off the device (training must not
+        change it before: the trainer waits for it before the next optimizer step), `written` once this rank's
+        part is on storage; on rank 0, DCP's coordinator, once every rank's part is (it gathers their write
+        results and writes the metadata last). `pinned`: stage into reused pinned host buffers in the
+        background. This default saves synchronously; a backend overrides it where it can do better."""
+        self.dcp_save(state, path)
+        done: Future = Future()
+        done.set_result(None)
+        return done, done
 
     @abstractmethod
     def dcp_load(self, state: Dict[str, Any], path: str) -> None:

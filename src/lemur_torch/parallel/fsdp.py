@@ -11,7 +11,8 @@ import datetime
 import logging
 import os
 import shutil
-from typing import Any, Dict, Iterator
+from concurrent.futures import Future
+from typing import Any, Dict, Iterator, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from lemur_torch import attention
 from lemur_torch.config import ConfigError
 from lemur_torch.model import _full_shape_and_slices, build_meta_model, reset_rope_buffers
 from lemur_torch.model import init_weights as init_model_weights
@@ -49,29 +51,105 @@ def init_process_group(device_type: str) -> None:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
-def resolve_pretrained(name: str, is_main: bool) -> str:
-    """A local HF folder as is; a hub id is downloaded (safetensors + config) by rank 0 first."""
+def resolve_pretrained(name: str) -> str:
+    """The complete local folder of `model.pretrained` on this node (config.json and every safetensors shard).
+
+    A local folder is used as it is. A hub id is looked up in this node's HF cache first, without any network
+    (so `HF_HUB_OFFLINE=1` with a pre-filled cache works); if it is missing or incomplete there, it is
+    downloaded once per node: every process of the node takes a file lock in the cache, the first to get it
+    downloads, the others then find it complete. A cache that all nodes share (one file system, one lock) is
+    downloaded once in total. No collective is involved: the other ranks never sit in a barrier during a
+    130 GB download. Anything missing is one ConfigError naming model.pretrained.
+    """
     if os.path.isdir(name):
-        return name
+        return check_pretrained_folder(name, name)
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
+        raise ConfigError("model.pretrained", f"{name}: no such folder (and not a hub id such as meta-llama/Llama-2-70b-hf)")
+    from filelock import FileLock
+    from huggingface_hub import constants
+
+    cached = _cached_snapshot(name)
+    if cached is not None:
+        return cached
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            "model.pretrained",
+            f"{name} is not complete in this node's HF cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids "
+            f"downloading it: fill the cache on every node (or share one), or set model.pretrained to a local folder",
+        )
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.safetensors", "*.json", "tokenizer.model"]
-    if is_main:
-        snapshot_download(name, allow_patterns=patterns)
-    if dist.is_initialized():
-        dist.barrier()
-    return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
+    lock = os.path.join(constants.HF_HUB_CACHE, ".locks", "lemur-torch--" + name.replace("/", "--") + ".lock")
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    with FileLock(lock):
+        cached = _cached_snapshot(name)  # another process of this node (or of any node, on a shared cache) got it
+        if cached is None:
+            log.warning("downloading %s into %s (once for this node)", name, constants.HF_HUB_CACHE)
+            cached = check_pretrained_folder(snapshot_download(name, allow_patterns=_PRETRAINED_FILES), name)
+    return cached
 
 
-def check_pretrained_config(path: str, model_cfg: DictConfig) -> int:
-    """Fail on an architecture mismatch; return the checkpoint's vocabulary size (<= model.vocab_size)."""
+_PRETRAINED_FILES = ["*.safetensors", "*.json", "tokenizer.model"]
+
+
+def _cached_snapshot(name: str):
+    """The cached snapshot folder of hub id `name` if it is complete, else None; never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(name, allow_patterns=_PRETRAINED_FILES, local_files_only=True)
+    except LocalEntryNotFoundError:
+        return None
+    try:
+        return check_pretrained_folder(folder, name)
+    except ConfigError:
+        return None
+
+
+def check_pretrained_folder(folder: str, name: str) -> str:
+    """`folder` if it holds config.json and all its safetensors weights (every shard its index names)."""
+    import json
+
+    def missing(what: str) -> ConfigError:
+        return ConfigError("model.pretrained", f"{name}: {folder} is incomplete ({what} missing); re-download it or point model.pretrained at a complete HF folder")
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise missing("config.json")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        absent = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if absent:
+            raise missing(f"{len(absent)} of {len(shards)} shards, e.g. {absent[0]}")
+    elif not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+        raise missing("*.safetensors weights")
+    return folder
+
+
+def check_pretrained_config(path: str, model_cfg: DictConfig, weights: bool = True) -> int:
+    """Fail (ConfigError naming the key) unless `path` holds Llama weights (with `weights`: the safetensors too)
+    whose architecture matches the model group; return the checkpoint's vocabulary size (<= model.vocab_size).
+    `path` is a folder or an fsspec URL (the XLA backend reads gs://, hf:// by range). Also run by the gate
+    (preflight.py)."""
     import json
 
     import fsspec
 
-    with fsspec.open(f"{path.rstrip('/')}/config.json") as f:  # a folder or a URL (the XLA backend reads gs://, hf://)
-        hf = json.load(f)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+    fs, root = fsspec.core.url_to_fs(path.rstrip("/"))
+    try:
+        with fs.open(f"{root}/config.json") as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("model.pretrained", f"cannot read {path}/config.json ({exc}); point it at an HF model folder") from None
+    if hf.get("model_type") != "llama":
+        raise ConfigError("model.pretrained", f"{path} holds a {hf.get('model_type')!r} model ({', '.join(hf.get('architectures') or [])}); "
+                                              "lemur-torch trains LlamaForCausalLM")
+    if weights and not fs.glob(f"{root}/*.safetensors"):
+        raise ConfigError("model.pretrained", f"{path} has no *.safetensors weights (convert .bin weights with transformers' save_pretrained)")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "tie_word_embeddings"):
         if key in hf and hf[key] != model_cfg[key]:
             raise ConfigError(f"model.{key}", f"{model_cfg[key]} but {path}/config.json has {hf[key]}; pick the matching model= group")
     if hf.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:
@@ -92,6 +170,8 @@ class FsdpBackend(Backend):
         self.device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
         self.dp_rank, self.dp_size = self.rank, self.world_size
         self.num_devices = self.world_size
+        self._checkpoint_group = None  # gloo group of DCP's background collectives (asynchronous saves)
+        self._stagers: Dict[bool, Any] = {}  # pinned -> DefaultStager, reused across saves
         self.device_kind = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
         p = cfg.parallel
         replicate = p.dp_replicate
@@ -110,10 +190,16 @@ class FsdpBackend(Backend):
             if precision == "bf16"
             else MixedPrecisionPolicy()
         )
+        self.replicate = replicate
+        self.attention_selection = attention.select(
+            cfg.model.attention, self.name, device_type, self.mp_policy.param_dtype or torch.float32
+        )
+        self.attention = self.attention_selection.summary
 
     # -- model -------------------------------------------------------------------------------------
     def setup_model(self, cfg: DictConfig, init_weights: bool = True) -> nn.Module:
         model = build_meta_model(cfg.model)
+        attention.install(model, self.attention_selection)
         self.parallelize(model, cfg.parallel)
         model.to_empty(device=self.device)
         reset_rope_buffers(model, self.device)
@@ -136,7 +222,7 @@ class FsdpBackend(Backend):
         start at the mean of the existing ones. Those two tensors are read whole on every rank (1 GiB each
         at 70B in fp32), everything else only as the local shard.
         """
-        path = resolve_pretrained(name, self.is_main)
+        path = resolve_pretrained(name)
         hf_vocab = check_pretrained_config(path, model_cfg)
         state = get_model_state_dict(model)
         if model_cfg.tie_word_embeddings:
@@ -158,9 +244,20 @@ class FsdpBackend(Backend):
         set_model_state_dict(model, state)
 
     # -- step --------------------------------------------------------------------------------------
-    def device_batches(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, torch.Tensor]]:
+    def device_batches(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, Any]]:
         for batch in batches:
-            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            # the varlen boundaries are made here on the host: max_seqlen stays a Python int
+            batch = attention.with_varlen_boundaries(batch)
+            yield {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def prepare_backward(self, model: nn.Module, micro_step: int, num_micro_steps: int) -> None:
+        """HSDP: gradients are reduce-scattered within the shard group after every micro-batch (each rank
+        keeps only its shard of them), but all-reduced across replicas only after the last one, which sums
+        the accumulated shards (FSDP2's partial-reduce buffer): one cross-replica all-reduce per step, not
+        one per micro-batch. Plain FSDP reduce-scatters every micro-batch: skipping it would keep a full
+        unsharded gradient on every rank."""
+        if self.replicate > 1 and isinstance(model, FSDPModule):
+            model.set_requires_all_reduce(micro_step == num_micro_steps - 1)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -185,6 +282,32 @@ class FsdpBackend(Backend):
 
     def dcp_save(self, state, path) -> None:
         dcp.save(state, checkpoint_id=path)
+
+    def dcp_async_save(self, state, path, pinned: bool) -> Tuple[Future, Future]:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+
+        if self._checkpoint_group is None:
+            # DCP's background thread runs collectives (the plan, the write results): on the training's own
+            # group they would interleave with the main thread's and pair up differently on different ranks.
+            # Created at the first asynchronous save, which every rank reaches at the same step.
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        stager = self._stagers.get(pinned)
+        if stager is None:
+            # kept across saves: the stager caches one host buffer per source storage and refills it, so only
+            # the first save allocates (and pins). Pinned memory and non-blocking copies exist on CUDA only;
+            # on CPU `pinned` is the same background staging into pageable buffers.
+            cuda = self.device.type == "cuda"
+            options = StagingOptions(use_pinned_memory=pinned and cuda, use_shared_memory=False,
+                                     use_async_staging=pinned, use_non_blocking_copy=pinned and cuda)
+            stager = self._stagers[pinned] = DefaultStager(options)
+            stager._synchronize_after_execute = False  # synchronous staging is done when async_save returns
+        result = dcp.async_save(state, checkpoint_id=path, process_group=self._checkpoint_group, async_stager=stager)
+        if isinstance(result, AsyncSaveResponse):
+            return result.staging_completion, result.upload_completion
+        staged: Future = Future()
+        staged.set_result(None)
+        return staged, result
 
     def dcp_load(self, state, path) -> None:
         dcp.load(state, checkpoint_id=path)
@@ -231,6 +354,9 @@ class FsdpBackend(Backend):
         return {"rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
     def shutdown(self) -> None:
+        for stager in self._stagers.values():
+            stager.close()
+        self._stagers.clear()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -106,6 +106,7 @@ class XlaSpmdBackend(Backend):
             )
         self.precision = self._resolve_precision(p.mixed_precision)
         self.attn_impl = xla_attention.implementation_for(cfg.model.attention, self.device_type)
+        self.attention = f"{self.attn_impl} (model.attention={cfg.model.attention})"
         self.scan_layers = bool(p.scan_layers)
         if self.scan_layers and p.activation_checkpointing == "every_n":
             raise ConfigError("parallel.activation_checkpointing",

@@ -104,20 +104,20 @@ def register(partition_spec: Optional[Tuple] = None) -> None:
 
 
 def implementation_for(attention: str, device_type: str) -> str:
-    """Map `model.attention` to the implementation the XLA backend installs. `auto`: the Pallas flash kernel
-    on TPU (no [B, 1, S, S] mask: memory and time stay O(S) in the mask at seq 4096), the mask-free SDPA
-    elsewhere. sdpa and eager become the mask-free SDPA (the same math); xla_flash needs a TPU."""
+    """Map `model.attention` to the implementation the XLA backend installs: lemur_torch.attention.select
+    resolves it (auto included) and rejects what XLA cannot run; sdpa is the mask-free SDPA, xla_flash needs
+    a TPU."""
+    import torch
+
+    from lemur_torch.attention import select
     from lemur_torch.config import ConfigError
 
-    if attention == "auto":
-        return FLASH if device_type == "TPU" else SDPA
-    if attention == "xla_flash":
+    impl = select(attention, "xla_spmd", device_type, torch.float32).impl
+    if impl == "xla_flash":
         if device_type != "TPU":
             raise ConfigError(
                 "model.attention",
                 f"xla_flash needs a TPU (the Pallas kernel does not run on {device_type}); use model.attention=sdpa or auto",
             )
         return FLASH
-    if attention in ("sdpa", "eager"):
-        return SDPA
-    raise ConfigError("model.attention", f"{attention!r} is not available with parallel.backend=xla_spmd; use auto, sdpa or xla_flash")
+    return SDPA
