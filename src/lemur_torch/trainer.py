@@ -82,6 +82,7 @@ class Trainer:
         self.stop = stop or StopSignal().install()
         self.last_saved_step = -1
         self.resumed_from: Optional[str] = None
+        self.progress = Progress(cfg.train.max_steps, 0)  # fit() restarts it at the resumed step
         self._aborting = False  # set when a read step ends a run of max_nonfinite_steps; raised in agree()
         self._last_nonfinite = ""
 
