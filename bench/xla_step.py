@@ -8,8 +8,8 @@
    CompileTime metric.
 2. Host-idle time per step with and without a per-step host sync, on the real Trainer: "sync" reads each
    step's metrics right after dispatching it (the trainer before this change), "pipelined" reads them one
-   step later, after the next step is dispatched (the trainer now). Host idle = the time the host waits in
-   that read; reported with the step wall time.
+   step later, inside the next step after its forward/backward is dispatched and before its optimizer step
+   (the trainer now). Host idle = the time the host waits in that read; reported with the step wall time.
 
 Each configuration runs in its own process (SPMD is process-global). The CPU "device" shares the same cores
 as the host, so the overlap the pipelined order buys on a TPU (host tracing while the chip computes) is only
@@ -89,23 +89,30 @@ def measure_compile(layers: int, scan: bool) -> dict:
 
 
 def measure_host_idle(mode: str, steps: int) -> dict:
+    """sync: each step is read right after it is dispatched; pipelined: as Trainer.fit does, the previous step
+    is read inside train_step, after this step's forward/backward is dispatched, before its optimizer step."""
     trainer, batches = _parts(["train.max_steps=1000", "model.num_hidden_layers=8"])
     waits, walls, previous = [], [], None
+    complete = trainer.complete
+
+    def timed_complete(pending, ended=None):
+        w0 = time.perf_counter()
+        complete(pending, ended)
+        if pending.step > 2:  # after both programs are compiled
+            waits.append(time.perf_counter() - w0)
+
+    trainer.complete = timed_complete
     for step in range(steps + 2):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(trainer.grad_accum)]
-        pending = trainer.train_step(micro)
+        pending = trainer.train_step(micro, previous if mode == "pipelined" else None, started=t0)
         trainer.step += 1
-        reading = pending if mode == "sync" else previous
-        if reading is not None:
-            w0 = time.perf_counter()
-            trainer.complete(reading)
-            if step >= 2:  # after both programs are compiled
-                waits.append(time.perf_counter() - w0)
+        if mode == "sync":
+            trainer.complete(pending)
         previous = pending
         if step >= 2:
             walls.append(time.perf_counter() - t0)
-    trainer.complete(previous)
+    complete(previous)
     return {"mode": mode, "steps": steps, "host_idle_s_per_step": sum(waits) / len(waits), "step_s": sum(walls) / len(walls)}
 
 
