@@ -2,7 +2,8 @@
 
 Runs the real entry point (lemur_torch.train.main) and records, at the end of every optimizer step (after the
 backend's step_done and a wait for the device), torch_xla's compile and execution counts; the order in which
-steps are dispatched and their metrics read by the trainer ("events"); the persistent compilation cache's
+steps' forward/backward is traced ("backward"), steps are dispatched ("dispatch") and their metrics read by the
+trainer ("read"): the "events"; the persistent compilation cache's
 lookups;
 and which module runs the decoder layers. If the run exports at the end, it also records the trained XLA
 model's logits on a fixed packed batch (LOGITS_BATCH) next to RESULTS.json, for the main-lane check of the HF
@@ -53,6 +54,14 @@ def main() -> int:
         steps.append({"compiles": compiles(), "executions": executions()})
 
     XlaSpmdBackend.step_done = measured_step_done
+
+    clip = XlaSpmdBackend.clip_grad_norm_
+
+    def recorded_clip(self, model, max_norm):  # the trainer clips once the step's forward/backward is traced
+        events.append(["backward", len(steps) + 1])
+        return clip(self, model, max_norm)
+
+    XlaSpmdBackend.clip_grad_norm_ = recorded_clip
 
     complete = Trainer.complete
 

@@ -61,11 +61,12 @@ def run_xla(results: str, overrides: List[str], timeout: int = 600) -> Dict:
 
 
 def full_run() -> str:
-    """The 10-step XLA run: checkpoints at 5 and 10, HF export and the model's logits at the end. Made once."""
+    """The 10-step XLA run: checkpoints at 5 and 10 committed with the completion marker (as on gcsfuse), HF
+    export and the model's logits at the end. Made once."""
     run_dir = os.path.join(artifacts(), "full")
     results = os.path.join(artifacts(), "full.json")
     if not os.path.exists(results):
-        run_xla(results, [*XLA, compile_cache(), f"run_dir={run_dir}", "checkpoint.every_steps=5", "checkpoint.keep_last=3",
+        run_xla(results, [*XLA, compile_cache(), f"run_dir={run_dir}", "checkpoint.every_steps=5", "checkpoint.keep_last=3", "checkpoint.commit=marker",
                           "checkpoint.export_at_end=true", f"checkpoint.export_dir={run_dir}/hf"])
     return run_dir
 
