@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from conftest import FAST, run_train, subprocess_env
 from lemur_torch.config import load_config
 from lemur_torch.model import hf_llama_config
+from lemur_torch.tokenizer import load_tokenizer
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fsdp_logits.py")
 
@@ -59,6 +60,9 @@ def test_export_of_trained_model_loads_in_transformers(tmp_path):
         assert (logits - trained).abs().max() < 1e-5, folder
     tok = AutoTokenizer.from_pretrained(os.path.join(run_dir, "hf"))
     assert len(tok) == 32000 and tok.bos_token_id == 1 and tok.eos_token_id == 2
+    # a consumer of the export encodes text as training documents start: BOS, then the text's own pieces
+    text = "def add(a, b):\n    return a + b"
+    assert tok(text).input_ids == [1] + load_tokenizer()(text, add_special_tokens=False).input_ids
 
 
 def test_lemur_export_cli(tmp_path):

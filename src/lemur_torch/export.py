@@ -25,7 +25,7 @@ from lemur_torch import commit
 from lemur_torch.config import ConfigError
 from lemur_torch.model import hf_llama_config
 from lemur_torch.parallel.base import Backend
-from lemur_torch.tokenizer import generation_config
+from lemur_torch.tokenizer import generation_config, serving_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,7 +69,7 @@ def export_model(backend: Backend, model, cfg: DictConfig, tokenizer, out_dir: s
         config.attn_implementation = "sdpa"
         config.save_pretrained(staging)
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+            serving_tokenizer(tokenizer).save_pretrained(staging)
             gen = generation_config(tokenizer)  # chat models: generate() stops at <|im_end|>
             if gen is not None:
                 gen.save_pretrained(staging)

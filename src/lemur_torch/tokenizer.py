@@ -55,6 +55,22 @@ def build_tokenizer(data_cfg):
         raise ConfigError("data.tokenizer", f"cannot load {data_cfg.tokenizer!r}: {type(exc).__name__}: {first}") from None
 
 
+def serving_tokenizer(tokenizer):
+    """The tokenizer as an export saves it: plain text encodes as BOS + text, as every training document starts
+    (data/packing.py puts the BOS itself and encodes with add_special_tokens=False). Llama-2's own tokenizer
+    already does this; the built-in one, loaded from a bare tokenizer.model, does not, and a server or harness
+    using the export's tokenizer would feed prompts without the BOS the model was trained after."""
+    import copy
+
+    if tokenizer.bos_token_id is None or getattr(tokenizer, "add_bos_token", True):
+        return tokenizer  # no BOS, already adds it, or a tokenizer family without the switch
+    tok = copy.deepcopy(tokenizer)  # the run's tokenizer (lru-cached) stays as it is
+    tok.add_bos_token = True
+    if hasattr(tok, "update_post_processor"):  # fast tokenizers: the flag acts through the post-processor
+        tok.update_post_processor()
+    return tok
+
+
 def check_vocab_size(tokenizer, vocab_size: int) -> None:
     """The model's embedding must have a row for every token id the tokenizer can produce."""
     from lemur_torch.config import ConfigError
