@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHES = ["trainer_overhead.py", "data_pipeline.py", "attention.py", "checkpoint.py", "eval.py", "xla_step.py"]
+BENCHES = ["trainer_overhead.py", "data_pipeline.py", "attention.py", "checkpoint.py", "eval.py", "validation.py", "xla_step.py"]
 XLA_PYTHON = os.environ.get("LEMUR_XLA_VENV", os.path.join(os.path.dirname(HERE), ".venv-xla")) + "/bin/python"
 
 

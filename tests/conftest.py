@@ -14,7 +14,7 @@ import pytest
 FAST = [
     "model=tiny", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_tokens=256",
     "optim.warmup_steps=5", "optim.lr=1e-3", "checkpoint.every_steps=0", "checkpoint.export_at_end=false",
-    "log.wandb_mode=disabled", "log.console=false",
+    "log.wandb_mode=disabled", "log.console=false", "eval.every_steps=0",
 ]
 
 
@@ -47,8 +47,8 @@ def read_metrics(run_dir: str) -> List[dict]:
 
 
 def losses(run_dir: str) -> Dict[int, float]:
-    """step -> loss; a resumed run appends, and the latest line for a step wins."""
-    return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+    """step -> loss; a resumed run appends, and the latest line for a step wins (validation lines carry no loss)."""
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
 
 
 @pytest.fixture(autouse=True)

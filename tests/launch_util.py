@@ -89,14 +89,16 @@ def tail(path: Path, n: int = 4000) -> str:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from run_dir/metrics.jsonl; a resumed run appends, and a step logged twice keeps its last value."""
+    """step -> loss from run_dir/metrics.jsonl; a resumed run appends, and a step logged twice keeps its last value
+    (validation lines carry val/... and no loss)."""
     out = {}
     path = Path(run_dir) / "metrics.jsonl"
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
-                out[int(rec["step"])] = float(rec["loss"])
+                if "loss" in rec:
+                    out[int(rec["step"])] = float(rec["loss"])
     return out
 
 

@@ -63,6 +63,21 @@ def test_report_of_the_smoke_run_with_a_resume_and_validation(smoke_run, tmp_pat
     assert steps[4]["loss"] == train["all"][1][-1]  # the validation line of step 4 did not replace its training values
 
 
+def test_validation_sources_are_dashed_under_their_domains(tmp_path):
+    """Validation logs val/loss/<domain> and val/loss/<source>; with one source per domain both curves are equal,
+    and the domain's (a training domain) must stay visible on top."""
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in (1, 2):
+            f.write(json.dumps({"step": step, "loss": 3.0, "loss/code": 3.0}) + "\n")
+        f.write(json.dumps({"step": 2, "val/loss": 2.5, "val/loss/code": 2.5, "val/loss/stdlib_code": 2.5}) + "\n")
+    fig = report.build_figure(report.read_metrics(str(tmp_path / "metrics.jsonl")))
+    ax = next(a for a in fig.axes if a.get_title() == "validation loss")
+    order = [line.get_label() for line in ax.lines]
+    assert order.index("stdlib_code") < order.index("code")
+    style = {line.get_label(): line.get_linestyle() for line in ax.lines}
+    assert style["stdlib_code"] == "--" and style["code"] == "-"
+
+
 def test_mfu_is_drawn_when_known(tmp_path):
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in range(1, 6):

@@ -105,6 +105,9 @@ CASES = [
     (["++data.sources={more: {kind: hf, domain: text, weight: 1, path: ./no_such_dataset_dir}}"], "data.sources.more.path"),
     (["++data.sources={more: {kind: hf, domain: text, weight: 1, path: json, data_files: /nonexistent/x.jsonl}}"], "data.sources.more.data_files"),
     (["data.sources.stdlib_code.domain=''"], "data.sources.stdlib_code.domain"),
+    (["++eval.sources={held: {kind: jsonl, domain: code, path: /nonexistent/*.jsonl}}", "eval.every_steps=5"], "eval.sources.held.path"),
+    (["data.holdout=1.5"], "data.holdout"),
+    (["eval.batches=0"], "eval.batches"),
     (["+data.sources.more={kind: jsonl, domain: code, path: /x.jsonl}"], "data.sources.more"),  # OmegaConf cannot; says how
     (["data.tokenizer=@no_tokenizer"], "data.tokenizer"),
     (["data.tokenizer=not a hub id"], "data.tokenizer"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
@@ -221,6 +221,20 @@ class LogConfig:
 
 
 @dataclass
+class ValidationConfig:
+    # the `eval` node: validation during training (lemur_torch/validation.py); lemur-eval, the benchmarks of an
+    # export, has its own schema (lemur_torch/eval/config.py, conf/lemur_eval.yaml). Evaluate the held-out slices of the training sources
+    # (data.holdout, data.sources.<name>.holdout) and eval.sources every this many optimizer steps and after the
+    # last step; 0 = never
+    every_steps: int = bounded(0, ge=0, hint="0 turns validation off")
+    # validation batches per source, each of train.global_batch_tokens tokens (one optimizer step's tokens, forward
+    # only: about a third of a step's compute); a source with less held-out data is evaluated on what it has
+    batches: int = bounded(4, ge=1)
+    # separate validation sources (the data.sources schema; weight unused), read whole in path order
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     run_name: str = "smoke"
     run_dir: str = "outputs/${run_name}"
@@ -231,6 +245,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 ConfigStore.instance().store(name="lemur_schema", node=Config)

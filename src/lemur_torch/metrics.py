@@ -116,13 +116,20 @@ class MetricsLogger:
             print(message, flush=True)
 
     def log_step(self, metrics: Dict[str, Any]) -> None:
+        self._emit(metrics, _format)
+
+    def log_validation(self, metrics: Dict[str, Any]) -> None:
+        """A validation record: its own line in metrics.jsonl ({"step": N, "val/...": ...}), the same wandb step."""
+        self._emit(metrics, _format_validation)
+
+    def _emit(self, metrics: Dict[str, Any], console_line) -> None:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps(metrics) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if v is not None and k != "step"}, step=metrics["step"])
         if self.console is not None:
-            self.console.print(_format(metrics))
+            self.console.print(console_line(metrics))
 
     def close(self) -> None:
         if self.wandb_run is not None:
@@ -131,6 +138,17 @@ class MetricsLogger:
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None
+
+
+def _format_validation(m: Dict[str, Any]) -> str:
+    def val(key):
+        return "n/a" if m.get(key) is None else f"{m[key]:.4f}"
+
+    ppl = "n/a" if m.get("val/ppl") is None else f"{m['val/ppl']:.2f}"
+    parts = [f"[bold]validation at step {m['step']}[/bold]", f"loss {val('val/loss')}", f"ppl {ppl}"]
+    parts += [f"{k[9:]} {val(k)}" for k in m if k.startswith("val/loss/")]
+    parts.append(f"{m['val/tokens']:,.0f} tokens in {m['val/time_s']:.1f}s")
+    return "  ".join(parts)
 
 
 def _format(m: Dict[str, Any]) -> str:

@@ -3,7 +3,8 @@
 `lemur-train` composes the config (config.load_config), checks its values (config.validate), then calls
 `check_inputs`, which looks at what the config names, on this machine, without the network and without
 reading a corpus:
-- the data sources: kind, domain, fields, local paths and globs (data.check.check_data_config);
+- the data sources: kind, domain, fields, local paths and globs (data.check.check_data_config), and the
+  validation sources (eval.sources) the same way;
 - the tokenizer: `builtin`, a folder that holds one, or a hub id; when it is on this machine it is loaded
   (it is cached for the run) and its size checked against model.vocab_size;
 - model.pretrained: a folder (or a hub id already in the local cache) with a Llama config.json whose shapes
@@ -23,7 +24,7 @@ from omegaconf import DictConfig
 
 from lemur_torch import commit
 from lemur_torch.config import ConfigError
-from lemur_torch.data.check import check_data_config
+from lemur_torch.data.check import check_data_config, check_source
 from lemur_torch.fields import local_or_hub
 
 # the shapes a checkpoint or pretrained folder must share with the model group
@@ -35,10 +36,18 @@ def check_inputs(cfg: DictConfig) -> None:
     """Raise ConfigError (or a DataConfigError with a key) for the first input that cannot work; the cheap
     checks first, loading the tokenizer last."""
     check_data_config(cfg.data)
+    check_validation_sources(cfg)
     check_resume(cfg)
     check_export(cfg)
     check_pretrained(cfg)
     check_tokenizer(cfg)
+
+
+def check_validation_sources(cfg: DictConfig) -> None:
+    """eval.sources, when validation runs, as the training sources are checked (kind, domain, fields, paths)."""
+    if cfg.eval.every_steps:
+        for name, scfg in (cfg.eval.get("sources") or {}).items():
+            check_source(str(name), scfg, cfg.data.get("format", "pretrain"), prefix="eval.sources")
 
 
 def check_export(cfg: DictConfig) -> None:

@@ -33,6 +33,7 @@ def build_and_fit(cfg: DictConfig) -> int:
     from lemur_torch.parallel import build_backend
     from lemur_torch.tokenizer import build_tokenizer, check_vocab_size
     from lemur_torch.trainer import StopSignal, Trainer
+    from lemur_torch.validation import build_validator
 
     stop = StopSignal().install()  # first: a preemption warning may come while a 70B model loads
     torch.manual_seed(cfg.train.seed)
@@ -44,10 +45,12 @@ def build_and_fit(cfg: DictConfig) -> int:
         check_vocab_size(tokenizer, cfg.model.vocab_size)
         loader = build_loader(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.micro_batch_size,
                               backend.dp_rank, backend.dp_size, cfg.train.seed)
+        validator = build_validator(cfg, loader, backend, logger.info)
         model = backend.setup_model(cfg)
         optimizer = build_optimizer(model, cfg.optim, backend.device.type)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-        trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend, logger.info), logger, stop)
+        trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend, logger.info), logger,
+                          stop, validator)
         status = trainer.fit()
         if status == 0 and trainer.step >= cfg.train.max_steps and cfg.checkpoint.export_at_end and cfg.checkpoint.export_dir:
             out = export_model(backend, model, cfg, tokenizer, cfg.checkpoint.export_dir)

@@ -67,7 +67,7 @@ class StopSignal:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, backend: Backend, model, optimizer, scheduler, loader,
-                 checkpointer: Checkpointer, logger: MetricsLogger, stop: Optional[StopSignal] = None):
+                 checkpointer: Checkpointer, logger: MetricsLogger, stop: Optional[StopSignal] = None, validator=None):
         self.cfg, self.backend, self.model = cfg, backend, model
         self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
         self.checkpointer, self.logger = checkpointer, logger
@@ -80,6 +80,7 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.stop = stop or StopSignal().install()
+        self.validator = validator  # lemur_torch.validation.Validator, or None (eval.every_steps: 0)
         self.last_saved_step = -1
         self.resumed_from: Optional[str] = None
         self.progress = Progress(cfg.train.max_steps, 0)  # fit() restarts it at the resumed step
@@ -119,7 +120,7 @@ class Trainer:
         """Train to train.max_steps, to train.stop_at_step, or until a stop signal. Returns 0, or the
         preemption exit code. Every way out waits for the checkpoint in flight.
 
-        The host never waits for the device between steps: a step's metrics (loss, grad norm, the finite
+        The host does not wait for the device before tracing the next step: a step's metrics (loss, grad norm, the finite
         guard) come back through Backend.read_later and are read during the next step, once that step's
         forward/backward is dispatched (XLA traces step k+1 while the device runs step k; CUDA queues its
         kernels) and before its optimizer step. Everything that depends on step k's guard is therefore decided
@@ -166,6 +167,10 @@ class Trainer:
                 self.tokens_seen += t.global_batch_tokens
                 pending.started, pending.data_time, pending.tokens_seen = t0, data_time, self.tokens_seen
                 stop = self.agree()
+                if self.validator is not None and self.validator.due(self.step) and not stop:
+                    self.complete(pending)  # the step's line before its validation line (an evaluation is rare)
+                    watchdog.beat(self.step)  # an evaluation gets the watchdog's timeout of its own, as a step does
+                    self.logger.log_validation(self.validator.run(self.model, self.step))  # a preemption's grace is the checkpoint's
                 periodic = every and self.step % every == 0 and self.step < t.max_steps
                 if stop or periodic:
                     stop = self.settle(pending) or stop  # a checkpoint holds only steps that were read and checked

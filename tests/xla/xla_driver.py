@@ -1,13 +1,13 @@
 """`lemur-train` under torch_xla with measurements: python xla_driver.py RESULTS.json [overrides...]
 
 Runs the real entry point (lemur_torch.train.main) and records, at the end of every optimizer step (after the
-backend's step_done and a wait for the device), torch_xla's compile and execution counts; the order in which
+backend's step_done and a wait for the device), torch_xla's compile and execution counts, and the same after every
+validation micro-batch (eval_step_done) under "evals", with the number of steps done by then; the order in which
 steps' forward/backward is traced ("backward"), steps are dispatched ("dispatch") and their metrics read by the
-trainer ("read"): the "events"; the persistent compilation cache's
-lookups;
-and which module runs the decoder layers. If the run exports at the end, it also records the trained XLA
-model's logits on a fixed packed batch (LOGITS_BATCH) next to RESULTS.json, for the main-lane check of the HF
-export, and the compiles and executions the export itself caused.
+trainer ("read"): the "events"; the persistent compilation cache's lookups; and which module runs the decoder
+layers. If the run exports at the end, it also records the trained XLA model's logits on a fixed packed batch
+(LOGITS_BATCH) next to RESULTS.json, for the main-lane check of the HF export, and the compiles and executions
+the export itself caused.
 """
 
 from __future__ import annotations
@@ -38,22 +38,31 @@ def main() -> int:
     from lemur_torch.parallel.xla import XlaSpmdBackend
     from lemur_torch.trainer import Trainer
 
+    steps, evals, events, extra = [], [], [], {}
+    step_done, eval_step_done = XlaSpmdBackend.step_done, XlaSpmdBackend.eval_step_done
+
     def compiles():
         return met.counter_value("UncachedCompile") or 0
 
     def executions():
         return met.counter_value("ExecuteReplicated") or met.counter_value("ExecuteComputation") or 0
 
-    steps, events, extra = [], [], {}
-    step_done = XlaSpmdBackend.step_done
+    def counts():
+        return {"compiles": compiles(), "executions": executions()}
 
     def measured_step_done(self):
         events.append(["dispatch", len(steps) + 1])
         step_done(self)
         xm.wait_device_ops()
-        steps.append({"compiles": compiles(), "executions": executions()})
+        steps.append(counts())
+
+    def measured_eval_step_done(self):
+        eval_step_done(self)
+        xm.wait_device_ops()
+        evals.append({"after_step": len(steps), **counts()})
 
     XlaSpmdBackend.step_done = measured_step_done
+    XlaSpmdBackend.eval_step_done = measured_eval_step_done
 
     clip = XlaSpmdBackend.clip_grad_norm_
 
@@ -98,7 +107,7 @@ def main() -> int:
     status = train.main(overrides)
     extra["cache"] = {name: met.counter_value(f"PersistentCache{name}") or 0 for name in ("Hit", "Miss", "DeserializeFailure")}
     with open(results_path, "w") as f:
-        json.dump({"status": status, "steps": steps, "events": events, **extra}, f)
+        json.dump({"status": status, "steps": steps, "evals": evals, "events": events, **extra}, f)
     return status
 
 

@@ -20,6 +20,7 @@ LAYERS = 2
 BASE = [
     "model=tiny", f"model.num_hidden_layers={LAYERS}", "train.seq_len=64", "train.micro_batch_size=4", "train.global_batch_tokens=512",
     "optim.warmup_steps=3", "optim.lr=1e-3", f"train.max_steps={STEPS}", "log.wandb_mode=disabled", "log.console=false",
+    "eval.every_steps=0",  # validation under XLA has its own run (test_xla_validation.py)
 ]
 # no persistent compilation cache by default (the CPU client cannot load its own cached executables; see
 # test_xla_resume.py): only the full run and its resumption use one

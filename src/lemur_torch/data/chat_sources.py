@@ -119,6 +119,14 @@ class BuiltinChatSource(IndexedSource):
     def __len__(self):
         return len(self.items)
 
+    def doc_key(self, i):
+        loc = self.items[i][0]  # a stdlib path (machine-specific prefix dropped) or a pydoc topic
+        std = sysconfig.get_paths()["stdlib"] + os.sep
+        return loc[len(std):] if loc.startswith(std) else loc
+
+    def doc_weight(self, i):
+        return sum(len(c) for _, c in self.items[i][1])
+
     def item(self, i):
         loc, turns = self.items[i]
         return loc, Conversation(list(turns))

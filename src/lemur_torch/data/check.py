@@ -48,8 +48,8 @@ def check_data_config(data_cfg) -> None:
         check_source(str(name), scfg, fmt)
 
 
-def check_source(name: str, scfg, fmt: str) -> None:
-    key = f"data.sources.{name}"
+def check_source(name: str, scfg, fmt: str, prefix: str = "data.sources") -> None:
+    key = f"{prefix}.{name}"
     kind = scfg.kind
     if kind not in KINDS[fmt]:
         raise DataKeyError(f"{key}.kind", f"{kind!r} is not a kind of source for data.format={fmt}; use one of {', '.join(KINDS[fmt])}")

@@ -29,7 +29,8 @@ Without torch.distributed (ranks simulated in one process, as the tests do), com
 `local_state_dict()`s with `merge_states`.
 
 The state carries a fingerprint of everything that gives positions their meaning - lanes, seq_len, seed,
-weights, the tokenizer, and per source its kind, path, files (names and sizes), text field and shuffle - and
+weights, the tokenizer, and per source its kind, path, files (names and sizes), text field, shuffle and held-out
+fraction - and
 `load_state_dict` refuses a state whose fingerprint differs, naming the setting, unless `data.resume_stream`
 is `restart` (the model and optimizer resume; the data stream starts at its beginning).
 
@@ -55,7 +56,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lemur_torch.data.boundaries import document_lengths
 from lemur_torch.data.mixture import Schedule
 from lemur_torch.data.packing import BadCounter, Packer, Refiller, Tokenize
-from lemur_torch.data.sources import REASONS, BadInputError, DataConfigError, Source, build_source, resolve_listing
+from lemur_torch.data.sources import (REASONS, BadInputError, DataConfigError, Source, build_source, holdout_fraction,
+                                     resolve_listing)
 from lemur_torch.data.storage import DataReadError, Storage, io_counters
 
 # 2: lanes read contiguous shares and positions are seekable reader positions (1: strided record indices)
@@ -214,7 +216,8 @@ class PackedMixtureLoader:
         listings = self._shared_listings(data_cfg)
         self.sources: List[Source] = [self.build_source(str(name), scfg, listings.get(str(name)))
                                       for name, scfg in data_cfg.sources.items()]
-        for src in self.sources:
+        for src, scfg in zip(self.sources, data_cfg.sources.values()):
+            src.set_holdout(*holdout_fraction(src.name, scfg, data_cfg))  # before any share is laid out
             src.check_lanes(self.lanes)
         self.schedule = Schedule([s.name for s in self.sources], [s.weight for s in self.sources], self.lanes)
         self.domain_names: List[str] = sorted({s.domain for s in self.sources})
@@ -288,17 +291,30 @@ class PackedMixtureLoader:
         while True:
             items = _take(rows, B)
             self._exchange(items)  # every rank raises here, together, if any rank's reader failed
-            packed = torch.stack([it[0] for it in items])  # [B, 3, S]
-            domains = torch.tensor([it[1] for it in items], dtype=torch.long)
-            batch = {
-                "input_ids": packed[:, 0].contiguous(),
-                "labels": packed[:, 1].contiguous(),
-                "position_ids": packed[:, 2].contiguous(),
-                "domain_ids": domains[:, None].expand(B, self.seq_len).contiguous(),
-            }
-            batch["doc_lens"] = document_lengths(batch["position_ids"])  # the attention kernels' boundaries
+            batch = self.collate(torch.stack([it[0] for it in items]), [it[1] for it in items])
             self._rows += B * self.dp_size
             yield batch
+
+    def collate(self, rows: torch.Tensor, domains: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """[B, 3, S] rows (input_ids, labels, position_ids) and a domain id per row -> the batch contract's dict,
+        document boundaries included (also how validation batches are made, lemur_torch/validation.py)."""
+        domain_ids = torch.tensor(list(domains), dtype=torch.long)
+        return {
+            "input_ids": rows[:, 0].contiguous(),
+            "labels": rows[:, 1].contiguous(),
+            "position_ids": rows[:, 2].contiguous(),
+            "domain_ids": domain_ids[:, None].expand(rows.shape[0], rows.shape[2]).contiguous(),
+            "doc_lens": document_lengths(rows[:, 2]),  # the attention kernels' boundaries
+        }
+
+    def gather(self, obj) -> list:
+        """A small picklable `obj` from every data-parallel rank, in rank order, over the loader's CPU group (no GPU
+        sync); every rank calls it at the same point. Without torch.distributed: [obj]."""
+        if self._group is None:
+            return [obj]
+        out: List[object] = [None] * self.dp_size
+        torch.distributed.all_gather_object(out, obj, group=self._group)
+        return out
 
     def _exchange(self, items: list) -> None:
         """Share the lanes' new positions with every rank (and a reader's failure, if any)."""

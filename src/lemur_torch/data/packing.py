@@ -228,7 +228,10 @@ class Packer:
         bytes0, retries0 = io_counters()
         chunk, texts, keys, chars = [], [], [], 0
         while chars < self.read_chars:
-            epoch, pos, loc, rec = next(self._reader)
+            try:
+                epoch, pos, loc, rec = next(self._reader)
+            except StopIteration:  # a finite reader (validation: one pass over a held-out slice) has ended
+                break
             if isinstance(rec, Bad):
                 rec.loc = loc  # reported (or raised, strict) when packing reaches it, in stream order
                 chunk.append((epoch, pos, rec))

@@ -42,6 +42,9 @@ class SourceConfig:
     # data.format=chat only: the record's field for each field a format reads, when the dataset names it
     # differently, e.g. OpenOrca as alpaca: {system: system_prompt, instruction: question, output: response}
     fields: Dict[str, str] = field(default_factory=dict)
+    # fraction of this source kept out of training for validation (eval.*); null = data.holdout. Part of the
+    # resume identity: changing it changes what training reads (sources.py, "Held-out slices")
+    holdout: Optional[float] = bounded(None, ge=0, lt=1, hint="a fraction of the source")
 
 
 @dataclass
@@ -82,4 +85,9 @@ class DataConfig:
     io_retries: int = bounded(8, ge=0)
     io_backoff_s: float = bounded(1.0, ge=0)
     io_max_backoff_s: float = bounded(60.0, ge=0)
+    # fraction of every source held out of training for validation (eval.*), unless the source sets its own
+    # `holdout`: the tail of its files in path order (JSON lines by bytes, parquet by rows), or a fixed
+    # hash-chosen set of its documents (one-document-per-file and built-in kinds). Training never reads it, on
+    # any number of ranks, lanes or workers, shuffled or not, in any epoch
+    holdout: float = bounded(0.0, ge=0, lt=1, hint="a fraction of each source")
     extra: Dict[str, Any] = field(default_factory=dict)

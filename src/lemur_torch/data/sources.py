@@ -27,19 +27,33 @@ per epoch (reads stay sequential inside a share); `shuffle: false` keeps the nat
 l-th share. One-document-per-file sources (built-in corpus, text trees) are index-addressed instead: lane l
 reads documents l, l+L, ... of a seeded per-epoch permutation, each opened alone, so nothing is read twice.
 
-Carving out a held-out slice (issue 12) is a change to `FileSource.pieces`: drop the tail of the natural-order
-address space from the training pieces and give it, as its own pieces, to an evaluation reader.
+Held-out slices (`holdout`, a fraction per source; validation during training, lemur_torch/validation.py): a
+part of each source that training never reads, chosen from the data alone - the same on any number of ranks,
+lanes or workers, shuffled or not, in every epoch, and for every seed (so runs are comparable):
+- file sources: the tail of the natural-order address space (files in path order, end to end: bytes of JSON
+  lines, rows of parquet weighted by their bytes), cut with the readers' own rules - a JSON line belongs to the
+  side its first byte is on, a parquet cut falls between rows, an unsplittable file (.gz, JSON array) goes whole
+  to the side its midpoint is on. Training lays out and shuffles only the pieces before the cut; the held-out
+  reader (`held_out()`) reads only the pieces after it, so validation reads ~ what it evaluates. The tail is not
+  a random sample: where the file order means something (dates, languages), use eval.sources instead;
+- one-document-per-file sources (built-in corpus, text trees, built-in conversations): the round(f x N)
+  documents (at least one) whose identity - the path relative to the source's folder, or the item's key -
+  hashes lowest (sha256). A random-looking sample that costs no reads, and adding or removing other documents
+  moves at most the documents at the boundary.
+The fraction is part of the resume fingerprint: changing it changes what training reads.
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import glob
 import gzip
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 import sysconfig
@@ -66,7 +80,7 @@ TAIL_BLOCK = 1 << 12
 SNAP = 1 / 8
 
 __all__ = ["DataConfigError", "BadInputError", "DataReadError", "Bad", "Source", "FileSource", "build_source",
-           "resolve_listing", "split_shares"]
+           "resolve_listing", "split_shares", "holdout_fraction"]
 
 
 class DataConfigError(ValueError):
@@ -118,6 +132,7 @@ class Source:
 
     kind = "?"
     text_field = "text"
+    holdout = 0.0  # fraction held out of training (`set_holdout`)
 
     def __init__(self, name: str, domain: str, weight: float, seed: int, shuffle: bool = True):
         self.name, self.domain, self.weight, self.seed, self.shuffle = name, domain, weight, seed, shuffle
@@ -135,7 +150,27 @@ class Source:
 
     def fingerprint(self) -> Dict[str, object]:
         """What the meaning of a position depends on (loader.py refuses to resume when any of it changed)."""
-        return {"kind": self.kind, "shuffle": self.shuffle}
+        fp: Dict[str, object] = {"kind": self.kind, "shuffle": self.shuffle}
+        if self.holdout:  # absent when 0: states saved before held-out slices existed still resume
+            fp["holdout"] = self.holdout
+        return fp
+
+    def set_holdout(self, fraction: float, setting: str) -> None:
+        """Keep `fraction` of the source out of training (module docstring); `setting` names the key in errors."""
+        raise NotImplementedError  # pragma: no cover
+
+    def held_out(self, whole: bool = False) -> "Source":
+        """A source that reads only the held-out slice (all of the source with `whole`), in natural order and
+        unshuffled, split into lanes by the same rules as training; its epoch 0 is the slice once."""
+        raise NotImplementedError  # pragma: no cover
+
+    def lane_weights(self, lanes: int) -> List[float]:
+        """How much data (bytes or characters) each lane's share of epoch 0 holds."""
+        raise NotImplementedError  # pragma: no cover
+
+    def held_out_summary(self) -> str:
+        """What `set_holdout` kept out, for the start-up log."""
+        raise NotImplementedError  # pragma: no cover
 
     def check_lanes(self, lanes: int) -> None:
         n = self.num_records()
@@ -147,29 +182,114 @@ class Source:
     def describe(self, lanes: int) -> Tuple[str, float]:
         """One line for the start-up log, and the expected read amplification (bytes read / bytes of the data)."""
         n = self.num_records()
-        return f"source {self.name!r} ({self.kind}): {n} documents, {n / lanes:.1f} per lane, each read once", 1.0
+        held = f" ({len(self._held)} held out of training, chosen by a hash of their names)" if self._held else ""
+        return f"source {self.name!r} ({self.kind}): {len(self)} documents{held}, {n / lanes:.1f} per lane, each read once", 1.0
 
 
 class IndexedSource(Source):
     """Random-access records (one document per file or item): lane l reads items l, l+L, ... of a seeded
-    per-epoch permutation; the position is the index k in that share."""
+    per-epoch permutation of the training documents; the position is the index k in that share."""
+
+    _held: Tuple[int, ...] = ()  # held-out documents, ascending
+    _train: Optional[List[int]] = None  # the other documents, ascending; None: all
 
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def num_records(self):
-        return len(self)
+        return len(self.training_docs())
 
     def item(self, i: int) -> Record:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def doc_key(self, i: int) -> str:
+        """Document i's identity, independent of the machine and of the other documents (picks held-out ones)."""
+        return str(i)
+
+    def doc_weight(self, i: int) -> int:
+        """Document i's size (bytes or characters), known without reading it."""
+        return 1
+
+    def training_docs(self) -> Sequence[int]:
+        return range(len(self)) if self._train is None else self._train
+
+    def set_holdout(self, fraction: float, setting: str) -> None:
+        self.holdout = _check_fraction(self.name, fraction, setting)
+        self._held, self._train = (), None
+        if not fraction:
+            return
+        n = len(self)
+        k = max(1, round(fraction * n))
+        if k >= n:
+            raise DataConfigError(f"source {self.name!r}: {setting}={fraction} holds out {k} of its {n} documents, leaving "
+                                  "none to train on; lower it")
+        ranked = sorted(range(n), key=lambda i: (_holdout_rank(self.doc_key(i)), i))
+        self._held = tuple(sorted(ranked[:k]))
+        held = set(self._held)
+        self._train = [i for i in range(n) if i not in held]
+
+    def held_out(self, whole: bool = False) -> "IndexedSource":
+        return _DocsView(self, range(len(self)) if whole else self._held)
+
+    def held_out_summary(self) -> str:
+        n = len(self)
+        return f"{len(self._held)} of {n} documents ({100 * len(self._held) / max(1, n):.1f}%, chosen by a hash of their names)"
+
+    def lane_weights(self, lanes: int) -> List[float]:
+        docs = self.training_docs()
+        order = _epoch_order(len(docs), self.seed, self.name, 0, self.shuffle)
+        return [float(sum(self.doc_weight(docs[order[i]]) for i in range(lane, len(order), lanes))) for lane in range(lanes)]
+
     def records(self, epoch, lane, lanes, pos=None):
-        order = _epoch_order(len(self), self.seed, self.name, epoch, self.shuffle)
+        docs = self.training_docs()
+        order = _epoch_order(len(docs), self.seed, self.name, epoch, self.shuffle)
         k = pos or 0
         for i in range(lane + k * lanes, len(order), lanes):
             k += 1
-            loc, rec = self.item(order[i])
+            loc, rec = self.item(docs[order[i]])
             yield loc, rec, k
+
+
+class _DocsView(IndexedSource):
+    """Some documents of an indexed source (its held-out ones), in natural order, unshuffled."""
+
+    def __init__(self, parent: IndexedSource, docs: Sequence[int]):
+        super().__init__(parent.name, parent.domain, parent.weight, parent.seed, shuffle=False)
+        self.kind, self.text_field = parent.kind, parent.text_field
+        self.parent, self.docs = parent, list(docs)
+
+    def __len__(self):
+        return len(self.docs)
+
+    def item(self, i):
+        return self.parent.item(self.docs[i])
+
+    def doc_weight(self, i):
+        return self.parent.doc_weight(self.docs[i])
+
+
+def _holdout_rank(key: str) -> bytes:
+    return hashlib.sha256(b"lemur-holdout\0" + key.encode("utf-8", "surrogatepass")).digest()[:8]
+
+
+def _check_fraction(name: str, fraction: float, setting: str) -> float:
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise DataConfigError(f"source {name!r}: {setting}={fraction} must be a fraction in [0, 1)")
+    return fraction
+
+
+def holdout_fraction(name: str, scfg, data_cfg) -> Tuple[float, str]:
+    """A source's held-out fraction and the setting it comes from (its own `holdout`, else `data.holdout`)."""
+    own = scfg.get("holdout") if hasattr(scfg, "get") else None
+    if own is not None:
+        return float(own), f"data.sources.{name}.holdout"
+    return float(data_cfg.get("holdout", 0.0) or 0.0), "data.holdout"
+
+
+def _common_dir(paths: Sequence[str]) -> str:
+    prefix = os.path.commonprefix(list(paths)) if paths else ""
+    return prefix[: prefix.rfind("/") + 1]
 
 
 class FileDocsSource(IndexedSource):
@@ -182,6 +302,14 @@ class FileDocsSource(IndexedSource):
 
     def __len__(self):
         return len(self.files)
+
+    def doc_key(self, i):
+        if not hasattr(self, "_root"):
+            self._root = _common_dir([p for p, _ in self.files])
+        return self.files[i][0][len(self._root):]
+
+    def doc_weight(self, i):
+        return self.files[i][1]
 
     def fingerprint(self):
         return {**super().fingerprint(), "files": _files_digest(self.files)}
@@ -213,6 +341,14 @@ class BuiltinTextSource(IndexedSource):
 
     def __len__(self):
         return len(self.keys)
+
+    def doc_key(self, i):
+        return self.keys[i]
+
+    def doc_weight(self, i):
+        from pydoc_data.topics import topics
+
+        return len(topics[self.keys[i]])
 
     def item(self, i):
         from pydoc_data.topics import topics
@@ -490,6 +626,35 @@ def split_shares(pieces: Sequence[Piece], lanes: int) -> List[List[Segment]]:
     return shares
 
 
+def _split_tail(pieces: Sequence[Piece], fraction: float) -> Tuple[List[Piece], List[Piece]]:
+    """(training pieces, held-out pieces): the pieces laid end to end, cut so that the last `fraction` of their
+    weight is held out. A splittable piece is cut inside (bytes: the JSON-lines readers then give each line to
+    the side its first byte is on; rows: between rows); an unsplittable one goes to the side of its midpoint."""
+    if not fraction:
+        return list(pieces), []
+    total = sum(p.weight for p in pieces)
+    cut = total - math.ceil(total * fraction)
+    train: List[Piece] = []
+    held: List[Piece] = []
+    at = 0
+    for p in pieces:
+        ps, pe = at, at + p.weight
+        at = pe
+        if pe <= cut:
+            train.append(p)
+        elif ps >= cut:
+            held.append(p)
+        elif p.splittable:
+            c = p.lo + (cut - ps) * (p.hi - p.lo) // (pe - ps)
+            if c > p.lo:
+                train.append(p._replace(hi=c, weight=max(1, p.weight * (c - p.lo) // (p.hi - p.lo))))
+            if c < p.hi:
+                held.append(p._replace(lo=c, weight=max(1, p.weight * (p.hi - c) // (p.hi - p.lo))))
+        else:
+            (train if ps + pe <= 2 * cut else held).append(p)
+    return train, held
+
+
 class FileSource(Source):
     """JSON lines (plain or .gz), JSON array files and parquet, local or remote (kinds jsonl, parquet, hf)."""
 
@@ -501,21 +666,74 @@ class FileSource(Source):
         self.storage = storage or Storage()
         self.identity = dict(identity or {})
         self._shares: Dict[Tuple[int, int], List[List[Segment]]] = {}
+        # with a held-out slice: the training pieces of each file and the held-out pieces (set_holdout)
+        self._train_pieces: Optional[Dict[int, List[Piece]]] = None
+        self._held_pieces: List[Piece] = []
+        self._view: Optional[str] = None  # "held" or "whole" for a held_out() reader
+        # bytes per ranged read of a JSON-lines share; a validation reader that needs little of its share reads less
+        self.read_block = READ_BLOCK
 
     # -- layout ----------------------------------------------------------------------------------------
+    def _file_pieces(self, fi: int) -> List[Piece]:
+        f = self.files[fi]
+        if f.fmt == PARQUET:
+            out, row = [], 0
+            for rows, nbytes in f.groups:
+                if rows:
+                    out.append(Piece(fi, row, row + rows, max(1, nbytes), True))
+                row += rows
+            return out
+        return [Piece(fi, 0, f.size, f.size, f.fmt == JSONL)] if f.size else []
+
+    def _natural_pieces(self) -> List[Piece]:
+        return [p for fi in range(len(self.files)) for p in self._file_pieces(fi)]
+
     def pieces(self, epoch: int) -> List[Piece]:
-        out = []
-        for fi in _epoch_order(len(self.files), self.seed, self.name, epoch, self.shuffle):
-            f = self.files[fi]
-            if f.fmt == PARQUET:
-                row = 0
-                for rows, nbytes in f.groups:
-                    if rows:
-                        out.append(Piece(fi, row, row + rows, max(1, nbytes), True))
-                    row += rows
-            elif f.size:
-                out.append(Piece(fi, 0, f.size, f.size, f.fmt == JSONL))
-        return out
+        if self._view == "held":
+            return list(self._held_pieces)
+        if self._view == "whole":
+            return self._natural_pieces()
+        order = _epoch_order(len(self.files), self.seed, self.name, epoch, self.shuffle)
+        if self._train_pieces is None:
+            return [p for fi in order for p in self._file_pieces(fi)]
+        return [p for fi in order for p in self._train_pieces.get(fi, ())]
+
+    def set_holdout(self, fraction: float, setting: str) -> None:
+        self.holdout = _check_fraction(self.name, fraction, setting)
+        self._shares = {}
+        self._train_pieces, self._held_pieces = None, []
+        if not fraction:
+            return
+        natural = self._natural_pieces()
+        train, held = _split_tail(natural, fraction)
+        total = sum(f.size for f in self.files)
+        whole = ("; a .gz or JSON-array file cannot be cut and goes whole to the side its midpoint is on: convert it to "
+                 "JSON lines" if any(f.fmt in (GZ, JSON_ARRAY) for f in self.files) else "")
+        if not held:
+            raise DataConfigError(f"source {self.name!r}: {setting}={fraction} holds out nothing of its {len(self.files)} "
+                                  f"file(s) ({_human(total)}): raise it{whole}")
+        if not train:
+            raise DataConfigError(f"source {self.name!r}: {setting}={fraction} holds out all of its {len(self.files)} "
+                                  f"file(s) ({_human(total)}), leaving nothing to train on: lower it{whole}")
+        self._train_pieces = {}
+        for p in train:
+            self._train_pieces.setdefault(p.file, []).append(p)
+        self._held_pieces = held
+
+    def held_out(self, whole: bool = False) -> "FileSource":
+        view = copy.copy(self)
+        view._view, view.shuffle, view._shares = ("whole" if whole else "held"), False, {}
+        return view
+
+    def held_out_summary(self) -> str:
+        held = sum(p.weight for p in self._held_pieces)
+        total = sum(p.weight for p in self._natural_pieces())
+        files = sorted({p.file for p in self._held_pieces})
+        where = self.files[files[0]].path + (f" and {len(files) - 1} later file(s)" if len(files) > 1 else "")
+        return f"{_human(held)} of {_human(total)} ({100 * held / max(1, total):.2f}%) from {where} on"
+
+    def lane_weights(self, lanes: int) -> List[float]:
+        return [sum(self._segment_read_bytes(seg) / seg.stride for seg in share) for share in self.shares(0, lanes)]
 
     def shares(self, epoch: int, lanes: int) -> List[List[Segment]]:
         key = (epoch, lanes)
@@ -529,7 +747,7 @@ class FileSource(Source):
 
     def num_records(self):
         if self.files and all(f.fmt == PARQUET for f in self.files):
-            return sum(r for f in self.files for r, _ in f.groups)
+            return sum(p.hi - p.lo for p in self.pieces(0))
         return None
 
     def check_lanes(self, lanes: int) -> None:
@@ -553,20 +771,19 @@ class FileSource(Source):
         for share in shares:
             for seg in share:
                 read += self._segment_read_bytes(seg)
-        amp = read / max(1, sum(self._file_weight(f) for f in self.files))
+        amp = read / max(1, sum(p.weight for p in self.pieces(0)))
         nfiles = len(self.files)
         per = (f"{lanes / nfiles:.1f} lanes per file" if lanes >= nfiles else f"{nfiles / lanes:.1f} files per lane")
         fmts = ", ".join(sorted({f.fmt for f in self.files}))
         line = (f"source {self.name!r} ({self.kind}, {fmts}): {nfiles} files, {_human(total)}; {per}; "
                 f"expected read amplification {amp:.2f}x")
+        if self.holdout:
+            line += f"; held out of training: {self.held_out_summary()}"
         unsplit = [f for f in self.files if f.fmt in (GZ, JSON_ARRAY)]
         if amp > 1.5 and unsplit:
             line += (f" ({len(unsplit)} {'.gz' if unsplit[0].fmt == GZ else 'JSON array'} file(s) cannot be split and are "
                      f"read whole by every lane that shares one: decompress them to JSON lines, or split them into >= {lanes} files)")
         return line, amp
-
-    def _file_weight(self, f: FileInfo) -> int:
-        return sum(b for _, b in f.groups) if f.fmt == PARQUET else f.size
 
     def _segment_read_bytes(self, seg: Segment) -> float:
         f = self.files[seg.file]
@@ -611,7 +828,7 @@ class FileSource(Source):
             align = seg.lo > 0
         else:
             align = False
-        for off, raw in _lines(self.storage, f.path, f.size, cur, seg.hi, align):
+        for off, raw in _lines(self.storage, f.path, f.size, cur, seg.hi, align, self.read_block):
             nxt = off + len(raw)
             loc = f"{f.path}:{line}" if line else f"{f.path} (byte {off})"
             yield loc, self._parse(raw), nxt, (line + 1 if line else 0)
@@ -691,7 +908,7 @@ class FileSource(Source):
         return self.record(obj)
 
 
-def _lines(storage: Storage, path: str, size: int, start: int, stop: int, align: bool):
+def _lines(storage: Storage, path: str, size: int, start: int, stop: int, align: bool, block: int = READ_BLOCK):
     """(offset, bytes) of the lines of a file that start in [start, stop), read in ranged blocks. `start` is a
     line start, or (align) any offset: then lines start after the first newline at or after start - 1."""
     pos = start - 1 if align else start  # next byte to read
@@ -700,7 +917,7 @@ def _lines(storage: Storage, path: str, size: int, start: int, stop: int, align:
     while True:
         if not dropping and pend_off >= stop:
             return
-        want = READ_BLOCK if pos < stop else TAIL_BLOCK  # past the share's end: just finish its last line
+        want = block if pos < stop else TAIL_BLOCK  # past the share's end: just finish its last line
         data = storage.read(path, pos, min(size, pos + min(want, max(stop - pos, TAIL_BLOCK))))
         if not data:
             if pending and not dropping and pend_off < stop:

@@ -88,8 +88,12 @@ def build_figure(metrics: Sequence[Dict[str, Any]], title: str = ""):
     for d in train_domains:
         plot(ax["training loss"], f"loss/{d}", d, color=color[d], linewidth=0.8, alpha=0.8)
     plot(ax["validation loss"], "val/loss", "all", color="black", marker="o", markersize=3)
-    for d in val_domains:
-        plot(ax["validation loss"], f"val/loss/{d}", d, color=color[d], marker="o", markersize=3)
+    # val/loss/<name> is per domain and per source: sources (names that are not a training domain) dashed and
+    # drawn first, so a domain of one source, whose curve is the same, stays visible on top
+    others = [d for d in val_domains if train_domains and d not in train_domains]
+    for d in others + [d for d in val_domains if d not in others]:
+        style = dict(linestyle="--", linewidth=0.9, markersize=2) if d in others else dict(markersize=3)
+        plot(ax["validation loss"], f"val/loss/{d}", d, color=color[d], marker="o", **style)
     plot(ax["learning rate"], "lr", "lr")
     plot(ax["tokens/s"], "tokens_per_s", "tokens/s")
     plot(ax["gradient norm"], "grad_norm", "grad norm", linewidth=0.8)

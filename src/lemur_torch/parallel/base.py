@@ -62,6 +62,10 @@ class Backend(ABC):
     def step_done(self) -> None:
         """Called once per optimizer step after optimizer.step(): XLA cuts and runs its graph here."""
 
+    def eval_step_done(self) -> None:
+        """Called after each validation micro-batch (lemur_torch/validation.py): XLA cuts and runs its graph here,
+        one graph per micro-batch, compiled once; the training steps' graphs are left as they are."""
+
     def read_later(self, tensor: torch.Tensor) -> Callable[[], List[float]]:
         """Start moving a step's small metrics tensor to the host (called after step_done) and return the
         function that waits for it and gives the values; the trainer calls it one step later. On CUDA a plain

@@ -366,6 +366,9 @@ class XlaSpmdBackend(Backend):
     def step_done(self) -> None:
         self._torch_xla.sync()
 
+    def eval_step_done(self) -> None:
+        self._torch_xla.sync()
+
     # ---------------------------------------------------------------- checkpoints
 
     def _named_params(self, model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
