@@ -86,9 +86,12 @@ def state_per_rank_70b(world_size: int) -> float:
 
 def timed_steps(trainer: Trainer, batches, n: int) -> float:
     t0 = time.perf_counter()
+    pending = None
     for _ in range(n):
-        trainer.train_step([next(batches) for _ in range(trainer.grad_accum)])
+        # as Trainer.fit: each step reads the previous one's metrics before its optimizer step
+        pending = trainer.train_step([next(batches) for _ in range(trainer.grad_accum)], pending, started=time.perf_counter())
         trainer.step += 1
+    trainer.complete(pending)
     return time.perf_counter() - t0
 
 

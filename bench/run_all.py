@@ -1,11 +1,20 @@
-"""`make bench`: run every benchmark in bench/ in turn; each prints its ratios and writes bench/results/*.json."""
+"""`make bench`: run every benchmark in bench/ in turn; each prints its ratios and writes bench/results/*.json.
+xla_step.py runs in the XLA lane's venv (.venv-xla, built by `make test-xla`); without it, it is skipped
+and says so."""
 
 import os
 import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHES = ["trainer_overhead.py", "data_pipeline.py", "attention.py", "checkpoint.py", "eval.py", "validation.py"]
+BENCHES = ["trainer_overhead.py", "data_pipeline.py", "attention.py", "checkpoint.py", "eval.py", "validation.py", "xla_step.py"]
+XLA_PYTHON = os.environ.get("LEMUR_XLA_VENV", os.path.join(os.path.dirname(HERE), ".venv-xla")) + "/bin/python"
+
+
+def interpreter(name: str):
+    if name != "xla_step.py":
+        return sys.executable
+    return XLA_PYTHON if os.path.exists(XLA_PYTHON) else None
 
 
 def main() -> int:
@@ -15,7 +24,11 @@ def main() -> int:
         if not os.path.exists(path):
             continue
         print(f"== {name}", flush=True)
-        if subprocess.call([sys.executable, path]) != 0:
+        python = interpreter(name)
+        if python is None:
+            print(f"{name}: skipped: no XLA venv at {os.path.dirname(os.path.dirname(XLA_PYTHON))} (make test-xla builds it)")
+            continue
+        if subprocess.call([python, path]) != 0:
             failed.append(name)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

@@ -212,6 +212,8 @@ def test_flash_with_fp32_parameters_is_a_config_error(monkeypatch):
 def test_auto_resolution(monkeypatch):
     assert attention.select("auto", "fsdp", "cpu", torch.float32).impl == "sdpa"
     assert attention.select("auto", "xla_spmd", "CPU", torch.float32).impl == "sdpa"
+    assert attention.select("auto", "xla_spmd", "TPU", torch.bfloat16).impl == "xla_flash"
+    assert attention.select("auto", "fsdp", "TPU", torch.bfloat16).impl == "sdpa"  # Pallas only under the XLA backend
     monkeypatch.setattr(attention, "find_kernel", _bf16_only_flash)
     picked = attention.select("auto", "fsdp", "cuda", torch.bfloat16)
     assert picked.impl == "flash" and picked.summary == "flash (auto: simulated flash-attn)"
@@ -219,6 +221,9 @@ def test_auto_resolution(monkeypatch):
     from lemur_torch.parallel import xla_attention
 
     assert xla_attention.implementation_for("auto", "CPU") == xla_attention.SDPA
+    assert xla_attention.implementation_for("auto", "TPU") == xla_attention.FLASH
+    with pytest.raises(ConfigError, match="xla_flash needs a TPU"):
+        xla_attention.implementation_for("xla_flash", "CPU")
     with pytest.raises(ConfigError, match="model.attention"):
         xla_attention.implementation_for("flex", "TPU")
 

@@ -4,6 +4,7 @@ the optimizer hyperparameters on resume, and resolving model.pretrained from a n
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -313,3 +314,53 @@ def test_pretrained_is_fetched_once_per_node(hub, tmp_path):
         assert len(downloads) == 1, f"node {node}: {len(downloads)} downloads"
         assert results.count(str(tmp_path / f"node{node}" / "models--lemur-test--tiny-llama" / "snapshots" /
                                  "0123456789abcdef0123456789abcdef01234567")) == 2, results
+
+
+# -- the trainer's one-step-late read ------------------------------------------------------------------------
+
+def test_one_step_late_read_keeps_guard_and_schedule_exact(parts, monkeypatch):
+    """Trainer.fit reads step k's metrics during step k+1 (no host sync per step). The decisions that need step
+    k's finite guard still come before step k+1's update: the lr each update is applied with counts only the
+    updates applied before it (a skipped step does not advance the schedule), the skip counter is exact, and a
+    checkpoint taken after step k holds a schedule that has seen step k. Reference: a fresh scheduler stepped
+    once per applied update."""
+    from lemur_torch import trainer as trainer_lib
+    from lemur_torch.metrics import MetricsLogger
+
+    cfg, backend, model, _, _ = parts
+    optimizer = build_optimizer(model, cfg.optim, "cpu")
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    loader = ListLoader()
+    loader.stats = dict
+    t = trainer_lib.Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend, log=lambda m: None),
+                            MetricsLogger(cfg, enabled=False), stop=trainer_lib.StopSignal())
+    nonfinite = {2, 3, 5}  # steps whose loss is made non-finite
+    real_loss = trainer_lib.token_loss_sums
+
+    def loss_sums(*args):
+        s, ds, dc = real_loss(*args)
+        return (s * float("nan") if t.step + 1 in nonfinite else s), ds, dc
+
+    monkeypatch.setattr(trainer_lib, "token_loss_sums", loss_sums)
+    applied_lrs = []
+    step_fn = backend.optimizer_step
+    monkeypatch.setattr(backend, "optimizer_step", lambda opt, finite: (applied_lrs.append(opt.param_groups[0]["lr"]), step_fn(opt, finite))[1])
+    ids = torch.arange(3, 3 + cfg.train.seq_len).repeat(cfg.train.micro_batch_size, 1)
+    mb = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(cfg.train.seq_len).repeat(cfg.train.micro_batch_size, 1),
+          "domain_ids": torch.zeros_like(ids)}
+    pending = None
+    for _ in range(6):
+        pending = t.train_step([mb] * t.grad_accum, pending, started=time.perf_counter())
+        pending.started = time.perf_counter() - 1.0
+        t.step += 1
+    t.complete(pending)  # as fit() does before a checkpoint or at the end
+    ref = build_scheduler(build_optimizer(model, cfg.optim, "cpu"), cfg.optim, cfg.train.max_steps)
+    expected = []
+    for step in range(1, 7):
+        expected.append(ref.get_last_lr()[0])
+        if step not in nonfinite:
+            ref.step()  # (torch warns that no optimizer.step() came first: this scheduler only counts)
+    assert applied_lrs == pytest.approx(expected, rel=0, abs=0), (applied_lrs, expected)
+    assert len(set(expected)) > 2, "the warmup must make the lrs differ, or the test proves nothing"
+    assert t.skipped_steps == 3 and t.consecutive_nonfinite == 0
+    assert scheduler.state_dict()["last_epoch"] == ref.state_dict()["last_epoch"] == 3

@@ -70,6 +70,8 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "3 consecutive steps with a non-finite loss or grad norm" in proc.stderr
     metrics = read_metrics(run_dir)
-    assert [m["skipped_steps"] for m in metrics] == [0, 1, 2], metrics
-    # a skipped step does not advance the schedule: step 3 runs at step 2's lr (the warmup would raise it)
-    assert metrics[2]["lr"] == metrics[1]["lr"] > metrics[0]["lr"], [m["lr"] for m in metrics]
+    # the step that ends the run is logged too (its metrics are read during the next step, which is discarded)
+    assert [m["skipped_steps"] for m in metrics] == [0, 1, 2, 3], metrics
+    assert "last: step 4: loss=" in proc.stderr, proc.stderr[-2000:]
+    # a skipped step does not advance the schedule: steps 3 and 4 run at step 2's lr (the warmup would raise it)
+    assert metrics[3]["lr"] == metrics[2]["lr"] == metrics[1]["lr"] > metrics[0]["lr"], [m["lr"] for m in metrics]

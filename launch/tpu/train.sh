@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# Start lemur-train on every worker of a TPU VM pod (one process per host; SPMD over all chips of the pod).
+# Start lemur-train on every worker of a TPU VM slice (one process per host; SPMD over all chips of the slice)
+# and return: each worker runs it detached (launch/tpu/worker_train.sh), so no ssh session holds training.
 #
 #   launch/tpu/train.sh TPU_NAME ZONE [hydra overrides...]
-#   e.g. launch/tpu/train.sh lemur-v4-512 us-central2-b experiment=lemur_70b_pretrain \
-#            checkpoint.dir=/mnt/ckpt/lemur70b run_dir=/mnt/runs/lemur70b
+#   e.g. launch/tpu/train.sh lemur-v4-512 us-central2-b experiment=lemur_70b_pretrain train.micro_batch_size=4 \
+#            run_dir=/mnt/lemur/runs/lemur70b checkpoint.commit=marker model.pretrained=gs://my-bucket/Llama-2-70b-hf
 #
-# parallel=xla_spmd is always set. checkpoint.dir must be storage every host sees (a shared filesystem such
-# as Filestore or a gcsfuse mount): DCP writes each host's shards there and resume=auto finds the newest.
-# Logs: ~/lemur-train.log on each worker (pid in ~/lemur-train.pid, for stop.sh); this script returns when all workers have exited, with the
-# first non-zero status (train.preempt_exit_code after a preemption was honoured with a checkpoint).
+# parallel=xla_spmd is always set. run_dir (and so checkpoint.dir) must be storage every host sees (Filestore,
+# or the gcsfuse mount setup.sh makes with GCS_BUCKET; on gcsfuse pass checkpoint.commit=marker, a folder
+# rename is not atomic there): each host writes its shards there, and checkpoint.resume=auto finds the newest
+# complete checkpoint when a restarted slice runs this again.
+# Follow the run: launch/tpu/logs.sh TPU_NAME ZONE [WORKER]; stop it with a checkpoint: launch/tpu/stop.sh.
+# LEMUR_TPU_DRY_RUN=1 WORKERS=<n> prints each worker's command instead of running it.
 set -euo pipefail
 TPU=${1:?usage: train.sh TPU_NAME ZONE [overrides...]}
 ZONE=${2:?usage: train.sh TPU_NAME ZONE [overrides...]}
 shift 2
-args=$(printf ' %q' parallel=xla_spmd "$@")
-gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"} --worker=all --command "
-cd ~/lemur-torch && source launch/tpu/env.sh
-{ lemur-train$args 2>&1 & echo \$! > ~/lemur-train.pid; wait \$!; } | tee ~/lemur-train.log
-exit \${PIPESTATUS[0]}
-"
+source "$(dirname "$0")/common.sh"
+ARGS=$(printf ' %q' parallel=xla_spmd "$@")
+
+train_command() {
+    echo "cd $LEMUR_DIR && LEMUR_WORKER=$1 launch/tpu/worker_train.sh$ARGS"
+}
+
+on_workers train_command

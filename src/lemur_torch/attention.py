@@ -284,8 +284,11 @@ def _prepare_attention(impl: str, module: nn.Module, args: tuple, kwargs: Dict[s
 
 
 def resolve_auto(backend: str, device_type: str, flash_runs: bool) -> str:
-    """What `auto` means: flash on CUDA where a varlen kernel runs in the run's precision, else sdpa. The XLA
-    backend extends it (xla_flash on TPU)."""
+    """What `auto` means: the Pallas flash kernel on TPU (no [B,1,S,S] mask: O(S) memory at seq 4096), flash on
+    CUDA where a varlen kernel runs in the run's precision, else sdpa (the XLA backend's mask-free SDPA on
+    other PJRT devices)."""
+    if backend == "xla_spmd" and device_type == "TPU":
+        return "xla_flash"
     if backend == "fsdp" and device_type == "cuda" and flash_runs:
         return "flash"
     return "sdpa"

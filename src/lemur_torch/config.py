@@ -151,6 +151,10 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     # xla_spmd: mesh is (fsdp, tensor); tensor axis size
     xla_tensor: int = bounded(1, ge=1)
+    # xla_spmd: run the decoder layers as one torch_xla scan (trace/compile time independent of depth)
+    scan_layers: bool = False
+    # xla_spmd: persistent compilation cache folder (per host); null = compile on every start
+    xla_cache_dir: Optional[str] = None
 
 
 @dataclass

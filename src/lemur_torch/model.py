@@ -151,29 +151,36 @@ def clean_fqn(name: str) -> str:
 def token_loss_sums(
     logits: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor, num_domains: int, chunk: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum of next-token CE over label tokens (labels are unshifted, HF-style), in fp32 chunks of `chunk`
-    x batch tokens so the fp32 copy of the logits stays at [B * chunk, V].
+    """Sum of next-token CE over label tokens (labels are unshifted, HF-style), computed in fp32 over chunks of
+    `chunk` positions of the sequence, so the fp32 copy of the logits stays at [B, chunk, V].
 
-    The targets are shifted (labels[:, 1:] padded with -100), not the logits: slicing logits[:, :-1] would
-    copy the largest activation of the model, forward and backward.
+    Chunks cut the sequence axis, never the batch axis: under SPMD the batch is what is sharded over devices,
+    so every chunk keeps each device's own rows and no rows move between devices. The targets are shifted
+    (labels[:, 1:] padded with -100), not the logits: slicing logits[:, :-1] would copy the largest activation
+    of the model, forward and backward. Per-domain sums are products with a one-hot of the domain ids built by
+    comparison with arange(num_domains), not index_add/scatter: torch_xla aborts tracing an index_add whose
+    index is a chunk of a split (`Check failed: buffer != nullptr`), and a [tokens, domains] product is free
+    next to the [tokens, vocab] logits.
     Returns (loss_sum, per-domain loss sums [D], per-domain label-token counts [D]); all fp32 on-device.
     """
-    vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)  # a view: logits are contiguous
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-    domains = F.pad(domain_ids[:, 1:].long(), (0, 1), value=0).reshape(-1)
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    domains = F.pad(domain_ids[:, 1:].long(), (0, 1), value=0)
+    domain_range = torch.arange(num_domains, device=logits.device)
     total = logits.new_zeros((), dtype=torch.float32)
     dom_sum = logits.new_zeros((num_domains,), dtype=torch.float32)
     dom_cnt = logits.new_zeros((num_domains,), dtype=torch.float32)
-    rows = chunk * logits.shape[0]
     # split, not slicing: the backward of a slice writes into a zeroed full-size gradient per chunk,
     # split's backward is one concatenation (and no copy at all when one chunk covers everything)
-    chunks = zip(flat.split(rows), targets.split(rows), domains.split(rows)) if rows < flat.shape[0] else [(flat, targets, domains)]
-    for lg, tg, d in chunks:
-        per_tok = F.cross_entropy(lg.float(), tg, ignore_index=IGNORE_INDEX, reduction="none")
+    for lg, tg, d in zip(logits.split(chunk, dim=1), targets.split(chunk, dim=1), domains.split(chunk, dim=1)):
+        lg = lg.float()  # [B, c, V]
+        valid = tg != IGNORE_INDEX
+        # cross-entropy as logsumexp - target logit, on [B, c, V] as it is (no reshape copy of a strided chunk)
+        target_logit = lg.gather(-1, tg.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        per_tok = torch.where(valid, torch.logsumexp(lg, dim=-1) - target_logit, 0.0)  # [B, c]
+        onehot = (d.unsqueeze(-1) == domain_range).float()  # [B, c, D]
         total = total + per_tok.sum()
-        dom_sum = dom_sum.index_add(0, d, per_tok.detach())
-        dom_cnt = dom_cnt.index_add(0, d, (tg != IGNORE_INDEX).float())
+        dom_sum = dom_sum + torch.einsum("bc,bcd->d", per_tok.detach(), onehot)
+        dom_cnt = dom_cnt + torch.einsum("bc,bcd->d", valid.float(), onehot)
     return total, dom_sum, dom_cnt
 
 

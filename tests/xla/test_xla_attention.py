@@ -35,6 +35,9 @@ def test_mask_free_sdpa_equals_hf_sdpa_on_packed_rows():
 
 
 def test_attention_choice():
+    # auto: the Pallas flash kernel on TPU, the mask-free SDPA elsewhere
+    assert xla_attention.implementation_for("auto", "TPU") == xla_attention.FLASH
+    assert xla_attention.implementation_for("auto", "CPU") == xla_attention.SDPA
     assert xla_attention.implementation_for("sdpa", "CPU") == xla_attention.SDPA
     assert xla_attention.implementation_for("xla_flash", "TPU") == xla_attention.FLASH
     with pytest.raises(ConfigError, match="model.attention.*needs a TPU"):

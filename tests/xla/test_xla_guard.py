@@ -1,5 +1,6 @@
 """The XLA backend's non-finite guard runs on the device: a rejected step leaves weights and AdamW moments
-exactly as they were, an accepted one equals a plain optimizer.step(), and neither reads the guard on the host."""
+exactly as they were, an accepted one equals a plain optimizer.step(), and neither reads the guard on the host.
+Also in this process (one backend): the memory report on TPU and the device kinds MFU is looked up by."""
 
 import functools
 
@@ -13,7 +14,7 @@ def _backend():
 
     from xla_helpers import XLA
 
-    return XlaSpmdBackend(load_config(XLA))
+    return XlaSpmdBackend(load_config([*XLA, "parallel.xla_cache_dir=null"]))
 
 
 def _setup():
@@ -67,3 +68,32 @@ def test_accepted_step_is_a_plain_step():
     torch_xla.sync()
     for a, b in zip(_snapshot(lin, opt), _snapshot(ref_lin, ref_opt)):
         assert torch.equal(a, b)
+
+
+def test_memory_stats_on_tpu(monkeypatch):
+    """PJRT's allocator stats (what a TPU reports; the CPU client keeps none) in the FSDP backend's keys."""
+    import torch_xla.core.xla_model as xm
+
+    backend = _backend()
+    assert backend.memory_stats() == {}  # CPU
+    gib = 2**30
+    monkeypatch.setattr(xm, "get_memory_info", lambda device=None: {
+        "bytes_used": 3 * gib, "bytes_limit": 32 * gib, "peak_bytes_used": 5 * gib})
+    assert backend.memory_stats() == {"mem_alloc_gib": 5.0, "mem_in_use_gib": 3.0, "mem_limit_gib": 32.0}
+
+
+def test_mfu_peak_for_tpu_device_kinds(monkeypatch):
+    """Under SPMD the backend names the chip as PJRT does, from the TPU VM's accelerator type, and each TPU
+    generation finds its peak in the table (v5p's "TPU v5" is also a prefix of v5e's "TPU v5 lite")."""
+    from torch_xla._internal import tpu
+
+    from lemur_torch.metrics import peak_flops
+    from lemur_torch.parallel import xla
+
+    assert _backend().device_kind == "cpu"
+    expected = {"v4-512": ("TPU v4", 275e12), "v5litepod-256": ("TPU v5 lite", 197e12),
+                "v5p-1024": ("TPU v5", 459e12), "v6e-256": ("TPU v6 lite", 918e12)}
+    for accelerator, (kind, peak) in expected.items():
+        monkeypatch.setattr(tpu, "get_tpu_type", lambda accelerator=accelerator: accelerator.split("-")[0])
+        assert xla._pjrt_device_kind("TPU") == kind
+        assert peak_flops("auto", kind) == peak, kind

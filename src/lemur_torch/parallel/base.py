@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -66,6 +66,26 @@ class Backend(ABC):
         """Called after each validation micro-batch (lemur_torch/validation.py): XLA cuts and runs its graph here,
         one graph per micro-batch, compiled once; the training steps' graphs are left as they are."""
 
+    def read_later(self, tensor: torch.Tensor) -> Callable[[], List[float]]:
+        """Start moving a step's small metrics tensor to the host (called after step_done) and return the
+        function that waits for it and gives the values; the trainer calls it one step later. On CUDA a plain
+        .tolist() then would wait for everything queued after the step too (the next step's kernels): here a
+        non-blocking copy into pinned memory and an event make the wait cover this step only. On XLA the
+        tensor is the step's own output buffer, so reading it waits for that step only; on CPU it is done."""
+        tensor = tensor.detach()
+        if tensor.device.type != "cuda":
+            return tensor.tolist
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def read() -> List[float]:
+            copied.synchronize()
+            return host.tolist()
+
+        return read
+
     @abstractmethod
     def state_dict_for_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
         """Sharded {'model': ..., 'optim': ...} for torch.distributed.checkpoint, keys as in the HF model.
@@ -106,6 +126,18 @@ class Backend(ABC):
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's value on every process."""
         return obj
+
+    def any_process(self, flags: Sequence[bool]) -> List[bool]:
+        """For each flag: True on every process if it is True on any. What one process decides alone (a stop
+        signal it received, a guard it read) becomes a decision all take at the same step. One all-reduce of a
+        few ints over the CPU (gloo) process group; nothing on the accelerator."""
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not dist.is_initialized():
+            return [bool(f) for f in flags]
+        votes = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in votes.tolist()]
 
     def memory_stats(self) -> Dict[str, float]:
         return {}

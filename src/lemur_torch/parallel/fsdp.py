@@ -131,19 +131,22 @@ def check_pretrained_folder(folder: str, name: str) -> str:
 def check_pretrained_config(path: str, model_cfg: DictConfig, weights: bool = True) -> int:
     """Fail (ConfigError naming the key) unless `path` holds Llama weights (with `weights`: the safetensors too)
     whose architecture matches the model group; return the checkpoint's vocabulary size (<= model.vocab_size).
-    Also run by the gate (preflight.py)."""
-    import glob
+    `path` is a folder or an fsspec URL (the XLA backend reads gs://, hf:// by range). Also run by the gate
+    (preflight.py)."""
     import json
 
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path.rstrip("/"))
     try:
-        with open(os.path.join(path, "config.json")) as f:
+        with fs.open(f"{root}/config.json") as f:
             hf = json.load(f)
     except (OSError, ValueError) as exc:
         raise ConfigError("model.pretrained", f"cannot read {path}/config.json ({exc}); point it at an HF model folder") from None
     if hf.get("model_type") != "llama":
         raise ConfigError("model.pretrained", f"{path} holds a {hf.get('model_type')!r} model ({', '.join(hf.get('architectures') or [])}); "
                                               "lemur-torch trains LlamaForCausalLM")
-    if weights and not glob.glob(os.path.join(path, "*.safetensors")):
+    if weights and not fs.glob(f"{root}/*.safetensors"):
         raise ConfigError("model.pretrained", f"{path} has no *.safetensors weights (convert .bin weights with transformers' save_pretrained)")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "tie_word_embeddings"):

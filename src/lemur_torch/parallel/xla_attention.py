@@ -7,7 +7,8 @@ implementation name that is not in transformers' mask registry makes HF skip mas
 pass `attention_mask=None` (and `position_ids` through **kwargs), so the whole step stays one graph.
 
 - `lemur_xla_sdpa`: SDPA with a boolean causal & same-document mask; any XLA device (the CPU test lane).
-- `lemur_xla_flash`: the Pallas flash-attention kernel with segment ids = document ids; TPU only.
+- `lemur_xla_flash`: the Pallas flash-attention kernel with segment ids = document ids; TPU only
+  (`model.attention=auto` picks it on TPU).
 
 A document starts wherever the position does not follow the previous one by 1, exactly HF's rule, so the
 masks equal what HF builds for the same packed batch on an eager device.
@@ -116,7 +117,7 @@ def implementation_for(attention: str, device_type: str) -> str:
         if device_type != "TPU":
             raise ConfigError(
                 "model.attention",
-                f"xla_flash needs a TPU (the Pallas kernel does not run on {device_type}); use model.attention=sdpa",
+                f"xla_flash needs a TPU (the Pallas kernel does not run on {device_type}); use model.attention=sdpa or auto",
             )
         return FLASH
     return SDPA
