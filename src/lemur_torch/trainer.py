@@ -11,7 +11,7 @@ import signal
 import time
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -24,7 +24,7 @@ from lemur_torch.data.storage import DataReadError
 from lemur_torch.metrics import MetricsLogger, Progress, mfu, peak_flops
 from lemur_torch.model import batch_label_tokens, flops_per_token, token_loss_sums
 from lemur_torch.optim import apply_config_on_resume
-from lemur_torch.parallel.base import Backend
+from lemur_torch.parallel.base import Backend, DeferredRead
 from lemur_torch.summary import run_summary
 from lemur_torch.watchdog import StepWatchdog
 
@@ -40,7 +40,7 @@ class PendingStep:
     (Backend.read_later); Trainer.complete calls it, exactly once."""
 
     step: int
-    read: Callable[[], List[float]]
+    read: DeferredRead
     lr: float
     started: float = 0.0
     data_time: float = 0.0
@@ -123,7 +123,8 @@ class Trainer:
         The host does not wait for the device before tracing the next step: a step's metrics (loss, grad norm, the finite
         guard) come back through Backend.read_later and are read during the next step, once that step's
         forward/backward is dispatched (XLA traces step k+1 while the device runs step k; CUDA queues its
-        kernels) and before its optimizer step. Everything that depends on step k's guard is therefore decided
+        kernels) and before its optimizer step, or at the top of step k+1 where they are on the host already
+        without waiting (CPU; CUDA when the device has finished step k), so a hang in step k+1 still logs step k. Everything that depends on step k's guard is therefore decided
         before step k+1 updates anything: the LR schedule advances only after an applied update (step k+1's lr
         is set from it), the skip counter counts it, and an abort is flagged. A checkpoint, a stop and the end
         of the run read their own step first (`settle`), so what is saved holds only read and checked steps.
@@ -151,6 +152,10 @@ class Trainer:
                     self.save(wait=True)
                     self.logger.info(f"train.stop_at_step={t.stop_at_step} reached at step {self.step}: checkpoint committed, stopping")
                     return 0
+                if pending is not None and pending.read.ready():
+                    # already on the host (CPU; CUDA once the device finished it): logged now, so a step that
+                    # hangs or crashes next loses no line; where it is not there yet, step k+1 reads it
+                    self.complete(pending)
                 faults.before_step(self.step + 1, self.backend.rank)
                 t0 = time.perf_counter()
                 mark = self.loader.mark()  # the data position of the last completed step

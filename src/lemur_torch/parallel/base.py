@@ -16,6 +16,17 @@ from omegaconf import DictConfig
 from torch import nn
 
 
+class DeferredRead:
+    """A step's metrics on their way to the host (Backend.read_later): calling it waits for them and gives the
+    values; `ready()` says, without waiting, whether they are there already."""
+
+    def __init__(self, read: Callable[[], List[float]], ready: Callable[[], bool]):
+        self._read, self.ready = read, ready
+
+    def __call__(self) -> List[float]:
+        return self._read()
+
+
 class Backend(ABC):
     name: str = "base"
     device: torch.device
@@ -66,15 +77,18 @@ class Backend(ABC):
         """Called after each validation micro-batch (lemur_torch/validation.py): XLA cuts and runs its graph here,
         one graph per micro-batch, compiled once; the training steps' graphs are left as they are."""
 
-    def read_later(self, tensor: torch.Tensor) -> Callable[[], List[float]]:
+    def read_later(self, tensor: torch.Tensor) -> "DeferredRead":
         """Start moving a step's small metrics tensor to the host (called after step_done) and return the
-        function that waits for it and gives the values; the trainer calls it one step later. On CUDA a plain
-        .tolist() then would wait for everything queued after the step too (the next step's kernels): here a
-        non-blocking copy into pinned memory and an event make the wait cover this step only. On XLA the
-        tensor is the step's own output buffer, so reading it waits for that step only; on CPU it is done."""
+        handle that waits for it and gives the values; the trainer reads it one step later, or as soon as it is
+        there without waiting (`ready`). On CUDA a plain .tolist() then would wait for everything queued after
+        the step too (the next step's kernels): here a non-blocking copy into pinned memory and an event make
+        the wait cover this step only. On XLA the tensor is the step's own output buffer, so reading it waits
+        for that step only (never polled: asking would cut the trace); on CPU it is there at once."""
         tensor = tensor.detach()
+        if tensor.device.type == "cpu":
+            return DeferredRead(tensor.tolist, lambda: True)
         if tensor.device.type != "cuda":
-            return tensor.tolist
+            return DeferredRead(tensor.tolist, lambda: False)
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         host.copy_(tensor, non_blocking=True)
         copied = torch.cuda.Event()
@@ -84,7 +98,7 @@ class Backend(ABC):
             copied.synchronize()
             return host.tolist()
 
-        return read
+        return DeferredRead(read, copied.query)
 
     @abstractmethod
     def state_dict_for_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
