@@ -21,8 +21,6 @@ Writes bench/results/attention.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 import time
@@ -34,8 +32,8 @@ from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
 from lemur_torch.model import build_meta_model, flops_per_token, init_weights, reset_rope_buffers
 from lemur_torch.tokenizer import load_tokenizer
+from results_io import write_result  # bench/ is on sys.path: this script's folder
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MID = ["model.hidden_size=768", "model.intermediate_size=2048", "model.num_hidden_layers=6",
        "model.num_attention_heads=12", "model.num_key_value_heads=4"]
 
@@ -153,9 +151,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "attention", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "cpu": cpu_section(args.rounds, args.batches)}
     result["gpu"], result["gpu_note"] = gpu_section(args.rounds, args.batches)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "attention.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_result("attention", result)
     return 0
 
 

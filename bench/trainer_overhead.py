@@ -11,8 +11,6 @@ Target (issue 2): lemur-torch / bare >= 0.97.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 import tempfile
@@ -25,8 +23,8 @@ from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
 from lemur_torch.model import build_meta_model, init_weights, reset_rope_buffers
 from lemur_torch.tokenizer import load_tokenizer
+from results_io import write_result  # bench/ is on sys.path: this script's folder
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 class ListLoader:
@@ -45,6 +43,12 @@ class ListLoader:
 
     def load_state_dict(self, state):
         self.pos = state["pos"]
+
+    def mark(self):
+        return self.pos
+
+    def rewind(self, mark):
+        self.pos = mark
 
     def stats(self):
         return {}
@@ -157,9 +161,7 @@ def main(argv=None):
     print(f"lemur / bare       = {result['ratio_lemur_over_bare']:.3f}  (target >= 0.97)")
     if result["ratio_lemur_over_hf_trainer"]:
         print(f"lemur / HF Trainer = {result['ratio_lemur_over_hf_trainer']:.3f}")
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "trainer_overhead.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_result("trainer_overhead", result)
     return 0
 
 

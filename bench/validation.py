@@ -31,8 +31,8 @@ from lemur_torch.attention import forward_kwargs, with_varlen_boundaries
 from lemur_torch.model import build_meta_model, init_weights, reset_rope_buffers, token_loss_sums
 from lemur_torch.tokenizer import load_tokenizer
 from lemur_torch.validation import Validator, _apportion, rank_rows
+from results_io import write_result  # bench/ is on sys.path: this script's folder
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from validation_helpers import HostBackend  # noqa: E402  (the tests' one-process stand-in for a backend)
 WORDS = [w for w in open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read().split() if w.isalpha()]
@@ -149,9 +149,7 @@ def main() -> int:
         build = build_costs(tok, path)
     result = {"machine": platform.platform(), "torch": torch.__version__, "corpus_mb": args.mb, "build": build,
               "evaluation": eval_vs_train(tok, args.rounds)}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "validation.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_result("validation", result)
     return 0
 
 

@@ -27,8 +27,9 @@ import subprocess
 import sys
 import time
 
+from results_io import write_result  # bench/ is on sys.path: this script's folder
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
 MODEL = ["model=tiny", "train.seq_len=64", "train.micro_batch_size=4", "train.global_batch_tokens=256",
          "parallel=xla_spmd", "parallel.mixed_precision=fp32", "parallel.activation_checkpointing=full",
          "parallel.xla_cache_dir=null", "log.wandb_mode=disabled", "log.console=false", "optim.warmup_steps=2"]
@@ -186,10 +187,8 @@ def main() -> int:
           f"step_time_pipelined_over_sync: {ratios['step_time_pipelined_over_sync']:.2f}")
     print("  (CPU PJRT: the device computes on the host's own cores; no TPU figure measured)")
 
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "xla_step.json"), "w") as f:
-        json.dump({"machine": platform.platform(), "cpu_count": os.cpu_count(), "compile": compile_rows,
-                   "host_idle": idle, "ratios": ratios}, f, indent=1)
+    write_result("xla_step", {"machine": platform.platform(), "cpu_count": os.cpu_count(), "compile": compile_rows,
+                              "host_idle": idle, "ratios": ratios})
     return 0
 
 
