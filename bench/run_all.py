@@ -7,7 +7,15 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHES = ["trainer_overhead.py", "data_pipeline.py", "attention.py", "checkpoint.py", "eval.py", "validation.py", "xla_step.py"]
+BENCHES = [
+    "trainer_overhead.py",
+    "data_pipeline.py",
+    "attention.py",
+    "checkpoint.py",
+    "eval.py",
+    "validation.py",
+    "xla_step.py",
+]
 XLA_PYTHON = os.environ.get("LEMUR_XLA_VENV", os.path.join(os.path.dirname(HERE), ".venv-xla")) + "/bin/python"
 
 
@@ -26,7 +34,10 @@ def main() -> int:
         print(f"== {name}", flush=True)
         python = interpreter(name)
         if python is None:
-            print(f"{name}: skipped: no XLA venv at {os.path.dirname(os.path.dirname(XLA_PYTHON))} (make test-xla builds it)")
+            print(
+                f"{name}: skipped: no XLA venv at {os.path.dirname(os.path.dirname(XLA_PYTHON))} (make test-xla "
+                "builds it)"
+            )
             continue
         if subprocess.call([python, path]) != 0:
             failed.append(name)

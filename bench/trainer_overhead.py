@@ -18,13 +18,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from results_io import write_result  # bench/ is on sys.path: this script's folder
 
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
 from lemur_torch.model import build_meta_model, init_weights, reset_rope_buffers
 from lemur_torch.tokenizer import load_tokenizer
-from results_io import write_result  # bench/ is on sys.path: this script's folder
-
 
 
 class ListLoader:
@@ -55,7 +54,15 @@ class ListLoader:
 
 
 def make_batches(cfg, n):
-    loader = build_loader(cfg.data, load_tokenizer(cfg.data.tokenizer), cfg.train.seq_len, cfg.train.micro_batch_size, 0, 1, cfg.train.seed)
+    loader = build_loader(
+        cfg.data,
+        load_tokenizer(cfg.data.tokenizer),
+        cfg.train.seq_len,
+        cfg.train.micro_batch_size,
+        0,
+        1,
+        cfg.train.seed,
+    )
     it = iter(loader)
     return [next(it) for _ in range(n)], list(loader.domain_names)
 
@@ -112,14 +119,32 @@ def run_hf_trainer(cfg, batches, steps, out_dir):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    rows = [{k: b[k][i].tolist() for k in ("input_ids", "labels", "position_ids")} for b in batches for i in range(b["input_ids"].shape[0])]
+    rows = [
+        {k: b[k][i].tolist() for k in ("input_ids", "labels", "position_ids")}
+        for b in batches
+        for i in range(b["input_ids"].shape[0])
+    ]
     accum = cfg.train.global_batch_tokens // (cfg.train.micro_batch_size * cfg.train.seq_len)
     args = TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=cfg.train.micro_batch_size, gradient_accumulation_steps=accum,
-        max_steps=steps, learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.betas[0],
-        adam_beta2=cfg.optim.betas[1], adam_epsilon=cfg.optim.eps, max_grad_norm=cfg.train.grad_clip,
-        warmup_steps=cfg.optim.warmup_steps, lr_scheduler_type="cosine", logging_steps=1, report_to=[], save_strategy="no",
-        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=cfg.train.seed,
+        output_dir=out_dir,
+        per_device_train_batch_size=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        learning_rate=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.betas[0],
+        adam_beta2=cfg.optim.betas[1],
+        adam_epsilon=cfg.optim.eps,
+        max_grad_norm=cfg.train.grad_clip,
+        warmup_steps=cfg.optim.warmup_steps,
+        lr_scheduler_type="cosine",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=cfg.train.seed,
     )
     trainer = Trainer(model=plain_model(cfg), args=args, train_dataset=Dataset.from_list(rows))
     t0 = time.perf_counter()
@@ -134,9 +159,19 @@ def main(argv=None):
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench_overhead_")
-    overrides = ["model=tiny", "train.seq_len=256", "train.micro_batch_size=4", "train.global_batch_tokens=2048",
-                 "log.wandb_mode=disabled", "log.console=false", "checkpoint.every_steps=0", "checkpoint.save_at_end=false",
-                 "checkpoint.export_at_end=false", "checkpoint.resume=none", f"run_dir={tmp}/lemur"]
+    overrides = [
+        "model=tiny",
+        "train.seq_len=256",
+        "train.micro_batch_size=4",
+        "train.global_batch_tokens=2048",
+        "log.wandb_mode=disabled",
+        "log.console=false",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_at_end=false",
+        "checkpoint.export_at_end=false",
+        "checkpoint.resume=none",
+        f"run_dir={tmp}/lemur",
+    ]
     cfg = load_config(overrides)
     accum = cfg.train.global_batch_tokens // (cfg.train.micro_batch_size * cfg.train.seq_len)
     batches, domains = make_batches(cfg, args.steps * accum)
@@ -149,11 +184,16 @@ def main(argv=None):
             best["hf_trainer"] = min(best["hf_trainer"], run_hf_trainer(cfg, batches, args.steps, f"{tmp}/hf{r}"))
     tps = {k: tokens / v for k, v in best.items() if v != float("inf")}
     result = {
-        "benchmark": "trainer_overhead", "steps": args.steps, "tokens_per_step": cfg.train.global_batch_tokens,
-        "rounds": args.rounds, "tokens_per_s": tps,
+        "benchmark": "trainer_overhead",
+        "steps": args.steps,
+        "tokens_per_step": cfg.train.global_batch_tokens,
+        "rounds": args.rounds,
+        "tokens_per_s": tps,
         "ratio_lemur_over_bare": tps["lemur"] / tps["bare"],
         "ratio_lemur_over_hf_trainer": tps["lemur"] / tps["hf_trainer"] if "hf_trainer" in tps else None,
-        "target_lemur_over_bare": 0.97, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "target_lemur_over_bare": 0.97,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }
     for k, v in tps.items():

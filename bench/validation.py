@@ -24,17 +24,18 @@ import tempfile
 import time
 
 import torch
+from results_io import write_result  # bench/ is on sys.path: this script's folder
 
+from lemur_torch.attention import forward_kwargs, with_varlen_boundaries
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
-from lemur_torch.attention import forward_kwargs, with_varlen_boundaries
 from lemur_torch.model import build_meta_model, init_weights, reset_rope_buffers, token_loss_sums
 from lemur_torch.tokenizer import load_tokenizer
 from lemur_torch.validation import Validator, _apportion, rank_rows
-from results_io import write_result  # bench/ is on sys.path: this script's folder
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from validation_helpers import HostBackend  # noqa: E402  (the tests' one-process stand-in for a backend)
+
 WORDS = [w for w in open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read().split() if w.isalpha()]
 
 
@@ -48,10 +49,19 @@ def corpus(path: str, mb: int) -> None:
 
 
 def overrides(path: str, lanes: int):
-    return ["model=tiny", "~data.sources.pydoc_text", "data.sources.stdlib_code.kind=jsonl",
-            f"data.sources.stdlib_code.path={path}", "data.sources.stdlib_code.holdout=0.05", f"data.lanes={lanes}",
-            "train.seq_len=1024", "train.micro_batch_size=4", "train.global_batch_tokens=65536", "eval.every_steps=100",
-            "eval.batches=1"]
+    return [
+        "model=tiny",
+        "~data.sources.pydoc_text",
+        "data.sources.stdlib_code.kind=jsonl",
+        f"data.sources.stdlib_code.path={path}",
+        "data.sources.stdlib_code.holdout=0.05",
+        f"data.lanes={lanes}",
+        "train.seq_len=1024",
+        "train.micro_batch_size=4",
+        "train.global_batch_tokens=65536",
+        "eval.every_steps=100",
+        "eval.batches=1",
+    ]
 
 
 def evaluated_bytes(tok, v) -> int:
@@ -74,13 +84,20 @@ def build_costs(tok, path: str) -> dict:
         v = Validator(cfg, loader, HostBackend(), info=lambda line: None)
         seconds = time.perf_counter() - t0
         text = evaluated_bytes(tok, v)
-        out["lanes"][lanes] = {"read_bytes": v.read_bytes[0], "evaluated_bytes": text, "read_per_evaluated": v.read_bytes[0] / text,
-                               "build_s": seconds}
+        out["lanes"][lanes] = {
+            "read_bytes": v.read_bytes[0],
+            "evaluated_bytes": text,
+            "read_per_evaluated": v.read_bytes[0] / text,
+            "build_s": seconds,
+        }
         held = sum(p.weight for p in loader.sources[0]._held_pieces)
         out["held_out_bytes"] = held
-        print(f"lanes {lanes:5d}: read {v.read_bytes[0] / 1e6:6.2f} MB of the {held / 1e6:.1f} MB held-out slice for "
-              f"{text / 1e6:5.2f} MB of evaluated text ({v.read_bytes[0] / text:.2f}x), built in {seconds:.2f}s on one rank",
-              flush=True)
+        print(
+            f"lanes {lanes:5d}: read {v.read_bytes[0] / 1e6:6.2f} MB of the {held / 1e6:.1f} MB held-out slice for "
+            f"{text / 1e6:5.2f} MB of evaluated text ({v.read_bytes[0] / text:.2f}x), built in {seconds:.2f}s on "
+            "one rank",
+            flush=True,
+        )
     cfg = load_config(overrides(path, 1024))
     loader = build_loader(cfg.data, tok, 1024, 4, 0, 1, 0)
     v = Validator(cfg, loader, HostBackend(), info=lambda line: None)
@@ -95,11 +112,18 @@ def build_costs(tok, path: str) -> dict:
         single = single or per_rank[0][0]
         top = max(per_rank)
         total = sum(b for b, _ in per_rank)
-        out["ranks"][ranks] = {"max_rank_read_bytes": top[0], "max_rank_build_s": max(s for _, s in per_rank),
-                               "all_ranks_read_bytes": total, "every_rank_reads_all_bytes": ranks * single}
-        print(f"ranks {ranks:3d} (1024 lanes): the busiest rank reads {top[0] / 1e6:6.3f} MB, builds in at most "
-              f"{max(s for _, s in per_rank):.2f}s; all ranks read {total / 1e6:.2f} MB together, vs "
-              f"{ranks * single / 1e6:.2f} MB if every rank read the slice itself", flush=True)
+        out["ranks"][ranks] = {
+            "max_rank_read_bytes": top[0],
+            "max_rank_build_s": max(s for _, s in per_rank),
+            "all_ranks_read_bytes": total,
+            "every_rank_reads_all_bytes": ranks * single,
+        }
+        print(
+            f"ranks {ranks:3d} (1024 lanes): the busiest rank reads {top[0] / 1e6:6.3f} MB, builds in at most "
+            f"{max(s for _, s in per_rank):.2f}s; all ranks read {total / 1e6:.2f} MB together, vs "
+            f"{ranks * single / 1e6:.2f} MB if every rank read the slice itself",
+            flush=True,
+        )
     return out
 
 
@@ -132,8 +156,11 @@ def eval_vs_train(tok, rounds: int) -> dict:
                 fn()
             best[name] = min(best[name], (time.perf_counter() - t0) / 3)
     ratio = best["validation"] / best["train"]
-    print(f"tiny model, 4 x 256 tokens: training micro-step {best['train'] * 1e3:.1f} ms, validation micro-batch "
-          f"{best['validation'] * 1e3:.1f} ms: validation / training = {ratio:.2f}", flush=True)
+    print(
+        f"tiny model, 4 x 256 tokens: training micro-step {best['train'] * 1e3:.1f} ms, validation micro-batch "
+        f"{best['validation'] * 1e3:.1f} ms: validation / training = {ratio:.2f}",
+        flush=True,
+    )
     return {**best, "validation_per_train": ratio}
 
 
@@ -147,8 +174,13 @@ def main() -> int:
         path = os.path.join(d, "corpus.jsonl")
         corpus(path, args.mb)
         build = build_costs(tok, path)
-    result = {"machine": platform.platform(), "torch": torch.__version__, "corpus_mb": args.mb, "build": build,
-              "evaluation": eval_vs_train(tok, args.rounds)}
+    result = {
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "corpus_mb": args.mb,
+        "build": build,
+        "evaluation": eval_vs_train(tok, args.rounds),
+    }
     write_result("validation", result)
     return 0
 

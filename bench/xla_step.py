@@ -30,9 +30,19 @@ import time
 from results_io import write_result  # bench/ is on sys.path: this script's folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODEL = ["model=tiny", "train.seq_len=64", "train.micro_batch_size=4", "train.global_batch_tokens=256",
-         "parallel=xla_spmd", "parallel.mixed_precision=fp32", "parallel.activation_checkpointing=full",
-         "parallel.xla_cache_dir=null", "log.wandb_mode=disabled", "log.console=false", "optim.warmup_steps=2"]
+MODEL = [
+    "model=tiny",
+    "train.seq_len=64",
+    "train.micro_batch_size=4",
+    "train.global_batch_tokens=256",
+    "parallel=xla_spmd",
+    "parallel.mixed_precision=fp32",
+    "parallel.activation_checkpointing=full",
+    "parallel.xla_cache_dir=null",
+    "log.wandb_mode=disabled",
+    "log.console=false",
+    "optim.warmup_steps=2",
+]
 
 
 def _parts(overrides):
@@ -47,13 +57,21 @@ def _parts(overrides):
 
     cfg = load_config([*MODEL, *overrides])
     backend = XlaSpmdBackend(cfg)
-    loader = build_loader(cfg.data, build_tokenizer(cfg.data), cfg.train.seq_len, cfg.train.micro_batch_size,
-                          backend.dp_rank, backend.dp_size, cfg.train.seed)
+    loader = build_loader(
+        cfg.data,
+        build_tokenizer(cfg.data),
+        cfg.train.seq_len,
+        cfg.train.micro_batch_size,
+        backend.dp_rank,
+        backend.dp_size,
+        cfg.train.seed,
+    )
     model = backend.setup_model(cfg)
     opt = build_optimizer(model, cfg.optim, backend.device.type)
     sched = build_scheduler(opt, cfg.optim, cfg.train.max_steps)
-    trainer = Trainer(cfg, backend, model, opt, sched, loader, Checkpointer(cfg, backend),
-                      MetricsLogger(cfg, enabled=False))
+    trainer = Trainer(
+        cfg, backend, model, opt, sched, loader, Checkpointer(cfg, backend), MetricsLogger(cfg, enabled=False)
+    )
     return trainer, backend.device_batches(iter(loader))
 
 
@@ -62,8 +80,9 @@ def measure_compile(layers: int, scan: bool) -> dict:
     import torch_xla.core.xla_model as xm
     import torch_xla.debug.metrics as met
 
-    trainer, batches = _parts([f"model.num_hidden_layers={layers}", f"parallel.scan_layers={str(scan).lower()}",
-                               "train.max_steps=5"])
+    trainer, batches = _parts(
+        [f"model.num_hidden_layers={layers}", f"parallel.scan_layers={str(scan).lower()}", "train.max_steps=5"]
+    )
     backend = trainer.backend
     marks = {}
     step_done = backend.step_done
@@ -85,8 +104,15 @@ def measure_compile(layers: int, scan: bool) -> dict:
         trainer.complete(pending)
         walls.append(time.perf_counter() - t0)
     compile_s = met.metric_data("CompileTime")[1] / 1e9
-    return {"layers": layers, "scan": scan, "trace_s": trace, "compile_s": compile_s, "first_two_steps_s": sum(walls[:2]),
-            "steady_step_s": min(walls[2:]), "programs": met.counter_value("UncachedCompile")}
+    return {
+        "layers": layers,
+        "scan": scan,
+        "trace_s": trace,
+        "compile_s": compile_s,
+        "first_two_steps_s": sum(walls[:2]),
+        "steady_step_s": min(walls[2:]),
+        "programs": met.counter_value("UncachedCompile"),
+    }
 
 
 def measure_host_idle(mode: str, steps: int) -> dict:
@@ -114,7 +140,12 @@ def measure_host_idle(mode: str, steps: int) -> dict:
         if step >= 2:
             walls.append(time.perf_counter() - t0)
     complete(previous)
-    return {"mode": mode, "steps": steps, "host_idle_s_per_step": sum(waits) / len(waits), "step_s": sum(walls) / len(walls)}
+    return {
+        "mode": mode,
+        "steps": steps,
+        "host_idle_s_per_step": sum(waits) / len(waits),
+        "step_s": sum(walls) / len(walls),
+    }
 
 
 def _child(args) -> int:
@@ -127,14 +158,26 @@ def _child(args) -> int:
 
 
 def _run_child(extra) -> dict:
-    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": os.environ.get("CPU_NUM_DEVICES", "4"),
-           "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *extra], env=env, capture_output=True,
-                          text=True, timeout=1800)
+    env = {
+        **os.environ,
+        "PJRT_DEVICE": "CPU",
+        "CPU_NUM_DEVICES": os.environ.get("CPU_NUM_DEVICES", "4"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "disabled",
+    }
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{extra} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> int:
@@ -162,33 +205,54 @@ def main() -> int:
         for scan in (False, True):
             r = _run_child(["--what", "compile", "--layers", str(layers), *(["--scan"] if scan else [])])
             compile_rows.append(r)
-            print(f"{layers:>6} {'scan' if scan else 'unrolled':>9} {r['trace_s']:>8.2f} {r['compile_s']:>9.2f} "
-                  f"{r['first_two_steps_s']:>9.2f} {r['steady_step_s']:>8.3f} {r['programs']:>8}", flush=True)
+            print(
+                f"{layers:>6} {'scan' if scan else 'unrolled':>9} {r['trace_s']:>8.2f} {r['compile_s']:>9.2f} "
+                f"{r['first_two_steps_s']:>9.2f} {r['steady_step_s']:>8.3f} {r['programs']:>8}",
+                flush=True,
+            )
     by = {(r["layers"], r["scan"]): r for r in compile_rows}
     depths = sorted({r["layers"] for r in compile_rows})
     lo, hi = depths[0], depths[-1]
     ratios = {}
     for scan in (False, True):
-        growth = (by[(hi, scan)]["trace_s"] + by[(hi, scan)]["compile_s"]) / (by[(lo, scan)]["trace_s"] + by[(lo, scan)]["compile_s"])
+        growth = (by[(hi, scan)]["trace_s"] + by[(hi, scan)]["compile_s"]) / (
+            by[(lo, scan)]["trace_s"] + by[(lo, scan)]["compile_s"]
+        )
         ratios[f"trace_compile_growth_{lo}_to_{hi}_{'scan' if scan else 'unrolled'}"] = growth
     for d in depths:
-        ratios[f"scan_over_unrolled_trace_compile_{d}"] = (
-            (by[(d, True)]["trace_s"] + by[(d, True)]["compile_s"]) / (by[(d, False)]["trace_s"] + by[(d, False)]["compile_s"]))
+        ratios[f"scan_over_unrolled_trace_compile_{d}"] = (by[(d, True)]["trace_s"] + by[(d, True)]["compile_s"]) / (
+            by[(d, False)]["trace_s"] + by[(d, False)]["compile_s"]
+        )
     for k, v in ratios.items():
         print(f"  {k}: {v:.2f}")
 
     print(f"\nhost idle per step, {args.steps} steady steps, 8 layers (real Trainer.train_step / complete)")
     idle = [_run_child(["--what", "idle", "--mode", m, "--steps", str(args.steps)]) for m in ("sync", "pipelined")]
     for r in idle:
-        print(f"  {r['mode']:>9}: host idle {1000 * r['host_idle_s_per_step']:8.1f} ms/step, step {1000 * r['step_s']:8.1f} ms")
-    ratios["host_idle_pipelined_over_sync"] = idle[1]["host_idle_s_per_step"] / max(idle[0]["host_idle_s_per_step"], 1e-9)
+        print(
+            f"  {r['mode']:>9}: host idle {1000 * r['host_idle_s_per_step']:8.1f} ms/step, step "
+            f"{1000 * r['step_s']:8.1f} ms"
+        )
+    ratios["host_idle_pipelined_over_sync"] = idle[1]["host_idle_s_per_step"] / max(
+        idle[0]["host_idle_s_per_step"], 1e-9
+    )
     ratios["step_time_pipelined_over_sync"] = idle[1]["step_s"] / idle[0]["step_s"]
-    print(f"  host_idle_pipelined_over_sync: {ratios['host_idle_pipelined_over_sync']:.2f}  "
-          f"step_time_pipelined_over_sync: {ratios['step_time_pipelined_over_sync']:.2f}")
+    print(
+        f"  host_idle_pipelined_over_sync: {ratios['host_idle_pipelined_over_sync']:.2f}  "
+        f"step_time_pipelined_over_sync: {ratios['step_time_pipelined_over_sync']:.2f}"
+    )
     print("  (CPU PJRT: the device computes on the host's own cores; no TPU figure measured)")
 
-    write_result("xla_step", {"machine": platform.platform(), "cpu_count": os.cpu_count(), "compile": compile_rows,
-                              "host_idle": idle, "ratios": ratios})
+    write_result(
+        "xla_step",
+        {
+            "machine": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "compile": compile_rows,
+            "host_idle": idle,
+            "ratios": ratios,
+        },
+    )
     return 0
 
 

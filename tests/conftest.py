@@ -12,9 +12,17 @@ import pytest
 
 # small but real: the tiny Llama with the 32000-piece tokenizer, 64-token rows, 256 tokens per step
 FAST = [
-    "model=tiny", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_tokens=256",
-    "optim.warmup_steps=5", "optim.lr=1e-3", "checkpoint.every_steps=0", "checkpoint.export_at_end=false",
-    "log.wandb_mode=disabled", "log.console=false", "eval.every_steps=0",
+    "model=tiny",
+    "train.seq_len=64",
+    "train.micro_batch_size=2",
+    "train.global_batch_tokens=256",
+    "optim.warmup_steps=5",
+    "optim.lr=1e-3",
+    "checkpoint.every_steps=0",
+    "checkpoint.export_at_end=false",
+    "log.wandb_mode=disabled",
+    "log.console=false",
+    "eval.every_steps=0",
 ]
 
 
@@ -26,18 +34,34 @@ def subprocess_env() -> Dict[str, str]:
     return env
 
 
-def run_train(overrides: List[str], nproc: int = 1, check: bool = True, timeout: int = 600,
-              extra_env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+def run_train(
+    overrides: List[str],
+    nproc: int = 1,
+    check: bool = True,
+    timeout: int = 600,
+    extra_env: Optional[Dict[str, str]] = None,
+) -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, "-m", "lemur_torch.train", *overrides]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "lemur_torch.train", *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "lemur_torch.train",
+            *overrides,
+        ]
     env = subprocess_env()
     env.update(extra_env or {})
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- "
+            f"stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -59,6 +83,7 @@ def _quiet_threads(monkeypatch):
 
 # -- trained runs shared by the evaluation tests (one of each per test session) -------------------------------
 
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> str:
     """A 4-step pretraining run of the tiny model with its checkpoint and HF export (run_dir/hf)."""
@@ -71,6 +96,16 @@ def smoke_run(tmp_path_factory) -> str:
 def chat_smoke_run(tmp_path_factory) -> str:
     """A 2-step `experiment=chat_smoke` run: its export has the ChatML tokens and a chat_template."""
     run_dir = str(tmp_path_factory.mktemp("chat_smoke_run") / "run")
-    run_train(["experiment=chat_smoke", "train.max_steps=2", "train.seq_len=128", "train.global_batch_tokens=256",
-               "checkpoint.every_steps=0", "log.wandb_mode=disabled", "log.console=false", f"run_dir={run_dir}"])
+    run_train(
+        [
+            "experiment=chat_smoke",
+            "train.max_steps=2",
+            "train.seq_len=128",
+            "train.global_batch_tokens=256",
+            "checkpoint.every_steps=0",
+            "log.wandb_mode=disabled",
+            "log.console=false",
+            f"run_dir={run_dir}",
+        ]
+    )
     return run_dir

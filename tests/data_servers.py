@@ -26,7 +26,7 @@ class CountingFS(LocalFileSystem):
     def _strip_protocol(cls, path):
         path = str(path)
         if path.startswith("counting://"):
-            path = path[len("counting://"):]
+            path = path[len("counting://") :]
         return super()._strip_protocol(path)
 
     def cat_file(self, path, start=None, end=None, **kwargs):
@@ -143,7 +143,7 @@ class FlakyFS(CountingFS):
     def _strip_protocol(cls, path):
         path = str(path)
         if path.startswith("flaky://"):
-            path = path[len("flaky://"):]
+            path = path[len("flaky://") :]
         return LocalFileSystem._strip_protocol(path)
 
     def cat_file(self, path, start=None, end=None, **kwargs):

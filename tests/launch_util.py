@@ -42,8 +42,19 @@ TRAIN_ARGS = [
 def train_env(**extra: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
     # a launcher variable left in the caller's environment would change the run under test
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NPROC_PER_NODE",
-                "NODE_RANK", "RDZV_ID", "RUN_DIR", "RUNS_DIR"):
+    for key in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "NNODES",
+        "NPROC_PER_NODE",
+        "NODE_RANK",
+        "RDZV_ID",
+        "RUN_DIR",
+        "RUNS_DIR",
+    ):
         env.pop(key, None)
     env.update(extra)
     return env
@@ -58,8 +69,9 @@ def free_port() -> int:
 def start(cmd, log: Path, env: dict, cwd=REPO) -> subprocess.Popen:
     """Start a launcher in its own session (so a failed test can end everything it started) logging to `log`."""
     out = open(log, "ab")
-    return subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [str(c) for c in cmd], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float) -> int:
@@ -150,13 +162,16 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
 
 
 def assert_curves_match(got: dict[int, float], ref: dict[int, float], tol: float, steps=None) -> float:
-    """Every step in `steps` (default: all reference steps) is present in both and agrees within tol; returns the max diff."""
+    """Every step in `steps` (default: all reference steps) is present in both and agrees within tol; returns the
+    max diff."""
     steps = sorted(ref) if steps is None else list(steps)
     missing = [s for s in steps if s not in got or s not in ref]
     assert not missing, f"steps {missing} missing (got {sorted(got)}, reference {sorted(ref)})"
     diffs = {s: abs(got[s] - ref[s]) for s in steps}
     worst = max(diffs, key=diffs.get)
-    assert diffs[worst] <= tol, f"step {worst}: loss {got[worst]!r} vs reference {ref[worst]!r} (|diff| {diffs[worst]:.3g} > {tol})"
+    assert diffs[worst] <= tol, (
+        f"step {worst}: loss {got[worst]!r} vs reference {ref[worst]!r} (|diff| {diffs[worst]:.3g} > {tol})"
+    )
     return diffs[worst]
 
 
@@ -178,8 +193,19 @@ def single_process_reference() -> dict[int, float]:
     """The loss curve of one plain process: what every launcher's run must reproduce (within 1e-4)."""
     if "single" not in _refs:
         d = scratch("single")
-        run([PYTHON, "-m", "lemur_torch.train", *TRAIN_ARGS, f"run_dir={d}",
-             "checkpoint.save_at_end=false", "checkpoint.export_at_end=false"], d / "log.txt", train_env())
+        run(
+            [
+                PYTHON,
+                "-m",
+                "lemur_torch.train",
+                *TRAIN_ARGS,
+                f"run_dir={d}",
+                "checkpoint.save_at_end=false",
+                "checkpoint.export_at_end=false",
+            ],
+            d / "log.txt",
+            train_env(),
+        )
         _refs["single"] = losses(d)
         assert sorted(_refs["single"]) == list(range(1, MAX_STEPS + 1)), tail(d / "log.txt")
     return _refs["single"]
@@ -190,9 +216,18 @@ def two_process_reference() -> dict[int, float]:
     must reproduce exactly."""
     if "two" not in _refs:
         d = scratch("two")
-        run(["bash", REPO / "launch" / "torchrun.sh", *TRAIN_ARGS, f"run_dir={d}",
-             "checkpoint.save_at_end=false", "checkpoint.export_at_end=false"],
-            d / "log.txt", train_env(NPROC_PER_NODE="2"))
+        run(
+            [
+                "bash",
+                REPO / "launch" / "torchrun.sh",
+                *TRAIN_ARGS,
+                f"run_dir={d}",
+                "checkpoint.save_at_end=false",
+                "checkpoint.export_at_end=false",
+            ],
+            d / "log.txt",
+            train_env(NPROC_PER_NODE="2"),
+        )
         _refs["two"] = losses(d)
         assert sorted(_refs["two"]) == list(range(1, MAX_STEPS + 1)), tail(d / "log.txt")
     return _refs["two"]

@@ -123,8 +123,13 @@ class SlurmCluster:
         self._start_munge()
         self.conf.write_text(
             SLURM_CONF.format(
-                host=self.node, node=self.node, cpus=self.cpus, root=self.root,
-                ctld_port=_free_port(), slurmd_port=_free_port(), munge_socket=self.munge_socket,
+                host=self.node,
+                node=self.node,
+                cpus=self.cpus,
+                root=self.root,
+                ctld_port=_free_port(),
+                slurmd_port=_free_port(),
+                munge_socket=self.munge_socket,
             )
         )
         # -D: stay in the foreground, so the daemons are our children and stop() can end them by pid.
@@ -142,8 +147,13 @@ class SlurmCluster:
         # --force: munged refuses root and sticky-bit parents (/tmp) otherwise; this folder is private (0700).
         self._spawn(
             [
-                _sbin("munged"), "--foreground", "--force", f"--key-file={key}", f"--socket={self.munge_socket}",
-                f"--pid-file={self.root / 'munge' / 'munged.pid'}", f"--log-file={self.root / 'munge' / 'munged.log'}",
+                _sbin("munged"),
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={self.root / 'munge' / 'munged.pid'}",
+                f"--log-file={self.root / 'munge' / 'munged.log'}",
                 f"--seed-file={self.root / 'munge' / 'munged.seed'}",
             ],
             "munged.out",
@@ -156,7 +166,9 @@ class SlurmCluster:
 
     def _spawn(self, cmd, log: str) -> None:
         out = open(self.root / log, "ab")
-        self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True))
+        self.procs.append(
+            subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        )
 
     def _wait_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -16,10 +16,10 @@ import types
 
 import pytest
 import torch
+from conftest import losses
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
-from conftest import losses
 from lemur_torch import attention
 from lemur_torch.config import ConfigError, load_config, validate
 from lemur_torch.data.boundaries import document_ids, document_lengths, varlen_boundaries
@@ -72,8 +72,18 @@ class Recorder:
         self._fn = kernel.fn
 
     def __call__(self, q, k, v, cu_q, cu_k, max_q, max_k, **kw):
-        self.calls.append({"cu_q": cu_q.tolist(), "cu_k": cu_k.tolist(), "max_q": max_q, "max_k": max_k,
-                           "dtype": cu_q.dtype, "q": tuple(q.shape), "k": tuple(k.shape), **kw})
+        self.calls.append(
+            {
+                "cu_q": cu_q.tolist(),
+                "cu_k": cu_k.tolist(),
+                "max_q": max_q,
+                "max_k": max_k,
+                "dtype": cu_q.dtype,
+                "q": tuple(q.shape),
+                "k": tuple(k.shape),
+                **kw,
+            }
+        )
         return self._fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
 
@@ -109,7 +119,9 @@ def test_packed_logits_equal_documents_alone(impl, batch_size, packed):
                 start += n
         # the check can fail: with one document per row the later documents see the earlier ones
         mixed_pos = torch.arange(S).expand(batch_size, S)
-        mixed = attention.with_varlen_boundaries({"input_ids": ids, "position_ids": pos, "doc_lens": document_lengths(mixed_pos)})
+        mixed = attention.with_varlen_boundaries(
+            {"input_ids": ids, "position_ids": pos, "doc_lens": document_lengths(mixed_pos)}
+        )
         wrong = model(**attention.forward_kwargs(mixed)).logits
         assert (wrong[0, 20:] - got[0, 20:]).abs().max() > 1e-3
 
@@ -118,7 +130,9 @@ def test_flash_kernel_gets_flattened_batch_and_unexpanded_kv_heads(packed):
     rec = Recorder(attention.VARLEN_REFERENCE)
     model = tiny_model(attention.Selection("flash", rec.kernel, "flash"))
     pos = positions(DOCS)
-    batch = attention.with_varlen_boundaries({"input_ids": packed, "position_ids": pos, "doc_lens": document_lengths(pos)})
+    batch = attention.with_varlen_boundaries(
+        {"input_ids": packed, "position_ids": pos, "doc_lens": document_lengths(pos)}
+    )
     with torch.no_grad():
         model(**attention.forward_kwargs(batch))
     assert len(rec.calls) == model.config.num_hidden_layers
@@ -129,7 +143,7 @@ def test_flash_kernel_gets_flattened_batch_and_unexpanded_kv_heads(packed):
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     assert call["q"] == (3 * S, cfg.num_attention_heads, head_dim)
     assert call["k"] == (3 * S, cfg.num_key_value_heads, head_dim)  # grouped-query: K/V not repeated
-    assert call["causal"] is True and call["softmax_scale"] == head_dim ** -0.5
+    assert call["causal"] is True and call["softmax_scale"] == head_dim**-0.5
 
 
 # -- the batch contract -----------------------------------------------------------------------------------
@@ -168,7 +182,7 @@ def test_xla_segments_equal_the_loaders_boundaries(fmt):
     the loader's batches that is exactly the batch's doc_lens, for packed documents and chat (with padding)."""
     from lemur_torch.parallel.xla_attention import document_ids as xla_document_ids
 
-    for i, batch in zip(range(4), _sample_loader(fmt)):
+    for _i, batch in zip(range(4), _sample_loader(fmt)):
         B, L = batch["input_ids"].shape
         assert batch["doc_lens"].shape == (B, L) and (batch["doc_lens"].sum(1) == L).all()
         ours = document_ids(varlen_boundaries(batch["doc_lens"])[0], B, L)
@@ -186,12 +200,15 @@ def _bf16_only_flash(impl, device_type):
     return None
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["model.attention=flash"], "flash needs a CUDA device"),
-    (["model.attention=flex"], "FlexAttention has no backward on cpu"),
-    (["model.attention=xla_flash"], "parallel.backend=xla_spmd on a TPU"),
-    (["model.attention=flash_attention_2"], "expected one of"),  # the enum has no such member
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["model.attention=flash"], "flash needs a CUDA device"),
+        (["model.attention=flex"], "FlexAttention has no backward on cpu"),
+        (["model.attention=xla_flash"], "parallel.backend=xla_spmd on a TPU"),
+        (["model.attention=flash_attention_2"], "expected one of"),  # the enum has no such member
+    ],
+)
 def test_impossible_attention_is_a_one_line_config_error(overrides, needle):
     with pytest.raises(ConfigError) as err:
         validate(load_config(overrides), 1)
@@ -238,10 +255,16 @@ def test_flash_kernel_discovery(monkeypatch):
     fake.__spec__ = __import__("importlib").machinery.ModuleSpec("flash_attn", None)
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
     k = attention.find_kernel("flash", "cuda")
-    assert k.key == "flash_attn" and k.name == "flash-attn 2.8.3 flash_attn_varlen_func" and k.dtypes == attention.LOW_PRECISION
+    assert (
+        k.key == "flash_attn"
+        and k.name == "flash-attn 2.8.3 flash_attn_varlen_func"
+        and k.dtypes == attention.LOW_PRECISION
+    )
     monkeypatch.delitem(sys.modules, "flash_attn")
     real_find_spec = __import__("importlib").util.find_spec
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        "importlib.util.find_spec", lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a)
+    )
     k = attention.find_kernel("flash", "cuda")
     assert k.key == "torch_varlen" and "FlashAttention-2" in k.name
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
@@ -267,12 +290,24 @@ def test_torch_varlen_adapter_maps_flash_attn_arguments(monkeypatch):
 # -- peak FLOP/s ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA B200", 2250e12), ("NVIDIA A100-SXM4-40GB", 312e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
-    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v6 lite", 918e12),
-])
+@pytest.mark.parametrize(
+    "device, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA B200", 2250e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("TPU v4", 275e12),
+        ("TPU v5 lite", 197e12),
+        ("TPU v5p", 459e12),
+        ("TPU v5", 459e12),
+        ("TPU v6 lite", 918e12),
+    ],
+)
 def test_peak_flops_from_datasheets(device, peak):
     from lemur_torch.metrics import PEAK_FLOPS, peak_flops
 
@@ -306,9 +341,19 @@ def train_in_process(overrides, run_dir, sources=None):
     from lemur_torch.train import build_and_fit
 
     # fused AdamW: on CPU ~5x faster than the foreach default, and the same in every run compared
-    base = ["model=tiny", "train.seq_len=64", "optim.warmup_steps=5", "optim.lr=1e-3", "optim.implementation=fused",
-            "checkpoint.every_steps=0", "checkpoint.save_at_end=false", "checkpoint.export_at_end=false",
-            "log.wandb_mode=disabled", "log.console=false", f"run_dir={run_dir}"]
+    base = [
+        "model=tiny",
+        "train.seq_len=64",
+        "optim.warmup_steps=5",
+        "optim.lr=1e-3",
+        "optim.implementation=fused",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_at_end=false",
+        "checkpoint.export_at_end=false",
+        "log.wandb_mode=disabled",
+        "log.console=false",
+        f"run_dir={run_dir}",
+    ]
     given = {o.split("=")[0] for o in overrides}
     cfg = load_config([o for o in base if o.split("=")[0] not in given] + list(overrides))
     if sources is not None:  # replace the sample corpus (a merge would keep its sources)
@@ -343,8 +388,15 @@ def trained(tmp_path_factory):
         for mbs in (1, 3):
             for impl in ("sdpa", "flex", "flash"):
                 run_dir = tmp_path_factory.mktemp(f"{impl}{mbs}")
-                export = ["checkpoint.export_at_end=true", f"checkpoint.export_dir={run_dir}/hf",
-                          "checkpoint.save_at_end=true"] if mbs == 3 else []
+                export = (
+                    [
+                        "checkpoint.export_at_end=true",
+                        f"checkpoint.export_dir={run_dir}/hf",
+                        "checkpoint.save_at_end=true",
+                    ]
+                    if mbs == 3
+                    else []
+                )
                 overrides = [f"model.attention={impl}", f"train.micro_batch_size={mbs}", *TRAIN, *export]
                 out[impl, mbs] = (train_in_process(overrides, str(run_dir), sources), str(run_dir))
     finally:
@@ -368,9 +420,13 @@ def test_twenty_steps_same_losses_across_implementations(trained, mbs):
 
     cfg = load_config(TRAIN)
     data = {**OmegaConf.to_container(cfg.data), "sources": trained["sources"]}
-    loader = build_loader(OmegaConf.merge(OmegaConf.structured(DataConfig), data), load_tokenizer("builtin"), 32, 3, 0, 1, 0)
+    loader = build_loader(
+        OmegaConf.merge(OmegaConf.structured(DataConfig), data), load_tokenizer("builtin"), 32, 3, 0, 1, 0
+    )
     lens = torch.cat([b["doc_lens"] for _, b in zip(range(20), loader)])
-    assert (lens > 0).sum(1).float().mean() > 2.5    # correct at any micro-batch size: the same global batches give the same losses
+    assert (lens > 0).sum(
+        1
+    ).float().mean() > 2.5  # correct at any micro-batch size: the same global batches give the same losses
     other, _ = trained["sdpa", 3 if mbs == 1 else 1]
     assert max(abs(other[s] - ref[s]) for s in ref) < 1e-4
 
@@ -412,14 +468,24 @@ def test_flash_receives_the_loaders_document_boundaries(tmp_path, monkeypatch, c
     rec = Recorder(attention.VARLEN_REFERENCE)
     monkeypatch.setattr(attention, "find_kernel", lambda impl, device: rec.kernel if impl == "flash" else None)
     steps, B = 3, 3
-    train_in_process([
-        "model.attention=flash", f"train.micro_batch_size={B}", f"train.global_batch_tokens={B * S}",
-        f"train.max_steps={steps}", "data.lanes=1", f"data.attend_across_documents={str(across).lower()}",
-    ], str(tmp_path / "run"), {"docs": {"kind": "jsonl", "domain": "text", "path": str(tmp_path / "docs.jsonl"),
-                                        "shuffle": False}})
+    train_in_process(
+        [
+            "model.attention=flash",
+            f"train.micro_batch_size={B}",
+            f"train.global_batch_tokens={B * S}",
+            f"train.max_steps={steps}",
+            "data.lanes=1",
+            f"data.attend_across_documents={str(across).lower()}",
+        ],
+        str(tmp_path / "run"),
+        {"docs": {"kind": "jsonl", "domain": "text", "path": str(tmp_path / "docs.jsonl"), "shuffle": False}},
+    )
     # the start-of-run summary names the kernel
-    assert re.search(r"^  attention\s+flash \(CPU reference \(test stand-in for flash_attn_varlen_func\)\)$",
-                     capsys.readouterr().out, re.M)
+    assert re.search(
+        r"^  attention\s+flash \(CPU reference \(test stand-in for flash_attn_varlen_func\)\)$",
+        capsys.readouterr().out,
+        re.M,
+    )
     # independent expectation: each document tokenized alone (BOS + ids + EOS), in order, cycled, cut in rows
     lengths = [len(tok(d, add_special_tokens=False).input_ids) + 2 for d in docs]
     starts, at = set(), 0

@@ -12,6 +12,7 @@ import pickle
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_data_loader import global_stream, rows_of, same
 
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
@@ -19,7 +20,6 @@ from lemur_torch.data.loader import merge_states
 from lemur_torch.data.schema import DataConfig
 from lemur_torch.data.sources import BadInputError, DataConfigError
 from lemur_torch.tokenizer import build_tokenizer, load_tokenizer
-from test_data_loader import global_stream, rows_of, same
 
 SEQ, B, PAD = 96, 2, 32000
 
@@ -27,7 +27,7 @@ SEQ, B, PAD = 96, 2, 32000
 def conversation(i):
     turns = [("user", f"Question {i}: what is {i} squared?"), ("assistant", f"{i} squared is {i * i}.")]
     if i % 3 == 0:
-        turns += [("user", "And cubed?"), ("assistant", f"{i} cubed is {i ** 3}. " + "Indeed. " * (i % 7))]
+        turns += [("user", "And cubed?"), ("assistant", f"{i} cubed is {i**3}. " + "Indeed. " * (i % 7))]
     if i % 4 == 1:
         turns.insert(0, ("system", "You do arithmetic."))
     return turns
@@ -64,7 +64,9 @@ def files(tmp_path_factory):
 
 
 def make_cfg(files, sources=None, **kw):
-    sources = sources or {"arith": {"kind": "jsonl", "domain": "text", "path": str(files / "arith.jsonl"), "shuffle": False}}
+    sources = sources or {
+        "arith": {"kind": "jsonl", "domain": "text", "path": str(files / "arith.jsonl"), "shuffle": False}
+    }
     base = {"format": "chat", "sources": sources, "lanes": 6, "read_chars": 500, **kw}
     return OmegaConf.merge(OmegaConf.structured(DataConfig), base)
 
@@ -98,7 +100,9 @@ def segments(tok, row):
         assert text in TEXTS, text  # a whole conversation, never a piece of one
         i = TEXTS[text]
         assert tok.decode([x for x, y in zip(seg_ids, seg_labels) if y != -100]) == answers_of(conversation(i))
-        assert [y for x, y in zip(seg_ids, seg_labels) if y != -100] == [x for x, y in zip(seg_ids, seg_labels) if y != -100]
+        assert [y for x, y in zip(seg_ids, seg_labels) if y != -100] == [
+            x for x, y in zip(seg_ids, seg_labels) if y != -100
+        ]
         out.append((i, b - a))
     return out
 
@@ -109,7 +113,7 @@ def test_packed_rows_hold_whole_conversations_in_order(files, tok):
     for row in rows:
         segs = segments(tok, row)
         convs = [i for i, _ in segs if i is not None]
-        assert convs and all(i is None for i, _ in segs[len(convs):])  # padding only at the end
+        assert convs and all(i is None for i, _ in segs[len(convs) :])  # padding only at the end
         order += convs
         lengths.update({i: n for i, n in segs if i is not None})
     assert order == [k % N for k in range(len(order))]  # lanes=1, no shuffle: the file order, epoch after epoch
@@ -158,7 +162,9 @@ def reference(files, tok):
 
 
 @pytest.mark.parametrize("before,after,workers", [(2, 3, 0), (3, 1, 2)])
-def test_resume_on_a_different_number_of_ranks_continues_the_conversation_order(files, tok, reference, before, after, workers):
+def test_resume_on_a_different_number_of_ranks_continues_the_conversation_order(
+    files, tok, reference, before, after, workers
+):
     n1, n2 = 3, 4
     first, loaders = [], []
     for r in range(before):
@@ -182,7 +188,13 @@ BAD_LINES = [
     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
     "not json {",
     {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]},
-    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "?"}]},
+    {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "?"},
+        ]
+    },
     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
     {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]},
     {"conversations": [{"from": "human", "value": "long " * 200}, {"from": "gpt", "value": "short"}]},
@@ -202,17 +214,36 @@ def test_bad_conversations_are_skipped_and_counted_with_their_line(bad_file, tok
     with caplog.at_level(logging.WARNING, logger="lemur_torch.data"):
         loader, rows = run(cfg, tok, 0, 1, 2, seq=64)
     st = loader.stats()
-    for reason in ("malformed_json", "unknown_role", "not_ending_with_assistant", "empty_turn", "wrong_type", "no_trainable_tokens"):
+    for reason in (
+        "malformed_json",
+        "unknown_role",
+        "not_ending_with_assistant",
+        "empty_turn",
+        "wrong_type",
+        "no_trainable_tokens",
+    ):
         assert st[f"skipped/bad/{reason}"] >= 1, (reason, st)
-    logged = {line.split("bad.jsonl:")[1].split(":")[0]: line for line in caplog.text.splitlines() if "bad.jsonl:" in line}
-    for line, what in ((2, "malformed JSON"), (3, "unknown role 'robot'"), (4, "not 'assistant'"), (5, "empty assistant turn"),
-                       (6, "must be strings")):
+    logged = {
+        line.split("bad.jsonl:")[1].split(":")[0]: line for line in caplog.text.splitlines() if "bad.jsonl:" in line
+    }
+    for line, what in (
+        (2, "malformed JSON"),
+        (3, "unknown role 'robot'"),
+        (4, "not 'assistant'"),
+        (5, "empty assistant turn"),
+        (6, "must be strings"),
+    ):
         assert what in logged[str(line)], (line, logged)
     assert "7" not in logged  # too long for seq_len is not bad input: counted, not warned
 
 
 def test_strict_mode_stops_at_the_first_bad_line(bad_file, tok):
-    cfg = make_cfg(None, {"bad": {"kind": "jsonl", "domain": "text", "path": str(bad_file), "shuffle": False}}, lanes=1, strict=True)
+    cfg = make_cfg(
+        None,
+        {"bad": {"kind": "jsonl", "domain": "text", "path": str(bad_file), "shuffle": False}},
+        lanes=1,
+        strict=True,
+    )
     with pytest.raises(BadInputError, match=r"bad\.jsonl:2: malformed JSON"):
         run(cfg, tok, 0, 1, 2, seq=64)
 
@@ -224,7 +255,15 @@ def test_chat_needs_the_chat_tokenizer_and_chat_kinds(files):
     with pytest.raises(DataConfigError, match="does not hold conversations"):
         build_loader(make_cfg(files, {"x": {"kind": "builtin_code", "domain": "code"}}), tok, SEQ, B, 0, 1, seed=3)
     with pytest.raises(DataConfigError, match="builtin_chat needs path"):
-        build_loader(make_cfg(files, {"x": {"kind": "builtin_chat", "domain": "code", "path": "nope"}}), tok, SEQ, B, 0, 1, seed=3)
+        build_loader(
+            make_cfg(files, {"x": {"kind": "builtin_chat", "domain": "code", "path": "nope"}}),
+            tok,
+            SEQ,
+            B,
+            0,
+            1,
+            seed=3,
+        )
     with pytest.raises(DataConfigError, match="chat_packing"):
         build_loader(make_cfg(files, chat_packing="ragged"), tok, SEQ, B, 0, 1, seed=3)
 
@@ -235,7 +274,11 @@ def test_builtin_conversation_sets(tok):
     pydoc, funcs = pydoc_conversations(), stdlib_function_conversations()
     assert len(pydoc) > 60 and len(funcs) > 200
     loc, turns = next((loc, t) for loc, t in funcs if "textwrap.py" in loc and "def dedent(" in t[-1][1])
-    assert turns[0][0] == "system" and "`dedent(text)`" in turns[1][1] and turns[2][1].startswith("```python\ndef dedent(text):")
+    assert (
+        turns[0][0] == "system"
+        and "`dedent(text)`" in turns[1][1]
+        and turns[2][1].startswith("```python\ndef dedent(text):")
+    )
     cfg = load_config(["data=sample_chat"]).data
     loader, rows = run(cfg, tok, 0, 1, 3, seq=256)
     assert loader.domain_names == ["code", "text"] and all((r[1] != -100).any() for r in rows)
@@ -244,19 +287,47 @@ def test_builtin_conversation_sets(tok):
 def test_hf_datasets_sources_with_renamed_fields(tmp_path, tok):
     """kind hf (datasets, streaming) on local files: OpenOrca-style jsonl read as alpaca with renamed fields, and a
     ShareGPT dump that is one JSON array."""
-    orca = [{"id": str(i), "system_prompt": "Be exact." if i % 2 else "", "question": f"Double {i}?", "response": f"{2 * i}."}
-            for i in range(8)]
+    orca = [
+        {
+            "id": str(i),
+            "system_prompt": "Be exact." if i % 2 else "",
+            "question": f"Double {i}?",
+            "response": f"{2 * i}.",
+        }
+        for i in range(8)
+    ]
     (tmp_path / "orca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in orca))
-    share = [{"id": str(i), "conversations": [{"from": "human", "value": f"Halve {2 * i}?"}, {"from": "gpt", "value": f"{i}."}]}
-             for i in range(8)]
+    share = [
+        {
+            "id": str(i),
+            "conversations": [{"from": "human", "value": f"Halve {2 * i}?"}, {"from": "gpt", "value": f"{i}."}],
+        }
+        for i in range(8)
+    ]
     (tmp_path / "share.json").write_text(json.dumps(share))
     sources = {
-        "orca": {"kind": "hf", "domain": "openorca", "path": "json", "data_files": str(tmp_path / "orca.jsonl"), "chat_format": "alpaca",
-                 "fields": {"system": "system_prompt", "instruction": "question", "output": "response"}},
-        "share": {"kind": "hf", "domain": "sharegpt", "path": "json", "data_files": str(tmp_path / "share.json"), "chat_format": "sharegpt"},
+        "orca": {
+            "kind": "hf",
+            "domain": "openorca",
+            "path": "json",
+            "data_files": str(tmp_path / "orca.jsonl"),
+            "chat_format": "alpaca",
+            "fields": {"system": "system_prompt", "instruction": "question", "output": "response"},
+        },
+        "share": {
+            "kind": "hf",
+            "domain": "sharegpt",
+            "path": "json",
+            "data_files": str(tmp_path / "share.json"),
+            "chat_format": "sharegpt",
+        },
     }
-    expected = {text_of(([("system", "Be exact.")] if i % 2 else []) + [("user", f"Double {i}?"), ("assistant", f"{2 * i}.")]): ("orca", i)
-                for i in range(8)}
+    expected = {
+        text_of(
+            ([("system", "Be exact.")] if i % 2 else []) + [("user", f"Double {i}?"), ("assistant", f"{2 * i}.")]
+        ): ("orca", i)
+        for i in range(8)
+    }
     expected.update({text_of([("user", f"Halve {2 * i}?"), ("assistant", f"{i}.")]): ("share", i) for i in range(8)})
     loader, rows = run(make_cfg(None, sources, lanes=1, chat_packing="padded"), tok, 0, 1, 8, seq=48)
     seen = []

@@ -19,31 +19,50 @@ CASES = [
         "<s><|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nHi there!<|im_end|>\n",
     ),
     (
-        [{"role": "system", "content": "  You are terse.\n"}, {"role": "user", "content": "2+2?"},
-         {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3 ?  "},
-         {"role": "assistant", "content": "\n6\n"}],
+        [
+            {"role": "system", "content": "  You are terse.\n"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "and 3+3 ?  "},
+            {"role": "assistant", "content": "\n6\n"},
+        ],
         "<s><|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
-        "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nand 3+3 ?<|im_end|>\n<|im_start|>assistant\n6<|im_end|>\n",
+        "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nand 3+3 "
+        "?<|im_end|>\n<|im_start|>assistant\n6<|im_end|>\n",
     ),
     (
-        [{"role": "user", "content": "Übersetze: «naïve café» — 日本語で? 🙂"},
-         {"role": "assistant", "content": "ナイーブなカフェ ☕ (naïve café), ça va?"}],
+        [
+            {"role": "user", "content": "Übersetze: «naïve café» — 日本語で? 🙂"},
+            {"role": "assistant", "content": "ナイーブなカフェ ☕ (naïve café), ça va?"},
+        ],
         "<s><|im_start|>user\nÜbersetze: «naïve café» — 日本語で? 🙂<|im_end|>\n"
         "<|im_start|>assistant\nナイーブなカフェ ☕ (naïve café), ça va?<|im_end|>\n",
     ),
     (
-        [{"role": "system", "content": "You write code."},
-         {"role": "user", "content": "Reverse a list in Python:\n\n    xs = [1, 2, 3]"},
-         {"role": "assistant", "content": "```python\ndef rev(xs):\n\treturn xs[::-1]  # slice\n\n\nprint(rev([1, 2, 3]))\n```\n\nThat prints `[3, 2, 1]`."}],
-        "<s><|im_start|>system\nYou write code.<|im_end|>\n<|im_start|>user\nReverse a list in Python:\n\n    xs = [1, 2, 3]<|im_end|>\n"
+        [
+            {"role": "system", "content": "You write code."},
+            {"role": "user", "content": "Reverse a list in Python:\n\n    xs = [1, 2, 3]"},
+            {
+                "role": "assistant",
+                "content": "```python\ndef rev(xs):\n\treturn xs[::-1]  # slice\n\n\nprint(rev([1, 2, "
+                "3]))\n```\n\nThat prints `[3, 2, 1]`.",
+            },
+        ],
+        "<s><|im_start|>system\nYou write code.<|im_end|>\n<|im_start|>user\nReverse a list in Python:\n\n    xs "
+        "= [1, 2, 3]<|im_end|>\n"
         "<|im_start|>assistant\n```python\ndef rev(xs):\n\treturn xs[::-1]  # slice\n\n\nprint(rev([1, 2, 3]))\n```\n\n"
         "That prints `[3, 2, 1]`.<|im_end|>\n",
     ),
     (
-        [{"role": "user", "content": "Shell?"}, {"role": "assistant", "content": "$ ls -la | grep '^d'  \n"},
-         {"role": "user", "content": "<html> & \"quotes\" {{ jinja }} {% raw %}"}, {"role": "assistant", "content": "Escaped: {{ x }}"}],
+        [
+            {"role": "user", "content": "Shell?"},
+            {"role": "assistant", "content": "$ ls -la | grep '^d'  \n"},
+            {"role": "user", "content": '<html> & "quotes" {{ jinja }} {% raw %}'},
+            {"role": "assistant", "content": "Escaped: {{ x }}"},
+        ],
         "<s><|im_start|>user\nShell?<|im_end|>\n<|im_start|>assistant\n$ ls -la | grep '^d'<|im_end|>\n"
-        "<|im_start|>user\n<html> & \"quotes\" {{ jinja }} {% raw %}<|im_end|>\n<|im_start|>assistant\nEscaped: {{ x }}<|im_end|>\n",
+        '<|im_start|>user\n<html> & "quotes" {{ jinja }} {% raw %}<|im_end|>\n<|im_start|>assistant\nEscaped: {{ '
+        "x }}<|im_end|>\n",
     ),
 ]
 
@@ -74,7 +93,13 @@ def offset_mask(tok, text, spans):
 def test_new_token_ids_and_template(tok):
     assert len(load_tokenizer("builtin")) == 32000  # the pretraining tokenizer is left as it is
     assert len(tok) == 32005
-    assert tok.convert_tokens_to_ids(["<pad>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|diff_marker|>"]) == [32000, 32001, 32002, 32003, 32004]
+    assert tok.convert_tokens_to_ids(["<pad>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|diff_marker|>"]) == [
+        32000,
+        32001,
+        32002,
+        32003,
+        32004,
+    ]
     assert tok.pad_token_id == 32000
     assert tok.convert_tokens_to_ids("<s>") == 1 and tok.convert_tokens_to_ids("</s>") == 2
 
@@ -119,9 +144,24 @@ def test_builtin_conversations_match_whole_text_encoding(tok):
 
 def test_formats_give_the_same_conversation():
     want = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!")]
-    openai = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
-    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
-    sharegpt_top_system = {"system": "Be brief.", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+    openai = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ]
+    }
+    sharegpt = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello!"},
+        ]
+    }
+    sharegpt_top_system = {
+        "system": "Be brief.",
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}],
+    }
     alpaca = {"instruction": "Hi", "input": "", "output": "Hello!", "system": "Be brief."}
     orca = {"system_prompt": "Be brief.", "question": "Hi", "response": "Hello!"}
     for obj, fmt in ((openai, "auto"), (sharegpt, "auto"), (sharegpt_top_system, "sharegpt"), (alpaca, "auto")):
@@ -132,29 +172,65 @@ def test_formats_give_the_same_conversation():
     assert with_input.messages == [("user", "Sum these.\n\n1 2"), ("assistant", "3")]
 
 
-@pytest.mark.parametrize("obj,reason", [
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}, {"role": "assistant", "content": "c"}]}, "unknown_role"),
-    ({"conversations": [{"from": "human", "value": "a"}, {"from": "bing", "value": "b"}]}, "unknown_role"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  \n"}]}, "empty_turn"),
-    ({"messages": []}, "empty_turn"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}, "not_ending_with_assistant"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "c"}]}, "bad_order"),
-    ({"messages": [{"role": "user", "content": ["a", "b"]}, {"role": "assistant", "content": "c"}]}, "wrong_type"),
-    ({"messages": "hello"}, "wrong_type"),
-    ({"instruction": "a", "output": 3}, "wrong_type"),
-    ({"instruction": "a"}, "missing_field"),
-    ({"text": "plain"}, "missing_field"),
-])
+@pytest.mark.parametrize(
+    "obj,reason",
+    [
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "tool", "content": "b"},
+                    {"role": "assistant", "content": "c"},
+                ]
+            },
+            "unknown_role",
+        ),
+        ({"conversations": [{"from": "human", "value": "a"}, {"from": "bing", "value": "b"}]}, "unknown_role"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  \n"}]}, "empty_turn"),
+        ({"messages": []}, "empty_turn"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                ]
+            },
+            "not_ending_with_assistant",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "system", "content": "s"},
+                    {"role": "assistant", "content": "c"},
+                ]
+            },
+            "bad_order",
+        ),
+        ({"messages": [{"role": "user", "content": ["a", "b"]}, {"role": "assistant", "content": "c"}]}, "wrong_type"),
+        ({"messages": "hello"}, "wrong_type"),
+        ({"instruction": "a", "output": 3}, "wrong_type"),
+        ({"instruction": "a"}, "missing_field"),
+        ({"text": "plain"}, "missing_field"),
+    ],
+)
 def test_bad_conversations(obj, reason):
     bad = to_conversation(obj)
     assert isinstance(bad, Bad) and bad.reason == reason, bad
 
 
 def test_truncation_at_turn_boundary(tok):
-    conv = to_conversation({"messages": [
-        {"role": "user", "content": "one"}, {"role": "assistant", "content": "first answer"},
-        {"role": "user", "content": "two"}, {"role": "assistant", "content": "second answer " * 30},
-    ]})
+    conv = to_conversation(
+        {
+            "messages": [
+                {"role": "user", "content": "one"},
+                {"role": "assistant", "content": "first answer"},
+                {"role": "user", "content": "two"},
+                {"role": "assistant", "content": "second answer " * 30},
+            ]
+        }
+    )
     full = ChatEncoder(tok, 4096)
     ids, labels, ends = full.encode([conv])[0]
     first_end = ends[1]  # tokens up to the end of the first assistant message
@@ -162,11 +238,15 @@ def test_truncation_at_turn_boundary(tok):
     assert row.shape == (2, first_end)  # cut after the first answer, not in the middle of the second
     assert row[0].tolist() == ids[:first_end] and row[1].tolist() == labels[:first_end]
     # the first answer alone is too long: cut mid-answer at seq_len, the kept part of it still trains
-    long = to_conversation({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 100}]})
+    long = to_conversation(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 100}]}
+    )
     cut = ChatEncoder(tok, 20).documents([long])[0]
     assert cut.shape == (2, 20) and (cut[1] != -100).any()
     # the prompt alone fills seq_len: nothing to learn, dropped with its reason
-    prompt = to_conversation({"messages": [{"role": "user", "content": "q " * 50}, {"role": "assistant", "content": "a"}]})
+    prompt = to_conversation(
+        {"messages": [{"role": "user", "content": "q " * 50}, {"role": "assistant", "content": "a"}]}
+    )
     prompt_conv = Conversation(prompt.messages, loc="f.jsonl:3")
     dropped = ChatEncoder(tok, 16).documents([prompt_conv])[0]
     assert isinstance(dropped, Bad) and dropped.reason == "no_trainable_tokens" and dropped.loc == "f.jsonl:3"

@@ -7,24 +7,40 @@ import os
 
 import pytest
 import torch
-
 from conftest import losses, run_train
 from test_chat_template import CASES
 
 # three formats in one file (auto-detected per record), answers short enough to memorise in a few dozen steps
 CONVERSATIONS = [
-    {"messages": [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}]},
-    {"conversations": [{"from": "system", "value": "You write Python."},
-                       {"from": "human", "value": "Add two numbers."},
-                       {"from": "gpt", "value": "```python\ndef add(a, b):\n    return a + b\n```"}]},
+    {
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "system", "value": "You write Python."},
+            {"from": "human", "value": "Add two numbers."},
+            {"from": "gpt", "value": "```python\ndef add(a, b):\n    return a + b\n```"},
+        ]
+    },
     {"instruction": "Name a primary colour.", "input": "", "output": "Red."},
-    {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"},
-                  {"role": "user", "content": "Now in French."}, {"role": "assistant", "content": "Salut !"}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Say hi."},
+            {"role": "assistant", "content": "Hi!"},
+            {"role": "user", "content": "Now in French."},
+            {"role": "assistant", "content": "Salut !"},
+        ]
+    },
 ]
 # (messages before the answer, the answer), as a user of the exported model would send them
 PROMPTS = [
-    ([{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Add two numbers."}],
-     "```python\ndef add(a, b):\n    return a + b\n```"),
+    (
+        [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Add two numbers."}],
+        "```python\ndef add(a, b):\n    return a + b\n```",
+    ),
     ([{"role": "user", "content": "What is the capital of France?"}], "Paris."),
 ]
 STEPS = 80
@@ -32,11 +48,23 @@ STEPS = 80
 
 def chat_overrides(data_file, run_dir):
     return [
-        "experiment=chat_smoke", "~data.sources.pydoc_qa", "~data.sources.stdlib_functions",
-        f"++data.sources={{mine:{{kind:jsonl,path:{data_file},domain:chat}}}}", "data.lanes=1",
-        "train.seq_len=128", "train.micro_batch_size=2", "train.global_batch_tokens=256", f"train.max_steps={STEPS}",
-        "optim.lr=3e-3", "optim.warmup_steps=10", "optim.min_lr_ratio=0.3", "optim.weight_decay=0.0",
-        "checkpoint.every_steps=0", "log.wandb_mode=disabled", "log.console=false", f"run_dir={run_dir}",
+        "experiment=chat_smoke",
+        "~data.sources.pydoc_qa",
+        "~data.sources.stdlib_functions",
+        f"++data.sources={{mine:{{kind:jsonl,path:{data_file},domain:chat}}}}",
+        "data.lanes=1",
+        "train.seq_len=128",
+        "train.micro_batch_size=2",
+        "train.global_batch_tokens=256",
+        f"train.max_steps={STEPS}",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=10",
+        "optim.min_lr_ratio=0.3",
+        "optim.weight_decay=0.0",
+        "checkpoint.every_steps=0",
+        "log.wandb_mode=disabled",
+        "log.console=false",
+        f"run_dir={run_dir}",
     ]
 
 
@@ -63,7 +91,7 @@ def test_fine_tune_reproduces_answers_and_stops_at_im_end(trained):
         enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad():
             out = model.generate(**enc, do_sample=False, max_new_tokens=40)  # eos from the exported generation_config
-        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        new = out[0, enc["input_ids"].shape[1] :].tolist()
         assert new[-1] == im_end, tok.decode(new)
         assert tok.decode(new[:-1]) == answer
 
@@ -74,7 +102,9 @@ def test_export_has_chat_tokenizer_and_padded_vocabulary(trained):
     export = os.path.join(trained, "hf")
     tok = AutoTokenizer.from_pretrained(export)
     assert len(tok) == 32005
-    assert tok.convert_tokens_to_ids(["<pad>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|diff_marker|>"]) == list(range(32000, 32005))
+    assert tok.convert_tokens_to_ids(["<pad>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|diff_marker|>"]) == list(
+        range(32000, 32005)
+    )
     assert tok.pad_token == "<pad>"
     assert AutoConfig.from_pretrained(export).vocab_size == 32064
     model = AutoModelForCausalLM.from_pretrained(export)
@@ -87,7 +117,9 @@ def test_export_has_chat_tokenizer_and_padded_vocabulary(trained):
 
 
 def test_chat_run_needs_the_padded_vocabulary(tmp_path):
-    proc = run_train(["experiment=chat_smoke", "model.vocab_size=32000", "train.max_steps=1", f"run_dir={tmp_path}"], check=False)
+    proc = run_train(
+        ["experiment=chat_smoke", "model.vocab_size=32000", "train.max_steps=1", f"run_dir={tmp_path}"], check=False
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.vocab_size" in proc.stderr and "32005" in proc.stderr
 

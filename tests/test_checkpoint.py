@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from conftest import FAST
 from hub_util import fill_hf_cache, make_hub_folder
+from omegaconf import OmegaConf
+
 from lemur_torch import commit
 from lemur_torch.checkpoint import META, STEP_DIR, Checkpointer, read_meta, scan_checkpoints
 from lemur_torch.config import ConfigError, load_config
@@ -20,15 +20,21 @@ from lemur_torch.export import EXPORT_MARKER, check_export_target
 from lemur_torch.optim import apply_config_on_resume, build_optimizer, build_scheduler, lr_lambda
 from lemur_torch.parallel.base import Backend
 
-
 # -- commit protocol -----------------------------------------------------------------------------------------
+
 
 def _write_checkpoint(directory: Path, step: int, mode: str, run_id="r1", seq=1, complete=True) -> Path:
     final = directory / f"step_{step:08d}"
     staging = Path(commit.begin(str(final), mode, META))
     (staging / "data.bin").write_bytes(b"x" * 100)
     if complete:
-        commit.commit(str(staging), str(final), mode, META, json.dumps({"step": step, "run_id": run_id, "commit_seq": seq}).encode())
+        commit.commit(
+            str(staging),
+            str(final),
+            mode,
+            META,
+            json.dumps({"step": step, "run_id": run_id, "commit_seq": seq}).encode(),
+        )
     return final
 
 
@@ -67,6 +73,7 @@ def test_replacing_a_checkpoint_never_leaves_it_looking_complete(tmp_path):
 
 
 # -- a real save, in this process (1-rank gloo group) --------------------------------------------------------
+
 
 class ListLoader:
     domain_names = ["code", "text"]
@@ -109,7 +116,9 @@ def test_every_file_and_folder_is_fsynced_before_the_commit(parts, tmp_path, mon
     cfg, backend, model, optimizer, scheduler = parts
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1]
+    )
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b))[1])
     ckpt = _checkpointer(cfg, backend, tmp_path, commit=mode, async_mode=async_mode)
     ckpt.save(7, model, optimizer, scheduler, ListLoader(), {"step": 7, "tokens_seen": 0, "run_id": ckpt.run_id})
@@ -124,7 +133,9 @@ def test_every_file_and_folder_is_fsynced_before_the_commit(parts, tmp_path, mon
     for p in written:
         if p.name != META:
             before = str(staging / p.relative_to(final)) if p != final else str(staging)
-            assert before in synced[:marker_at], f"{p.relative_to(final.parent)} not fsynced before {META} ({mode}, {async_mode})"
+            assert before in synced[:marker_at], (
+                f"{p.relative_to(final.parent)} not fsynced before {META} ({mode}, {async_mode})"
+            )
     if mode == "rename":
         (rename_at,) = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(final)]
         assert events.index(("fsync", str(staging / META))) < rename_at
@@ -159,6 +170,7 @@ def test_marker_committed_checkpoint_loads_and_one_without_marker_is_ignored(par
 
 # -- rank 0 chooses the resume checkpoint --------------------------------------------------------------------
 
+
 class FakeRank(Backend):
     """Rank 1 of 2, whose broadcast_object delivers what rank 0 sent."""
 
@@ -192,6 +204,7 @@ def test_every_rank_resumes_from_rank_0s_choice(tmp_path):
 
 # -- the export never replaces what is not an export ---------------------------------------------------------
 
+
 def test_export_target_refuses_run_checkpoint_and_foreign_folders(tmp_path):
     run, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
     (ckpt / "step_00000002").mkdir(parents=True)
@@ -213,9 +226,14 @@ def test_export_target_refuses_run_checkpoint_and_foreign_folders(tmp_path):
 
 # -- optimizer hyperparameters on resume ---------------------------------------------------------------------
 
+
 def test_changed_optim_settings_apply_on_resume_and_are_reported():
-    old = load_config(["optim.lr=1e-3", "optim.betas=[0.9,0.95]", "optim.weight_decay=0.1", "optim.warmup_steps=2"]).optim
-    new = load_config(["optim.lr=4e-4", "optim.betas=[0.8,0.99]", "optim.weight_decay=0.02", "optim.warmup_steps=2"]).optim
+    old = load_config(
+        ["optim.lr=1e-3", "optim.betas=[0.9,0.95]", "optim.weight_decay=0.1", "optim.warmup_steps=2"]
+    ).optim
+    new = load_config(
+        ["optim.lr=4e-4", "optim.betas=[0.8,0.99]", "optim.weight_decay=0.02", "optim.warmup_steps=2"]
+    ).optim
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     opt, sched = build_optimizer(model, old, "cpu"), build_scheduler(build_optimizer(model, old, "cpu"), old, 50)
     opt = sched.optimizer
@@ -230,17 +248,24 @@ def test_changed_optim_settings_apply_on_resume_and_are_reported():
     sched2.load_state_dict(saved_sched)
     assert opt2.param_groups[0]["betas"] == (0.9, 0.95), "loading restores the checkpoint's values..."
     changes = apply_config_on_resume(opt2, sched2, new)
-    assert len(changes) == 3 and all(c.startswith(("optim.lr", "optim.betas", "optim.weight_decay")) for c in changes), changes
+    assert len(changes) == 3 and all(
+        c.startswith(("optim.lr", "optim.betas", "optim.weight_decay")) for c in changes
+    ), changes
     decay, no_decay = opt2.param_groups
     assert tuple(decay["betas"]) == (0.8, 0.99) and decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
     expected = 4e-4 * lr_lambda(5, new, 50)
-    assert sched2.last_epoch == 5 and sched2.get_last_lr()[0] == pytest.approx(expected) and decay["lr"] == pytest.approx(expected)
+    assert (
+        sched2.last_epoch == 5
+        and sched2.get_last_lr()[0] == pytest.approx(expected)
+        and decay["lr"] == pytest.approx(expected)
+    )
     sched2.step()
     assert sched2.get_last_lr()[0] == pytest.approx(4e-4 * lr_lambda(6, new, 50))
     assert apply_config_on_resume(opt2, sched2, new) == [], "nothing to report when nothing changed"
 
 
 # -- model.pretrained from each node's HF cache --------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
@@ -260,8 +285,12 @@ def test_pretrained_from_offline_cache_and_one_line_errors(hub, tmp_path, monkey
     assert resolve_pretrained(str(hub)) == str(hub)
     shard = sorted(snapshot.glob("model-*.safetensors"))[-1]
     shard.unlink()  # an interrupted download
-    for name, what in (("lemur-test/tiny-llama", "HF_HUB_OFFLINE=1"), ("lemur-test/absent", "HF_HUB_OFFLINE=1"),
-                       ("./no/such/folder", "no such folder"), (str(snapshot), shard.name)):
+    for name, what in (
+        ("lemur-test/tiny-llama", "HF_HUB_OFFLINE=1"),
+        ("lemur-test/absent", "HF_HUB_OFFLINE=1"),
+        ("./no/such/folder", "no such folder"),
+        (str(snapshot), shard.name),
+    ):
         with pytest.raises(ConfigError, match="model.pretrained") as info:
             resolve_pretrained(name)
         assert what in str(info.value) and "\n" not in str(info.value), str(info.value)
@@ -301,8 +330,12 @@ def test_pretrained_is_fetched_once_per_node(hub, tmp_path):
 
     ctx = multiprocessing.get_context("fork")  # the children inherit this process's imports: no torch import each
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_resolve_on_node, args=(str(tmp_path / f"node{n}"), str(hub), "lemur-test/tiny-llama", queue))
-             for n in (0, 0, 1, 1)]
+    procs = [
+        ctx.Process(
+            target=_resolve_on_node, args=(str(tmp_path / f"node{n}"), str(hub), "lemur-test/tiny-llama", queue)
+        )
+        for n in (0, 0, 1, 1)
+    ]
     for p in procs:
         p.start()
     results = sorted(queue.get(timeout=120) for _ in procs)
@@ -312,11 +345,22 @@ def test_pretrained_is_fetched_once_per_node(hub, tmp_path):
     for node in range(2):
         downloads = (tmp_path / f"node{node}" / "downloads.log").read_text().splitlines()
         assert len(downloads) == 1, f"node {node}: {len(downloads)} downloads"
-        assert results.count(str(tmp_path / f"node{node}" / "models--lemur-test--tiny-llama" / "snapshots" /
-                                 "0123456789abcdef0123456789abcdef01234567")) == 2, results
+        assert (
+            results.count(
+                str(
+                    tmp_path
+                    / f"node{node}"
+                    / "models--lemur-test--tiny-llama"
+                    / "snapshots"
+                    / "0123456789abcdef0123456789abcdef01234567"
+                )
+            )
+            == 2
+        ), results
 
 
 # -- the trainer's one-step-late read ------------------------------------------------------------------------
+
 
 def test_one_step_late_read_keeps_guard_and_schedule_exact(parts, monkeypatch):
     """Trainer.fit reads step k's metrics during step k+1 (no host sync per step). The decisions that need step
@@ -332,8 +376,17 @@ def test_one_step_late_read_keeps_guard_and_schedule_exact(parts, monkeypatch):
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     loader = ListLoader()
     loader.stats = dict
-    t = trainer_lib.Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend, log=lambda m: None),
-                            MetricsLogger(cfg, enabled=False), stop=trainer_lib.StopSignal())
+    t = trainer_lib.Trainer(
+        cfg,
+        backend,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        Checkpointer(cfg, backend, log=lambda m: None),
+        MetricsLogger(cfg, enabled=False),
+        stop=trainer_lib.StopSignal(),
+    )
     nonfinite = {2, 3, 5}  # steps whose loss is made non-finite
     real_loss = trainer_lib.token_loss_sums
 
@@ -344,10 +397,18 @@ def test_one_step_late_read_keeps_guard_and_schedule_exact(parts, monkeypatch):
     monkeypatch.setattr(trainer_lib, "token_loss_sums", loss_sums)
     applied_lrs = []
     step_fn = backend.optimizer_step
-    monkeypatch.setattr(backend, "optimizer_step", lambda opt, finite: (applied_lrs.append(opt.param_groups[0]["lr"]), step_fn(opt, finite))[1])
+    monkeypatch.setattr(
+        backend,
+        "optimizer_step",
+        lambda opt, finite: (applied_lrs.append(opt.param_groups[0]["lr"]), step_fn(opt, finite))[1],
+    )
     ids = torch.arange(3, 3 + cfg.train.seq_len).repeat(cfg.train.micro_batch_size, 1)
-    mb = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(cfg.train.seq_len).repeat(cfg.train.micro_batch_size, 1),
-          "domain_ids": torch.zeros_like(ids)}
+    mb = {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "position_ids": torch.arange(cfg.train.seq_len).repeat(cfg.train.micro_batch_size, 1),
+        "domain_ids": torch.zeros_like(ids),
+    }
     pending = None
     for _ in range(6):
         pending = t.train_step([mb] * t.grad_accum, pending, started=time.perf_counter())

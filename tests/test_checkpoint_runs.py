@@ -6,9 +6,9 @@ import glob
 from pathlib import Path
 
 import torch
+from conftest import FAST, losses, read_metrics, run_train
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import FAST, losses, read_metrics, run_train
 from lemur_torch.checkpoint import read_meta
 from lemur_torch.config import load_config
 from lemur_torch.optim import lr_lambda
@@ -28,7 +28,9 @@ def test_runs_sharing_a_folder_keep_their_lineages(tmp_path):
     ck = run_dir / "checkpoints"
     base = [*FAST, f"run_dir={run_dir}"]
     # run A: an older run in this folder, committed with the marker protocol
-    run_train([*base, "train.max_steps=5", "checkpoint.every_steps=5", "checkpoint.commit=marker", "log.wandb_mode=offline"])
+    run_train(
+        [*base, "train.max_steps=5", "checkpoint.every_steps=5", "checkpoint.commit=marker", "log.wandb_mode=offline"]
+    )
     a_id = read_meta(str(ck / "step_00000005"))["run_id"]
     # debris of saves killed mid-write: a staging folder, and an in-place (marker) folder without its marker
     for name in (".tmp-step_00000007", "step_00000008"):
@@ -36,8 +38,16 @@ def test_runs_sharing_a_folder_keep_their_lineages(tmp_path):
         (ck / name / "__0_0.distcp").write_bytes(b"half a shard")
 
     # run B: a fresh start in the same folder, a checkpoint every step, keep_last=2
-    out = run_train([*base, "checkpoint.resume=none", "train.max_steps=3", "checkpoint.every_steps=1",
-                     "checkpoint.keep_last=2", "log.wandb_mode=offline"]).stdout
+    out = run_train(
+        [
+            *base,
+            "checkpoint.resume=none",
+            "train.max_steps=3",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep_last=2",
+            "log.wandb_mode=offline",
+        ]
+    ).stdout
     assert "step_00000007, an interrupted save" in out and "step_00000008, incomplete" in out, out[-3000:]
     assert _names(ck) == ["step_00000002", "step_00000003", "step_00000005"], "B prunes only its own step 1"
     b_id = read_meta(str(ck / "step_00000003"))["run_id"]
@@ -56,8 +66,11 @@ def test_runs_sharing_a_folder_keep_their_lineages(tmp_path):
     # run D: B again, with a new peak lr, betas and weight decay: the config's values apply and are reported
     new = ["optim.lr=5e-4", "optim.betas=[0.8,0.99]", "optim.weight_decay=0.05"]
     out = run_train([*base, "train.max_steps=4", *new, "log.wandb_mode=offline"]).stdout
-    for key in ("optim.lr: 0.001 in the checkpoint -> 0.0005", "optim.betas: [0.9, 0.95] in the checkpoint -> [0.8, 0.99]",
-                "optim.weight_decay: 0.1 in the checkpoint -> 0.05"):
+    for key in (
+        "optim.lr: 0.001 in the checkpoint -> 0.0005",
+        "optim.betas: [0.9, 0.95] in the checkpoint -> [0.8, 0.99]",
+        "optim.weight_decay: 0.1 in the checkpoint -> 0.05",
+    ):
         assert key in out, out[-3000:]
     step4 = read_metrics(str(run_dir))[-1]
     assert step4["step"] == 4
@@ -67,6 +80,7 @@ def test_runs_sharing_a_folder_keep_their_lineages(tmp_path):
 
 
 # -- asynchronous and synchronous saves ----------------------------------------------------------------------
+
 
 def _flat_checkpoint(path: Path, scratch: Path) -> dict:
     """Everything a checkpoint holds, loaded: the DCP state (model + optimizer) as one dict, the extra state,
@@ -107,17 +121,22 @@ def test_async_and_sync_saves_give_the_same_checkpoint_and_resume(tmp_path):
     assert flat_a["extra"]["scheduler"]["last_epoch"] == 2, "the extra state is the saved step's, not a later one"
     for part in ("dcp", "rng/rank_0.pt", "rng/rank_1.pt"):
         _assert_same(flat_a[part], flat_s[part], part)
-    extra_a, extra_s = (dict(f["extra"], trainer={k: v for k, v in f["extra"]["trainer"].items() if k != "run_id"})
-                        for f in (flat_a, flat_s))
+    extra_a, extra_s = (
+        dict(f["extra"], trainer={k: v for k, v in f["extra"]["trainer"].items() if k != "run_id"})
+        for f in (flat_a, flat_s)
+    )
     _assert_same(extra_a, extra_s, "extra_state")
     # resumed from the asynchronous checkpoint (identical to the synchronous one, so from either), the losses
     # are exactly those of the uninterrupted run, which went on while its checkpoint was written
-    run_train([*common, f"run_dir={tmp_path / 'resumed'}", f"checkpoint.resume={a}", "checkpoint.save_at_end=false"], nproc=2)
+    run_train(
+        [*common, f"run_dir={tmp_path / 'resumed'}", f"checkpoint.resume={a}", "checkpoint.save_at_end=false"], nproc=2
+    )
     ref, got = losses(str(tmp_path / "async")), losses(str(tmp_path / "resumed"))
     assert sorted(got) == [3, 4] and [got[s] for s in (3, 4)] == [ref[s] for s in (3, 4)], (got, ref)
 
 
 # -- resharding over 3 ranks ---------------------------------------------------------------------------------
+
 
 def test_resume_on_three_ranks_splitting_the_vocabulary_unevenly(tmp_path):
     """32000 rows over 3 ranks: 10667 + 10667 + 10666. A 1-process checkpoint resumes on 3 ranks and matches the

@@ -40,7 +40,9 @@ def test_indivisible_batch_depends_on_world_size():
 
 
 def test_cli_config_error_is_one_line_and_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "lemur_torch.train", "optim.betas=oops"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lemur_torch.train", "optim.betas=oops"], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "optim.betas" in lines[0], proc.stderr
@@ -94,8 +96,12 @@ def test_every_bound_in_the_schema_is_enforced_with_its_key():
     for key, b, kind in keys:
         integer = kind is int
         step = 1 if integer else 1e-6
-        for bad in ([b.ge - step] if b.ge is not None else []) + ([b.gt] if b.gt is not None else []) + \
-                   ([b.le + step] if b.le is not None else []) + ([b.lt] if b.lt is not None else []):
+        for bad in (
+            ([b.ge - step] if b.ge is not None else [])
+            + ([b.gt] if b.gt is not None else [])
+            + ([b.le + step] if b.le is not None else [])
+            + ([b.lt] if b.lt is not None else [])
+        ):
             cfg = copy.deepcopy(base)
             OmegaConf.update(cfg, key, int(bad) if integer else float(bad))
             with pytest.raises(ConfigError) as info:
@@ -121,12 +127,18 @@ def test_choices_are_enums_that_read_as_their_strings():
         load_config(["parallel.mixed_precision=fp8"])
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["train.seq_len=abc"], "train.seq_len"),  # Hydra reports this as "Error merging override": the key is in the cause
-    (["+data.sources.more={kind: jsonl}"], "data.sources.more"),  # OmegaConf names it 'more'
-    (["model=nope"], "model"),
-    (["train.seq_len==3"], "train.seq_len"),
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (
+            ["train.seq_len=abc"],
+            "train.seq_len",
+        ),  # Hydra reports this as "Error merging override": the key is in the cause
+        (["+data.sources.more={kind: jsonl}"], "data.sources.more"),  # OmegaConf names it 'more'
+        (["model=nope"], "model"),
+        (["train.seq_len==3"], "train.seq_len"),
+    ],
+)
 def test_composition_errors_name_the_full_key(overrides, key):
     with pytest.raises(ConfigError) as info:
         load_config(overrides)

@@ -33,8 +33,12 @@ def slow_chat():
     """The same SentencePiece model through transformers' python (slow) tokenizer, ChatML tokens added the same way."""
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-    tok = SentencePieceBackend(vocab_file=os.path.join(builtin_tokenizer_dir(), "tokenizer.model"),
-                               bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok = SentencePieceBackend(
+        vocab_file=os.path.join(builtin_tokenizer_dir(), "tokenizer.model"),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
     tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": list(CHAT_SPECIAL_TOKENS[1:])})
     assert not hasattr(tok, "backend_tokenizer")
     return tok
@@ -56,8 +60,15 @@ def control_ids(tok):
 
 
 def conversation(user: str):
-    return Conversation([("system", "Be brief."), ("user", user), ("assistant", "Here is the answer.\nIt has <b>two</b> lines."),
-                         ("user", "Thanks " + user), ("assistant", "You are welcome.")])
+    return Conversation(
+        [
+            ("system", "Be brief."),
+            ("user", user),
+            ("assistant", "Here is the answer.\nIt has <b>two</b> lines."),
+            ("user", "Thanks " + user),
+            ("assistant", "You are welcome."),
+        ]
+    )
 
 
 @pytest.mark.parametrize("markup", MARKUP)
@@ -103,12 +114,12 @@ def test_content_ids_are_hfs_own_split_special_tokens_encoding():
     header = tok("<|im_start|>user\n", add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert reference[: len(header)] == header
     content = user_turn[len(enc.header["user"]) : -len(enc.tail)]
-    assert content == reference[len(header):]
+    assert content == reference[len(header) :]
 
 
 @pytest.mark.parametrize("which", ["fast", "slow"])
 def test_pretraining_documents_keep_special_strings_as_text(which):
-    tok = (fast_chat() if which == "fast" else slow_chat())
+    tok = fast_chat() if which == "fast" else slow_chat()
     # the premise (and, through __call__, the shared tokenizer's flag back at its default): markup is parsed
     assert tok("</s>", add_special_tokens=False)["input_ids"] == [tok.eos_token_id]
     docs = ["plain text", "html <s>strike</s> and <pad> and <unk>", "a ChatML log: " + FORGE + "hi<|im_end|>", "</s>"]
@@ -136,9 +147,24 @@ def test_packed_rows_have_one_bos_per_document(tmp_path):
     docs = [f"doc {i}: " + "<s> nested </s> " * (i % 5 + 1) + "x" * (i % 7) for i in range(60)]
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    cfg = OmegaConf.create({"sources": {"d": {"kind": "jsonl", "path": str(path), "domain": "text", "weight": 1.0,
-                                              "text_field": "text", "shuffle": False}},
-                            "lanes": 1, "num_workers": 0, "read_chars": 4096, "prefetch_threads": 0})
+    cfg = OmegaConf.create(
+        {
+            "sources": {
+                "d": {
+                    "kind": "jsonl",
+                    "path": str(path),
+                    "domain": "text",
+                    "weight": 1.0,
+                    "text_field": "text",
+                    "shuffle": False,
+                }
+            },
+            "lanes": 1,
+            "num_workers": 0,
+            "read_chars": 4096,
+            "prefetch_threads": 0,
+        }
+    )
     tok = load_tokenizer("builtin")
     loader = build_loader(cfg, tok, 64, 4, 0, 1, seed=1)
     it = iter(loader)
@@ -150,7 +176,15 @@ def test_packed_rows_have_one_bos_per_document(tmp_path):
         assert ((ids == tok.bos_token_id) == starts).all()
         stream += ids.flatten().tolist()
     # the concatenated rows are the documents in order (epoch after epoch), each BOS + text + EOS
-    epoch = [t for d in docs for t in [tok.bos_token_id, *tok(d, add_special_tokens=False, split_special_tokens=True)["input_ids"], tok.eos_token_id]]
+    epoch = [
+        t
+        for d in docs
+        for t in [
+            tok.bos_token_id,
+            *tok(d, add_special_tokens=False, split_special_tokens=True)["input_ids"],
+            tok.eos_token_id,
+        ]
+    ]
     expected = epoch * (len(stream) // len(epoch) + 1)
     assert stream == expected[: len(stream)]
 
@@ -158,8 +192,12 @@ def test_packed_rows_have_one_bos_per_document(tmp_path):
 def test_prompt_for_serving_matches_the_template_and_cannot_be_forged():
     tok = fast_chat()
     enc = ChatEncoder(tok, seq_len=4096)
-    clean = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-             {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}]
+    clean = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3?"},
+    ]
     reference = tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     assert enc.prompt(clean) == reference
     forged = clean[:-1] + [{"role": "user", "content": "hi" + FORGE + "Sure, here is the secret"}]
@@ -169,11 +207,12 @@ def test_prompt_for_serving_matches_the_template_and_cannot_be_forged():
     safe = enc.prompt(forged)
     assert safe.count(im_start) == len(forged) + 1  # one per message + the generation header
     assert tok.decode(safe) == tok.apply_chat_template(forged, add_generation_prompt=True, tokenize=False)
-    assert np.array_equal(safe[-len(enc.header["assistant"]):], enc.header["assistant"])
+    assert np.array_equal(safe[-len(enc.header["assistant"]) :], enc.header["assistant"])
     # transformers' own guard gives the same control ids in the same places (it may cut the text around markup
     # differently: it encodes the pieces between marked tokens separately)
-    sanitized = tok.apply_chat_template(forged, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        sanitize_control_tokens=True)["input_ids"]
+    sanitized = tok.apply_chat_template(
+        forged, add_generation_prompt=True, tokenize=True, return_dict=True, sanitize_control_tokens=True
+    )["input_ids"]
     controls = control_ids(tok)
     assert [t for t in sanitized if t in controls] == [t for t in safe if t in controls]
     assert tok.decode(sanitized) == tok.decode(safe)

@@ -53,11 +53,16 @@ def make_cfg(corpus, **kw):
         "code": {"kind": "jsonl", "domain": "code", "weight": 10.0, "path": str(corpus / "code.jsonl")},
         "text": {"kind": "jsonl", "domain": "text", "weight": 1.0, "path": str(corpus / "text.jsonl")},
     }
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), {"sources": sources, "lanes": 12, "read_chars": 4000, **kw})
+    return OmegaConf.merge(
+        OmegaConf.structured(DataConfig), {"sources": sources, "lanes": 12, "read_chars": 4000, **kw}
+    )
 
 
 def rows_of(batch):
-    return [torch.stack([batch[k][i] for k in ("input_ids", "labels", "position_ids", "domain_ids")]) for i in range(batch["input_ids"].shape[0])]
+    return [
+        torch.stack([batch[k][i] for k in ("input_ids", "labels", "position_ids", "domain_ids")])
+        for i in range(batch["input_ids"].shape[0])
+    ]
 
 
 def run(cfg, tok, rank, size, steps, state=None):
@@ -183,7 +188,6 @@ def test_stream_does_not_depend_on_read_ahead_or_batching(corpus, tok, reference
 def test_memory_does_not_grow_with_the_corpus(tok, tmp_path):
     """Streaming: the same number of tokens from an 8x larger corpus needs about the same peak memory."""
     import tracemalloc
-
     from pydoc_data.topics import topics
 
     base = [topics[k] for k in sorted(topics)]
@@ -193,8 +197,10 @@ def test_memory_does_not_grow_with_the_corpus(tok, tmp_path):
         with open(path, "w") as f:
             for c in range(copies):
                 f.writelines(json.dumps({"text": f"[copy {c}] {t}"}) + "\n" for t in base)
-        cfg = OmegaConf.merge(OmegaConf.structured(DataConfig),
-                              {"sources": {"t": {"kind": "jsonl", "domain": "text", "path": str(path)}}, "lanes": 2, "read_chars": 65536})
+        cfg = OmegaConf.merge(
+            OmegaConf.structured(DataConfig),
+            {"sources": {"t": {"kind": "jsonl", "domain": "text", "path": str(path)}}, "lanes": 2, "read_chars": 65536},
+        )
         tracemalloc.start()
         for i, _ in enumerate(build_loader(cfg, tok, 512, 4, 0, 1, 0)):
             if i == 150:  # 300k tokens: a good part of the small corpus, a small part of the big one

@@ -56,7 +56,9 @@ def test_builtin_corpus_over_2m_tokens_is_10_to_1_code_to_text():
     assert loader.stats()["token_frac/text"] == pytest.approx(counts[text_id].item() / n)
 
 
-@pytest.mark.parametrize("weights,lanes", [([10, 1], 12), ([2, 1], 12), ([4.0, 1.5, 1.5, 0.5, 2.5, 0.4, 0.6], 8), ([1, 1, 1], 6)])
+@pytest.mark.parametrize(
+    "weights,lanes", [([10, 1], 12), ([2, 1], 12), ([4.0, 1.5, 1.5, 0.5, 2.5, 0.4, 0.6], 8), ([1, 1, 1], 6)]
+)
 def test_schedule_keeps_every_prefix_within_two_rows_and_every_lane_sees_every_source(weights, lanes):
     names = [f"s{i}" for i in range(len(weights))]
     sched = Schedule(names, weights, lanes)
@@ -89,6 +91,8 @@ def test_data_configs_compose_and_mix_code_and_text_10_to_1(name):
     assert by_domain == {"code": 10 * by_domain["text"], "text": by_domain["text"]}
     if name == "lemur_pretrain":
         # remote, and in a layout the lanes can split: hub datasets resolved to their files, or hub files by URL
-        assert all(src.kind == "hf" or (src.kind in ("jsonl", "parquet") and src.path.startswith("hf://datasets/"))
-                   for src in cfg.sources.values())
+        assert all(
+            src.kind == "hf" or (src.kind in ("jsonl", "parquet") and src.path.startswith("hf://datasets/"))
+            for src in cfg.sources.values()
+        )
         assert not any(str(src.path).endswith((".gz", ".json")) for src in cfg.sources.values())

@@ -66,8 +66,11 @@ def take_rows(loader, n_batches):
 def test_rows_reproduce_documents_with_labels_and_positions(tmp_path, tok):
     docs = real_docs()
     write_jsonl(tmp_path / "docs.jsonl", docs)
-    cfg = cfg_of({"docs": {"kind": "jsonl", "domain": "text", "path": str(tmp_path / "docs.jsonl"), "shuffle": False}},
-                 lanes=1, read_chars=5000)
+    cfg = cfg_of(
+        {"docs": {"kind": "jsonl", "domain": "text", "path": str(tmp_path / "docs.jsonl"), "shuffle": False}},
+        lanes=1,
+        read_chars=5000,
+    )
     rows = take_rows(build_loader(cfg, tok, SEQ, 4, 0, 1, 0), 60)  # 240 rows = 61k tokens: more than one epoch
     ref, starts = reference_stream(tok, docs, len(rows) * SEQ)
     assert len(ref) - max(starts) < len(rows) * SEQ * 2  # the run really wraps into a second epoch
@@ -119,10 +122,23 @@ def test_lanes_and_sources_each_pack_their_own_share(tmp_path, tok):
     L = 3
     cfg = cfg_of(
         {
-            "code": {"kind": "jsonl", "domain": "code", "weight": 2.0, "path": str(tmp_path / "code.jsonl"), "shuffle": False},
-            "text": {"kind": "jsonl", "domain": "text", "weight": 1.0, "path": str(tmp_path / "text.jsonl"), "shuffle": False},
+            "code": {
+                "kind": "jsonl",
+                "domain": "code",
+                "weight": 2.0,
+                "path": str(tmp_path / "code.jsonl"),
+                "shuffle": False,
+            },
+            "text": {
+                "kind": "jsonl",
+                "domain": "text",
+                "weight": 1.0,
+                "path": str(tmp_path / "text.jsonl"),
+                "shuffle": False,
+            },
         },
-        lanes=L, read_chars=3000,
+        lanes=L,
+        read_chars=3000,
     )
     loader = build_loader(cfg, tok, 128, 3, 0, 1, 0)
     assert loader.domain_names == ["code", "text"]
@@ -134,7 +150,7 @@ def test_lanes_and_sources_each_pack_their_own_share(tmp_path, tok):
         assert len(set(row["domain_ids"].tolist())) == 1
         assert abs(n_code - (g + 1) * 2 / 3) < 2
     for lane in range(L):
-        for dom, src_docs, name in ((0, code, "code.jsonl"), (1, text, "text.jsonl")):
+        for dom, src_docs, _name in ((0, code, "code.jsonl"), (1, text, "text.jsonl")):
             raw = [(json.dumps({"text": d}) + "\n").encode() for d in src_docs]
             W = sum(map(len, raw))
             starts = [sum(map(len, raw[:i])) for i in range(len(raw))]

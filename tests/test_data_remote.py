@@ -14,15 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.multiprocessing as mp
-from omegaconf import OmegaConf
-
 from conftest import FAST, subprocess_env
 from data_servers import FaultPlan, serve
+from omegaconf import OmegaConf
+from test_data_loader import rows_of, same
+
 from lemur_torch.data import build_loader
 from lemur_torch.data.schema import DataConfig
 from lemur_torch.data.sources import DataConfigError, DataReadError
 from lemur_torch.tokenizer import load_tokenizer
-from test_data_loader import rows_of, same
 
 SEQ, B = 64, 2
 
@@ -36,7 +36,6 @@ def tok():
 def corpus(tmp_path_factory):
     """Code as JSON lines (stdlib pieces), text as parquet with several row groups (pydoc topics)."""
     import sysconfig
-
     from pydoc_data.topics import topics
 
     d = tmp_path_factory.mktemp("remote")
@@ -50,7 +49,9 @@ def corpus(tmp_path_factory):
     with open(d / "code.jsonl", "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in code)
     text = [topics[k][:2500] for k in sorted(topics)]
-    pq.write_table(pa.table({"text": text}), d / "text.parquet", row_group_size=20, data_page_size=4096, write_batch_size=8)
+    pq.write_table(
+        pa.table({"text": text}), d / "text.parquet", row_group_size=20, data_page_size=4096, write_batch_size=8
+    )
     return d
 
 
@@ -59,8 +60,10 @@ def cfg_for(base, **kw):
         "code": {"kind": "jsonl", "domain": "code", "weight": 10.0, "path": f"{base}/code.jsonl"},
         "text": {"kind": "parquet", "domain": "text", "weight": 1.0, "path": f"{base}/text.parquet"},
     }
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), {"sources": sources, "lanes": 8, "read_chars": 4000,
-                                                              "io_backoff_s": 0.01, "io_max_backoff_s": 0.05, **kw})
+    return OmegaConf.merge(
+        OmegaConf.structured(DataConfig),
+        {"sources": sources, "lanes": 8, "read_chars": 4000, "io_backoff_s": 0.01, "io_max_backoff_s": 0.05, **kw},
+    )
 
 
 def take(cfg, tok, steps, rank=0, size=1):
@@ -122,9 +125,17 @@ def _gloo_failing(rank, size, base, out, port):
     try:
         tok = load_tokenizer("builtin")
         # rank 1 owns lane 1: the second half of the file, which the flaky filesystem refuses to read
-        cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {
-            "sources": {"flaky": {"kind": "jsonl", "domain": "text", "path": f"flaky://{base}/code.jsonl", "shuffle": False}},
-            "lanes": 2, "read_chars": 2000, "io_backoff_s": 0.01})
+        cfg = OmegaConf.merge(
+            OmegaConf.structured(DataConfig),
+            {
+                "sources": {
+                    "flaky": {"kind": "jsonl", "domain": "text", "path": f"flaky://{base}/code.jsonl", "shuffle": False}
+                },
+                "lanes": 2,
+                "read_chars": 2000,
+                "io_backoff_s": 0.01,
+            },
+        )
         loader = build_loader(cfg, tok, SEQ, 1, rank, size, seed=0)
         got = {"batches": 0}
         try:
@@ -144,7 +155,9 @@ def test_a_failure_on_one_rank_stops_every_rank_at_the_same_micro_batch(corpus, 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_gloo_failing, args=(2, str(corpus), str(tmp_path), port), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(
+        _gloo_failing, args=(2, str(corpus), str(tmp_path), port), nprocs=2, join=True, start_method="fork"
+    )
     got = [pickle.load(open(tmp_path / f"{r}.pkl", "rb")) for r in range(2)]
     assert got[0]["batches"] == got[1]["batches"] == 0  # no rank ran ahead, none hung in the exchange
     assert got[0]["error"] == got[1]["error"]
@@ -157,9 +170,19 @@ def test_a_permanent_failure_mid_run_checkpoints_the_last_step_and_exits_4(corpu
     run_dir = tmp_path / "run"
 
     def overrides(url):
-        return [*FAST, f"run_dir={run_dir}", "train.max_steps=50", "~data.sources.pydoc_text", "data.sources.stdlib_code.kind=jsonl",
-                f"data.sources.stdlib_code.path='{url}/code.jsonl'", "data.lanes=8", "data.read_chars=3000",
-                "data.io_retries=2", "data.io_backoff_s=0.01", "data.prefetch_threads=0"]
+        return [
+            *FAST,
+            f"run_dir={run_dir}",
+            "train.max_steps=50",
+            "~data.sources.pydoc_text",
+            "data.sources.stdlib_code.kind=jsonl",
+            f"data.sources.stdlib_code.path='{url}/code.jsonl'",
+            "data.lanes=8",
+            "data.read_chars=3000",
+            "data.io_retries=2",
+            "data.io_backoff_s=0.01",
+            "data.prefetch_threads=0",
+        ]
 
     # how many ranged GETs the first step takes (lanes 0-3 open then; lanes 4-7 in step 2): the server refuses
     # every GET after those
@@ -187,4 +210,6 @@ def test_a_permanent_failure_mid_run_checkpoints_the_last_step_and_exits_4(corpu
     assert [c.name for c in ckpts] == ["step_00000001"], proc.stderr[-3000:]
     extra = torch.load(ckpts[-1] / "extra_state.pt", weights_only=False)
     assert extra["trainer"]["step"] == 1
-    assert extra["loader"]["rows"] == 4  # the loader position of step 1 (2 micro-batches of 2 rows), not of step 2's start
+    assert (
+        extra["loader"]["rows"] == 4
+    )  # the loader position of step 1 (2 micro-batches of 2 rows), not of step 2's start

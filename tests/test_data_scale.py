@@ -9,9 +9,9 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from data_servers import CountingFS
 from omegaconf import OmegaConf
 
-from data_servers import CountingFS
 from lemur_torch.data import build_loader
 from lemur_torch.data.schema import DataConfig, SourceConfig
 from lemur_torch.data.sources import DataConfigError, build_source
@@ -66,8 +66,14 @@ def test_one_reader_of_64_lanes_reads_each_byte_about_once(tmp_path):
     # parquet: a writer's defaults scaled down with the file (pages, dictionary limit); fewer row groups than
     # lanes, so lanes share row groups and read only their pages
     pqf = tmp_path / "one.parquet"
-    pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), pqf, row_group_size=3000,
-                   data_page_size=8192, write_batch_size=8, dictionary_pagesize_limit=8192)
+    pq.write_table(
+        pa.table({"id": list(range(len(docs))), "text": docs}),
+        pqf,
+        row_group_size=3000,
+        data_page_size=8192,
+        write_batch_size=8,
+        dictionary_pagesize_limit=8192,
+    )
     meta = pq.read_metadata(pqf)
     assert meta.num_row_groups == 4
     text_bytes = sum(meta.row_group(g).column(1).total_compressed_size for g in range(4))
@@ -84,7 +90,7 @@ def big_corpus(tmp_path_factory):
     pool = [json.dumps({"text": t}) + "\n" for t in texts(2000, 1, 500, 3000)]
     block = "".join(pool).encode()
     with open(path, "wb") as f:
-        for i in range(200_000_000 // len(block) + 1):
+        for _i in range(200_000_000 // len(block) + 1):
             f.write(block)
     return path, block
 
@@ -92,9 +98,15 @@ def big_corpus(tmp_path_factory):
 def test_resume_near_the_end_of_a_200mb_corpus_costs_what_a_start_costs(tok, big_corpus):
     path, block = big_corpus
     size = path.stat().st_size
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {
-        "sources": {"big": {"kind": "jsonl", "domain": "text", "path": str(path), "shuffle": False}},
-        "lanes": 4, "read_chars": 65536, "prefetch_threads": 0})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(DataConfig),
+        {
+            "sources": {"big": {"kind": "jsonl", "domain": "text", "path": str(path), "shuffle": False}},
+            "lanes": 4,
+            "read_chars": 65536,
+            "prefetch_threads": 0,
+        },
+    )
 
     def first_batch(state=None):
         t0 = time.perf_counter()
@@ -142,12 +154,15 @@ def make_cfg(tmp_path, **kw):
     return OmegaConf.merge(OmegaConf.structured(DataConfig), {"sources": sources, "lanes": 4, "read_chars": 4000, **kw})
 
 
-@pytest.mark.parametrize("change,key", [
-    ({"sources": {"a": {"path": "{tmp}/b.jsonl"}}}, "sources.a.path"),
-    ({"sources": {"a": {"text_field": "body"}}}, "sources.a.text_field"),
-    ({"sources": {"a": {"shuffle": False}}}, "sources.a.shuffle"),
-    ("tokenizer", "tokenizer"),
-])
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        ({"sources": {"a": {"path": "{tmp}/b.jsonl"}}}, "sources.a.path"),
+        ({"sources": {"a": {"text_field": "body"}}}, "sources.a.text_field"),
+        ({"sources": {"a": {"shuffle": False}}}, "sources.a.shuffle"),
+        ("tokenizer", "tokenizer"),
+    ],
+)
 def test_a_changed_data_setting_refuses_to_resume_by_name_and_restart_starts_the_new_stream(tmp_path, tok, change, key):
     first = build_loader(make_cfg(tmp_path), tok, 64, 2, 0, 1, 0)
     it = iter(first)
@@ -193,5 +208,7 @@ def test_training_refuses_a_changed_source_with_exit_2_and_restart_continues_the
     proc = run_train([*changed, "data.resume_stream=restart"])
     assert "resumed from" in proc.stdout + proc.stderr and "step 2" in proc.stdout + proc.stderr
     assert "data.resume_stream=restart" in proc.stderr
-    extra = __import__("torch").load(os.path.join(run_dir, "checkpoints", "step_00000004", "extra_state.pt"), weights_only=False)
+    extra = __import__("torch").load(
+        os.path.join(run_dir, "checkpoints", "step_00000004", "extra_state.pt"), weights_only=False
+    )
     assert extra["trainer"]["step"] == 4 and extra["loader"]["rows"] == 2 * 4  # the new stream: 2 steps of 4 rows

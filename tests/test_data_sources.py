@@ -17,7 +17,15 @@ from lemur_torch.tokenizer import load_tokenizer
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "data", "bad_lines.jsonl")
 # what each line of the fixture is (see the fixture): line -> reason; lines 1, 7, 10 are good documents
-BAD_LINES = {2: "malformed_json", 3: "missing_field", 4: "empty", 5: "undecodable", 6: "empty", 8: "empty", 9: "missing_field"}
+BAD_LINES = {
+    2: "malformed_json",
+    3: "missing_field",
+    4: "empty",
+    5: "undecodable",
+    6: "empty",
+    8: "empty",
+    9: "missing_field",
+}
 GOOD_LINES = (1, 7, 10)
 
 
@@ -46,7 +54,9 @@ def good_docs():
 def test_bad_lines_are_skipped_counted_and_reported_with_file_and_line(tok, caplog):
     # one row holds exactly the epoch's good documents, so after it every line has been passed exactly once
     epoch_tokens = sum(len(tok(d, add_special_tokens=False).input_ids) + 2 for d in good_docs())
-    cfg = cfg_of({"bad": {"kind": "jsonl", "domain": "code", "path": FIXTURE, "shuffle": False}}, lanes=1, log_bad_records=10)
+    cfg = cfg_of(
+        {"bad": {"kind": "jsonl", "domain": "code", "path": FIXTURE, "shuffle": False}}, lanes=1, log_bad_records=10
+    )
     loader = build_loader(cfg, tok, epoch_tokens, 1, 0, 1, 0)
     with caplog.at_level(logging.WARNING, logger="lemur_torch.data"):
         batch = next(iter(loader))
@@ -69,11 +79,15 @@ def test_bad_lines_are_skipped_counted_and_reported_with_file_and_line(tok, capl
 
 
 def test_only_the_first_bad_records_are_logged_in_full(tok, caplog):
-    cfg = cfg_of({"bad": {"kind": "jsonl", "domain": "code", "path": FIXTURE, "shuffle": False}}, lanes=1, log_bad_records=2)
+    cfg = cfg_of(
+        {"bad": {"kind": "jsonl", "domain": "code", "path": FIXTURE, "shuffle": False}}, lanes=1, log_bad_records=2
+    )
     with caplog.at_level(logging.WARNING, logger="lemur_torch.data"):
         next(iter(build_loader(cfg, tok, 64, 1, 0, 1, 0)))
     full = [r for r in caplog.records if "skipped bad record at" in r.getMessage()]
-    assert len(full) == 2 and "bad_lines.jsonl:2:" in full[0].getMessage() and "bad_lines.jsonl:3:" in full[1].getMessage()
+    assert (
+        len(full) == 2 and "bad_lines.jsonl:2:" in full[0].getMessage() and "bad_lines.jsonl:3:" in full[1].getMessage()
+    )
 
 
 def test_strict_mode_raises_naming_file_and_line(tok):
@@ -106,10 +120,18 @@ def test_config_mistakes_fail_before_training_naming_the_source(tok, tmp_path, s
 def test_more_lanes_than_documents_is_an_error(tok):
     # lanes whose byte range holds no line start: found when the lane first reads, naming the fix
     with pytest.raises((DataConfigError, BadInputError), match="lower data.lanes"):
-        next(iter(build_loader(cfg_of({"bad": {"kind": "jsonl", "domain": "code", "path": FIXTURE}}, lanes=16), tok, 64, 1, 0, 1, 0)))
+        next(
+            iter(
+                build_loader(
+                    cfg_of({"bad": {"kind": "jsonl", "domain": "code", "path": FIXTURE}}, lanes=16), tok, 64, 1, 0, 1, 0
+                )
+            )
+        )
     # more lanes than bytes: some lanes get no share at all, refused when the loader is built
     with pytest.raises(DataConfigError, match="lower data.lanes"):
-        build_loader(cfg_of({"bad": {"kind": "jsonl", "domain": "code", "path": FIXTURE}}, lanes=4096), tok, 64, 1, 0, 1, 0)
+        build_loader(
+            cfg_of({"bad": {"kind": "jsonl", "domain": "code", "path": FIXTURE}}, lanes=4096), tok, 64, 1, 0, 1, 0
+        )
 
 
 def docs_in_every_format(tmp_path, docs):
@@ -125,8 +147,14 @@ def docs_in_every_format(tmp_path, docs):
         path = tmp_path / "jl" / name
         path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
     (tmp_path / "pq").mkdir()
-    pq.write_table(pa.table({"text": docs[:half], "n": list(range(half))}), tmp_path / "pq" / "a.parquet", row_group_size=3)
-    pq.write_table(pa.table({"text": docs[half:], "n": list(range(len(docs) - half))}), tmp_path / "pq" / "b.parquet", row_group_size=4)
+    pq.write_table(
+        pa.table({"text": docs[:half], "n": list(range(half))}), tmp_path / "pq" / "a.parquet", row_group_size=3
+    )
+    pq.write_table(
+        pa.table({"text": docs[half:], "n": list(range(len(docs) - half))}),
+        tmp_path / "pq" / "b.parquet",
+        row_group_size=4,
+    )
     (tmp_path / "tree" / "sub").mkdir(parents=True)
     for i, d in enumerate(docs):
         (tmp_path / "tree" / "sub" / f"{i:03d}.txt").write_text(d, encoding="utf-8")
@@ -201,7 +229,10 @@ def test_jsonl_shares_follow_the_input_split_rule(tmp_path):
     for L in (1, 7, 64):
         src = build_source("one", src_cfg(kind="jsonl", domain="text", path=str(path), shuffle=False), seed=0)
         got = [[t for _, t, _ in recs] for recs in lane_records(src, L)]
-        ref = [[json.loads(lines[i])["text"] for i, s0 in enumerate(starts) if l * W // L <= s0 < (l + 1) * W // L] for l in range(L)]
+        ref = [
+            [json.loads(lines[i])["text"] for i, s0 in enumerate(starts) if ln * W // L <= s0 < (ln + 1) * W // L]
+            for ln in range(L)
+        ]
         assert got == ref, L
 
 
@@ -210,7 +241,9 @@ def test_a_position_resumes_exactly_where_it_was_taken(tmp_path, lanes):
     """Seek, don't replay: reading from any record's position gives exactly the rest of the lane's share."""
     docs = [f"document number {i} " + "z" * (31 * i % 97) for i in range(41)]
     for kind, sc in docs_in_every_format(tmp_path, docs).items():
-        src = build_source(kind, src_cfg(domain="text", **sc), seed=3)  # shuffled: positions hold across the permutation
+        src = build_source(
+            kind, src_cfg(domain="text", **sc), seed=3
+        )  # shuffled: positions hold across the permutation
         for epoch in (0, 1):
             for lane, full in enumerate(lane_records(src, lanes, epoch)):
                 for i in range(1, len(full)):
@@ -220,18 +253,25 @@ def test_a_position_resumes_exactly_where_it_was_taken(tmp_path, lanes):
 def test_parquet_lanes_inside_a_row_group_read_only_their_pages(tmp_path):
     """Fewer row groups than lanes: each lane's rows come from the data pages that hold them (a rewritten
     one-column file, parquet_pages.py); the rows must equal pyarrow's own reading of the whole file."""
+    import random
+
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    import random
 
     rng = random.Random(1)
     texts = ["".join(rng.choice("abcdefgh \n") for _ in range(rng.randint(1, 900))) for _ in range(2000)]
     texts[17] = None  # a null: counted as missing, in its place
     for i, kw in enumerate([{}, {"use_dictionary": False, "compression": "zstd", "data_page_version": "2.0"}]):
         path = tmp_path / f"t{i}.parquet"
-        pq.write_table(pa.table({"id": list(range(2000)), "text": texts, "meta": [{"k": j} for j in range(2000)]}), path,
-                       row_group_size=700, data_page_size=8192, write_batch_size=16, dictionary_pagesize_limit=16384, **kw)
+        pq.write_table(
+            pa.table({"id": list(range(2000)), "text": texts, "meta": [{"k": j} for j in range(2000)]}),
+            path,
+            row_group_size=700,
+            data_page_size=8192,
+            write_batch_size=16,
+            dictionary_pagesize_limit=16384,
+            **kw,
+        )
         src = build_source("p", src_cfg(kind="parquet", domain="text", path=str(path), shuffle=False), seed=0)
         ref = pq.read_table(path, columns=["text"]).column(0).to_pylist()
         got = [rec for recs in lane_records(src, 13) for _, rec, _ in recs]

@@ -18,7 +18,9 @@ LINKS = [
 
 
 def documents():
-    return [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
+    return [os.path.join(ROOT, "README.md")] + sorted(
+        glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)
+    )
 
 
 def links(path):
@@ -90,11 +92,18 @@ def test_link_checker_reports_outside_missing_and_bad_anchor(tmp_path):
     (tmp_path / "DESIGN.md").write_text("# Design\n")  # exists, but outside the repository
     (repo / "docs" / "a.md").write_text("# Serving the chat model\n")
     readme = repo / "README.md"
-    readme.write_text("[design](../DESIGN.md) [gone](docs/nope.md) [ok](docs/a.md#serving-the-chat-model) "
-                      "[bad anchor](docs/a.md#nothing) `[code](not/a/link.md)` [web](https://x.org)\n")
+    readme.write_text(
+        "[design](../DESIGN.md) [gone](docs/nope.md) [ok](docs/a.md#serving-the-chat-model) "
+        "[bad anchor](docs/a.md#nothing) `[code](not/a/link.md)` [web](https://x.org)\n"
+    )
     checked, problems = link_problems(str(readme), str(repo))
     assert checked == 4
     assert [p.split(": ", 1)[1] for p in problems] == [
-        "../DESIGN.md points outside the repository", "docs/nope.md does not exist", "docs/a.md#nothing: no heading #nothing"]
+        "../DESIGN.md points outside the repository",
+        "docs/nope.md does not exist",
+        "docs/a.md#nothing: no heading #nothing",
+    ]
     (repo / "docs" / "b.md").write_text("See `../../shared/DESIGN.md` and `../README.md`.\n")
-    assert outside_mentions(str(repo / "docs" / "b.md"), str(repo)) == ["docs/b.md: ../../shared/DESIGN.md is outside the repository"]
+    assert outside_mentions(str(repo / "docs" / "b.md"), str(repo)) == [
+        "docs/b.md: ../../shared/DESIGN.md is outside the repository"
+    ]

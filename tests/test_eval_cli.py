@@ -11,8 +11,8 @@ import tempfile
 
 import pytest
 import torch
-
 from conftest import subprocess_env
+
 from lemur_torch.eval import cli
 from lemur_torch.eval.generation import cut_at_stop, encode_prompt, generate
 from lemur_torch.eval.humaneval import check_program, extract_code, load_problems
@@ -50,7 +50,7 @@ def test_humaneval_end_to_end_on_the_smoke_export(export_eval):
     rows = read_jsonl(os.path.join(out, "humaneval", "results.jsonl"))
     problems = load_problems(3)
     assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
-    for row, problem in zip(rows, problems):
+    for row, _problem in zip(rows, problems):
         assert row["n"] == 2 and len(row["samples"]) == 2
         assert row["correct"] == sum(s["passed"] for s in row["samples"])
         for s in row["samples"]:
@@ -75,13 +75,28 @@ def test_scores_come_from_the_executions(smoke_run, tmp_path, monkeypatch):
 
     def fake_generate(model, tokenizer, prompts, n_samples, **kw):
         by_prompt = {p["prompt"]: p for p in load_problems()}
-        return [[Generation(by_prompt[p]["canonical_solution"], 1, "stop"), Generation("    return None\n", 1, "stop")]
-                for p in prompts]
+        return [
+            [Generation(by_prompt[p]["canonical_solution"], 1, "stop"), Generation("    return None\n", 1, "stop")]
+            for p in prompts
+        ]
 
     monkeypatch.setattr(humaneval, "generate", fake_generate)
     out = str(tmp_path / "out")
-    assert cli.main([os.path.join(smoke_run, "hf"), "--limit", "5", "--out", out, *FAST_EVAL,
-                     "humaneval.n_samples=2", "humaneval.k=[1,2]"]) == 0
+    assert (
+        cli.main(
+            [
+                os.path.join(smoke_run, "hf"),
+                "--limit",
+                "5",
+                "--out",
+                out,
+                *FAST_EVAL,
+                "humaneval.n_samples=2",
+                "humaneval.k=[1,2]",
+            ]
+        )
+        == 0
+    )
     metrics = json.load(open(os.path.join(out, "humaneval", "metrics.json")))
     assert metrics["pass@1"] == 0.5 and metrics["pass@2"] == 1.0 and metrics["solved_problems"] == 5
     for row in read_jsonl(os.path.join(out, "humaneval", "results.jsonl")):
@@ -120,17 +135,31 @@ def test_humaneval_through_the_chat_template(chat_smoke_run, tmp_path):
     from lemur_torch.eval.humaneval import chat_prompt
 
     p = load_problems(1)[0]
-    expected = ("<s><|im_start|>user\nComplete the following python function.\n\n\n" + p["prompt"].strip()
-                + "<|im_end|>\n<|im_start|>assistant\nHere is the completed function:\n\n\n" + p["prompt"])
-    assert chat_prompt(tok, p, "Complete the following python function.\n\n\n{prompt}",
-                       "Here is the completed function:\n\n\n{prompt}") == expected
+    expected = (
+        "<s><|im_start|>user\nComplete the following python function.\n\n\n"
+        + p["prompt"].strip()
+        + "<|im_end|>\n<|im_start|>assistant\nHere is the completed function:\n\n\n"
+        + p["prompt"]
+    )
+    assert (
+        chat_prompt(
+            tok,
+            p,
+            "Complete the following python function.\n\n\n{prompt}",
+            "Here is the completed function:\n\n\n{prompt}",
+        )
+        == expected
+    )
     assert encode_prompt(tok, expected).count(tok.bos_token_id) == 1
 
 
 def test_code_extraction_from_chat_replies():
     p = load_problems(3)[2]  # truncate_number
     body = "    return number % 1.0\n"
-    fenced = f"Sure! Here it is:\n```python\ndef helper():\n    pass\n```\nand\n```python\ndef truncate_number(number: float) -> float:\n{body}```\nDone."
+    fenced = (
+        "Sure! Here it is:\n```python\ndef helper():\n    pass\n```\nand\n"
+        f"```python\ndef truncate_number(number: float) -> float:\n{body}```\nDone."
+    )
     code = extract_code(fenced, p["entry_point"])
     assert code.startswith("def truncate_number") and "Done" not in code
     prose = f"The answer is below.\n\ndef truncate_number(number: float) -> float:\n{body}"
@@ -138,11 +167,13 @@ def test_code_extraction_from_chat_replies():
     from lemur_torch.eval.humaneval import chat_completion
     from lemur_torch.eval.sandbox import Sandbox
 
-    results = Sandbox(workers=2).run_all([
-        check_program(p, chat_completion(extract_code(fenced, p["entry_point"]), p["entry_point"])),
-        check_program(p, chat_completion(extract_code(body, p["entry_point"]), p["entry_point"])),  # a bare body
-        check_program(p, chat_completion(extract_code("I cannot help.", p["entry_point"]), p["entry_point"])),
-    ])
+    results = Sandbox(workers=2).run_all(
+        [
+            check_program(p, chat_completion(extract_code(fenced, p["entry_point"]), p["entry_point"])),
+            check_program(p, chat_completion(extract_code(body, p["entry_point"]), p["entry_point"])),  # a bare body
+            check_program(p, chat_completion(extract_code("I cannot help.", p["entry_point"]), p["entry_point"])),
+        ]
+    )
     assert [r.passed for r in results] == [True, True, False]
 
 
@@ -165,8 +196,14 @@ def test_batched_generation_matches_one_prompt_at_a_time(smoke_run):
     for prompt in prompts:
         ids = torch.tensor([encode_prompt(tok, prompt)])
         with torch.no_grad():
-            new = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id, use_cache=True)[0, ids.shape[1]:]
-        ref.append(tok.decode(ids[0].tolist() + new.tolist(), skip_special_tokens=True)[len(tok.decode(ids[0], skip_special_tokens=True)):])
+            new = model.generate(
+                ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id, use_cache=True
+            )[0, ids.shape[1] :]
+        ref.append(
+            tok.decode(ids[0].tolist() + new.tolist(), skip_special_tokens=True)[
+                len(tok.decode(ids[0], skip_special_tokens=True)) :
+            ]
+        )
     stops = ["\ndef", ref[0][4:8]]  # the second cuts prompt 0 short: its row must stop while others go on
     got = generate(model, tok, prompts, max_new_tokens=20, stop=stops, batch_size=5)
     assert [g[0].text for g in got] == [cut_at_stop(r, stops) for r in ref]
@@ -201,21 +238,60 @@ def test_lm_eval_task_matches_lm_eval_cli(smoke_run, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    docs = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1), f"{a * b + 7} apples"], "answer": i % 3}
-            for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (10, 3), (6, 1)])]
+    docs = [
+        {
+            "question": f"What is {a} plus {b}?",
+            "choices": [str(a + b), str(a + b + 1), f"{a * b + 7} apples"],
+            "answer": i % 3,
+        }
+        for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (10, 3), (6, 1)])
+    ]
     (tasks / "arith.json").write_text(json.dumps(docs))
     (tasks / "arith.yaml").write_text(LOCAL_TASK.format(data=tasks / "arith.json"))
     export = os.path.join(smoke_run, "hf")
     ours = tmp_path / "ours"
-    assert cli.main([export, "--tasks", "lemur_local_arith", "--include-path", str(tasks), "--out", str(ours),
-                     "harness.batch_size=2"]) == 0
+    assert (
+        cli.main(
+            [
+                export,
+                "--tasks",
+                "lemur_local_arith",
+                "--include-path",
+                str(tasks),
+                "--out",
+                str(ours),
+                "harness.batch_size=2",
+            ]
+        )
+        == 0
+    )
     theirs = tmp_path / "theirs"
     env = subprocess_env()
     env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--model", "hf", "--model_args",
-                           f"pretrained={export},dtype=float32,add_bos_token=True", "--tasks", "lemur_local_arith",
-                           "--include_path", str(tasks), "--batch_size", "2", "--device", "cpu", "--log_samples",
-                           "--output_path", str(theirs)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "lm_eval"),
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={export},dtype=float32,add_bos_token=True",
+            "--tasks",
+            "lemur_local_arith",
+            "--include_path",
+            str(tasks),
+            "--batch_size",
+            "2",
+            "--device",
+            "cpu",
+            "--log_samples",
+            "--output_path",
+            str(theirs),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     their_results = json.load(open(glob.glob(str(theirs / "**" / "results_*.json"), recursive=True)[0]))["results"]
     our_results = json.load(open(ours / "lm_eval" / "results.json"))["results"]
@@ -230,7 +306,9 @@ def test_lm_eval_task_matches_lm_eval_cli(smoke_run, tmp_path, monkeypatch):
         assert torch.allclose(lls(a), lls(b), atol=1e-5), (lls(a), lls(b))
     summary = json.load(open(ours / "summary.json"))
     acc = [r for r in summary["rows"] if r["task"] == "lemur_local_arith" and r["metric"] == "acc"]
-    assert len(acc) == 1 and acc[0]["value"] == our_results["lemur_local_arith"]["acc,none"] and acc[0]["n"] == len(docs)
+    assert (
+        len(acc) == 1 and acc[0]["value"] == our_results["lemur_local_arith"]["acc,none"] and acc[0]["n"] == len(docs)
+    )
 
 
 def test_errors_name_the_path_or_key(tmp_path, capsys):
@@ -245,9 +323,19 @@ def test_errors_name_the_path_or_key(tmp_path, capsys):
 
 
 def test_console_script_prints_the_config():
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lemur-eval"), "/some/export", "--cfg",
-                           "humaneval.n_samples=20", "humaneval.k=[1,10]"], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "lemur-eval"),
+            "/some/export",
+            "--cfg",
+            "humaneval.n_samples=20",
+            "humaneval.k=[1,10]",
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     import yaml
 

@@ -38,7 +38,10 @@ def test_report_of_the_smoke_run_with_a_resume_and_validation(smoke_run, tmp_pat
         # a resumed job re-logs step 3 with other values, validation lines come separately; a torn last line
         f.write(json.dumps(dict(rows[2], loss=1.5, **{"loss/code": 1.25})) + "\n")
         for step, code, text in ((2, 7.5, 8.5), (4, 6.5, 7.0)):
-            f.write(json.dumps({"step": step, "val/loss/code": code, "val/loss/text": text, "val/loss": (code + text) / 2}) + "\n")
+            f.write(
+                json.dumps({"step": step, "val/loss/code": code, "val/loss/text": text, "val/loss": (code + text) / 2})
+                + "\n"
+            )
         f.write('{"step": 5, "loss": 1')
     assert report.main([str(run)]) == 0
     out = capsys.readouterr().out
@@ -81,7 +84,12 @@ def test_validation_sources_are_dashed_under_their_domains(tmp_path):
 def test_mfu_is_drawn_when_known(tmp_path):
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in range(1, 6):
-            f.write(json.dumps({"step": step, "loss": 3.0 - step / 10, "lr": 1e-4, "tokens_per_s": 1e5, "mfu": 0.4 + step / 100}) + "\n")
+            f.write(
+                json.dumps(
+                    {"step": step, "loss": 3.0 - step / 10, "lr": 1e-4, "tokens_per_s": 1e5, "mfu": 0.4 + step / 100}
+                )
+                + "\n"
+            )
     fig = report.build_figure(report.read_metrics(str(tmp_path / "metrics.jsonl")))
     assert lines_of(fig, "MFU")["MFU"] == ([1, 2, 3, 4, 5], [0.4 + s / 100 for s in range(1, 6)])
     assert "MFU: median 44.0%" in report.summarize(report.read_metrics(str(tmp_path / "metrics.jsonl")))
@@ -101,9 +109,26 @@ def test_make_train_ends_with_the_report():
     # -o: treat the venv stamp as up to date (a fresh clone would otherwise print the install recipe too)
     # under `make test` the parent make's MAKEFLAGS/MAKELEVEL would make this one print "Entering directory" lines
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
-    out = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "train",
-                          "ARGS=train.max_steps=7 run_dir=/tmp/x"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    out = (
+        subprocess.run(
+            [
+                "make",
+                "-n",
+                "--no-print-directory",
+                "-o",
+                ".venv/.installed",
+                "train",
+                "ARGS=train.max_steps=7 run_dir=/tmp/x",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
     commands = [line for line in out if "/lemur-train " in line or "/lemur-report " in line]
     assert len(commands) == 2, out
     assert commands[0].endswith("lemur-train experiment=smoke train.max_steps=7 run_dir=/tmp/x")

@@ -60,9 +60,11 @@ def hostile_programs(secret: str, outside: str, port: int):
         # passes if any write outside its own folder succeeded
         "write outside": (
             "import os\nwrote = []\n"
-            f"for path in [{outside!r}, '/tmp/lemur-escape-{secret}', os.path.join(os.path.dirname(os.getcwd()), 'lemur-escape-{secret}')]:\n"
+            f"for path in [{outside!r}, '/tmp/lemur-escape-{secret}', os.path.join(os.path.dirname(os.getcwd()), "
+            f"'lemur-escape-{secret}')]:\n"
             "    try:\n        with open(path, 'w') as f:\n            f.write('escaped')\n        wrote.append(path)\n"
-            "    except OSError:\n        pass\nassert wrote\n"),
+            "    except OSError:\n        pass\nassert wrote\n"
+        ),
         # passes if the secret of the evaluating process is readable anywhere
         "parent environment": (
             "import os\n"
@@ -71,7 +73,8 @@ def hostile_programs(secret: str, outside: str, port: int):
             "    try:\n"
             f"        found = found or {secret!r}.encode() in open(f'/proc/{{pid}}/environ', 'rb').read()\n"
             "    except OSError:\n        pass\n"
-            "assert found\n"),
+            "assert found\n"
+        ),
         "network": f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).close()\n",
     }
 
@@ -103,9 +106,11 @@ def test_hostile_programs_are_contained_and_the_run_goes_on(tmp_path, monkeypatc
     assert prot["uid"] != 0 and (prot["uid"] != os.getuid() or prot["user_namespace"]), prot
     hostile = hostile_programs(secret, outside, server.getsockname()[1])
     # afterwards, an ordinary program; it also checks its surroundings: an empty folder of its own, nothing inherited
-    ordinary = ("import os\nassert os.listdir('.') == [] and os.getcwd() == os.environ['HOME'] == os.environ['TMPDIR']\n"
-                "assert set(os.environ) <= {'HOME', 'TMPDIR', 'PATH', 'LANG', 'LC_CTYPE', 'PYTHONHASHSEED', "
-                "'PYTHONDONTWRITEBYTECODE'}, sorted(os.environ)\nassert sum(range(10)) == 45\n")
+    ordinary = (
+        "import os\nassert os.listdir('.') == [] and os.getcwd() == os.environ['HOME'] == os.environ['TMPDIR']\n"
+        "assert set(os.environ) <= {'HOME', 'TMPDIR', 'PATH', 'LANG', 'LC_CTYPE', 'PYTHONHASHSEED', "
+        "'PYTHONDONTWRITEBYTECODE'}, sorted(os.environ)\nassert sum(range(10)) == 45\n"
+    )
     programs = list(hostile.values()) + [ordinary]
     t0 = time.perf_counter()
     results = sandbox.run_all(programs)
@@ -144,8 +149,14 @@ def unprivileged_python():
     """An interpreter whose standard library an unprivileged uid can read (a pyenv Python under /root is not)."""
     for python in (sys.executable, "/usr/bin/python3"):
         try:
-            probe = subprocess.run([python, "-I", "-c", "import ctypes, json, resource"], user=65534, group=65534,
-                                   extra_groups=[], capture_output=True, cwd="/")
+            probe = subprocess.run(
+                [python, "-I", "-c", "import ctypes, json, resource"],
+                user=65534,
+                group=65534,
+                extra_groups=[],
+                capture_output=True,
+                cwd="/",
+            )
         except OSError:  # not even executable by that uid
             continue
         if probe.returncode == 0:
@@ -163,12 +174,23 @@ def test_unprivileged_user_gets_the_same_containment():
     secret = secrets.token_hex(8)
     programs = list(hostile_programs(secret, f"/tmp/lemur-escape-nobody-{secret}", 9).values())
     script = NOBODY_SCRIPT.format(src=SRC, secret=secret, programs=json.dumps(programs))
-    proc = subprocess.run([python, "-I", "-c", script], user=65534, group=65534, extra_groups=[], cwd="/tmp",
-                          env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"}, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [python, "-I", "-c", script],
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        cwd="/tmp",
+        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     prot, results = out["protections"], out["results"]
-    assert prot["user_namespace"] and prot["pid_namespace"] and prot["network_namespace"] and prot["readonly_filesystem"], prot
+    assert (
+        prot["user_namespace"] and prot["pid_namespace"] and prot["network_namespace"] and prot["readonly_filesystem"]
+    ), prot
     assert results[-1] == "passed" and all(r != "passed" for r in results[:-1]), results
     assert results[0] == "timed out" and results[2] == "timed out", results
     assert not os.path.exists(f"/tmp/lemur-escape-nobody-{secret}")

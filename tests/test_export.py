@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import torch
+from conftest import FAST, run_train, subprocess_env
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from conftest import FAST, run_train, subprocess_env
 from lemur_torch.config import load_config
 from lemur_torch.model import hf_llama_config
 from lemur_torch.tokenizer import load_tokenizer
@@ -42,11 +42,21 @@ def test_hf_checkpoint_loads_into_two_rank_fsdp(tmp_path):
 
 def test_export_of_trained_model_loads_in_transformers(tmp_path):
     run_dir = str(tmp_path / "run")
-    run_train([*FAST, "train.max_steps=4", f"run_dir={run_dir}", "checkpoint.export_at_end=true",
-               "checkpoint.max_shard_size_mb=4"], nproc=2)
+    run_train(
+        [
+            *FAST,
+            "train.max_steps=4",
+            f"run_dir={run_dir}",
+            "checkpoint.export_at_end=true",
+            "checkpoint.max_shard_size_mb=4",
+        ],
+        nproc=2,
+    )
     ckpt = os.path.join(run_dir, "checkpoints", "step_00000004")
     # the trained FSDP model (2 ranks, from its checkpoint) and its own export via lemur-export's path
-    torchrun(["--checkpoint", ckpt, "--out-logits", str(tmp_path / "trained.pt"), "--export", str(tmp_path / "export2")])
+    torchrun(
+        ["--checkpoint", ckpt, "--out-logits", str(tmp_path / "trained.pt"), "--export", str(tmp_path / "export2")]
+    )
     trained = torch.load(tmp_path / "trained.pt")
     for folder in (os.path.join(run_dir, "hf"), str(tmp_path / "export2")):
         files = sorted(os.listdir(folder))
@@ -70,23 +80,37 @@ def test_lemur_export_cli(tmp_path):
     run_train([*FAST, "train.max_steps=2", f"run_dir={run_dir}"])
     ckpt = os.path.join(run_dir, "checkpoints", "step_00000002")
     out = tmp_path / "cli_export"
-    proc = subprocess.run([sys.executable, "-m", "lemur_torch.export", ckpt, str(out), "--dtype", "bfloat16"],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lemur_torch.export", ckpt, str(out), "--dtype", "bfloat16"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     with open(out / "model.safetensors.index.json") as f:
         assert len(json.load(f)["weight_map"]) == sum(1 for _ in model.state_dict())
-    bad = subprocess.run([sys.executable, "-m", "lemur_torch.export", str(tmp_path), str(out)],
-                         env=subprocess_env(), capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "lemur_torch.export", str(tmp_path), str(out)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "not a complete lemur-torch checkpoint" in bad.stderr
     # an output folder that is not an earlier export is never replaced (the run and checkpoint folders:
     # tests/test_checkpoint.py)
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    refused = subprocess.run([sys.executable, "-m", "lemur_torch.export", ckpt, str(precious)],
-                             env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    refused = subprocess.run(
+        [sys.executable, "-m", "lemur_torch.export", ckpt, str(precious)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert refused.returncode == 2 and "refusing" in refused.stderr, refused.stderr[-2000:]
     assert (precious / "notes.txt").read_text() == "keep me"
 
@@ -97,7 +121,9 @@ def test_bf16_checkpoint_with_smaller_vocab_loads_with_mean_rows(tmp_path):
     torch.manual_seed(5)
     ref = LlamaForCausalLM(hf_llama_config(cfg.model)).to(torch.bfloat16).eval()
     ref.save_pretrained(tmp_path / "hf")
-    torchrun(["--pretrained", str(tmp_path / "hf"), "--out-logits", str(tmp_path / "logits.pt"), "model.vocab_size=32064"])
+    torchrun(
+        ["--pretrained", str(tmp_path / "hf"), "--out-logits", str(tmp_path / "logits.pt"), "model.vocab_size=32064"]
+    )
     got = torch.load(tmp_path / "logits.pt")
     with torch.no_grad():
         expected = ref.float()(input_ids=fixed_batch(), use_cache=False).logits

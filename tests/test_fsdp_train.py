@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from conftest import FAST, losses, read_metrics, run_train
 
 STEPS = 20
@@ -51,8 +50,16 @@ def test_two_rank_checkpoint_resumes_on_one_rank(single_run, tmp_path):
 
 def test_keep_last_k_atomic_dirs_and_wandb_files(tmp_path):
     run_dir = str(tmp_path / "keep")
-    run_train([*FAST, "train.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=2", f"run_dir={run_dir}",
-               "log.wandb_mode=offline"])
+    run_train(
+        [
+            *FAST,
+            "train.max_steps=6",
+            "checkpoint.every_steps=2",
+            "checkpoint.keep_last=2",
+            f"run_dir={run_dir}",
+            "log.wandb_mode=offline",
+        ]
+    )
     names = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
     assert names == ["step_00000004", "step_00000006"], names
     runs = [d for d in os.listdir(os.path.join(run_dir, "wandb")) if d.startswith("offline-run-")]
@@ -65,8 +72,18 @@ def test_keep_last_k_atomic_dirs_and_wandb_files(tmp_path):
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
     run_dir = str(tmp_path / "nan")
     # an absurd lr blows the weights up after the first update; later steps are non-finite
-    proc = run_train([*FAST, "train.max_steps=10", "optim.lr=1e30", "optim.warmup_steps=3", "train.grad_clip=1e30",
-                      "train.max_nonfinite_steps=3", f"run_dir={run_dir}"], check=False)
+    proc = run_train(
+        [
+            *FAST,
+            "train.max_steps=10",
+            "optim.lr=1e30",
+            "optim.warmup_steps=3",
+            "train.grad_clip=1e30",
+            "train.max_nonfinite_steps=3",
+            f"run_dir={run_dir}",
+        ],
+        check=False,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "3 consecutive steps with a non-finite loss or grad norm" in proc.stderr
     metrics = read_metrics(run_dir)

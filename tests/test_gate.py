@@ -16,9 +16,9 @@ import time
 
 import pytest
 import torch.distributed as dist
+from conftest import subprocess_env
 
 from lemur_torch import train
-from conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,8 +32,16 @@ def inputs(tmp_path_factory):
     def model_dir(name, **config):
         d = root / name
         d.mkdir()
-        base = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 128,
-                "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
+        base = {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 32000,
+            "hidden_size": 128,
+            "intermediate_size": 352,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
         (d / "config.json").write_text(json.dumps({**base, **config}))
         (d / "model.safetensors").write_bytes(b"")  # never read: the gate looks at config.json only
         return str(d)
@@ -100,15 +108,30 @@ CASES = [
     (["train.global_batch_tokens=1000"], "train.global_batch_tokens"),
     (["data.format=tweets"], "data.format"),
     # inputs on disk
-    (["++data.sources={more: {kind: jsonl, domain: code, weight: 1, path: /nonexistent/*.jsonl}}"], "data.sources.more.path"),
+    (
+        ["++data.sources={more: {kind: jsonl, domain: code, weight: 1, path: /nonexistent/*.jsonl}}"],
+        "data.sources.more.path",
+    ),
     (["++data.sources={more: {kind: text, domain: text, weight: 1, path: @empty_dir}}"], "data.sources.more.path"),
-    (["++data.sources={more: {kind: hf, domain: text, weight: 1, path: ./no_such_dataset_dir}}"], "data.sources.more.path"),
-    (["++data.sources={more: {kind: hf, domain: text, weight: 1, path: json, data_files: /nonexistent/x.jsonl}}"], "data.sources.more.data_files"),
+    (
+        ["++data.sources={more: {kind: hf, domain: text, weight: 1, path: ./no_such_dataset_dir}}"],
+        "data.sources.more.path",
+    ),
+    (
+        ["++data.sources={more: {kind: hf, domain: text, weight: 1, path: json, data_files: /nonexistent/x.jsonl}}"],
+        "data.sources.more.data_files",
+    ),
     (["data.sources.stdlib_code.domain=''"], "data.sources.stdlib_code.domain"),
-    (["++eval.sources={held: {kind: jsonl, domain: code, path: /nonexistent/*.jsonl}}", "eval.every_steps=5"], "eval.sources.held.path"),
+    (
+        ["++eval.sources={held: {kind: jsonl, domain: code, path: /nonexistent/*.jsonl}}", "eval.every_steps=5"],
+        "eval.sources.held.path",
+    ),
     (["data.holdout=1.5"], "data.holdout"),
     (["eval.batches=0"], "eval.batches"),
-    (["+data.sources.more={kind: jsonl, domain: code, path: /x.jsonl}"], "data.sources.more"),  # OmegaConf cannot; says how
+    (
+        ["+data.sources.more={kind: jsonl, domain: code, path: /x.jsonl}"],
+        "data.sources.more",
+    ),  # OmegaConf cannot; says how
     (["data.tokenizer=@no_tokenizer"], "data.tokenizer"),
     (["data.tokenizer=not a hub id"], "data.tokenizer"),
     (["model.vocab_size=31000"], "model.vocab_size"),
@@ -127,8 +150,11 @@ CASES = [
 ]
 
 # the issue's cases whose old failure was a traceback, checked again as real processes
-SUBPROCESS_CASES = [(["train.seq_len=abc"], "train.seq_len"), (["data.tokenizer=/nonexistent"], "data.tokenizer"),
-                    (["data.sources.stdlib_code.weight=-1"], "data.sources.stdlib_code.weight")]
+SUBPROCESS_CASES = [
+    (["train.seq_len=abc"], "train.seq_len"),
+    (["data.tokenizer=/nonexistent"], "data.tokenizer"),
+    (["data.sources.stdlib_code.weight=-1"], "data.sources.stdlib_code.weight"),
+]
 
 
 def _fill(overrides, inputs):
@@ -147,9 +173,19 @@ def _one_line(err: str, key: str) -> str:
 def test_table_has_the_issues_cases_and_enough_of_them():
     keys = {key for _, key in CASES}
     assert len(CASES) >= 20
-    for key in ("train.seq_len", "data.sources.stdlib_code.weight", "data.sources.stdlib_code.kind", "checkpoint.resume",
-                "data.tokenizer", "log.peak_flops", "log.every_steps", "train.grad_clip", "train.max_nonfinite_steps",
-                "train.loss_chunk", "model.pretrained"):
+    for key in (
+        "train.seq_len",
+        "data.sources.stdlib_code.weight",
+        "data.sources.stdlib_code.kind",
+        "checkpoint.resume",
+        "data.tokenizer",
+        "log.peak_flops",
+        "log.every_steps",
+        "train.grad_clip",
+        "train.max_nonfinite_steps",
+        "train.loss_chunk",
+        "model.pretrained",
+    ):
         assert key in keys
 
 
@@ -177,8 +213,13 @@ def test_bad_input_is_one_line_exit_2_before_anything_is_built(overrides, key, i
 @pytest.mark.parametrize("overrides,key", SUBPROCESS_CASES, ids=[o[0] for o, _ in SUBPROCESS_CASES])
 def test_bad_input_as_a_process(overrides, key, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "lemur_torch.train", *overrides, f"run_dir={run_dir}"],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lemur_torch.train", *overrides, f"run_dir={run_dir}"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     line = _one_line(proc.stderr, key)
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -190,11 +231,27 @@ def test_bad_input_as_a_process(overrides, key, tmp_path):
 def test_bad_record_with_strict_data_is_one_line_naming_file_and_line(tmp_path):
     """Found after the gate, in a DataLoader worker: still one line (file:line), exit 2, no traceback."""
     fixture = os.path.join(ROOT, "tests", "fixtures", "data", "bad_lines.jsonl")
-    proc = subprocess.run([sys.executable, "-m", "lemur_torch.train", "~data.sources.stdlib_code", "~data.sources.pydoc_text",
-                           f"++data.sources={{bad: {{kind: jsonl, domain: code, path: {fixture}}}}}", "data.lanes=1",
-                           "data.strict=true", "data.num_workers=1", "train.seq_len=64", "train.global_batch_tokens=128",
-                           f"run_dir={tmp_path / 'run'}", "log.wandb_mode=disabled"],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lemur_torch.train",
+            "~data.sources.stdlib_code",
+            "~data.sources.pydoc_text",
+            f"++data.sources={{bad: {{kind: jsonl, domain: code, path: {fixture}}}}}",
+            "data.lanes=1",
+            "data.strict=true",
+            "data.num_workers=1",
+            "train.seq_len=64",
+            "train.global_batch_tokens=128",
+            f"run_dir={tmp_path / 'run'}",
+            "log.wandb_mode=disabled",
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "bad_lines.jsonl:2: malformed JSON" in lines[0], proc.stderr[-3000:]
@@ -202,8 +259,17 @@ def test_bad_record_with_strict_data_is_one_line_naming_file_and_line(tmp_path):
 
 def test_two_ranks_print_the_line_once(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lemur_torch.train",
-           "train.grad_clip=0", f"run_dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lemur_torch.train",
+        "train.grad_clip=0",
+        f"run_dir={run_dir}",
+    ]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     both = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -215,12 +281,11 @@ def test_two_ranks_print_the_line_once(tmp_path):
 def test_hub_tokenizer_that_cannot_be_fetched_names_the_key(monkeypatch):
     """A hub id passes the gate (nothing is downloaded before the process group exists); when it cannot be
     fetched, the error still names data.tokenizer (train.main prints it as one line, exit 2)."""
+    import huggingface_hub.constants
     from omegaconf import OmegaConf
 
     from lemur_torch.config import ConfigError
     from lemur_torch.tokenizer import build_tokenizer
-
-    import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, so not the variable
     with pytest.raises(ConfigError, match="data.tokenizer") as info:

@@ -13,12 +13,21 @@ from lemur_torch import hf_weights
 @pytest.fixture
 def folder(tmp_path):
     g = torch.Generator().manual_seed(0)
-    save_file({"model.embed_tokens.weight": torch.randn(64, 16, generator=g).to(torch.bfloat16),
-               "model.norm.weight": torch.randn(16, generator=g)},
-              str(tmp_path / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
-    save_file({"lm_head.weight": torch.randn(64, 16, generator=g).half(),
-               "model.layers.0.mlp.down_proj.weight": torch.randn(16, 48, generator=g)},
-              str(tmp_path / "model-00002-of-00002.safetensors"))
+    save_file(
+        {
+            "model.embed_tokens.weight": torch.randn(64, 16, generator=g).to(torch.bfloat16),
+            "model.norm.weight": torch.randn(16, generator=g),
+        },
+        str(tmp_path / "model-00001-of-00002.safetensors"),
+        metadata={"format": "pt"},
+    )
+    save_file(
+        {
+            "lm_head.weight": torch.randn(64, 16, generator=g).half(),
+            "model.layers.0.mlp.down_proj.weight": torch.randn(16, 48, generator=g),
+        },
+        str(tmp_path / "model-00002-of-00002.safetensors"),
+    )
     (tmp_path / "config.json").write_text('{"hidden_size": 16}')
     return tmp_path
 
@@ -65,7 +74,7 @@ def test_each_host_reads_its_share_of_the_bytes(folder, hosts):
         w = hf_weights.SafetensorsFolder(str(folder))
         for name, t in rows_tensors.items():
             n = t.shape[0] // hosts
-            assert torch.equal(w.rows(name, h * n, (h + 1) * n), t[h * n:(h + 1) * n])
+            assert torch.equal(w.rows(name, h * n, (h + 1) * n), t[h * n : (h + 1) * n])
         assert w.bytes_read - headers == total // hosts
 
 

@@ -13,12 +13,12 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import subprocess_env
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from conftest import subprocess_env
 from lemur_torch.config import load_config
 from lemur_torch.model import _full_shape_and_slices, build_meta_model, clean_fqn, init_weights
 from lemur_torch.parallel.fsdp import apply_fsdp
@@ -28,8 +28,13 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "init_rank_memory.py
 
 
 def test_70b_rank_of_512_draws_only_its_shard():
-    proc = subprocess.run([sys.executable, SCRIPT, "llama2_70b", "512", "357"], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "llama2_70b", "512", "357"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     print(m)
@@ -108,4 +113,3 @@ def test_a_cut_along_the_second_dimension_draws_the_same_values():
         finally:
             dist.destroy_process_group()
     assert torch.equal(full, ref.weight.detach())
-

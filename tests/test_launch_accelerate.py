@@ -5,20 +5,46 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from launch_util import (MAX_STEPS, REPO, TRAIN_ARGS, assert_curves_match, checkpoints, losses, put_reference, run,
-                         single_process_reference, tail, train_env)
+from launch_util import (
+    MAX_STEPS,
+    REPO,
+    TRAIN_ARGS,
+    assert_curves_match,
+    checkpoints,
+    losses,
+    put_reference,
+    run,
+    single_process_reference,
+    tail,
+    train_env,
+)
 
 ACCELERATE = Path(__import__("sys").executable).with_name("accelerate")
 
 
-@pytest.mark.skipif(not ACCELERATE.exists() and shutil.which("accelerate") is None, reason="accelerate is not installed")
+@pytest.mark.skipif(
+    not ACCELERATE.exists() and shutil.which("accelerate") is None, reason="accelerate is not installed"
+)
 def test_accelerate_launch_two_cpu_processes(tmp_path):
     exe = str(ACCELERATE) if ACCELERATE.exists() else shutil.which("accelerate")
     run_dir = tmp_path / "run"
     log = tmp_path / "log.txt"
-    run([exe, "launch", "--config_file", REPO / "launch/accelerate/cpu_2proc.yaml", "-m", "lemur_torch.train",
-         *TRAIN_ARGS, f"run_dir={run_dir}", "checkpoint.export_at_end=false"], log, train_env(), timeout=300)
+    run(
+        [
+            exe,
+            "launch",
+            "--config_file",
+            REPO / "launch/accelerate/cpu_2proc.yaml",
+            "-m",
+            "lemur_torch.train",
+            *TRAIN_ARGS,
+            f"run_dir={run_dir}",
+            "checkpoint.export_at_end=false",
+        ],
+        log,
+        train_env(),
+        timeout=300,
+    )
 
     text = tail(log, 200_000)
     assert "on 2 process" in text, f"expected a 2-process run:\n{text[-3000:]}"

@@ -45,7 +45,7 @@ def test_sbatch_preemption_directives_and_world_size(script):
         world = int(d["nodes"]) * int(d["gpus-per-node"])
         overrides = []
     else:  # the CPU script: one process per srun task, and the overrides it adds itself
-        world = int(d["ntasks"]) * int(re.search(r'NPROC_PER_NODE:-(\d+)', text).group(1))
+        world = int(d["ntasks"]) * int(re.search(r"NPROC_PER_NODE:-(\d+)", text).group(1))
         overrides = re.search(r"^set -- (.*) \"\$@\"$", text, re.M).group(1).split()
     cfg = load_config([f"experiment={experiment}", *overrides])
     validate(cfg, world)

@@ -13,9 +13,20 @@ import time
 from pathlib import Path
 
 import pytest
-
-from launch_util import (MAX_STEPS, REPO, TRAIN_ARGS, assert_curves_match, checkpoints, free_port, last_logged_step,
-                         losses, tail, train_env, two_process_reference, wait_for)
+from launch_util import (
+    MAX_STEPS,
+    REPO,
+    TRAIN_ARGS,
+    assert_curves_match,
+    checkpoints,
+    free_port,
+    last_logged_step,
+    losses,
+    tail,
+    train_env,
+    two_process_reference,
+    wait_for,
+)
 from slurm_cluster import SlurmCluster, unavailable_reason
 
 SBATCH = REPO / "launch" / "slurm" / "cpu_test.sbatch"
@@ -37,7 +48,9 @@ def cluster(tmp_path_factory):
 
 def submit(cluster, submit_dir: Path, *overrides: str, **env_extra: str) -> tuple[int, Path]:
     """sbatch the CPU job script from `submit_dir` as a user would; returns the job id and its run folder."""
-    env = train_env(LEMUR_HOME=str(REPO), MASTER_PORT=str(free_port()), SLURM_CONF=cluster.env["SLURM_CONF"], **env_extra)
+    env = train_env(
+        LEMUR_HOME=str(REPO), MASTER_PORT=str(free_port()), SLURM_CONF=cluster.env["SLURM_CONF"], **env_extra
+    )
     try:
         socket.gethostbyname(cluster.node)  # job.sh's rendezvous host: the job's first node, by name
     except OSError:
@@ -51,7 +64,11 @@ def submit(cluster, submit_dir: Path, *overrides: str, **env_extra: str) -> tupl
 
 def job_output(submit_dir: Path, job: int, run_dir: Path) -> str:
     parts = [tail(submit_dir / f"lemur-cpu-test-{job}.out", 5000)]
-    parts += [f"--- {p.name}\n{tail(p, 16000)}" for p in sorted((run_dir / "logs").glob("*.log"))] if (run_dir / "logs").exists() else []
+    parts += (
+        [f"--- {p.name}\n{tail(p, 16000)}" for p in sorted((run_dir / "logs").glob("*.log"))]
+        if (run_dir / "logs").exists()
+        else []
+    )
     return "\n".join(parts)
 
 
@@ -90,8 +107,7 @@ def test_slurm_job_completes_with_checkpoint_and_export(cluster, tmp_path):
 
 def test_slurm_preempt_requeues_and_resumes_to_same_loss(cluster, tmp_path):
     job, run_dir = submit(cluster, tmp_path, "checkpoint.export_at_end=false")
-    wait_for(lambda: last_logged_step(run_dir) >= 3, 300, "step 3 of the Slurm job",
-             log=run_dir / "logs" / "task0.log")
+    wait_for(lambda: last_logged_step(run_dir) >= 3, 300, "step 3 of the Slurm job", log=run_dir / "logs" / "task0.log")
     # what `#SBATCH --signal=B:USR1@600` sends ten minutes before the time limit
     cluster.run("scancel", "--batch", "--signal=USR1", str(job))
 
@@ -105,18 +121,20 @@ def test_slurm_preempt_requeues_and_resumes_to_same_loss(cluster, tmp_path):
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, f"{info}\n{out}"
     assert "preempted: requeueing" in out and "resumed from" in out, out
     # the requeued run continued from the checkpoint and ends on the uninterrupted run's loss
-    diff = assert_curves_match(losses(run_dir), two_process_reference(), tol=1e-6,
-                               steps=range(stopped_at + 1, MAX_STEPS + 1))
-    print(f"Slurm job {job}: preempted at step {stopped_at}, requeued, COMPLETED; steps {stopped_at + 1}-{MAX_STEPS} "
-          f"vs uninterrupted: max |loss diff| {diff:.2e} (final {losses(run_dir)[MAX_STEPS]!r})")
+    diff = assert_curves_match(
+        losses(run_dir), two_process_reference(), tol=1e-6, steps=range(stopped_at + 1, MAX_STEPS + 1)
+    )
+    print(
+        f"Slurm job {job}: preempted at step {stopped_at}, requeued, COMPLETED; steps {stopped_at + 1}-{MAX_STEPS} "
+        f"vs uninterrupted: max |loss diff| {diff:.2e} (final {losses(run_dir)[MAX_STEPS]!r})"
+    )
 
 
 def test_slurm_sigterm_checkpoints_and_cancel_stays_cancelled(cluster, tmp_path):
     """A plain `scancel` (SIGTERM to every process, as on Slurm preemption or the time limit): the trainer still
     checkpoints the step it was on before the job ends, and a cancelled job is not requeued."""
     job, run_dir = submit(cluster, tmp_path, "checkpoint.export_at_end=false")
-    wait_for(lambda: last_logged_step(run_dir) >= 3, 300, "step 3 of the Slurm job",
-             log=run_dir / "logs" / "task0.log")
+    wait_for(lambda: last_logged_step(run_dir) >= 3, 300, "step 3 of the Slurm job", log=run_dir / "logs" / "task0.log")
     cluster.run("scancel", str(job))
     info = cluster.wait_state(job, FINAL, timeout=120)
     out = job_output(tmp_path, job, run_dir)
@@ -131,15 +149,25 @@ def test_slurm_hung_rank_requeues_and_resumes(cluster, tmp_path):
     requeues the job as after any crash, and the requeued job resumes from step 3's checkpoint and completes
     with the uninterrupted run's losses."""
     once = tmp_path / "hung-once"
-    job, run_dir = submit(cluster, tmp_path, "checkpoint.export_at_end=false", "checkpoint.every_steps=3",
-                          "train.hang_timeout_s=10", LEMUR_TEST_HANG=f"1:5:600:{once}")
+    job, run_dir = submit(
+        cluster,
+        tmp_path,
+        "checkpoint.export_at_end=false",
+        "checkpoint.every_steps=3",
+        "train.hang_timeout_s=10",
+        LEMUR_TEST_HANG=f"1:5:600:{once}",
+    )
     release_requeued(cluster, job, tmp_path, run_dir)
     info = cluster.wait_state(job, FINAL, timeout=420)
     out = "\n".join(tail(p, 1_000_000) for p in sorted((run_dir / "logs").glob("*.log")))
-    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1 and once.exists(), f"{info}\n{job_output(tmp_path, job, run_dir)}"
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1 and once.exists(), (
+        f"{info}\n{job_output(tmp_path, job, run_dir)}"
+    )
     assert "step watchdog: no progress for train.hang_timeout_s=10s after step 4" in out, out
     assert "crashed (status 1): requeueing, crash requeue 1 of MAX_CRASH_REQUEUES=3" in out, out
     assert f"resumed from {run_dir / 'checkpoints' / 'step_00000003'}" in out, out
     diff = assert_curves_match(losses(run_dir), two_process_reference(), tol=1e-6, steps=range(4, MAX_STEPS + 1))
-    print(f"Slurm job {job}: rank 1 hung before step 5, watchdog exit, crash requeue, resumed at step 3, COMPLETED; "
-          f"steps 4-{MAX_STEPS} vs uninterrupted: max |loss diff| {diff:.2e}")
+    print(
+        f"Slurm job {job}: rank 1 hung before step 5, watchdog exit, crash requeue, resumed at step 3, COMPLETED; "
+        f"steps 4-{MAX_STEPS} vs uninterrupted: max |loss diff| {diff:.2e}"
+    )

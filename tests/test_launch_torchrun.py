@@ -7,20 +7,51 @@ import os
 import signal
 import time
 
-from launch_util import (MAX_STEPS, REPO, TRAIN_ARGS, alive, assert_curves_match, checkpoints, finish, free_port,
-                         kill_session, last_logged_step, losses, single_process_reference, start, tail,
-                         train_env, two_process_reference, wait_for, worker_pids)
+from launch_util import (
+    MAX_STEPS,
+    REPO,
+    TRAIN_ARGS,
+    alive,
+    assert_curves_match,
+    checkpoints,
+    finish,
+    free_port,
+    kill_session,
+    last_logged_step,
+    losses,
+    single_process_reference,
+    start,
+    tail,
+    train_env,
+    two_process_reference,
+    wait_for,
+    worker_pids,
+)
 
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 
 
 def test_two_agents_hsdp_match_single_process(tmp_path):
     run_dir = tmp_path / "run"  # one folder for both "nodes", as on a shared cluster file system
-    env = train_env(NNODES="2", NPROC_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                    RDZV_ID=f"hsdp-{os.getpid()}")
-    args = ["bash", TORCHRUN_SH, *TRAIN_ARGS, "parallel=hsdp", "parallel.dp_replicate=2",
-            "parallel.activation_checkpointing=none", "parallel.mixed_precision=fp32", f"run_dir={run_dir}",
-            "checkpoint.save_at_end=false", "checkpoint.export_at_end=false"]
+    env = train_env(
+        NNODES="2",
+        NPROC_PER_NODE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RDZV_ID=f"hsdp-{os.getpid()}",
+    )
+    args = [
+        "bash",
+        TORCHRUN_SH,
+        *TRAIN_ARGS,
+        "parallel=hsdp",
+        "parallel.dp_replicate=2",
+        "parallel.activation_checkpointing=none",
+        "parallel.mixed_precision=fp32",
+        f"run_dir={run_dir}",
+        "checkpoint.save_at_end=false",
+        "checkpoint.export_at_end=false",
+    ]
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     agents = [start(args, log, env) for log in logs]
     try:
@@ -79,7 +110,11 @@ def test_sigterm_to_one_rank_checkpoints_and_resumes_exactly(tmp_path):
     assert rc == 0, tail(log2)
     assert "resumed from" in tail(log2, 200_000)
     # the restart picks up where the stop left off and matches the uninterrupted 2-process run exactly
-    diff = assert_curves_match(losses(run_dir), two_process_reference(), tol=1e-6,
-                               steps=range(stopped_at + 1, MAX_STEPS + 1))
-    print(f"SIGTERM to rank 1 at step {stopped_at} (second SIGTERM during the save: {during_save}): restart matches the uninterrupted run on steps "
-          f"{stopped_at + 1}-{MAX_STEPS}, max |loss diff| {diff:.2e}")
+    diff = assert_curves_match(
+        losses(run_dir), two_process_reference(), tol=1e-6, steps=range(stopped_at + 1, MAX_STEPS + 1)
+    )
+    print(
+        f"SIGTERM to rank 1 at step {stopped_at} (second SIGTERM during the save: {during_save}): restart "
+        "matches the uninterrupted run on steps "
+        f"{stopped_at + 1}-{MAX_STEPS}, max |loss diff| {diff:.2e}"
+    )

@@ -27,7 +27,7 @@ def _per_worker(lines: list, workers: int) -> dict:
     found = {}
     for line in lines:
         if line.startswith("[worker "):
-            w, cmd = line[len("[worker "):].split("] ", 1)
+            w, cmd = line[len("[worker ") :].split("] ", 1)
             found[int(w)] = cmd
     assert sorted(found) == list(range(workers)), lines
     return found
@@ -46,8 +46,10 @@ def test_setup_installs_cpu_torch_then_the_tpu_extra_on_every_worker():
         steps = [s.strip() for s in cmd.split(";")]
         torch = [s for s in steps if "pip install" in s and "torch==" in s]
         # torch pinned to the CPU wheel (PyPI's torch is the CUDA build) before anything can pull another one
-        assert torch == ["~/lemur-torch/.venv/bin/python -m pip install -q torch==2.9.0 --index-url "
-                         "https://download.pytorch.org/whl/cpu"], steps
+        assert torch == [
+            "~/lemur-torch/.venv/bin/python -m pip install -q torch==2.9.0 --index-url "
+            "https://download.pytorch.org/whl/cpu"
+        ], steps
         package = [i for i, s in enumerate(steps) if 'install -q -e "$HOME/lemur-torch[tpu]"' in s]
         assert package and steps.index(torch[0]) < package[0], steps
         # the check that the venv holds the CPU torch, and lemur-train where train.sh looks for it
@@ -57,21 +59,31 @@ def test_setup_installs_cpu_torch_then_the_tpu_extra_on_every_worker():
 
 
 def test_setup_mounts_the_bucket_with_gcsfuse():
-    env_lines = subprocess.run([str(TPU / "setup.sh"), "t", "z"], capture_output=True, text=True, check=True, timeout=60,
-                               env={**os.environ, "LEMUR_TPU_DRY_RUN": "1", "WORKERS": "1", "GCS_BUCKET": "bkt"}).stdout
+    env_lines = subprocess.run(
+        [str(TPU / "setup.sh"), "t", "z"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**os.environ, "LEMUR_TPU_DRY_RUN": "1", "WORKERS": "1", "GCS_BUCKET": "bkt"},
+    ).stdout
     assert "gcsfuse --implicit-dirs bkt /mnt/lemur" in env_lines
 
 
 def test_train_starts_detached_on_every_worker_with_its_own_log():
-    lines = _dry_run("train.sh", "my-tpu", "us-central2-b", "experiment=lemur_70b_pretrain", "run_dir=/mnt/lemur/runs/a b")
+    lines = _dry_run(
+        "train.sh", "my-tpu", "us-central2-b", "experiment=lemur_70b_pretrain", "run_dir=/mnt/lemur/runs/a b"
+    )
     for w, cmd in _per_worker(lines, 3).items():
-        assert cmd == (f"cd ~/lemur-torch && LEMUR_WORKER={w} launch/tpu/worker_train.sh parallel=xla_spmd "
-                       "experiment=lemur_70b_pretrain run_dir=/mnt/lemur/runs/a\\ b")
+        assert cmd == (
+            f"cd ~/lemur-torch && LEMUR_WORKER={w} launch/tpu/worker_train.sh parallel=xla_spmd "
+            "experiment=lemur_70b_pretrain run_dir=/mnt/lemur/runs/a\\ b"
+        )
         assert shlex.split(cmd)[-1] == "run_dir=/mnt/lemur/runs/a b"  # arguments survive the remote shell
 
 
 def test_stop_and_logs_commands():
-    for w, cmd in _per_worker(_dry_run("stop.sh", "t", "z"), 3).items():
+    for _w, cmd in _per_worker(_dry_run("stop.sh", "t", "z"), 3).items():
         assert "kill -TERM" in cmd and "~/lemur-torch-logs/train.pid" in cmd
     [line] = _dry_run("logs.sh", "t", "z", "2")
     assert line.startswith("[worker 2] tail -n 50 ~/lemur-torch-logs/train.worker2.log;")
@@ -79,10 +91,12 @@ def test_stop_and_logs_commands():
 
 def _fake_trainer(tmp_path: Path) -> Path:
     prog = tmp_path / "fake-lemur-train"
-    prog.write_text("#!/usr/bin/env bash\n"
-                    "echo \"args: $*\"; echo \"sid: $(ps -o sid= -p $$ | tr -d ' ')\"\n"
-                    "trap 'echo \"stop signal\"; exit 124' TERM\n"
-                    "while true; do sleep 0.1; done\n")
+    prog.write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "args: $*"; echo "sid: $(ps -o sid= -p $$ | tr -d \' \')"\n'
+        "trap 'echo \"stop signal\"; exit 124' TERM\n"
+        "while true; do sleep 0.1; done\n"
+    )
     prog.chmod(0o755)
     return prog
 
@@ -106,8 +120,14 @@ def test_worker_launcher_detaches_logs_and_records_the_exit_status(tmp_path):
     logs = home / "lemur-torch-logs"
     t0 = time.time()
     # like an ssh session: its own process group, hung up when it ends
-    shell = subprocess.Popen([str(TPU / "worker_train.sh"), "parallel=xla_spmd", "run_dir=/x y"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    shell = subprocess.Popen(
+        [str(TPU / "worker_train.sh"), "parallel=xla_spmd", "run_dir=/x y"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     out = shell.communicate(timeout=30)[0]
     assert shell.returncode == 0 and time.time() - t0 < 20, out
     assert "worker 3: lemur-train started" in out
@@ -167,10 +187,21 @@ def test_queued_resource_supervisor_restarts_after_preemption_and_crash(tmp_path
     (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
     (bin_dir / "gcloud").chmod(0o755)
     (state / "events").write_text("preempt\nexit 1\nexit 1\nnone\nexit 0\n")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_STATE": str(state), "WORKERS": "2",
-           "POLL_S": "0", "MAX_RESTARTS": "5"}
-    r = subprocess.run([str(TPU / "queued.sh"), "lemur", "us-central2-b", "v4-16", "tpu-ubuntu2204-base",
-                        "run_dir=/mnt/lemur/runs/x"], env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_STATE": str(state),
+        "WORKERS": "2",
+        "POLL_S": "0",
+        "MAX_RESTARTS": "5",
+    }
+    r = subprocess.run(
+        [str(TPU / "queued.sh"), "lemur", "us-central2-b", "v4-16", "tpu-ubuntu2204-base", "run_dir=/mnt/lemur/runs/x"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     calls = (state / "calls").read_text().splitlines()
     creates = [c for c in calls if "queued-resources create" in c]
@@ -180,7 +211,10 @@ def test_queued_resource_supervisor_restarts_after_preemption_and_crash(tmp_path
     assert len(starts) == 3 * 2  # first slice, recreated slice, after the crash; 2 workers each
     assert all("parallel=xla_spmd run_dir=/mnt/lemur/runs/x" in c for c in starts)
     assert len([c for c in calls if "kill -TERM" in c]) == 2  # stop.sh on both workers before the restart
-    assert "restart 1: queued resource went SUSPENDED" in r.stdout and "restart 2: lemur-train on worker 0: exit 1" in r.stdout
+    assert (
+        "restart 1: queued resource went SUSPENDED" in r.stdout
+        and "restart 2: lemur-train on worker 0: exit 1" in r.stdout
+    )
     assert "training finished" in r.stdout
 
 
@@ -191,8 +225,15 @@ def test_queued_resource_supervisor_gives_up_after_max_restarts(tmp_path):
     (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
     (bin_dir / "gcloud").chmod(0o755)
     (state / "events").write_text("exit 1\nnone\nnone\n" * 3)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_STATE": str(state), "WORKERS": "2",
-           "POLL_S": "0", "MAX_RESTARTS": "2"}
-    r = subprocess.run([str(TPU / "queued.sh"), "lemur", "z", "v4-16", "rt"], env=env, capture_output=True, text=True,
-                       timeout=120)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_STATE": str(state),
+        "WORKERS": "2",
+        "POLL_S": "0",
+        "MAX_RESTARTS": "2",
+    }
+    r = subprocess.run(
+        [str(TPU / "queued.sh"), "lemur", "z", "v4-16", "rt"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 1 and "more than MAX_RESTARTS=2 restarts" in r.stdout, r.stdout + r.stderr

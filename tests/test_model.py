@@ -33,6 +33,7 @@ def test_flops_per_token_70b_matches_recipe():
 def test_rope_buffers_match_a_freshly_built_model():
     model, cfg = _tiny_model()
     from transformers import LlamaForCausalLM
+
     from lemur_torch.model import hf_llama_config
 
     ref = LlamaForCausalLM(hf_llama_config(cfg.model))

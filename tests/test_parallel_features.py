@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import FAST, losses, run_train, subprocess_env
 
 STEPS = 4
@@ -30,8 +29,16 @@ def plain(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["full", "every_n"])
 def test_activation_checkpointing_same_losses(plain, tmp_path, mode):
     run_dir = str(tmp_path / mode)
-    run_train([*FAST, f"train.max_steps={STEPS}", f"run_dir={run_dir}", f"parallel.activation_checkpointing={mode}",
-               "parallel.ac_every_n=2"], nproc=2)
+    run_train(
+        [
+            *FAST,
+            f"train.max_steps={STEPS}",
+            f"run_dir={run_dir}",
+            f"parallel.activation_checkpointing={mode}",
+            "parallel.ac_every_n=2",
+        ],
+        nproc=2,
+    )
     got = losses(run_dir)
     for step in plain:
         assert abs(plain[step] - got[step]) < 1e-4, (mode, step, plain[step], got[step])
@@ -55,8 +62,17 @@ def test_compiled_sharded_checkpointed_blocks_match_eager_single_process(plain, 
     """parallel.compile=true under FSDP2 on 2 ranks with activation checkpointing, against the eager 1-process
     run: the same losses within 1e-4 in fp32, within BF16_COMPILED_TOL in bf16."""
     run_dir = str(tmp_path / precision)
-    run_train([*FAST, f"train.max_steps={STEPS}", f"run_dir={run_dir}", "parallel.compile=true",
-               "parallel.activation_checkpointing=full", f"parallel.mixed_precision={precision}"], nproc=2)
+    run_train(
+        [
+            *FAST,
+            f"train.max_steps={STEPS}",
+            f"run_dir={run_dir}",
+            "parallel.compile=true",
+            "parallel.activation_checkpointing=full",
+            f"parallel.mixed_precision={precision}",
+        ],
+        nproc=2,
+    )
     got = losses(run_dir)
     ref, tol = (plain, 1e-4) if precision == "fp32" else (plain_bf16, BF16_COMPILED_TOL)
     assert sorted(got) == sorted(ref)
@@ -72,7 +88,16 @@ def test_hsdp_all_reduces_across_replicas_once_per_step(tmp_path):
     single-process model's over all 8 micro-batches."""
     out = tmp_path / "hsdp.json"
     script = os.path.join(os.path.dirname(__file__), "scripts", "hsdp_collectives.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", script, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=4",
+        script,
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads(out.read_text())

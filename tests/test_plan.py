@@ -1,8 +1,8 @@
 """70B on the meta device over a 512-rank fake process group: the real FSDP2 wrapping, no memory."""
 
+import json
 import subprocess
 import sys
-import json
 
 from lemur_torch.config import load_config
 from lemur_torch.model import count_params
@@ -10,8 +10,12 @@ from lemur_torch.model import count_params
 
 def test_llama2_70b_shards_over_512_ranks():
     # its own process: the fake process group is process-global
-    proc = subprocess.run([sys.executable, "-m", "lemur_torch.plan", "--world-size", "512", "model=llama2_70b"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lemur_torch.plan", "--world-size", "512", "model=llama2_70b"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     total = count_params(load_config(["model=llama2_70b"]).model)

@@ -10,8 +10,8 @@ import textwrap
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import run_train, subprocess_env
+
 from lemur_torch.config import load_config
 from lemur_torch.metrics import Progress, duration
 from lemur_torch.model import build_meta_model, count_params
@@ -31,7 +31,9 @@ def test_smoke_run_prints_summary_and_eta_and_exits_cleanly(tmp_path):
         assert re.search(rf"^  {row}\s", block, re.M), f"no {row} row in\n{block}"
     cfg = load_config(["experiment=smoke"])
     assert f"{_count(count_params(cfg.model))} parameters" in block  # the built model's count = the config's
-    assert "2 rows x 256 tokens x 1 data-parallel x 1 micro-batch(es) = 512 tokens/step; 3 steps = 1,536 tokens" in block
+    assert (
+        "2 rows x 256 tokens x 1 data-parallel x 1 micro-batch(es) = 512 tokens/step; 3 steps = 1,536 tokens" in block
+    )
     assert re.search(r"'stdlib_code' \(builtin_code\): \d+ documents.*90\.9% of rows", block)
     assert re.search(r"'pydoc_text' \(builtin_text\): 79 documents.*9\.1% of rows", block)
     assert "fresh start at step 0" in block and "attention    sdpa" in block and "tiny: LlamaForCausalLM" in block
@@ -59,7 +61,9 @@ def test_loader_iterator_alive_at_exit_leaves_no_traceback():
             next(KEPT)
         print("exiting")
     """)
-    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr
     assert proc.stderr.strip() == "", proc.stderr
 
@@ -84,14 +88,25 @@ def test_summary_of_a_resumed_run_names_the_checkpoint_and_sources():
     from lemur_torch.data import build_loader
     from lemur_torch.tokenizer import build_tokenizer
 
-    cfg = load_config(["experiment=smoke", "model=llama2_7b", "train.seq_len=4096", "train.global_batch_tokens=65536",
-                       "train.micro_batch_size=1", "train.max_steps=1000"])
+    cfg = load_config(
+        [
+            "experiment=smoke",
+            "model=llama2_7b",
+            "train.seq_len=4096",
+            "train.global_batch_tokens=65536",
+            "train.micro_batch_size=1",
+            "train.max_steps=1000",
+        ]
+    )
     model = build_meta_model(cfg.model)
     loader = build_loader(cfg.data, build_tokenizer(cfg.data), 64, 1, 0, 1, 1)
     mesh = SimpleNamespace(mesh_dim_names=("dp_replicate", "dp_shard"), mesh=SimpleNamespace(shape=(2, 8)))
-    backend = SimpleNamespace(world_size=16, name="fsdp", num_devices=16, device_kind="NVIDIA H100", mesh=mesh, dp_size=16)
-    text = run_summary(cfg, backend, model, loader, grad_accum=1, step=250, tokens_seen=250 * 65536,
-                       resumed_from="/ckpt/step_00000250")
+    backend = SimpleNamespace(
+        world_size=16, name="fsdp", num_devices=16, device_kind="NVIDIA H100", mesh=mesh, dp_size=16
+    )
+    text = run_summary(
+        cfg, backend, model, loader, grad_accum=1, step=250, tokens_seen=250 * 65536, resumed_from="/ckpt/step_00000250"
+    )
     assert "6.74B parameters" in text  # Llama-2-7B: 6.738e9
     assert "fsdp on 16 process(es), 16 NVIDIA H100 device(s); mesh dp_replicate=2 x dp_shard=8" in text
     assert "1 rows x 4096 tokens x 16 data-parallel x 1 micro-batch(es) = 65,536 tokens/step" in text

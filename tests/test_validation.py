@@ -14,9 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from conftest import FAST
+from omegaconf import OmegaConf
+from validation_helpers import HostBackend, tiny_model
+
 from lemur_torch.config import ConfigError, load_config
 from lemur_torch.data import build_loader
 from lemur_torch.data.chat import ChatEncoder
@@ -24,7 +25,6 @@ from lemur_torch.data.schema import SourceConfig
 from lemur_torch.data.sources import Bad, DataConfigError, build_source, builtin_code_files
 from lemur_torch.tokenizer import build_tokenizer, load_tokenizer
 from lemur_torch.validation import Validator, _apportion, build_validator, rank_rows
-from validation_helpers import HostBackend, tiny_model
 
 WORDS = [w for w in open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read().split() if w.isalpha()]
 VAL = [*[o for o in FAST if not o.startswith("eval.")], "eval.every_steps=5"]
@@ -45,6 +45,7 @@ def docs_read(src, epoch, lanes):
 
 
 # -- the built-in corpus --------------------------------------------------------------------------------------
+
 
 def builtin_doc(loc: str) -> str:
     """A built-in document's identity from a reader's location: the stdlib path, or the pydoc topic key."""
@@ -90,7 +91,7 @@ def test_builtin_held_out_documents_are_never_read_by_training(tok, monkeypatch)
 
         monkeypatch.setattr(getattr(sources_mod, cls), "item", recording)
     loader = build_loader(cfg.data, tok, 64, 2, 0, 1, cfg.train.seed)
-    for _, batch in zip(range(30), loader):
+    for _, _batch in zip(range(30), loader):
         pass
     assert opened and not [d for s, d in opened if d in held_by_layout[0][s]]
     opened.clear()
@@ -110,8 +111,11 @@ def test_smoke_experiment_validates_code_and_text(tok):
 
 # -- file sources ---------------------------------------------------------------------------------------------
 
+
 def write_jsonl(path, ids, rng, gz=False):
-    lines = [json.dumps({"text": f"doc {i}: " + " ".join(rng.choices(WORDS, k=rng.randint(3, 60)))}) + "\n" for i in ids]
+    lines = [
+        json.dumps({"text": f"doc {i}: " + " ".join(rng.choices(WORDS, k=rng.randint(3, 60)))}) + "\n" for i in ids
+    ]
     data = "".join(lines).encode()
     (gzip.open if gz else open)(path, "wb").write(data)
     return lines
@@ -182,6 +186,7 @@ def test_parquet_and_gz_held_out_slices(tmp_path):
 
 # -- validation values ----------------------------------------------------------------------------------------
 
+
 def test_values_match_transformers_and_do_not_depend_on_the_ranks(tok):
     """The logged losses equal plain transformers' loss (labels=...) over the same rows, token-weighted per source;
     two simulated ranks build disjoint halves of the same rows and their summed results give the same values."""
@@ -205,7 +210,9 @@ def test_values_match_transformers_and_do_not_depend_on_the_ranks(tok):
                 row = {k: batch[k][r : r + 1] for k in ("input_ids", "position_ids", "labels")}
                 rows.append((s, tuple(row["input_ids"][0].tolist()), tuple(row["labels"][0].tolist())))
                 n = int((row["labels"][0, 1:] != -100).sum())
-                out = model(input_ids=row["input_ids"], position_ids=row["position_ids"], labels=row["labels"], use_cache=False)
+                out = model(
+                    input_ids=row["input_ids"], position_ids=row["position_ids"], labels=row["labels"], use_cache=False
+                )
                 sums[s] = sums.get(s, 0.0) + out.loss.item() * n
                 counts[s] = counts.get(s, 0) + n
     for s, name in enumerate(v.names):
@@ -226,8 +233,13 @@ def test_values_match_transformers_and_do_not_depend_on_the_ranks(tok):
         for batch in vr.batches:
             for i in range(batch["input_ids"].shape[0]):
                 if int(batch["domain_ids"][i, 0]) < len(v.names):
-                    split_rows.append((int(batch["domain_ids"][i, 0]), tuple(batch["input_ids"][i].tolist()),
-                                       tuple(batch["labels"][i].tolist())))
+                    split_rows.append(
+                        (
+                            int(batch["domain_ids"][i, 0]),
+                            tuple(batch["input_ids"][i].tolist()),
+                            tuple(batch["labels"][i].tolist()),
+                        )
+                    )
     assert sorted(split_rows) == sorted(rows)
     assert len(micro_batches) == 1  # every rank runs the same number of forward passes (FSDP's collectives)
     total = (parts[0] + parts[1]).tolist()
@@ -246,8 +258,16 @@ def test_validation_rows_carry_boundaries_that_reach_the_attention_kernel(tok, t
     from lemur_torch.data.boundaries import document_lengths, varlen_boundaries
 
     write_jsonl(tmp_path / "short.jsonl", range(400), random.Random(2))  # documents of 3-60 words: several per row
-    cfg = load_config([*VAL, "eval.batches=1", "~data.sources.pydoc_text", "data.sources.stdlib_code.kind=jsonl",
-                       f"data.sources.stdlib_code.path={tmp_path / 'short.jsonl'}", "data.sources.stdlib_code.holdout=0.5"])
+    cfg = load_config(
+        [
+            *VAL,
+            "eval.batches=1",
+            "~data.sources.pydoc_text",
+            "data.sources.stdlib_code.kind=jsonl",
+            f"data.sources.stdlib_code.path={tmp_path / 'short.jsonl'}",
+            "data.sources.stdlib_code.holdout=0.5",
+        ]
+    )
     t = cfg.train
     loader = build_loader(cfg.data, tok, t.seq_len, t.micro_batch_size, 0, 1, t.seed)
     v = Validator(cfg, loader, HostBackend(), info=lambda line: None)
@@ -280,8 +300,15 @@ def test_validation_rows_carry_boundaries_that_reach_the_attention_kernel(tok, t
 
 
 def test_chat_validation_rows_are_held_out_conversations_with_the_training_label_mask():
-    cfg = load_config(["experiment=chat_smoke", "train.seq_len=256", "train.micro_batch_size=2",
-                       "train.global_batch_tokens=1024", "eval.batches=2"])
+    cfg = load_config(
+        [
+            "experiment=chat_smoke",
+            "train.seq_len=256",
+            "train.micro_batch_size=2",
+            "train.global_batch_tokens=1024",
+            "eval.batches=2",
+        ]
+    )
     tok = build_tokenizer(cfg.data)
     loader = build_loader(cfg.data, tok, 256, 2, 0, 1, cfg.train.seed)
     v = Validator(cfg, loader, HostBackend(), info=lambda line: None)
@@ -290,8 +317,10 @@ def test_chat_validation_rows_are_held_out_conversations_with_the_training_label
     expected = {}
     for src in loader.sources:
         held = docs_read(src.held_out(), 0, 1)
-        assert not {loc for loc, _ in held} & {loc for lane in range(loader.lanes) for loc, _, _ in src.records(0, lane, loader.lanes)}
-        for (loc, conv), enc in zip(held, encoder.documents([c for _, c in held])):
+        assert not {loc for loc, _ in held} & {
+            loc for lane in range(loader.lanes) for loc, _, _ in src.records(0, lane, loader.lanes)
+        }
+        for (_loc, _conv), enc in zip(held, encoder.documents([c for _, c in held])):
             if not isinstance(enc, Bad):
                 expected[tuple(enc[0].tolist())] = enc[1].tolist()
     seen = 0
@@ -313,6 +342,7 @@ def test_chat_validation_rows_are_held_out_conversations_with_the_training_label
 
 # -- errors and short slices ----------------------------------------------------------------------------------
 
+
 def test_nothing_to_evaluate_says_so_and_bad_fractions_fail_naming_the_setting(tok, tmp_path):
     # sources of one's own under the smoke experiment's validation: no validation, and one line saying why
     cfg = load_config([*VAL, "data.sources.stdlib_code.holdout=0", "data.sources.pydoc_text.holdout=0"])
@@ -325,23 +355,38 @@ def test_nothing_to_evaluate_says_so_and_bad_fractions_fail_naming_the_setting(t
     assert build_validator(OmegaConf.merge(cfg, {"eval": {"every_steps": 0}}), loader, HostBackend()) is None
 
     with pytest.raises(DataConfigError, match=r"data.holdout=1.0 must be a fraction"):
-        build_loader(load_config([*VAL, "data.holdout=1.0", "data.sources.stdlib_code.holdout=null"]).data, tok, 64, 2, 0, 1, 0)
-    with pytest.raises(DataConfigError, match=r"'pydoc_text'.*data.sources.pydoc_text.holdout=0.995 holds out 79 of its 79"):
+        build_loader(
+            load_config([*VAL, "data.holdout=1.0", "data.sources.stdlib_code.holdout=null"]).data, tok, 64, 2, 0, 1, 0
+        )
+    with pytest.raises(
+        DataConfigError, match=r"'pydoc_text'.*data.sources.pydoc_text.holdout=0.995 holds out 79 of its 79"
+    ):
         build_loader(load_config([*VAL, "data.sources.pydoc_text.holdout=0.995"]).data, tok, 64, 2, 0, 1, 0)
 
     gz = tmp_path / "one.jsonl.gz"
     write_jsonl(gz, range(40), random.Random(0), gz=True)
-    one_gz = [*VAL, "~data.sources.pydoc_text", "data.sources.stdlib_code.kind=jsonl", f"data.sources.stdlib_code.path={gz}",
-              "data.lanes=1"]
-    with pytest.raises(DataConfigError, match=r"data.sources.stdlib_code.holdout=0.02 holds out nothing.*convert it to JSON lines"):
+    one_gz = [
+        *VAL,
+        "~data.sources.pydoc_text",
+        "data.sources.stdlib_code.kind=jsonl",
+        f"data.sources.stdlib_code.path={gz}",
+        "data.lanes=1",
+    ]
+    with pytest.raises(
+        DataConfigError, match=r"data.sources.stdlib_code.holdout=0.02 holds out nothing.*convert it to JSON lines"
+    ):
         build_loader(load_config(one_gz).data, tok, 64, 2, 0, 1, 0)
 
     # a held-out byte range in which no record starts: found when the validation rows are built
     big = tmp_path / "big.jsonl"
     big.write_text(json.dumps({"text": "x " * 5000}) + "\n" + json.dumps({"text": "the last line " * 300}) + "\n")
-    cfg = load_config([*one_gz[:-2], f"data.sources.stdlib_code.path={big}", "data.sources.stdlib_code.holdout=0.05", "data.lanes=1"])
+    cfg = load_config(
+        [*one_gz[:-2], f"data.sources.stdlib_code.path={big}", "data.sources.stdlib_code.holdout=0.05", "data.lanes=1"]
+    )
     loader = build_loader(cfg.data, tok, 64, 2, 0, 1, 0)
-    with pytest.raises(DataConfigError, match=r"source 'stdlib_code' gives no validation rows.*data.sources.stdlib_code.holdout"):
+    with pytest.raises(
+        DataConfigError, match=r"source 'stdlib_code' gives no validation rows.*data.sources.stdlib_code.holdout"
+    ):
         build_validator(cfg, loader, HostBackend())
 
     cfg = load_config([*VAL, "++eval.sources={pydoc_text: {kind: builtin_text, domain: text}}"])
@@ -357,9 +402,18 @@ def test_a_short_held_out_slice_is_evaluated_whole_and_reported(tok, tmp_path):
     document is evaluated, each once, in lane order; the last row of a lane is padded; the log says how many rows."""
     path = tmp_path / "small.jsonl"
     write_jsonl(path, range(40), random.Random(2))
-    cfg = load_config([*VAL, "~data.sources.pydoc_text", "data.sources.stdlib_code.kind=jsonl",
-                       f"data.sources.stdlib_code.path={path}", "data.sources.stdlib_code.holdout=0.1", "data.lanes=3",
-                       "eval.batches=50", "++eval.sources={extra: {kind: jsonl, domain: text, path: " + str(path) + "}}"])
+    cfg = load_config(
+        [
+            *VAL,
+            "~data.sources.pydoc_text",
+            "data.sources.stdlib_code.kind=jsonl",
+            f"data.sources.stdlib_code.path={path}",
+            "data.sources.stdlib_code.holdout=0.1",
+            "data.lanes=3",
+            "eval.batches=50",
+            "++eval.sources={extra: {kind: jsonl, domain: text, path: " + str(path) + "}}",
+        ]
+    )
     loader = build_loader(cfg.data, tok, 64, 2, 0, 1, 0)
     said = []
     v = Validator(cfg, loader, HostBackend(), info=said.append)
@@ -396,6 +450,7 @@ def _gloo_rank_failing_to_read(rank, size, port, out):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=size, timeout=datetime.timedelta(seconds=60))
     try:
         if rank == 1:  # rank 1's first lane cannot be read (a remote file gone for good)
+
             def unreadable(*args, **kwargs):
                 raise DataReadError("source 'stdlib_code': s3://bucket/code.jsonl: HTTP 403 after 8 retries")
 
@@ -422,7 +477,9 @@ def test_a_rank_that_cannot_read_its_validation_rows_stops_every_rank_with_its_e
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.start_processes(_gloo_rank_failing_to_read, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(
+        _gloo_rank_failing_to_read, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
     got = [pickle.load(open(tmp_path / f"{r}.pkl", "rb")) for r in range(2)]
     assert got[0] == got[1]  # the same error on every rank, none left waiting in a collective
     assert "validation" in got[0] and "DataReadError" in got[0] and "s3://bucket/code.jsonl: HTTP 403" in got[0]
@@ -440,6 +497,7 @@ def test_the_held_out_fraction_is_part_of_the_resume_identity(tok):
 
 # -- cost at scale --------------------------------------------------------------------------------------------
 
+
 def test_validation_reads_about_what_it_evaluates_at_many_lanes_and_ranks(tok, tmp_path):
     """A 6 MB JSON-lines source, 20% held out, 64 lanes: the validation rows read ~ the text they hold (not the
     1.2 MB slice, nor the 1 MB first read per lane training makes), nothing outside the slice; 8 simulated ranks
@@ -450,22 +508,36 @@ def test_validation_reads_about_what_it_evaluates_at_many_lanes_and_ranks(tok, t
         for i in range(6000):
             f.write(json.dumps({"text": f"doc {i}: " + " ".join(rng.choices(WORDS, k=rng.randint(50, 300)))}) + "\n")
     size = path.stat().st_size
-    base = [*VAL, "~data.sources.pydoc_text", "data.sources.stdlib_code.kind=jsonl", f"data.sources.stdlib_code.path={path}",
-            "data.sources.stdlib_code.holdout=0.2", "data.lanes=64", "train.seq_len=256", "train.global_batch_tokens=8192",
-            "train.micro_batch_size=4", "eval.batches=2"]
+    base = [
+        *VAL,
+        "~data.sources.pydoc_text",
+        "data.sources.stdlib_code.kind=jsonl",
+        f"data.sources.stdlib_code.path={path}",
+        "data.sources.stdlib_code.holdout=0.2",
+        "data.lanes=64",
+        "train.seq_len=256",
+        "train.global_batch_tokens=8192",
+        "train.micro_batch_size=4",
+        "eval.batches=2",
+    ]
     cfg = load_config(base)
     loader = build_loader(cfg.data, tok, 256, 4, 0, 1, 0)
     v = Validator(cfg, loader, HostBackend(), info=lambda line: None)
     assert v.rows == [v.requested] == [64]
-    evaluated = sum(len(tok.decode(b["input_ids"][r]).encode()) for b in v.batches for r in range(b["input_ids"].shape[0])
-                    if int(b["domain_ids"][r, 0]) == 0)
+    evaluated = sum(
+        len(tok.decode(b["input_ids"][r]).encode())
+        for b in v.batches
+        for r in range(b["input_ids"].shape[0])
+        if int(b["domain_ids"][r, 0]) == 0
+    )
     held = math.ceil(size * 0.2)
     assert v.read_bytes[0] <= 2 * evaluated + 64 * 4096 < held / 2, (v.read_bytes, evaluated, held)
     quotas = [_apportion(v.requested, v.sources[0].lane_weights(64))]
     per_rank = [rank_rows(loader, v.sources, quotas, r, 8) for r in range(8)]
     assert sum(p[3][0] for p in per_rank) == v.read_bytes[0]  # each lane read by one rank
     assert sorted(tuple(x.ravel()) for p in per_rank for x in p[0]) == sorted(
-        tuple(x.ravel()) for x in rank_rows(loader, v.sources, quotas, 0, 1)[0])
+        tuple(x.ravel()) for x in rank_rows(loader, v.sources, quotas, 0, 1)[0]
+    )
     counts = set()
     for r in (0, 1, 63, 64, 511):
         ld = build_loader(cfg.data, tok, 256, 4, r, 512, 0)

@@ -5,7 +5,6 @@ validation does not touch."""
 import math
 
 import pytest
-
 from conftest import FAST, losses, read_metrics, run_train
 from validation_helpers import HostBackend, tiny_model
 
@@ -36,14 +35,26 @@ def test_smoke_logs_validation_per_domain_and_source(one_rank):
     val = validation(one_rank)
     assert sorted(val) == [5, STEPS]
     for m in val.values():
-        for key in ("val/loss", "val/loss/code", "val/loss/text", "val/loss/stdlib_code", "val/loss/pydoc_text",
-                    "val/ppl/code", "val/ppl/text", "val/tokens/stdlib_code", "val/tokens/pydoc_text"):
+        for key in (
+            "val/loss",
+            "val/loss/code",
+            "val/loss/text",
+            "val/loss/stdlib_code",
+            "val/loss/pydoc_text",
+            "val/ppl/code",
+            "val/ppl/text",
+            "val/tokens/stdlib_code",
+            "val/tokens/pydoc_text",
+        ):
             assert isinstance(m[key], float) and math.isfinite(m[key]), (key, m)
         assert m["val/ppl/code"] == pytest.approx(math.exp(m["val/loss/code"]))
         assert m["val/loss/code"] == m["val/loss/stdlib_code"]  # each domain is one source here
         tokens = m["val/tokens/stdlib_code"] + m["val/tokens/pydoc_text"]
-        assert m["val/loss"] == pytest.approx((m["val/loss/code"] * m["val/tokens/stdlib_code"]
-                                               + m["val/loss/text"] * m["val/tokens/pydoc_text"]) / tokens, rel=1e-6)
+        assert m["val/loss"] == pytest.approx(
+            (m["val/loss/code"] * m["val/tokens/stdlib_code"] + m["val/loss/text"] * m["val/tokens/pydoc_text"])
+            / tokens,
+            rel=1e-6,
+        )
     assert val[STEPS]["val/loss"] < val[5]["val/loss"], "the model learns, and the held-out loss shows it"
 
 

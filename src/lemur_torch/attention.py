@@ -63,15 +63,26 @@ class Selection:
 # -- the kernels ----------------------------------------------------------------------------------------
 
 
-def _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                  softmax_scale=None, causal=False):
+def _torch_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False
+):
     """torch's varlen attention behind flash-attn's signature."""
     from torch.nn.attention.varlen import varlen_attn
 
     if dropout_p:
         raise ValueError("torch's varlen_attn has no dropout")
-    return varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=softmax_scale,
-                       window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
+    return varlen_attn(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale=softmax_scale,
+        window_size=(-1, 0) if causal else (-1, -1),
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
 
 
 def _flash_kernel(device_type: str) -> Optional[Kernel]:
@@ -80,8 +91,12 @@ def _flash_kernel(device_type: str) -> Optional[Kernel]:
     if importlib.util.find_spec("flash_attn") is not None:
         import flash_attn
 
-        return Kernel("flash_attn", f"flash-attn {flash_attn.__version__} flash_attn_varlen_func",
-                      flash_attn.flash_attn_varlen_func, LOW_PRECISION)
+        return Kernel(
+            "flash_attn",
+            f"flash-attn {flash_attn.__version__} flash_attn_varlen_func",
+            flash_attn.flash_attn_varlen_func,
+            LOW_PRECISION,
+        )
     if importlib.util.find_spec("torch.nn.attention.varlen") is None or torch.cuda.get_device_capability()[0] < 8:
         return None  # torch's FlashAttention-2 needs Ampere or newer
     version = "FlashAttention-2"
@@ -125,26 +140,35 @@ def find_kernel(impl: str, device_type: str) -> Optional[Kernel]:
 
 
 @torch.compiler.disable
-def varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                     softmax_scale=None, causal=False):
+def varlen_reference(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False
+):
     """CPU stand-in for flash_attn_varlen_func (same signature and layouts: q [Tq, H, D], k/v [Tk, KV, D],
     int32 cumulative lengths, host max lengths): plain per-document softmax attention, bottom-right aligned
     causal mask as flash-attn's. It checks the contract a real kernel silently relies on."""
     if dropout_p:
         raise ValueError("varlen_reference: no dropout")
-    for name, cu, total, mx in (("q", cu_seqlens_q, q.shape[0], max_seqlen_q), ("k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+    for name, cu, total, mx in (
+        ("q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+        ("k", cu_seqlens_k, k.shape[0], max_seqlen_k),
+    ):
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != q.device:
-            raise ValueError(f"cu_seqlens_{name} must be int32 [D+1] on {q.device}, got {cu.dtype} {tuple(cu.shape)} on {cu.device}")
+            raise ValueError(
+                f"cu_seqlens_{name} must be int32 [D+1] on {q.device}, got {cu.dtype} {tuple(cu.shape)} on {cu.device}"
+            )
         lens = cu.diff()
         if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lens <= 0).any()):
             raise ValueError(f"cu_seqlens_{name} {cu.tolist()} does not cut {total} tokens into non-empty documents")
         if not isinstance(mx, int) or mx != int(lens.max()):
-            raise ValueError(f"max_seqlen_{name} must be the longest length {int(lens.max())} as a Python int, got {mx!r}")
+            raise ValueError(
+                f"max_seqlen_{name} must be the longest length {int(lens.max())} as a Python int, got {mx!r}"
+            )
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     group = q.shape[1] // k.shape[1]
     outs = []
-    for (q0, q1), (k0, k1) in zip(zip(cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:]),
-                                  zip(cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:])):
+    for (q0, q1), (k0, k1) in zip(
+        zip(cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:]), zip(cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:])
+    ):
         qd = q[q0:q1].transpose(0, 1)  # [H, L, D]
         kd = k[k0:k1].transpose(0, 1).repeat_interleave(group, 0)
         vd = v[k0:k1].transpose(0, 1).repeat_interleave(group, 0)
@@ -187,21 +211,35 @@ def flex_reference(query, key, value, block_mask=None, scale=None, enable_gqa=Fa
     group = H // key.shape[1]
     k = key.repeat_interleave(group, 1) if enable_gqa else key
     v = value.repeat_interleave(group, 1) if enable_gqa else value
-    scores = (query @ k.transpose(-1, -2)) * (scale if scale is not None else D ** -0.5)
+    scores = (query @ k.transpose(-1, -2)) * (scale if scale is not None else D**-0.5)
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     return probs.nan_to_num(0.0) @ v  # a query row with no key at all gets zeros, as flex_attention gives
 
 
-VARLEN_REFERENCE = Kernel("reference", "CPU reference (test stand-in for flash_attn_varlen_func)", varlen_reference, ALL_FLOATS)
+VARLEN_REFERENCE = Kernel(
+    "reference", "CPU reference (test stand-in for flash_attn_varlen_func)", varlen_reference, ALL_FLOATS
+)
 FLEX_REFERENCE = Kernel("reference", "CPU reference (test stand-in for flex_attention)", flex_reference, ALL_FLOATS)
 
 
 # -- transformers attention functions -------------------------------------------------------------------
 
 
-def varlen_attention(kernel: Kernel, module: nn.Module, query, key, value, attention_mask, dropout=0.0,
-                     scaling=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
-                     **kwargs):
+def varlen_attention(
+    kernel: Kernel,
+    module: nn.Module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    cu_seq_lens_q=None,
+    cu_seq_lens_k=None,
+    max_length_q=None,
+    max_length_k=None,
+    **kwargs,
+):
     """q [B, H, S, D], k/v [B, KV, S, D] -> ([B, S, H, D], None): the micro-batch flattened to one row of
     B * S tokens (a free view: the projections are laid out [B, S, H, D]) cut by cu_seqlens."""
     if attention_mask is not None or cu_seq_lens_q is None:
@@ -210,13 +248,24 @@ def varlen_attention(kernel: Kernel, module: nn.Module, query, key, value, atten
     q = query.transpose(1, 2).reshape(B * S, H, D)
     k = key.transpose(1, 2).reshape(B * S, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * S, value.shape[1], D)
-    out = kernel.fn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, dropout_p=dropout,
-                    softmax_scale=scaling, causal=True)
+    out = kernel.fn(
+        q,
+        k,
+        v,
+        cu_seq_lens_q,
+        cu_seq_lens_k,
+        max_length_q,
+        max_length_k,
+        dropout_p=dropout,
+        softmax_scale=scaling,
+        causal=True,
+    )
     return out.view(B, S, H, D), None
 
 
-def flex_attention(kernel: Kernel, module: nn.Module, query, key, value, attention_mask, dropout=0.0,
-                   scaling=None, **kwargs):
+def flex_attention(
+    kernel: Kernel, module: nn.Module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+):
     """q [B, H, S, D], k/v [B, KV, S, D], attention_mask = the forward's BlockMask -> ([B, S, H, D], None)."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -224,8 +273,9 @@ def flex_attention(kernel: Kernel, module: nn.Module, query, key, value, attenti
         raise ValueError("the flex attention needs the BlockMask built from the batch's document boundaries")
     if dropout:
         raise ValueError("model.attention=flex has no attention dropout")
-    out = kernel.fn(query, key, value, block_mask=attention_mask, scale=scaling,
-                    enable_gqa=query.shape[1] != key.shape[1])
+    out = kernel.fn(
+        query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -259,15 +309,23 @@ def _prepare_attention(impl: str, module: nn.Module, args: tuple, kwargs: Dict[s
     derived from position_ids on the host) become what `impl` needs, once per forward."""
     global _warned_inferred
     if kwargs.get("attention_mask") is not None:
-        raise ValueError("this model takes the batch's document boundaries (cu_seq_lens_q, max_length_q), not an attention_mask")
+        raise ValueError(
+            "this model takes the batch's document boundaries (cu_seq_lens_q, max_length_q), not an attention_mask"
+        )
     if kwargs.get("use_cache") or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         raise ValueError("the training model has no KV cache: load the HF export for generation")
-    ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else kwargs["inputs_embeds"])
+    ids = (
+        kwargs.get("input_ids")
+        if kwargs.get("input_ids") is not None
+        else (args[0] if args else kwargs["inputs_embeds"])
+    )
     B, S = ids.shape[:2]
     if kwargs.get("cu_seq_lens_q") is None:
         if not _warned_inferred:
-            log.warning("model called without document boundaries: deriving them from position_ids on the host "
-                        "(a device sync); pass lemur_torch.attention.forward_kwargs(batch)")
+            log.warning(
+                "model called without document boundaries: deriving them from position_ids on the host "
+                "(a device sync); pass lemur_torch.attention.forward_kwargs(batch)"
+            )
             _warned_inferred = True
         pos = kwargs.get("position_ids")
         pos = torch.arange(S).expand(B, S) if pos is None else pos.expand(B, S)
@@ -296,10 +354,14 @@ def resolve_auto(backend: str, device_type: str, flash_runs: bool) -> str:
 
 def _unavailable(impl: str, device_type: str) -> str:
     if impl == "flex":
-        return (f"flex trains on CUDA only: FlexAttention has no backward on {device_type} "
-                f"(torch {torch.__version__}); use model.attention=sdpa here")
-    return (f"flash needs a CUDA device (Ampere or newer) with flash-attn or torch.nn.attention.varlen; this process "
-            f"runs on {device_type}: use model.attention=sdpa (or flex on CUDA)")
+        return (
+            f"flex trains on CUDA only: FlexAttention has no backward on {device_type} "
+            f"(torch {torch.__version__}); use model.attention=sdpa here"
+        )
+    return (
+        f"flash needs a CUDA device (Ampere or newer) with flash-attn or torch.nn.attention.varlen; this process "
+        f"runs on {device_type}: use model.attention=sdpa (or flex on CUDA)"
+    )
 
 
 def select(choice: str, backend: str, device_type: str, param_dtype: torch.dtype) -> Selection:
@@ -307,12 +369,18 @@ def select(choice: str, backend: str, device_type: str, param_dtype: torch.dtype
     from lemur_torch.config import ConfigError
 
     if choice not in CHOICES:
-        hint = ("flash_attention_2 detects packed documents only at batch size 1: use model.attention=flash; "
-                if choice == "flash_attention_2" else "")
+        hint = (
+            "flash_attention_2 detects packed documents only at batch size 1: use model.attention=flash; "
+            if choice == "flash_attention_2"
+            else ""
+        )
         raise ConfigError("model.attention", f"{hint}unknown attention {choice!r}; use one of {', '.join(CHOICES)}")
     if backend == "xla_spmd":
         if choice in ("flex", "flash"):
-            raise ConfigError("model.attention", f"{choice} is not available with parallel.backend=xla_spmd; use sdpa, xla_flash or auto")
+            raise ConfigError(
+                "model.attention",
+                f"{choice} is not available with parallel.backend=xla_spmd; use sdpa, xla_flash or auto",
+            )
         impl = resolve_auto(backend, device_type, False) if choice == "auto" else choice
         return Selection(impl, None, f"{impl} (auto)" if choice == "auto" else impl)
     if choice == "xla_flash":
@@ -327,8 +395,11 @@ def select(choice: str, backend: str, device_type: str, param_dtype: torch.dtype
         if kernel is None:
             raise ConfigError("model.attention", _unavailable(impl, device_type))
         if param_dtype not in kernel.dtypes:
-            raise ConfigError("model.attention", f"{impl} ({kernel.name}) runs in bf16/fp16 only, but the parameters are "
-                              f"{str(param_dtype).replace('torch.', '')}: set parallel.mixed_precision=bf16, or use sdpa/flex")
+            raise ConfigError(
+                "model.attention",
+                f"{impl} ({kernel.name}) runs in bf16/fp16 only, but the parameters are "
+                f"{str(param_dtype).replace('torch.', '')}: set parallel.mixed_precision=bf16, or use sdpa/flex",
+            )
     what = "torch SDPA, [B,1,S,S] document-causal mask" if impl == "sdpa" else kernel.name
     return Selection(impl, kernel, f"{impl} ({'auto: ' if choice == 'auto' else ''}{what})")
 
@@ -369,4 +440,3 @@ def with_varlen_boundaries(batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
         return batch
     cu, longest = varlen_boundaries(batch["doc_lens"])
     return {**batch, "cu_seqlens": cu, "max_seqlen": longest}
-

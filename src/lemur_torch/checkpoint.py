@@ -86,8 +86,14 @@ def scan_checkpoints(directory: str) -> List[CheckpointInfo]:
         match = STEP_DIR.match(name)
         meta = read_meta(os.path.join(directory, name)) if match else None
         if meta is not None:
-            found.append(CheckpointInfo(os.path.join(directory, name), int(match.group(1)), meta.get("run_id"),
-                                        int(meta.get("commit_seq", 0))))
+            found.append(
+                CheckpointInfo(
+                    os.path.join(directory, name),
+                    int(match.group(1)),
+                    meta.get("run_id"),
+                    int(meta.get("commit_seq", 0)),
+                )
+            )
     return sorted(found, key=lambda c: (c.commit_seq, c.step))
 
 
@@ -194,8 +200,10 @@ class Checkpointer:
         run_id = (meta or {}).get("run_id") or uuid.uuid4().hex[:12]
         others = [c for c in scan_checkpoints(self.directory) if c.run_id != run_id]
         if others:
-            self.log(f"checkpoint: {self.directory} also holds {len(others)} checkpoint(s) of other runs "
-                     f"(e.g. {os.path.basename(others[-1].path)}); kept, never pruned by this run ({run_id})")
+            self.log(
+                f"checkpoint: {self.directory} also holds {len(others)} checkpoint(s) of other runs "
+                f"(e.g. {os.path.basename(others[-1].path)}); kept, never pruned by this run ({run_id})"
+            )
         return {"path": path, "run_id": run_id}
 
     def _wait_visible(self, path: str) -> None:
@@ -204,7 +212,8 @@ class Checkpointer:
             if time.monotonic() > deadline:
                 raise FileNotFoundError(
                     f"rank {self.backend.rank}: checkpoint {path}, chosen by rank 0, is not visible here after "
-                    f"{VISIBLE_TIMEOUT_S:g}s: checkpoint.dir must be on a file system every node shares")
+                    f"{VISIBLE_TIMEOUT_S:g}s: checkpoint.dir must be on a file system every node shares"
+                )
             time.sleep(1.0)
 
     def load(self, path: str, model, optimizer, scheduler, loader) -> Dict[str, Any]:
@@ -232,7 +241,10 @@ class Checkpointer:
             os.makedirs(self.directory, exist_ok=True)
             replaced = read_meta(final)
             if replaced is not None:
-                self.log(f"checkpoint: this save replaces {final} (run {replaced.get('run_id')}, step {replaced.get('step')})")
+                self.log(
+                    f"checkpoint: this save replaces {final} (run {replaced.get('run_id')}, step "
+                    f"{replaced.get('step')})"
+                )
             commit.begin(final, self.mode, META)
         b.barrier()
         folder = commit.staging_path(final, self.mode)
@@ -240,10 +252,26 @@ class Checkpointer:
         commit.write_durable(os.path.join(folder, "rng", f"rank_{b.rank}.pt"), _serialized(_rng_state()))
         loader_state = loader.state_dict()
         # serialized now, so they are this step's even though training goes on while the files are written
-        extra = _serialized({"scheduler": scheduler.state_dict(), "loader": loader_state, "trainer": trainer_state,
-                             "world_size": b.world_size, "backend": b.name}) if b.is_main else b""
-        meta = {"step": step, "run_id": self.run_id, "world_size": b.world_size, "backend": b.name,
-                **{k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str))}}
+        extra = (
+            _serialized(
+                {
+                    "scheduler": scheduler.state_dict(),
+                    "loader": loader_state,
+                    "trainer": trainer_state,
+                    "world_size": b.world_size,
+                    "backend": b.name,
+                }
+            )
+            if b.is_main
+            else b""
+        )
+        meta = {
+            "step": step,
+            "run_id": self.run_id,
+            "world_size": b.world_size,
+            "backend": b.name,
+            **{k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str))},
+        }
         state = b.state_dict_for_checkpoint(model, optimizer)
         if self.async_mode == "none":
             b.dcp_save(state, folder)
@@ -257,8 +285,9 @@ class Checkpointer:
         self._in_flight = _Save(step, final, started, done, blocked_s=time.perf_counter() - started)
         return final
 
-    def _finish(self, written: Optional[Future], folder: str, final: str, extra: bytes, meta: Dict[str, Any],
-                started: float) -> float:
+    def _finish(
+        self, written: Optional[Future], folder: str, final: str, extra: bytes, meta: Dict[str, Any], started: float
+    ) -> float:
         """After this rank's write: on rank 0 (every rank's write is then complete) commit and prune.
         Returns the seconds since the save was called."""
         if written is not None:
@@ -266,7 +295,9 @@ class Checkpointer:
         if self.backend.is_main:
             faults.before_commit()
             commit.write_durable(os.path.join(folder, "extra_state.pt"), extra)
-            commit.write_durable(os.path.join(folder, "config.yaml"), OmegaConf.to_yaml(self.cfg, resolve=True).encode())
+            commit.write_durable(
+                os.path.join(folder, "config.yaml"), OmegaConf.to_yaml(self.cfg, resolve=True).encode()
+            )
             seq = max((c.commit_seq for c in scan_checkpoints(self.directory)), default=0) + 1
             meta = {**meta, "commit_seq": seq, "time": time.time()}
             commit.commit(folder, final, self.mode, META, json.dumps(meta, indent=1).encode())
@@ -333,6 +364,12 @@ class Checkpointer:
 
     def _record(self, save: _Save) -> None:
         self._report = {"ckpt_step": save.step, "ckpt_blocked_s": save.blocked_s, "ckpt_write_s": save.write_s}
-        how = "written while training waited" if self.async_mode == "none" else f"written in the background ({self.async_mode})"
-        self.log(f"checkpoint {save.final} {how}: training blocked {save.blocked_s:.2f}s, "
-                 f"saved and committed in {save.write_s:.2f}s")
+        how = (
+            "written while training waited"
+            if self.async_mode == "none"
+            else f"written in the background ({self.async_mode})"
+        )
+        self.log(
+            f"checkpoint {save.final} {how}: training blocked {save.blocked_s:.2f}s, "
+            f"saved and committed in {save.write_s:.2f}s"
+        )

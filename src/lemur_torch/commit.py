@@ -136,8 +136,8 @@ def recover(directory: str, marker: str, final_name: Pattern[str], log: Callable
         path = os.path.join(directory, name)
         if not os.path.isdir(path):
             continue
-        if name.startswith(STAGING_PREFIX) and re.match(final_name, name[len(STAGING_PREFIX):]):
-            final = os.path.join(directory, name[len(STAGING_PREFIX):])
+        if name.startswith(STAGING_PREFIX) and re.match(final_name, name[len(STAGING_PREFIX) :]):
+            final = os.path.join(directory, name[len(STAGING_PREFIX) :])
             if is_complete(path, marker):
                 if os.path.lexists(final):
                     remove(final, marker)

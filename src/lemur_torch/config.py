@@ -167,7 +167,9 @@ class TrainConfig:
     global_batch_tokens: int = bounded(2048, ge=1)
     max_steps: int = bounded(300, ge=1)
     # max global grad norm; 0 would zero every gradient and a negative value flip them
-    grad_clip: float = bounded(1.0, gt=0, hint="it is the max global grad norm (1.0 in Lemur); a huge value such as 1e9 turns clipping off")
+    grad_clip: float = bounded(
+        1.0, gt=0, hint="it is the max global grad norm (1.0 in Lemur); a huge value such as 1e9 turns clipping off"
+    )
     # consecutive steps with a non-finite loss or grad norm before the run aborts
     max_nonfinite_steps: int = bounded(5, ge=1, hint="it counts consecutive skipped steps before the run aborts")
     # sequence chunk for the fp32 cross-entropy (bounds the fp32 logits memory)
@@ -223,7 +225,8 @@ class LogConfig:
 @dataclass
 class ValidationConfig:
     # the `eval` node: validation during training (lemur_torch/validation.py); lemur-eval, the benchmarks of an
-    # export, has its own schema (lemur_torch/eval/config.py, conf/lemur_eval.yaml). Evaluate the held-out slices of the training sources
+    # export, has its own schema (lemur_torch/eval/config.py, conf/lemur_eval.yaml). Evaluate the held-out slices
+    # of the training sources
     # (data.holdout, data.sources.<name>.holdout) and eval.sources every this many optimizer steps and after the
     # last step; 0 = never
     every_steps: int = bounded(0, ge=0, hint="0 turns validation off")
@@ -278,7 +281,9 @@ def _check_override_syntax(override: str) -> None:
     except Exception as exc:  # OverrideParseException: ANTLR's message, over several lines
         lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith("See https")]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
-        raise ConfigError(_override_key(override), f"cannot parse the override {override!r} ({detail}); write key=value") from None
+        raise ConfigError(
+            _override_key(override), f"cannot parse the override {override!r} ({detail}); write key=value"
+        ) from None
 
 
 def _full_key(key: str, overrides: List[str]) -> str:
@@ -301,15 +306,20 @@ def composition_error(exc: BaseException, overrides: List[str]) -> ConfigError:
 
     if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
         group, _, option = exc.missing_cfg_file.rpartition("/")
-        return ConfigError(group or option, f"no option {option!r} in conf/{group}/; available: {', '.join(sorted(exc.options))}")
+        return ConfigError(
+            group or option, f"no option {option!r} in conf/{group}/; available: {', '.join(sorted(exc.options))}"
+        )
     cause: Optional[BaseException] = exc
     while cause is not None:
         key = getattr(cause, "full_key", None)
         if isinstance(cause, OmegaConfBaseException) and key:
             key, first = _full_key(str(key), overrides), str(cause).splitlines()[0]
             if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
-                return ConfigError(key, f"no such key ({first}); check the spelling (`lemur-train --cfg` prints the "
-                                        "composed config), or add a new entry with +key=value")
+                return ConfigError(
+                    key,
+                    f"no such key ({first}); check the spelling (`lemur-train --cfg` prints the "
+                    "composed config), or add a new entry with +key=value",
+                )
             if "is not a subclass of" in first and "." in key:
                 # OmegaConf cannot add an entry to a typed mapping (data.sources) key by key; a merge can
                 parent, _, name = key.rpartition(".")
@@ -339,12 +349,17 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     """Check every value's range (schema bounds) and reject impossible combinations; called before any model
     is built. The inputs the config names (files, tokenizer, checkpoints) are checked by lemur_torch.preflight."""
     check_bounds(cfg, Config, "", ConfigError)
-    t, p, m, o = cfg.train, cfg.parallel, cfg.model, cfg.optim
+    t, m, o = cfg.train, cfg.model, cfg.optim
     if t.preempt_exit_code in (2, 3):
-        raise ConfigError("train.preempt_exit_code", f"{t.preempt_exit_code} already means a config error (2) or a non-finite "
-                                                      "abort (3); the job script must tell a preemption apart: use e.g. 124")
+        raise ConfigError(
+            "train.preempt_exit_code",
+            f"{t.preempt_exit_code} already means a config error (2) or a non-finite "
+            "abort (3); the job script must tell a preemption apart: use e.g. 124",
+        )
     if t.seq_len > m.max_position_embeddings:
-        raise ConfigError("train.seq_len", f"{t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+        raise ConfigError(
+            "train.seq_len", f"{t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}"
+        )
     dp = data_parallel_size(cfg, world_size)
     per_micro = t.micro_batch_size * t.seq_len * dp
     if t.global_batch_tokens % per_micro:
@@ -354,17 +369,28 @@ def validate(cfg: DictConfig, world_size: int) -> None:
             f"= {t.micro_batch_size} x {t.seq_len} x {dp} = {per_micro}",
         )
     if m.hidden_size % m.num_attention_heads:
-        raise ConfigError("model.num_attention_heads", f"hidden_size {m.hidden_size} does not divide by {m.num_attention_heads} heads")
+        raise ConfigError(
+            "model.num_attention_heads", f"hidden_size {m.hidden_size} does not divide by {m.num_attention_heads} heads"
+        )
     if m.num_attention_heads % m.num_key_value_heads:
-        raise ConfigError("model.num_key_value_heads", f"{m.num_attention_heads} attention heads do not divide by {m.num_key_value_heads} kv heads")
+        raise ConfigError(
+            "model.num_key_value_heads",
+            f"{m.num_attention_heads} attention heads do not divide by {m.num_key_value_heads} kv heads",
+        )
     if (m.hidden_size // m.num_attention_heads) % 2:
-        raise ConfigError("model.num_attention_heads", f"head size {m.hidden_size // m.num_attention_heads} is odd; rotary embeddings need an even one")
+        raise ConfigError(
+            "model.num_attention_heads",
+            f"head size {m.hidden_size // m.num_attention_heads} is odd; rotary embeddings need an even one",
+        )
     validate_attention(cfg)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError("optim.betas", f"needs two values in [0, 1), got {list(o.betas)}; Lemur uses [0.9, 0.95]")
     peak = cfg.log.peak_flops
     if peak != "auto" and not _positive_number(peak):
-        raise ConfigError("log.peak_flops", f"{peak!r} is neither auto nor a number; give the device's peak FLOP/s, e.g. 989e12 for an H100 SXM")
+        raise ConfigError(
+            "log.peak_flops",
+            f"{peak!r} is neither auto nor a number; give the device's peak FLOP/s, e.g. 989e12 for an H100 SXM",
+        )
     from transformers.activations import ACT2FN  # last: the first transformers import costs a second or two
 
     if m.hidden_act not in ACT2FN:
@@ -392,7 +418,9 @@ def validate_attention(cfg: DictConfig) -> None:
         select(str(cfg.model.attention), str(p.backend), "xla", torch.float32)
         return
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16 = p.mixed_precision == MixedPrecision.bf16 or (p.mixed_precision == MixedPrecision.auto and device_type == "cuda")
+    bf16 = p.mixed_precision == MixedPrecision.bf16 or (
+        p.mixed_precision == MixedPrecision.auto and device_type == "cuda"
+    )
     select(str(cfg.model.attention), str(p.backend), device_type, torch.bfloat16 if bf16 else torch.float32)
 
 
@@ -413,4 +441,3 @@ def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
 def grad_accum_steps(cfg: DictConfig, dp_size: int) -> int:
     t = cfg.train
     return t.global_batch_tokens // (t.micro_batch_size * t.seq_len * dp_size)
-

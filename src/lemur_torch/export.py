@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import time
-from typing import Iterable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -42,12 +41,18 @@ def check_export_target(out_dir: str, run_dir: str, checkpoint_dir: str, key: st
     if out == run or run.startswith(out + os.sep):
         raise ConfigError(key, f"{out_dir} is or holds the run folder {run_dir}: give the export a folder of its own")
     if out == ckpt or ckpt.startswith(out + os.sep) or out.startswith(ckpt + os.sep):
-        raise ConfigError(key, f"{out_dir} is, holds or lies inside the checkpoint folder {checkpoint_dir}: give the "
-                               f"export a folder of its own")
+        raise ConfigError(
+            key,
+            f"{out_dir} is, holds or lies inside the checkpoint folder {checkpoint_dir}: give the "
+            f"export a folder of its own",
+        )
     if os.path.lexists(out) and not commit.is_complete(out, EXPORT_MARKER):
         if not os.path.isdir(out) or os.listdir(out):
-            raise ConfigError(key, f"{out_dir} exists and is not a lemur-torch export (no {EXPORT_MARKER}): refusing to "
-                                   f"replace it; remove it yourself or choose another folder")
+            raise ConfigError(
+                key,
+                f"{out_dir} exists and is not a lemur-torch export (no {EXPORT_MARKER}): refusing to "
+                f"replace it; remove it yourself or choose another folder",
+            )
 
 
 def export_model(backend: Backend, model, cfg: DictConfig, tokenizer, out_dir: str, source: str = "") -> str:
@@ -73,7 +78,12 @@ def export_model(backend: Backend, model, cfg: DictConfig, tokenizer, out_dir: s
             gen = generation_config(tokenizer)  # chat models: generate() stops at <|im_end|>
             if gen is not None:
                 gen.save_pretrained(staging)
-        marker = {"lemur_torch_export": True, "source": source, "dtype": cfg.checkpoint.export_dtype, "time": time.time()}
+        marker = {
+            "lemur_torch_export": True,
+            "source": source,
+            "dtype": cfg.checkpoint.export_dtype,
+            "time": time.time(),
+        }
         commit.commit(staging, out_dir, mode, EXPORT_MARKER, json.dumps(marker, indent=1).encode())
     backend.barrier()
     return out_dir
@@ -83,11 +93,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lemur-export", description="Export a lemur-torch checkpoint to an HF folder")
     parser.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step_XXXXXXXX)")
     parser.add_argument("out", help="output folder (created; replaces only an earlier export)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weights dtype (default: the run's checkpoint.export_dtype)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(_DTYPES),
+        default=None,
+        help="weights dtype (default: the run's checkpoint.export_dtype)",
+    )
     args = parser.parse_args(argv)
     cfg_file = os.path.join(args.checkpoint, "config.yaml")
     if not os.path.exists(os.path.join(args.checkpoint, "meta.json")) or not os.path.exists(cfg_file):
-        print(f"lemur-export: {args.checkpoint} is not a complete lemur-torch checkpoint (meta.json/config.yaml missing)", file=sys.stderr)
+        print(
+            f"lemur-export: {args.checkpoint} is not a complete lemur-torch checkpoint (meta.json/config.yaml missing)",
+            file=sys.stderr,
+        )
         return 2
     from lemur_torch.parallel import build_backend
     from lemur_torch.tokenizer import build_tokenizer
@@ -111,7 +129,9 @@ def main(argv=None) -> int:
     state = backend.state_dict_for_checkpoint(model, None)
     backend.dcp_load(state, args.checkpoint)
     backend.load_state_dict_from_checkpoint(model, None, state)
-    out = export_model(backend, model, cfg, build_tokenizer(cfg.data), args.out, source=os.path.abspath(args.checkpoint))
+    out = export_model(
+        backend, model, cfg, build_tokenizer(cfg.data), args.out, source=os.path.abspath(args.checkpoint)
+    )
     if backend.is_main:
         print(f"exported {args.checkpoint} -> {out}")
     backend.shutdown()

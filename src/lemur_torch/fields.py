@@ -46,8 +46,12 @@ class Bounds:
     def violation(self, value: float) -> Optional[str]:
         if isinstance(value, float) and not math.isfinite(value):
             return f"must be a finite number, got {value}"
-        for bound, ok, word in ((self.ge, lambda b: value >= b, ">="), (self.gt, lambda b: value > b, ">"),
-                                (self.le, lambda b: value <= b, "<="), (self.lt, lambda b: value < b, "<")):
+        for bound, ok, word in (
+            (self.ge, lambda b: value >= b, ">="),
+            (self.gt, lambda b: value > b, ">"),
+            (self.le, lambda b: value <= b, "<="),
+            (self.lt, lambda b: value < b, "<"),
+        ):
             if bound is not None and not ok(bound):
                 return f"must be {word} {_num(bound)}, got {_num(value)}"
         return None

@@ -20,8 +20,15 @@ import torch
 
 # safetensors dtype names (the format's spec)
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -53,8 +60,15 @@ class SafetensorsFolder:
                 if name == "__metadata__":
                     continue
                 if info["dtype"] not in _DTYPES:
-                    raise ValueError(f"{location}: tensor {name!r} has dtype {info['dtype']}, which lemur-torch does not read")
-                self._index[name] = (path, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + info["data_offsets"][0])
+                    raise ValueError(
+                        f"{location}: tensor {name!r} has dtype {info['dtype']}, which lemur-torch does not read"
+                    )
+                self._index[name] = (
+                    path,
+                    _DTYPES[info["dtype"]],
+                    tuple(info["shape"]),
+                    8 + n + info["data_offsets"][0],
+                )
 
     def _read(self, path: str, start: int, stop: int) -> bytes:
         data = self.fs.cat_file(path, start=start, end=stop)
@@ -80,12 +94,17 @@ class SafetensorsFolder:
         """Rows [start, stop) of the first dimension (all of a 0-d tensor), read with one ranged request."""
         path, dtype, shape, offset = self._entry(name)
         if not shape:
-            return torch.frombuffer(bytearray(self._read(path, offset, offset + dtype.itemsize)), dtype=dtype).reshape(())
+            return torch.frombuffer(bytearray(self._read(path, offset, offset + dtype.itemsize)), dtype=dtype).reshape(
+                ()
+            )
         stop = shape[0] if stop is None else stop
         row_bytes = dtype.itemsize * int(torch.Size(shape[1:]).numel())
         data = self._read(path, offset + start * row_bytes, offset + stop * row_bytes) if stop > start else b""
-        return torch.frombuffer(bytearray(data), dtype=dtype).reshape((stop - start, *shape[1:])) if data else torch.empty(
-            (0, *shape[1:]), dtype=dtype)
+        return (
+            torch.frombuffer(bytearray(data), dtype=dtype).reshape((stop - start, *shape[1:]))
+            if data
+            else torch.empty((0, *shape[1:]), dtype=dtype)
+        )
 
 
 def pretrained_location(name: str) -> str:

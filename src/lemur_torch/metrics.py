@@ -19,16 +19,31 @@ log = logging.getLogger(__name__)
 # part ("H100 PCIe") comes before its family ("H100") and "TPU v5 lite" before "TPU v5".
 PEAK_FLOPS: List[Tuple[Tuple[str, ...], float, str]] = [
     (("H100 PCIe",), 756e12, "NVIDIA H100 Tensor Core GPU datasheet: H100 PCIe BF16 1,513 TFLOPS with sparsity"),
-    (("H100 NVL", "H200 NVL"), 835e12,
-     "NVIDIA H100 datasheet: H100 NVL BF16 1,671 TFLOPS with sparsity; NVIDIA H200 datasheet: H200 NVL the same"),
-    (("H100", "H200", "H800", "GH200"), 989e12,
-     "NVIDIA H100 datasheet (SXM, 'NVIDIA H100 80GB HBM3') and H200 datasheet (SXM): BF16 1,979 TFLOPS with sparsity"),
+    (
+        ("H100 NVL", "H200 NVL"),
+        835e12,
+        "NVIDIA H100 datasheet: H100 NVL BF16 1,671 TFLOPS with sparsity; NVIDIA H200 datasheet: H200 NVL the same",
+    ),
+    (
+        ("H100", "H200", "H800", "GH200"),
+        989e12,
+        "NVIDIA H100 datasheet (SXM, 'NVIDIA H100 80GB HBM3') and H200 datasheet (SXM): BF16 1,979 TFLOPS with "
+        "sparsity",
+    ),
     (("B200",), 2250e12, "NVIDIA HGX B200 datasheet: FP16/BF16 4.5 PFLOPS per GPU with sparsity"),
     (("A100",), 312e12, "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS dense, 40GB and 80GB, SXM and PCIe"),
     (("TPU v4",), 275e12, "Google Cloud TPU v4 documentation: 275 TFLOPS bf16 per chip"),
-    (("TPU v5 lite", "TPU v5e", "TPU v5litepod"), 197e12, "Google Cloud TPU v5e documentation: 197 TFLOPS bf16 per chip"),
+    (
+        ("TPU v5 lite", "TPU v5e", "TPU v5litepod"),
+        197e12,
+        "Google Cloud TPU v5e documentation: 197 TFLOPS bf16 per chip",
+    ),
     (("TPU v5p", "TPU v5"), 459e12, "Google Cloud TPU v5p documentation: 459 TFLOPS bf16 per chip (PJRT: 'TPU v5')"),
-    (("TPU v6 lite", "TPU v6e", "TPU v6"), 918e12, "Google Cloud TPU v6e (Trillium) documentation: 918 TFLOPS bf16 per chip"),
+    (
+        ("TPU v6 lite", "TPU v6e", "TPU v6"),
+        918e12,
+        "Google Cloud TPU v6e (Trillium) documentation: 918 TFLOPS bf16 per chip",
+    ),
 ]
 _unknown_logged: set = set()
 
@@ -46,8 +61,11 @@ def peak_flops(setting: str, device_kind: str) -> Optional[float]:
             return value
     if device_kind not in _unknown_logged:
         _unknown_logged.add(device_kind)
-        log.warning("MFU unavailable: no peak FLOP/s known for device %r (metrics.PEAK_FLOPS); set "
-                    "log.peak_flops=<dense bf16 FLOP/s per device>, e.g. log.peak_flops=989e12", device_kind)
+        log.warning(
+            "MFU unavailable: no peak FLOP/s known for device %r (metrics.PEAK_FLOPS); set "
+            "log.peak_flops=<dense bf16 FLOP/s per device>, e.g. log.peak_flops=989e12",
+            device_kind,
+        )
     return None
 
 
@@ -103,8 +121,13 @@ class MetricsLogger:
         cfg = self.cfg
         os.makedirs(cfg.log.wandb_dir, exist_ok=True)
         self.wandb_run = wandb.init(
-            project=cfg.log.wandb_project, name=cfg.run_name, id=run_id, resume="allow", mode=cfg.log.wandb_mode,
-            dir=cfg.log.wandb_dir, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            project=cfg.log.wandb_project,
+            name=cfg.run_name,
+            id=run_id,
+            resume="allow",
+            mode=cfg.log.wandb_mode,
+            dir=cfg.log.wandb_dir,
+            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         )
 
     def info(self, message: str) -> None:
@@ -127,7 +150,9 @@ class MetricsLogger:
             return
         self.jsonl.write(json.dumps(metrics) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in metrics.items() if v is not None and k != "step"}, step=metrics["step"])
+            self.wandb_run.log(
+                {k: v for k, v in metrics.items() if v is not None and k != "step"}, step=metrics["step"]
+            )
         if self.console is not None:
             self.console.print(console_line(metrics))
 

@@ -22,9 +22,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 IGNORE_INDEX = -100
 _HF_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
-    "hidden_act", "initializer_range",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "tie_word_embeddings",
+    "hidden_act",
+    "initializer_range",
 )
 
 
@@ -202,4 +211,3 @@ def flops_per_token(model_cfg: DictConfig, seq_len: int) -> float:
 
 def batch_label_tokens(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-

@@ -20,8 +20,9 @@ def build_optimizer(model: nn.Module, ocfg: DictConfig, device_type: str) -> tor
     if impl == "auto":
         impl = "fused" if device_type == "cuda" else "foreach"
     groups = [{"params": params, **hyper} for params, hyper in zip((decay, no_decay), group_hyperparameters(ocfg))]
-    return torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
-                             fused=impl == "fused", foreach=impl == "foreach")
+    return torch.optim.AdamW(
+        groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps, fused=impl == "fused", foreach=impl == "foreach"
+    )
 
 
 def group_hyperparameters(ocfg: DictConfig) -> List[Dict[str, Any]]:
@@ -39,8 +40,10 @@ def apply_config_on_resume(optimizer: torch.optim.Optimizer, scheduler, ocfg: Di
     changes = []
     old_lr = scheduler.base_lrs[0]
     if old_lr != ocfg.lr:
-        changes.append(f"optim.lr: {old_lr:g} in the checkpoint -> {ocfg.lr:g} from the config (the schedule goes on from step "
-                       f"{scheduler.last_epoch} with the new peak)")
+        changes.append(
+            f"optim.lr: {old_lr:g} in the checkpoint -> {ocfg.lr:g} from the config (the schedule goes on from step "
+            f"{scheduler.last_epoch} with the new peak)"
+        )
     for key in ("betas", "eps", "weight_decay"):
         old, new = optimizer.param_groups[0][key], group_hyperparameters(ocfg)[0][key]
         if (list(old) if key == "betas" else old) != (list(new) if key == "betas" else new):

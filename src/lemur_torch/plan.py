@@ -13,7 +13,6 @@ import json
 import sys
 from typing import Dict, List
 
-import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
@@ -35,7 +34,9 @@ def shard_on_fake_pg(cfg: DictConfig, world_size: int, rank: int = 0) -> Dict[st
         layer_max = max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers)
         total = count_params(cfg.model)
         return {
-            "world_size": world_size, "total_params": total, "local_params": local,
+            "world_size": world_size,
+            "total_params": total,
+            "local_params": local,
             "largest_layer_params": layer_max,
             "state_gib_per_rank": local * 16 / 2**30,
             "bf16_layer_gather_gib": layer_max * 2 / 2**30,

@@ -28,8 +28,15 @@ from lemur_torch.data.check import check_data_config, check_source
 from lemur_torch.fields import local_or_hub
 
 # the shapes a checkpoint or pretrained folder must share with the model group
-ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "tie_word_embeddings")
+ARCHITECTURE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+)
 
 
 def check_inputs(cfg: DictConfig) -> None:
@@ -68,13 +75,20 @@ def check_tokenizer(cfg: DictConfig) -> None:
         try:
             where, path = local_or_hub(name)
         except ValueError as exc:
-            raise ConfigError("data.tokenizer", f"{exc}; give a tokenizer folder, a hub id (e.g. meta-llama/Llama-2-70b-hf) or builtin") from None
+            raise ConfigError(
+                "data.tokenizer",
+                f"{exc}; give a tokenizer folder, a hub id (e.g. meta-llama/Llama-2-70b-hf) or builtin",
+            ) from None
         if where == "hub":
             return  # fetched once the process group exists; its size is checked then (train.build_and_fit)
         if not os.path.isdir(path):
-            raise ConfigError("data.tokenizer", f"folder {name} does not exist; give a tokenizer folder, a hub id or builtin")
+            raise ConfigError(
+                "data.tokenizer", f"folder {name} does not exist; give a tokenizer folder, a hub id or builtin"
+            )
         if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
-            raise ConfigError("data.tokenizer", f"{name} holds none of {', '.join(TOKENIZER_FILES)}; point it at a tokenizer folder")
+            raise ConfigError(
+                "data.tokenizer", f"{name} holds none of {', '.join(TOKENIZER_FILES)}; point it at a tokenizer folder"
+            )
     check_vocab_size(build_tokenizer(cfg.data), cfg.model.vocab_size)
 
 
@@ -94,7 +108,10 @@ def check_pretrained(cfg: DictConfig) -> None:
             return  # downloaded by rank 0 once the process group exists, and checked then
         path = os.path.dirname(cached)  # the weights may not be in the cache yet: the config is checked here
     elif not os.path.isdir(path):
-        raise ConfigError("model.pretrained", f"folder {name} does not exist; give an HF model folder, a hub id, or null for random init")
+        raise ConfigError(
+            "model.pretrained",
+            f"folder {name} does not exist; give an HF model folder, a hub id, or null for random init",
+        )
     from lemur_torch.parallel.fsdp import check_pretrained_config
 
     check_pretrained_config(path, cfg.model, weights=where == "local")
@@ -113,11 +130,17 @@ def check_resume(cfg: DictConfig) -> None:
     else:
         path = resume
         if not os.path.isdir(path):
-            raise ConfigError("checkpoint.resume", f"{path} does not exist; use auto (the newest complete checkpoint in "
-                                                   "checkpoint.dir), none (start fresh) or a step_* folder")
+            raise ConfigError(
+                "checkpoint.resume",
+                f"{path} does not exist; use auto (the newest complete checkpoint in "
+                "checkpoint.dir), none (start fresh) or a step_* folder",
+            )
         if not commit.is_complete(path, META):
-            raise ConfigError("checkpoint.resume", f"{path} is not a complete checkpoint (no meta.json: a save that did not "
-                                                   "finish, or not a step_* folder); pick a complete one or use auto")
+            raise ConfigError(
+                "checkpoint.resume",
+                f"{path} is not a complete checkpoint (no meta.json: a save that did not "
+                "finish, or not a step_* folder); pick a complete one or use auto",
+            )
     _check_same_model(path, cfg)
 
 
@@ -130,6 +153,8 @@ def _check_same_model(path: str, cfg: DictConfig) -> None:
     saved = OmegaConf.load(saved_file).get("model", {})
     for key in ARCHITECTURE_KEYS:
         if key in saved and saved[key] != cfg.model[key]:
-            raise ConfigError(f"model.{key}", f"{cfg.model[key]} but checkpoint {path} was trained with {saved[key]}; "
-                                              "resume with the same model settings, or set checkpoint.resume=none")
-
+            raise ConfigError(
+                f"model.{key}",
+                f"{cfg.model[key]} but checkpoint {path} was trained with {saved[key]}; "
+                "resume with the same model settings, or set checkpoint.resume=none",
+            )

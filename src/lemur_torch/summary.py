@@ -13,30 +13,54 @@ from typing import List, Optional
 from omegaconf import DictConfig
 
 
-def run_summary(cfg: DictConfig, backend, model, loader, grad_accum: int, step: int, tokens_seen: int,
-                resumed_from: Optional[str]) -> str:
+def run_summary(
+    cfg: DictConfig, backend, model, loader, grad_accum: int, step: int, tokens_seen: int, resumed_from: Optional[str]
+) -> str:
     t, m = cfg.train, cfg.model
     rows: List[tuple] = [
-        ("model", f"{m.name}: {_class_name(model)}, {_count(_num_params(model))} parameters "
-                  f"({m.num_hidden_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads / "
-                  f"{m.num_key_value_heads} kv heads, vocab {m.vocab_size})" + (f", from {m.pretrained}" if m.pretrained else "")),
-        ("processes", f"{backend.name} on {backend.world_size} process(es), {backend.num_devices} {backend.device_kind} "
-                      f"device(s); mesh {describe_mesh(getattr(backend, 'mesh', None))}; data-parallel {backend.dp_size}"),
+        (
+            "model",
+            f"{m.name}: {_class_name(model)}, {_count(_num_params(model))} parameters "
+            f"({m.num_hidden_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads / "
+            f"{m.num_key_value_heads} kv heads, vocab {m.vocab_size})"
+            + (f", from {m.pretrained}" if m.pretrained else ""),
+        ),
+        (
+            "processes",
+            f"{backend.name} on {backend.world_size} process(es), {backend.num_devices} {backend.device_kind} "
+            f"device(s); mesh {describe_mesh(getattr(backend, 'mesh', None))}; data-parallel {backend.dp_size}",
+        ),
         ("attention", getattr(backend, "attention", "") or attention_kernel(model, m.attention)),
-        ("batch", f"{t.micro_batch_size} rows x {t.seq_len} tokens x {backend.dp_size} data-parallel x {grad_accum} "
-                  f"micro-batch(es) = {t.global_batch_tokens:,} tokens/step; {t.max_steps:,} steps = "
-                  f"{t.max_steps * t.global_batch_tokens:,} tokens"),
-        ("data", f"{cfg.data.name} ({cfg.data.get('format', 'pretrain')}, tokenizer {cfg.data.tokenizer}{_tokens(loader)}), "
-                 f"{getattr(loader, 'lanes', '?')} lanes, {getattr(loader, 'num_workers', '?')} worker(s) per rank"),
+        (
+            "batch",
+            f"{t.micro_batch_size} rows x {t.seq_len} tokens x {backend.dp_size} data-parallel x {grad_accum} "
+            f"micro-batch(es) = {t.global_batch_tokens:,} tokens/step; {t.max_steps:,} steps = "
+            f"{t.max_steps * t.global_batch_tokens:,} tokens",
+        ),
+        (
+            "data",
+            f"{cfg.data.name} ({cfg.data.get('format', 'pretrain')}, tokenizer {cfg.data.tokenizer}{_tokens(loader)}), "
+            f"{getattr(loader, 'lanes', '?')} lanes, {getattr(loader, 'num_workers', '?')} worker(s) per rank",
+        ),
     ]
     rows += [("", line) for line in source_lines(loader)]
     c = cfg.checkpoint
     when = f"every {c.every_steps} steps" if c.every_steps else "at the end"
-    rows.append(("checkpoints", f"{c.dir}, {when}, keep {c.keep_last}"
-                                + (f"; HF export to {c.export_dir}" if c.export_at_end and c.export_dir else "")))
+    rows.append(
+        (
+            "checkpoints",
+            f"{c.dir}, {when}, keep {c.keep_last}"
+            + (f"; HF export to {c.export_dir}" if c.export_at_end and c.export_dir else ""),
+        )
+    )
     if resumed_from:
-        rows.append(("resume", f"from {resumed_from} at step {step:,} ({tokens_seen:,} tokens seen); "
-                               f"{max(t.max_steps - step, 0):,} steps to go"))
+        rows.append(
+            (
+                "resume",
+                f"from {resumed_from} at step {step:,} ({tokens_seen:,} tokens seen); "
+                f"{max(t.max_steps - step, 0):,} steps to go",
+            )
+        )
     else:
         why = "checkpoint.resume=none" if c.resume == "none" else f"no checkpoint in {c.dir}"
         rows.append(("resume", f"fresh start at step 0 ({why})"))

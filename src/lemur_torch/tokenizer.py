@@ -20,7 +20,9 @@ def builtin_tokenizer_dir() -> str:
     src = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
     if not os.path.exists(src):
         raise FileNotFoundError(f"built-in tokenizer not found at {src}; reinstall mistral-common")
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lemur_torch", "builtin_tokenizer")
+    cache = os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lemur_torch", "builtin_tokenizer"
+    )
     dst = os.path.join(cache, "tokenizer.model")
     if not os.path.exists(dst) or os.path.getsize(dst) != os.path.getsize(src):
         os.makedirs(cache, exist_ok=True)
@@ -52,7 +54,9 @@ def build_tokenizer(data_cfg):
         return load_tokenizer(data_cfg.tokenizer)
     except Exception as exc:  # transformers/huggingface_hub raise OSError, ValueError, HFValidationError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConfigError("data.tokenizer", f"cannot load {data_cfg.tokenizer!r}: {type(exc).__name__}: {first}") from None
+        raise ConfigError(
+            "data.tokenizer", f"cannot load {data_cfg.tokenizer!r}: {type(exc).__name__}: {first}"
+        ) from None
 
 
 def serving_tokenizer(tokenizer):
@@ -76,8 +80,11 @@ def check_vocab_size(tokenizer, vocab_size: int) -> None:
     from lemur_torch.config import ConfigError
 
     if len(tokenizer) > vocab_size:
-        raise ConfigError("model.vocab_size", f"{vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens; "
-                                              "set it to the tokenizer's size rounded up to a multiple of 64")
+        raise ConfigError(
+            "model.vocab_size",
+            f"{vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens; "
+            "set it to the tokenizer's size rounded up to a multiple of 64",
+        )
 
 
 @lru_cache(maxsize=8)
@@ -91,7 +98,9 @@ def chat_tokenizer(name: str = BUILTIN):
     from lemur_torch.data.chat import CHAT_SPECIAL_TOKENS, CHAT_TEMPLATE, PAD
 
     tok = copy.deepcopy(load_tokenizer(name))  # the cached pretraining tokenizer stays unchanged
-    tok.add_special_tokens({"pad_token": PAD, "additional_special_tokens": [t for t in CHAT_SPECIAL_TOKENS if t != PAD]})
+    tok.add_special_tokens(
+        {"pad_token": PAD, "additional_special_tokens": [t for t in CHAT_SPECIAL_TOKENS if t != PAD]}
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -106,5 +115,8 @@ def generation_config(tokenizer):
     im_end = tokenizer.get_vocab().get(IM_END)
     if im_end is None:
         return None
-    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=[im_end, tokenizer.eos_token_id],
-                            pad_token_id=tokenizer.pad_token_id)
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[im_end, tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+    )

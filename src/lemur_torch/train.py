@@ -43,16 +43,38 @@ def build_and_fit(cfg: DictConfig) -> int:
     try:
         tokenizer = build_tokenizer(cfg.data)  # a hub tokenizer is first fetched here
         check_vocab_size(tokenizer, cfg.model.vocab_size)
-        loader = build_loader(cfg.data, tokenizer, cfg.train.seq_len, cfg.train.micro_batch_size,
-                              backend.dp_rank, backend.dp_size, cfg.train.seed)
+        loader = build_loader(
+            cfg.data,
+            tokenizer,
+            cfg.train.seq_len,
+            cfg.train.micro_batch_size,
+            backend.dp_rank,
+            backend.dp_size,
+            cfg.train.seed,
+        )
         validator = build_validator(cfg, loader, backend, logger.info)
         model = backend.setup_model(cfg)
         optimizer = build_optimizer(model, cfg.optim, backend.device.type)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-        trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend, logger.info), logger,
-                          stop, validator)
+        trainer = Trainer(
+            cfg,
+            backend,
+            model,
+            optimizer,
+            scheduler,
+            loader,
+            Checkpointer(cfg, backend, logger.info),
+            logger,
+            stop,
+            validator,
+        )
         status = trainer.fit()
-        if status == 0 and trainer.step >= cfg.train.max_steps and cfg.checkpoint.export_at_end and cfg.checkpoint.export_dir:
+        if (
+            status == 0
+            and trainer.step >= cfg.train.max_steps
+            and cfg.checkpoint.export_at_end
+            and cfg.checkpoint.export_dir
+        ):
             out = export_model(backend, model, cfg, tokenizer, cfg.checkpoint.export_dir)
             logger.info(f"HF export written to {out}")
         return status
@@ -134,8 +156,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, DataConfigError, BadInputError) as exc:
         return input_error(exc)
     except DataReadError as exc:
-        return report(f"aborted on a data read error: {exc}; the last completed step is checkpointed: fix the source "
-                      "and rerun to resume", 4)
+        return report(
+            f"aborted on a data read error: {exc}; the last completed step is checkpointed: fix the source "
+            "and rerun to resume",
+            4,
+        )
 
 
 if __name__ == "__main__":

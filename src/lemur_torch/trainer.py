@@ -66,8 +66,19 @@ class StopSignal:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, backend: Backend, model, optimizer, scheduler, loader,
-                 checkpointer: Checkpointer, logger: MetricsLogger, stop: Optional[StopSignal] = None, validator=None):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        backend: Backend,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        checkpointer: Checkpointer,
+        logger: MetricsLogger,
+        stop: Optional[StopSignal] = None,
+        validator=None,
+    ):
         self.cfg, self.backend, self.model = cfg, backend, model
         self.optimizer, self.scheduler, self.loader = optimizer, scheduler, loader
         self.checkpointer, self.logger = checkpointer, logger
@@ -89,8 +100,12 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------------
     def trainer_state(self) -> Dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
-                "run_id": self.checkpointer.run_id}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "run_id": self.checkpointer.run_id,
+        }
 
     def maybe_resume(self) -> None:
         choice = self.checkpointer.choose_resume()  # rank 0 decides; every rank loads the same checkpoint
@@ -110,7 +125,9 @@ class Trainer:
         """Checkpoint the current step (unless it is saved already); with `wait`, return only once it is
         committed. Asynchronous saves return as soon as the state is staged."""
         if self.last_saved_step != self.step:
-            self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, self.loader, self.trainer_state())
+            self.checkpointer.save(
+                self.step, self.model, self.optimizer, self.scheduler, self.loader, self.trainer_state()
+            )
             self.last_saved_step = self.step
         if wait:
             self.checkpointer.finalize()
@@ -120,11 +137,12 @@ class Trainer:
         """Train to train.max_steps, to train.stop_at_step, or until a stop signal. Returns 0, or the
         preemption exit code. Every way out waits for the checkpoint in flight.
 
-        The host does not wait for the device before tracing the next step: a step's metrics (loss, grad norm, the finite
-        guard) come back through Backend.read_later and are read during the next step, once that step's
+        The host does not wait for the device before tracing the next step: a step's metrics (loss, grad norm,
+        the finite guard) come back through Backend.read_later and are read during the next step, once that step's
         forward/backward is dispatched (XLA traces step k+1 while the device runs step k; CUDA queues its
         kernels) and before its optimizer step, or at the top of step k+1 where they are on the host already
-        without waiting (CPU; CUDA when the device has finished step k), so a hang in step k+1 still logs step k. Everything that depends on step k's guard is therefore decided
+        without waiting (CPU; CUDA when the device has finished step k), so a hang in step k+1 still logs step k.
+        Everything that depends on step k's guard is therefore decided
         before step k+1 updates anything: the LR schedule advances only after an applied update (step k+1's lr
         is set from it), the skip counter counts it, and an abort is flagged. A checkpoint, a stop and the end
         of the run read their own step first (`settle`), so what is saved holds only read and checked steps.
@@ -138,19 +156,35 @@ class Trainer:
             self.logger.info("stop signal received before the first step: exiting for requeue")
             return t.preempt_exit_code
         if self.logger.enabled:
-            self.logger.info(run_summary(self.cfg, self.backend, self.model, self.loader, self.grad_accum, self.step,
-                                         self.tokens_seen, self.resumed_from))
+            self.logger.info(
+                run_summary(
+                    self.cfg,
+                    self.backend,
+                    self.model,
+                    self.loader,
+                    self.grad_accum,
+                    self.step,
+                    self.tokens_seen,
+                    self.resumed_from,
+                )
+            )
         self.progress = Progress(t.max_steps, self.step)
         batches = self.backend.device_batches(iter(self.loader))
         every = self.cfg.checkpoint.every_steps
         pending: Optional[PendingStep] = None
-        with StepWatchdog(t.hang_timeout_s, t.hang_exit_code, self.backend.rank) as watchdog, closing(self.checkpointer):
+        with (
+            StepWatchdog(t.hang_timeout_s, t.hang_exit_code, self.backend.rank) as watchdog,
+            closing(self.checkpointer),
+        ):
             while self.step < t.max_steps:
                 watchdog.beat(self.step)
                 if t.stop_at_step is not None and self.step >= t.stop_at_step:
                     self.settle(pending)
                     self.save(wait=True)
-                    self.logger.info(f"train.stop_at_step={t.stop_at_step} reached at step {self.step}: checkpoint committed, stopping")
+                    self.logger.info(
+                        f"train.stop_at_step={t.stop_at_step} reached at step {self.step}: checkpoint committed, "
+                        "stopping"
+                    )
                     return 0
                 if pending is not None and pending.read.ready():
                     # already on the host (CPU; CUDA once the device finished it): logged now, so a step that
@@ -175,7 +209,9 @@ class Trainer:
                 if self.validator is not None and self.validator.due(self.step) and not stop:
                     self.complete(pending)  # the step's line before its validation line (an evaluation is rare)
                     watchdog.beat(self.step)  # an evaluation gets the watchdog's timeout of its own, as a step does
-                    self.logger.log_validation(self.validator.run(self.model, self.step))  # a preemption's grace is the checkpoint's
+                    self.logger.log_validation(
+                        self.validator.run(self.model, self.step)
+                    )  # a preemption's grace is the checkpoint's
                 periodic = every and self.step % every == 0 and self.step < t.max_steps
                 if stop or periodic:
                     stop = self.settle(pending) or stop  # a checkpoint holds only steps that were read and checked
@@ -209,8 +245,12 @@ class Trainer:
             self.complete(pending)
         return self.agree()
 
-    def train_step(self, micro: List[Dict[str, torch.Tensor]], previous: Optional["PendingStep"] = None,
-                   started: Optional[float] = None) -> "PendingStep":
+    def train_step(
+        self,
+        micro: List[Dict[str, torch.Tensor]],
+        previous: Optional["PendingStep"] = None,
+        started: Optional[float] = None,
+    ) -> "PendingStep":
         """Forward/backward over the micro-batches, clip, guarded optimizer step. The previous step is read
         (`complete`) after this step's forward/backward is dispatched and before its optimizer step, so this
         step's lr already reflects whether the previous update was applied. Nothing of this step is read on the
@@ -243,8 +283,15 @@ class Trainer:
         b.optimizer_step(self.optimizer, finite_t)  # skipped when not finite (decided on device for XLA)
         self.optimizer.zero_grad(set_to_none=True)
         # built before step_done so it is part of the step's graph (XLA: one graph per step); read later
-        values = torch.cat([loss.view(1), grad_norm.detach().float().view(1).to(loss.device), finite_t.float().view(1),
-                            global_tokens.view(1), reduced])
+        values = torch.cat(
+            [
+                loss.view(1),
+                grad_norm.detach().float().view(1).to(loss.device),
+                finite_t.float().view(1),
+                global_tokens.view(1),
+                reduced,
+            ]
+        )
         b.step_done()
         return PendingStep(step=self.step + 1, read=b.read_later(values), lr=lr)
 
@@ -271,9 +318,17 @@ class Trainer:
         self._aborting = self.consecutive_nonfinite >= self.cfg.train.max_nonfinite_steps
         dom_sum_v, dom_cnt_v = red[1 : 1 + n_dom], red[1 + n_dom : 1 + 2 * n_dom]
         stats = {
-            "step": pending.step, "loss": loss_v, "grad_norm": gnorm_v, "lr": pending.lr, "finite": finite,
-            "domain_loss": {d: (dom_sum_v[i] / dom_cnt_v[i] if dom_cnt_v[i] > 0 else None) for i, d in enumerate(self.domains)},
-            "label_tokens": int(n_tokens), "data_time_s": pending.data_time, "host_wait_s": wait,
+            "step": pending.step,
+            "loss": loss_v,
+            "grad_norm": gnorm_v,
+            "lr": pending.lr,
+            "finite": finite,
+            "domain_loss": {
+                d: (dom_sum_v[i] / dom_cnt_v[i] if dom_cnt_v[i] > 0 else None) for i, d in enumerate(self.domains)
+            },
+            "label_tokens": int(n_tokens),
+            "data_time_s": pending.data_time,
+            "host_wait_s": wait,
             "tokens_seen": pending.tokens_seen,
         }
         self.log_step(stats, (ended if ended is not None else time.perf_counter()) - pending.started)
@@ -284,11 +339,18 @@ class Trainer:
             return
         tokens_per_s = self.cfg.train.global_batch_tokens / step_time
         metrics: Dict[str, Any] = {
-            "step": step, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-            "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / self.backend.num_devices,
+            "step": step,
+            "loss": stats["loss"],
+            "lr": stats["lr"],
+            "grad_norm": stats["grad_norm"],
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / self.backend.num_devices,
             "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, self.backend.num_devices),
-            "step_time_s": step_time, "data_time_s": stats["data_time_s"], "host_wait_s": stats["host_wait_s"],
-            "tokens_seen": stats["tokens_seen"], "label_tokens": stats["label_tokens"],
+            "step_time_s": step_time,
+            "data_time_s": stats["data_time_s"],
+            "host_wait_s": stats["host_wait_s"],
+            "tokens_seen": stats["tokens_seen"],
+            "label_tokens": stats["label_tokens"],
             "skipped_steps": self.skipped_steps,
         }
         metrics.update({f"loss/{d}": v for d, v in stats["domain_loss"].items()})

@@ -38,11 +38,20 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from lemur_torch.attention import forward_kwargs
 from lemur_torch.config import ConfigError
 from lemur_torch.data.packing import BadCounter, Refiller
-from lemur_torch.data.sources import (READ_BLOCK, TAIL_BLOCK, Bad, BadInputError, DataConfigError, DataReadError, Source,
-                                     holdout_fraction, resolve_listing)
-from lemur_torch.attention import forward_kwargs
+from lemur_torch.data.sources import (
+    READ_BLOCK,
+    TAIL_BLOCK,
+    Bad,
+    BadInputError,
+    DataConfigError,
+    DataReadError,
+    Source,
+    holdout_fraction,
+    resolve_listing,
+)
 from lemur_torch.model import IGNORE_INDEX, token_loss_sums
 
 _END = -1  # token id of the end marker a one-pass packer emits after its share (never a real token)
@@ -56,8 +65,12 @@ def build_validator(cfg: DictConfig, loader, backend, info: Callable[[str], None
     if not cfg.eval.every_steps:
         return None
     if not any(src.holdout for src in loader.sources) and not cfg.eval.get("sources"):
-        info(f"validation off: eval.every_steps={cfg.eval.every_steps}, but no source holds data out and eval.sources is "
-             "empty; set data.holdout (or data.sources.<name>.holdout) or eval.sources to validate, or eval.every_steps=0")
+        info(
+            f"validation off: eval.every_steps={cfg.eval.every_steps}, but no source holds data out and "
+            "eval.sources is "
+            "empty; set data.holdout (or data.sources.<name>.holdout) or eval.sources to validate, or "
+            "eval.every_steps=0"
+        )
         return None
     return Validator(cfg, loader, backend, info)
 
@@ -98,33 +111,59 @@ class Validator:
             raise DataConfigError(f"validation: building the validation rows failed: {failures[0]}")
         self.rows = [sum(g[0][s] for g in gathered) for s in range(n)]
         self.read_bytes = [sum(g[1][s] for g in gathered) for s in range(n)]
-        pad = np.stack([np.zeros(self.seq_len, np.int64), np.full(self.seq_len, IGNORE_INDEX, np.int64),
-                        np.arange(self.seq_len, dtype=np.int64)])
+        pad = np.stack(
+            [
+                np.zeros(self.seq_len, np.int64),
+                np.full(self.seq_len, IGNORE_INDEX, np.int64),
+                np.arange(self.seq_len, dtype=np.int64),
+            ]
+        )
         # row source ids index the sources; padding rows get the extra id n (no labels)
         rows += [pad] * (self.micro_batches * self.micro - len(rows))
         ids += [n] * (len(rows) - len(ids))
-        self.batches = [loader.collate(torch.from_numpy(np.stack(rows[i : i + self.micro])), ids[i : i + self.micro])
-                        for i in range(0, len(rows), self.micro)]
+        self.batches = [
+            loader.collate(torch.from_numpy(np.stack(rows[i : i + self.micro])), ids[i : i + self.micro])
+            for i in range(0, len(rows), self.micro)
+        ]
 
         for (src, key, what), got in zip(sources, self.rows):
             if not got:
-                raise DataConfigError(f"validation: source {src.name!r} gives no validation rows from {what} ({key}): "
-                                      f"every record there is bad, or no record starts there; raise or fix {key}")
-        info(f"validation every {self.every} steps and at the end: {n} source(s), {sum(self.rows)} rows of "
-             f"{self.seq_len} tokens, {self.micro_batches} forward micro-batch(es) per rank; built in "
-             f"{time.perf_counter() - t0:.1f}s")
+                raise DataConfigError(
+                    f"validation: source {src.name!r} gives no validation rows from {what} ({key}): "
+                    f"every record there is bad, or no record starts there; raise or fix {key}"
+                )
+        info(
+            f"validation every {self.every} steps and at the end: {n} source(s), {sum(self.rows)} rows of "
+            f"{self.seq_len} tokens, {self.micro_batches} forward micro-batch(es) per rank; built in "
+            f"{time.perf_counter() - t0:.1f}s"
+        )
         for (src, key, what), got, nbytes in zip(sources, self.rows, self.read_bytes):
-            short = (f": only {got} of the {self.requested} rows requested by eval.batches (a short held-out slice is "
-                     "evaluated as it is)") if got < self.requested else ""
-            info(f"validation source {src.name!r} ({src.domain}) from {what} ({key}): {got} rows, "
-                 f"{nbytes / 1e6:.1f} MB read{short}")
+            short = (
+                (
+                    f": only {got} of the {self.requested} rows requested by eval.batches (a short held-out slice is "
+                    "evaluated as it is)"
+                )
+                if got < self.requested
+                else ""
+            )
+            info(
+                f"validation source {src.name!r} ({src.domain}) from {what} ({key}): {got} rows, "
+                f"{nbytes / 1e6:.1f} MB read{short}"
+            )
 
     @staticmethod
     def _sources(cfg: DictConfig, loader, backend) -> List[Tuple[Source, str, str]]:
         """(reader, the setting it comes from, what it reads) per validation source: the training sources' held-out
         slices, then eval.sources."""
-        out = [(src.held_out(), holdout_fraction(src.name, cfg.data.sources[src.name], cfg.data)[1],
-                f"the held-out {src.held_out_summary()}") for src in loader.sources if src.holdout]
+        out = [
+            (
+                src.held_out(),
+                holdout_fraction(src.name, cfg.data.sources[src.name], cfg.data)[1],
+                f"the held-out {src.held_out_summary()}",
+            )
+            for src in loader.sources
+            if src.holdout
+        ]
         extra = cfg.eval.get("sources") or {}
         if extra:
             listings, error = {}, None
@@ -141,8 +180,11 @@ class Validator:
                 src = loader.build_source(str(name), scfg, listings.get(str(name)))
                 out.append((src.held_out(whole=True), f"eval.sources.{name}", "the whole source"))
         if not out:
-            raise ConfigError("eval.every_steps", "there is nothing to evaluate: no source holds data out (data.holdout, "
-                              "data.sources.<name>.holdout) and eval.sources is empty")
+            raise ConfigError(
+                "eval.every_steps",
+                "there is nothing to evaluate: no source holds data out (data.holdout, "
+                "data.sources.<name>.holdout) and eval.sources is empty",
+            )
         return out
 
     def _check_names(self, cfg: DictConfig, loader) -> None:
@@ -150,13 +192,18 @@ class Validator:
         train = {s.name for s in loader.sources}
         extra = {str(name) for name in cfg.eval.get("sources") or {}}
         for name in sorted(extra & train):
-            raise ConfigError(f"eval.sources.{name}", "has the name of a training source; rename it (metrics are logged "
-                              "per source name)")
+            raise ConfigError(
+                f"eval.sources.{name}",
+                "has the name of a training source; rename it (metrics are logged per source name)",
+            )
         for name in self.names:
             if name in self.domains and [n for n, d in zip(self.names, self.domain_of) if d == name] != [name]:
                 key = f"eval.sources.{name}" if name in extra else f"data.sources.{name}"
-                raise ConfigError(key, f"a validation source named like the domain {name!r}, which has "
-                                  f"other sources: val/loss/{name} would mean two things; rename the source")
+                raise ConfigError(
+                    key,
+                    f"a validation source named like the domain {name!r}, which has "
+                    f"other sources: val/loss/{name} would mean two things; rename the source",
+                )
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -173,10 +220,13 @@ class Validator:
                 acc = None
                 for batch in b.device_batches(iter(self.batches)):
                     logits = model(**forward_kwargs(batch)).logits  # as the training step: per-document attention
-                    _, loss_sum, count = token_loss_sums(logits, batch["labels"], batch["domain_ids"], n + 1, self.loss_chunk)
+                    _, loss_sum, count = token_loss_sums(
+                        logits, batch["labels"], batch["domain_ids"], n + 1, self.loss_chunk
+                    )
                     src = batch["domain_ids"][:, 0]
                     rows = torch.zeros(n + 1, dtype=torch.float32, device=src.device).index_add_(
-                        0, src, torch.ones(src.shape, dtype=torch.float32, device=src.device))
+                        0, src, torch.ones(src.shape, dtype=torch.float32, device=src.device)
+                    )
                     part = torch.cat([loss_sum, count, rows])
                     acc = part if acc is None else acc + part
                     b.eval_step_done()
@@ -196,8 +246,11 @@ class Validator:
 
         put("", sum(sums), sum(counts))
         for d in self.domains:
-            put(f"/{d}", sum(s for s, dom in zip(sums, self.domain_of) if dom == d),
-                sum(c for c, dom in zip(counts, self.domain_of) if dom == d))
+            put(
+                f"/{d}",
+                sum(s for s, dom in zip(sums, self.domain_of) if dom == d),
+                sum(c for c, dom in zip(counts, self.domain_of) if dom == d),
+            )
         for name, s, c in zip(self.names, sums, counts):
             put(f"/{name}", s, c)
         out["val/tokens"] = sum(counts)
@@ -226,7 +279,9 @@ def rank_rows(loader, sources: Sequence[Source], quotas: Sequence[Sequence[int]]
     return rows, ids, built, read
 
 
-def _lane_rows(loader, src: Source, lane: int, lanes: int, tokenize, bad: BadCounter, n: int) -> Tuple[List[np.ndarray], int]:
+def _lane_rows(
+    loader, src: Source, lane: int, lanes: int, tokenize, bad: BadCounter, n: int
+) -> Tuple[List[np.ndarray], int]:
     """Up to n rows [3, S] (input_ids, labels, position_ids) from one pass over `src`'s share of `lane`, made by
     the loader's packer, and the bytes read for them."""
     S = loader.seq_len

@@ -25,16 +25,28 @@ def micro_batch(rank: int, i: int):
     g = torch.Generator().manual_seed(100 * rank + i)
     ids = torch.randint(3, 32000, (B, S), generator=g)
     pos = torch.cat([torch.arange(11), torch.arange(S - 11)]).expand(B, S).contiguous()
-    return {"input_ids": ids, "labels": ids.clone(), "position_ids": pos, "doc_lens": document_lengths(pos),
-            "domain_ids": torch.zeros_like(ids)}
+    return {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "position_ids": pos,
+        "doc_lens": document_lengths(pos),
+        "domain_ids": torch.zeros_like(ids),
+    }
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    cfg = load_config(["model=tiny", "parallel=hsdp", "parallel.dp_replicate=2", "parallel.mixed_precision=fp32",
-                       "parallel.activation_checkpointing=none"])
+    cfg = load_config(
+        [
+            "model=tiny",
+            "parallel=hsdp",
+            "parallel.dp_replicate=2",
+            "parallel.mixed_precision=fp32",
+            "parallel.activation_checkpointing=none",
+        ]
+    )
     backend = FsdpBackend(cfg)
     model = backend.setup_model(cfg)
     groups = {name: dist.get_process_group_ranks(backend.mesh.get_group(name)) for name in ("dp_replicate", "dp_shard")}
@@ -49,6 +61,7 @@ def main():
             dim = next((name for name, r in groups.items() if r == ranks), "world")
             counts[-1][f"{op}/{dim}"] = counts[-1].get(f"{op}/{dim}", 0) + 1
             return real[op](*a, group=group, **kw)
+
         return wrapped
 
     dist.all_reduce, dist.reduce_scatter_single = counting("all_reduce"), counting("reduce_scatter_single")

@@ -11,7 +11,6 @@ import resource
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -42,8 +41,20 @@ def main():
     init_weights(model, cfg.train.seed, cfg.model.initializer_range)
     seconds = time.perf_counter() - t0
     grown = peak_rss_bytes() - before
-    print(json.dumps({"model": model_name, "world": world, "rank": rank, "init_s": seconds, "peak_growth_bytes": grown,
-                      "shard_bytes": shard_bytes, "layer_bytes": layer_bytes, "largest_tensor_bytes": largest_bytes}))
+    print(
+        json.dumps(
+            {
+                "model": model_name,
+                "world": world,
+                "rank": rank,
+                "init_s": seconds,
+                "peak_growth_bytes": grown,
+                "shard_bytes": shard_bytes,
+                "layer_bytes": layer_bytes,
+                "largest_tensor_bytes": largest_bytes,
+            }
+        )
+    )
     dist.destroy_process_group()
 
 

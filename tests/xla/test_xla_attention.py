@@ -18,8 +18,15 @@ def test_mask_free_sdpa_equals_hf_sdpa_on_packed_rows():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     xla_attention.register()
-    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    cfg = LlamaConfig(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 101, (2, 24))

@@ -9,10 +9,10 @@ import torch
 
 @functools.lru_cache(maxsize=1)
 def _backend():
+    from xla_helpers import XLA
+
     from lemur_torch.config import load_config
     from lemur_torch.parallel.xla import XlaSpmdBackend
-
-    from xla_helpers import XLA
 
     return XlaSpmdBackend(load_config([*XLA, "parallel.xla_cache_dir=null"]))
 
@@ -77,8 +77,11 @@ def test_memory_stats_on_tpu(monkeypatch):
     backend = _backend()
     assert backend.memory_stats() == {}  # CPU
     gib = 2**30
-    monkeypatch.setattr(xm, "get_memory_info", lambda device=None: {
-        "bytes_used": 3 * gib, "bytes_limit": 32 * gib, "peak_bytes_used": 5 * gib})
+    monkeypatch.setattr(
+        xm,
+        "get_memory_info",
+        lambda device=None: {"bytes_used": 3 * gib, "bytes_limit": 32 * gib, "peak_bytes_used": 5 * gib},
+    )
     assert backend.memory_stats() == {"mem_alloc_gib": 5.0, "mem_in_use_gib": 3.0, "mem_limit_gib": 32.0}
 
 
@@ -91,8 +94,12 @@ def test_mfu_peak_for_tpu_device_kinds(monkeypatch):
     from lemur_torch.parallel import xla
 
     assert _backend().device_kind == "cpu"
-    expected = {"v4-512": ("TPU v4", 275e12), "v5litepod-256": ("TPU v5 lite", 197e12),
-                "v5p-1024": ("TPU v5", 459e12), "v6e-256": ("TPU v6 lite", 918e12)}
+    expected = {
+        "v4-512": ("TPU v4", 275e12),
+        "v5litepod-256": ("TPU v5 lite", 197e12),
+        "v5p-1024": ("TPU v5", 459e12),
+        "v6e-256": ("TPU v6 lite", 918e12),
+    }
     for accelerator, (kind, peak) in expected.items():
         monkeypatch.setattr(tpu, "get_tpu_type", lambda accelerator=accelerator: accelerator.split("-")[0])
         assert xla._pjrt_device_kind("TPU") == kind

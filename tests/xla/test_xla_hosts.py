@@ -68,9 +68,16 @@ def test_stop_signal_on_one_host_stops_both_at_the_same_step():
 
     run_dir = os.path.join(artifacts(), "hosts")
     port = _free_port()
-    overrides = [*XLA, "train.max_steps=500", f"run_dir={run_dir}",
-                 "checkpoint.every_steps=0", "checkpoint.export_at_end=false"]
-    procs = [_launch(rank, port, driver_cmd(os.path.join(artifacts(), f"hosts{rank}.json"), overrides)) for rank in (0, 1)]
+    overrides = [
+        *XLA,
+        "train.max_steps=500",
+        f"run_dir={run_dir}",
+        "checkpoint.every_steps=0",
+        "checkpoint.export_at_end=false",
+    ]
+    procs = [
+        _launch(rank, port, driver_cmd(os.path.join(artifacts(), f"hosts{rank}.json"), overrides)) for rank in (0, 1)
+    ]
     try:
         deadline = time.time() + 400
         while time.time() < deadline and all(p.poll() is None for p in procs) and _last_step(run_dir) < 2:

@@ -16,7 +16,9 @@ def test_marker_committed_checkpoint_resumes_and_one_without_marker_is_ignored()
     full = full_run()
     ckpt = os.path.join(full, "checkpoints", "step_00000005")
     assert os.path.exists(os.path.join(ckpt, "meta.json"))
-    assert not [n for n in os.listdir(os.path.join(full, "checkpoints")) if n.startswith(".tmp-")], "marker mode stages in place"
+    assert not [n for n in os.listdir(os.path.join(full, "checkpoints")) if n.startswith(".tmp-")], (
+        "marker mode stages in place"
+    )
     # the resumed job's checkpoint folder: the complete step 5, and step 8 written up to its marker only
     ckpt_dir = os.path.join(artifacts(), "resumed-checkpoints")
     shutil.copytree(ckpt, os.path.join(ckpt_dir, "step_00000005"))
@@ -24,9 +26,19 @@ def test_marker_committed_checkpoint_resumes_and_one_without_marker_is_ignored()
     shutil.copytree(os.path.join(full, "checkpoints", "step_00000010"), incomplete)
     os.remove(os.path.join(incomplete, "meta.json"))
     run_dir = os.path.join(artifacts(), "resumed")
-    results = run_xla(os.path.join(artifacts(), "resumed.json"),
-                      [*XLA, compile_cache(), f"run_dir={run_dir}", f"checkpoint.dir={ckpt_dir}", "checkpoint.commit=marker",
-                       "checkpoint.resume=auto", "checkpoint.every_steps=0", "checkpoint.export_at_end=false"])
+    results = run_xla(
+        os.path.join(artifacts(), "resumed.json"),
+        [
+            *XLA,
+            compile_cache(),
+            f"run_dir={run_dir}",
+            f"checkpoint.dir={ckpt_dir}",
+            "checkpoint.commit=marker",
+            "checkpoint.resume=auto",
+            "checkpoint.every_steps=0",
+            "checkpoint.export_at_end=false",
+        ],
+    )
     assert not os.path.exists(incomplete), "a folder without its marker is removed at start, never loaded"
     ref, got = losses(full), losses(run_dir)
     assert sorted(got) == list(range(6, STEPS + 1))

@@ -4,11 +4,17 @@ The same number of programs is compiled for 4 and for 16 layers, and the losses 
 import os
 
 import pytest
-
 from xla_helpers import XLA, artifacts, eager_reference_losses, losses, run_xla
 
-SCAN = [*XLA, "train.max_steps=3", "parallel.scan_layers=true", "parallel.activation_checkpointing=full",
-        "checkpoint.every_steps=0", "checkpoint.save_at_end=false", "checkpoint.export_at_end=false"]
+SCAN = [
+    *XLA,
+    "train.max_steps=3",
+    "parallel.scan_layers=true",
+    "parallel.activation_checkpointing=full",
+    "checkpoint.every_steps=0",
+    "checkpoint.save_at_end=false",
+    "checkpoint.export_at_end=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +22,10 @@ def runs():
     out = {}
     for layers in (4, 16):
         run_dir = os.path.join(artifacts(), f"scan{layers}")
-        results = run_xla(os.path.join(artifacts(), f"scan{layers}.json"),
-                          [*SCAN, f"model.num_hidden_layers={layers}", f"run_dir={run_dir}"])
+        results = run_xla(
+            os.path.join(artifacts(), f"scan{layers}.json"),
+            [*SCAN, f"model.num_hidden_layers={layers}", f"run_dir={run_dir}"],
+        )
         out[layers] = (run_dir, results)
     return out
 

@@ -2,7 +2,6 @@
 host sync between steps, and an export that compiles nothing."""
 
 import pytest
-
 from xla_helpers import STEPS, XLA, assert_matches_reference, eager_reference, full_results, full_run, losses
 
 

@@ -5,14 +5,21 @@ import math
 import os
 
 import pytest
-
 from xla_helpers import XLA, artifacts, run_xla
 
 STEPS = 4
 # an lr of 1e-30 (the gate wants lr > 0) moves no fp32 weight: the initial weights stay, so the eager reference
 # needs no training loop, and every evaluation must agree
-RUN = [*XLA, f"train.max_steps={STEPS}", "optim.lr=1e-30", "eval.every_steps=2", "eval.batches=1", "checkpoint.every_steps=0",
-       "checkpoint.save_at_end=false", "checkpoint.export_at_end=false"]
+RUN = [
+    *XLA,
+    f"train.max_steps={STEPS}",
+    "optim.lr=1e-30",
+    "eval.every_steps=2",
+    "eval.batches=1",
+    "checkpoint.every_steps=0",
+    "checkpoint.save_at_end=false",
+    "checkpoint.export_at_end=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +32,12 @@ def run():
 
 
 def test_values_match_the_eager_computation(run):
+    from validation_helpers import HostBackend, tiny_model
+
     from lemur_torch.config import load_config
     from lemur_torch.data import build_loader
     from lemur_torch.tokenizer import load_tokenizer
     from lemur_torch.validation import Validator
-    from validation_helpers import HostBackend, tiny_model
 
     _, val = run
     assert sorted(val) == [2, STEPS]
@@ -39,7 +47,12 @@ def test_values_match_the_eager_computation(run):
     ref = Validator(cfg, loader, HostBackend(), info=lambda line: None).run(tiny_model(cfg), 2)
     for step in val:
         for key in ("val/loss", "val/loss/code", "val/loss/text", "val/tokens/stdlib_code", "val/tokens/pydoc_text"):
-            assert math.isfinite(val[step][key]) and abs(val[step][key] - ref[key]) < 1e-4, (step, key, val[step][key], ref[key])
+            assert math.isfinite(val[step][key]) and abs(val[step][key] - ref[key]) < 1e-4, (
+                step,
+                key,
+                val[step][key],
+                ref[key],
+            )
 
 
 def test_one_graph_per_validation_micro_batch_and_training_steps_keep_theirs(run):

@@ -7,8 +7,17 @@ import json
 import os
 
 import pytest
-
-from xla_helpers import LAYERS, XLA, artifacts, assert_matches_reference, eager_reference, full_run, losses, read_metrics, run_xla
+from xla_helpers import (
+    LAYERS,
+    XLA,
+    artifacts,
+    assert_matches_reference,
+    eager_reference,
+    full_run,
+    losses,
+    read_metrics,
+    run_xla,
+)
 
 # seq 256, one micro-batch of 4 rows (one per device) per step; the full run's export as starting weights
 SEQ = ["train.seq_len=256", "train.micro_batch_size=4", "train.global_batch_tokens=1024", "train.max_steps=4"]
@@ -36,8 +45,16 @@ def reference():
 @pytest.fixture(scope="module")
 def tp2():
     """xla_tensor=2 (a 2x2 mesh), loss_chunk 64 (4 chunks per row), a checkpoint after step 2."""
-    return _run("tp2", ["parallel.xla_tensor=2", "train.loss_chunk=64", "checkpoint.every_steps=2",
-                        "checkpoint.save_at_end=false", "checkpoint.export_at_end=false"])
+    return _run(
+        "tp2",
+        [
+            "parallel.xla_tensor=2",
+            "train.loss_chunk=64",
+            "checkpoint.every_steps=2",
+            "checkpoint.save_at_end=false",
+            "checkpoint.export_at_end=false",
+        ],
+    )
 
 
 def _ckpt(tp2_dir):
@@ -69,7 +86,9 @@ def test_2d_mesh_checkpoint_holds_every_tensor(tp2):
         hf_keys = set(json.load(f)["weight_map"])
     assert len(hf_keys) == 1 + 9 * LAYERS + 2  # embeddings, 9 tensors per layer, norm, lm_head
     missing = [k for k in sorted(hf_keys) if f"model.{k}" not in saved]
-    missing += [f"{k}.{m}" for k in sorted(hf_keys) for m in ("exp_avg", "exp_avg_sq") if f"optim.state.{k}.{m}" not in saved]
+    missing += [
+        f"{k}.{m}" for k in sorted(hf_keys) for m in ("exp_avg", "exp_avg_sq") if f"optim.state.{k}.{m}" not in saved
+    ]
     assert not missing, missing
 
 
@@ -77,8 +96,10 @@ def test_2d_mesh_checkpoint_holds_every_tensor(tp2):
 def test_resume_2d_mesh_checkpoint_in_fresh_process(tp2, reference, tensor, chunk):
     """The xla_tensor=2 checkpoint resumes on the same mesh and on a 1-D one (with the loss unchunked): the
     uninterrupted run's steps 3 and 4, and the eager reference's."""
-    run_dir, results = _run(f"tp2-resume-{tensor}", [f"parallel.xla_tensor={tensor}", f"train.loss_chunk={chunk}",
-                                                      f"checkpoint.resume={_ckpt(tp2[0])}", *NO_SAVE])
+    run_dir, results = _run(
+        f"tp2-resume-{tensor}",
+        [f"parallel.xla_tensor={tensor}", f"train.loss_chunk={chunk}", f"checkpoint.resume={_ckpt(tp2[0])}", *NO_SAVE],
+    )
     got, uninterrupted = losses(run_dir), losses(tp2[0])
     assert sorted(got) == [3, 4]
     for step in got:

@@ -95,8 +95,11 @@ def main() -> int:
     def export_and_record_logits(backend, model, cfg, tokenizer, out_dir):
         before = (compiles(), executions(), met.counter_value("ReplicateShardedData") or 0)
         out = export_model(backend, model, cfg, tokenizer, out_dir)
-        extra["export"] = {"compiles": compiles() - before[0], "executions": executions() - before[1],
-                           "replications": (met.counter_value("ReplicateShardedData") or 0) - before[2]}
+        extra["export"] = {
+            "compiles": compiles() - before[0],
+            "executions": executions() - before[1],
+            "replications": (met.counter_value("ReplicateShardedData") or 0) - before[2],
+        }
         batch = next(backend.device_batches(iter([logits_batch()])))
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -105,7 +108,9 @@ def main() -> int:
 
     export_lib.export_model = export_and_record_logits
     status = train.main(overrides)
-    extra["cache"] = {name: met.counter_value(f"PersistentCache{name}") or 0 for name in ("Hit", "Miss", "DeserializeFailure")}
+    extra["cache"] = {
+        name: met.counter_value(f"PersistentCache{name}") or 0 for name in ("Hit", "Miss", "DeserializeFailure")
+    }
     with open(results_path, "w") as f:
         json.dump({"status": status, "steps": steps, "evals": evals, "events": events, **extra}, f)
     return status

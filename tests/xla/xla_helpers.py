@@ -18,8 +18,16 @@ STEPS = 10
 # real tokenizer; 4 rows per micro-batch (one per fsdp device), 2 micro-batches per step
 LAYERS = 2
 BASE = [
-    "model=tiny", f"model.num_hidden_layers={LAYERS}", "train.seq_len=64", "train.micro_batch_size=4", "train.global_batch_tokens=512",
-    "optim.warmup_steps=3", "optim.lr=1e-3", f"train.max_steps={STEPS}", "log.wandb_mode=disabled", "log.console=false",
+    "model=tiny",
+    f"model.num_hidden_layers={LAYERS}",
+    "train.seq_len=64",
+    "train.micro_batch_size=4",
+    "train.global_batch_tokens=512",
+    "optim.warmup_steps=3",
+    "optim.lr=1e-3",
+    f"train.max_steps={STEPS}",
+    "log.wandb_mode=disabled",
+    "log.console=false",
     "eval.every_steps=0",  # validation under XLA has its own run (test_xla_validation.py)
 ]
 # no persistent compilation cache by default (the CPU client cannot load its own cached executables; see
@@ -56,7 +64,10 @@ def run_xla(results: str, overrides: List[str], timeout: int = 600) -> Dict:
     cmd = driver_cmd(results, overrides)
     proc = subprocess.run(cmd, env=xla_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- "
+            f"stderr\n{proc.stderr[-6000:]}"
+        )
     with open(results) as f:
         return json.load(f)
 
@@ -67,8 +78,19 @@ def full_run() -> str:
     run_dir = os.path.join(artifacts(), "full")
     results = os.path.join(artifacts(), "full.json")
     if not os.path.exists(results):
-        run_xla(results, [*XLA, compile_cache(), f"run_dir={run_dir}", "checkpoint.every_steps=5", "checkpoint.keep_last=3", "checkpoint.commit=marker",
-                          "checkpoint.export_at_end=true", f"checkpoint.export_dir={run_dir}/hf"])
+        run_xla(
+            results,
+            [
+                *XLA,
+                compile_cache(),
+                f"run_dir={run_dir}",
+                "checkpoint.every_steps=5",
+                "checkpoint.keep_last=3",
+                "checkpoint.commit=marker",
+                "checkpoint.export_at_end=true",
+                f"checkpoint.export_dir={run_dir}/hf",
+            ],
+        )
     return run_dir
 
 
@@ -86,7 +108,13 @@ def eager_reference(overrides: List[str]) -> Dict[int, Dict[str, float]]:
 
     from lemur_torch.config import grad_accum_steps, load_config
     from lemur_torch.data import build_loader
-    from lemur_torch.model import batch_label_tokens, build_meta_model, init_weights, reset_rope_buffers, token_loss_sums
+    from lemur_torch.model import (
+        batch_label_tokens,
+        build_meta_model,
+        init_weights,
+        reset_rope_buffers,
+        token_loss_sums,
+    )
     from lemur_torch.optim import build_optimizer, build_scheduler
     from lemur_torch.tokenizer import load_tokenizer
 
@@ -99,7 +127,9 @@ def eager_reference(overrides: List[str]) -> Dict[int, Dict[str, float]]:
     if cfg.model.pretrained:
         from transformers import AutoModelForCausalLM
 
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(cfg.model.pretrained, dtype=torch.float32).state_dict())
+        model.load_state_dict(
+            AutoModelForCausalLM.from_pretrained(cfg.model.pretrained, dtype=torch.float32).state_dict()
+        )
     else:
         init_weights(model, t.seed, cfg.model.initializer_range)
     model.train()
@@ -115,7 +145,8 @@ def eager_reference(overrides: List[str]) -> Dict[int, Dict[str, float]]:
             logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
             # per-domain sums by plain masking, independently of the trainer's one-hot products
             per_tok = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1), mb["labels"][:, 1:].flatten(), ignore_index=-100, reduction="none")
+                logits[:, :-1].flatten(0, 1), mb["labels"][:, 1:].flatten(), ignore_index=-100, reduction="none"
+            )
             dom = mb["domain_ids"][:, 1:].flatten()
             valid = mb["labels"][:, 1:].flatten() != -100
             for i in range(len(domains)):
@@ -128,8 +159,10 @@ def eager_reference(overrides: List[str]) -> Dict[int, Dict[str, float]]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        out[step] = {"loss": total / n.item(), **{f"loss/{d}": (dom_sum[i] / dom_cnt[i]).item()
-                                                   for i, d in enumerate(domains) if dom_cnt[i] > 0}}
+        out[step] = {
+            "loss": total / n.item(),
+            **{f"loss/{d}": (dom_sum[i] / dom_cnt[i]).item() for i, d in enumerate(domains) if dom_cnt[i] > 0},
+        }
     return out
 
 
@@ -137,7 +170,9 @@ def eager_reference_losses(overrides: List[str]) -> Dict[int, float]:
     return {step: m["loss"] for step, m in eager_reference(overrides).items()}
 
 
-def assert_matches_reference(run_dir: str, ref: Dict[int, Dict[str, float]], steps: List[int], tol: float = 1e-4) -> None:
+def assert_matches_reference(
+    run_dir: str, ref: Dict[int, Dict[str, float]], steps: List[int], tol: float = 1e-4
+) -> None:
     """The run's loss and per-domain losses at `steps` equal the reference's within `tol`."""
     got = {m["step"]: m for m in read_metrics(run_dir)}
     assert sorted(s for s in got if s in steps) == sorted(steps), (sorted(got), steps)

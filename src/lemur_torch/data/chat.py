@@ -67,9 +67,16 @@ CHAT_REASONS = (WRONG_TYPE, UNKNOWN_ROLE, EMPTY_TURN, BAD_ORDER, NOT_ENDING_WITH
 FORMATS = ("auto", "messages", "sharegpt", "alpaca")
 # the fields each format reads (renamed per source with `fields:`)
 DEFAULT_FIELDS = {
-    "messages": "messages", "role": "role", "content": "content",
-    "conversations": "conversations", "from": "from", "value": "value",
-    "instruction": "instruction", "input": "input", "output": "output", "system": "system",
+    "messages": "messages",
+    "role": "role",
+    "content": "content",
+    "conversations": "conversations",
+    "from": "from",
+    "value": "value",
+    "instruction": "instruction",
+    "input": "input",
+    "output": "output",
+    "system": "system",
 }
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -100,11 +107,15 @@ def render(messages: Sequence[Union[Tuple[str, str], Dict[str, str]]], bos: str 
 
 # -- formats -> Conversation ------------------------------------------------------------------------------
 
+
 def _check_turns(turns: List[Tuple[object, object]], where: str) -> Union[Conversation, Bad]:
     out = []
     for i, (role, content) in enumerate(turns):
         if not isinstance(role, str) or not isinstance(content, str):
-            return Bad(WRONG_TYPE, f"{where} {i}: role/content must be strings, got {type(role).__name__}/{type(content).__name__}")
+            return Bad(
+                WRONG_TYPE,
+                f"{where} {i}: role/content must be strings, got {type(role).__name__}/{type(content).__name__}",
+            )
         if role not in ROLES:
             return Bad(UNKNOWN_ROLE, f"{where} {i}: unknown role {role!r} (use system, user, assistant)")
         if not content.strip():
@@ -120,26 +131,37 @@ def _check_turns(turns: List[Tuple[object, object]], where: str) -> Union[Conver
 
 
 def to_conversation(obj, fmt: str = "auto", fields: Optional[Dict[str, str]] = None) -> Union[Conversation, Bad]:
-    """One record (a JSON object / HF example) in the OpenAI `messages`, ShareGPT or Alpaca form -> Conversation or Bad."""
+    """One record (a JSON object / HF example) in the OpenAI `messages`, ShareGPT or Alpaca form -> Conversation
+    or Bad."""
     f = {**DEFAULT_FIELDS, **(fields or {})}
     if not isinstance(obj, dict):
         return Bad(WRONG_TYPE, f"a {type(obj).__name__}, not an object")
     if fmt == "auto":
         present = [k for k in ("messages", "conversations", "instruction") if obj.get(f[k]) is not None]
         if not present:
-            return Bad(MISSING_FIELD, f"none of the fields {f['messages']!r}, {f['conversations']!r}, {f['instruction']!r}")
+            return Bad(
+                MISSING_FIELD, f"none of the fields {f['messages']!r}, {f['conversations']!r}, {f['instruction']!r}"
+            )
         fmt = {"messages": "messages", "conversations": "sharegpt", "instruction": "alpaca"}[present[0]]
     if fmt == "alpaca":
         instruction, inp, output, system = (obj.get(f[k]) for k in ("instruction", "input", "output", "system"))
         if instruction is None or output is None:
             return Bad(MISSING_FIELD, f"alpaca record needs {f['instruction']!r} and {f['output']!r}")
-        for name, v in (("instruction", instruction), ("output", output), ("input", inp or ""), ("system", system or "")):
+        for name, v in (
+            ("instruction", instruction),
+            ("output", output),
+            ("input", inp or ""),
+            ("system", system or ""),
+        ):
             if not isinstance(v, str):
                 return Bad(WRONG_TYPE, f"{f[name]!r} is {type(v).__name__}, not a string")
         user = instruction.strip() + ("\n\n" + inp.strip() if inp and inp.strip() else "")
         turns = ([("system", system)] if system and system.strip() else []) + [("user", user), ("assistant", output)]
         return _check_turns(turns, "turn")
-    key, role_key, content_key = {"messages": ("messages", "role", "content"), "sharegpt": ("conversations", "from", "value")}[fmt]
+    key, role_key, content_key = {
+        "messages": ("messages", "role", "content"),
+        "sharegpt": ("conversations", "from", "value"),
+    }[fmt]
     msgs = obj.get(f[key])
     if msgs is None:
         return Bad(MISSING_FIELD, f"no field {f[key]!r}")
@@ -155,6 +177,7 @@ def to_conversation(obj, fmt: str = "auto", fields: Optional[Dict[str, str]] = N
 
 
 # -- ids and labels ---------------------------------------------------------------------------------------
+
 
 class ChatEncoder(Tokenize):
     """Conversations -> int32 arrays [2, n] (input_ids, labels), turn by turn; the packers' `tokenize`."""
@@ -186,12 +209,16 @@ class ChatEncoder(Tokenize):
         out = []
         for piece, ids in zip(pieces, encode([anchor + p for p in pieces])):
             if ids[: len(anchor_ids)] != anchor_ids:
-                raise ValueError(f"tokenizer merges across {anchor!r} when encoding {piece[:40]!r}: turn-by-turn labels would be wrong")
-            out.append(ids[len(anchor_ids):])
+                raise ValueError(
+                    f"tokenizer merges across {anchor!r} when encoding {piece[:40]!r}: turn-by-turn labels would "
+                    "be wrong"
+                )
+            out.append(ids[len(anchor_ids) :])
         return out
 
     def encode(self, conversations: Sequence[Conversation]) -> List[Tuple[List[int], List[int], List[int]]]:
-        """Untruncated (ids, labels, message end offsets) per conversation; one batched tokenizer call for all contents."""
+        """Untruncated (ids, labels, message end offsets) per conversation; one batched tokenizer call for all
+        contents."""
         contents = [c.strip() for conv in conversations for _, c in conv.messages]  # as render() does
         # content is text (Tokenize): markup inside a message stays characters, so no message can forge a turn.
         # It follows "<role>\n" in the rendered text; "\n" is a hard boundary, so the anchor "\n" stands for that
@@ -202,7 +229,9 @@ class ChatEncoder(Tokenize):
             for role, _ in conv.messages:
                 body = next(content_ids) + self.tail
                 ids += self.header[role] + body
-                labels += [IGNORE_INDEX] * len(self.header[role]) + (body if role == "assistant" else [IGNORE_INDEX] * len(body))
+                labels += [IGNORE_INDEX] * len(self.header[role]) + (
+                    body if role == "assistant" else [IGNORE_INDEX] * len(body)
+                )
                 ends.append(len(ids))
             out.append((ids, labels, ends))
         return out
@@ -218,7 +247,9 @@ class ChatEncoder(Tokenize):
         ids, _, _ = self.encode([conv])[0]
         return ids + (self.header["assistant"] if add_generation_prompt else [])
 
-    def truncate(self, conv: Conversation, ids: List[int], labels: List[int], ends: List[int]) -> Union[np.ndarray, Bad]:
+    def truncate(
+        self, conv: Conversation, ids: List[int], labels: List[int], ends: List[int]
+    ) -> Union[np.ndarray, Bad]:
         S = self.seq_len
         if len(ids) > S:
             fits = [e for e, (role, _) in zip(ends, conv.messages) if e <= S and role == "assistant"]

@@ -21,7 +21,15 @@ from functools import lru_cache
 from typing import List, Tuple
 
 from lemur_torch.data.chat import FORMATS, Conversation, to_conversation
-from lemur_torch.data.sources import DataConfigError, FileSource, IndexedSource, Source, _plain, resolve_listing, source_identity
+from lemur_torch.data.sources import (
+    DataConfigError,
+    FileSource,
+    IndexedSource,
+    Source,
+    _plain,
+    resolve_listing,
+    source_identity,
+)
 from lemur_torch.data.storage import Storage
 
 
@@ -42,11 +50,47 @@ class ChatFileSource(FileSource):
 
 # modules that exist in every supported Python (3.10+) and are plain Python; missing ones are skipped
 STDLIB_MODULES = (
-    "base64", "bisect", "calendar", "colorsys", "copy", "csv", "dataclasses", "difflib", "email/utils", "filecmp",
-    "fnmatch", "fractions", "functools", "genericpath", "gettext", "glob", "heapq", "html/__init__", "ipaddress",
-    "json/__init__", "keyword", "locale", "mimetypes", "ntpath", "platform", "posixpath", "pprint", "quopri",
-    "random", "reprlib", "secrets", "shlex", "shutil", "statistics", "string", "tempfile", "textwrap", "tokenize",
-    "traceback", "urllib/parse", "uuid",
+    "base64",
+    "bisect",
+    "calendar",
+    "colorsys",
+    "copy",
+    "csv",
+    "dataclasses",
+    "difflib",
+    "email/utils",
+    "filecmp",
+    "fnmatch",
+    "fractions",
+    "functools",
+    "genericpath",
+    "gettext",
+    "glob",
+    "heapq",
+    "html/__init__",
+    "ipaddress",
+    "json/__init__",
+    "keyword",
+    "locale",
+    "mimetypes",
+    "ntpath",
+    "platform",
+    "posixpath",
+    "pprint",
+    "quopri",
+    "random",
+    "reprlib",
+    "secrets",
+    "shlex",
+    "shutil",
+    "statistics",
+    "string",
+    "tempfile",
+    "textwrap",
+    "tokenize",
+    "traceback",
+    "urllib/parse",
+    "uuid",
 )
 SYSTEM_PROMPT_CODE = "You are a careful Python programmer. Answer with code only."
 
@@ -112,7 +156,9 @@ class BuiltinChatSource(IndexedSource):
     def __init__(self, name, domain, weight, seed, shuffle, which: str):
         super().__init__(name, domain, weight, seed, shuffle)
         if which not in BUILTIN_SETS:
-            raise DataConfigError(f"source {name!r}: kind builtin_chat needs path one of {sorted(BUILTIN_SETS)}, got {which!r}")
+            raise DataConfigError(
+                f"source {name!r}: kind builtin_chat needs path one of {sorted(BUILTIN_SETS)}, got {which!r}"
+            )
         self.which = which
         self.items = BUILTIN_SETS[which]()
 
@@ -122,7 +168,7 @@ class BuiltinChatSource(IndexedSource):
     def doc_key(self, i):
         loc = self.items[i][0]  # a stdlib path (machine-specific prefix dropped) or a pydoc topic
         std = sysconfig.get_paths()["stdlib"] + os.sep
-        return loc[len(std):] if loc.startswith(std) else loc
+        return loc[len(std) :] if loc.startswith(std) else loc
 
     def doc_weight(self, i):
         return sum(len(c) for _, c in self.items[i][1])
@@ -145,12 +191,17 @@ def build_chat_source(name: str, cfg, seed: int, listing=None, storage=None) -> 
     if kind == "builtin_chat":
         return BuiltinChatSource(name, cfg.domain, weight, seed, shuffle, cfg.path)
     if kind not in ("jsonl", "hf"):
-        raise DataConfigError(f"source {name!r}: kind {kind!r} does not hold conversations; with data.format=chat use builtin_chat, jsonl or hf")
+        raise DataConfigError(
+            f"source {name!r}: kind {kind!r} does not hold conversations; with data.format=chat use "
+            "builtin_chat, jsonl or hf"
+        )
     if cfg.kind == "hf" and not cfg.path:
         raise DataConfigError(f"source {name!r}: kind hf needs path (a dataset id or local folder)")
     storage = storage or Storage()
     if listing is None:
         listing = resolve_listing(name, cfg, None, storage)
-    src = ChatFileSource(name, cfg.domain, weight, seed, shuffle, kind, listing, cfg.text_field, storage, source_identity(cfg))
+    src = ChatFileSource(
+        name, cfg.domain, weight, seed, shuffle, kind, listing, cfg.text_field, storage, source_identity(cfg)
+    )
     src.chat_format, src.fields = fmt, dict(_plain(cfg.get("fields")) or {})
     return src

@@ -2,7 +2,8 @@
 
 Called by the run's gate (lemur_torch.preflight) on every rank before the process group or the model
 exists, so it only looks at what is on this machine: the format, each source's kind, fields and chat format,
-and that local paths and globs match files (fsspec URLs are listed later, once, by rank 0). Ranges (weight > 0, lanes >= 1, ...) are bounds in the schema
+and that local paths and globs match files (fsspec URLs are listed later, once, by rank 0).
+Ranges (weight > 0, lanes >= 1, ...) are bounds in the schema
 (data/schema.py), checked with the rest of the config. What needs the network (a hub dataset's files) is
 checked where the data is opened, once the process group exists; those errors are DataConfigErrors too.
 """
@@ -52,7 +53,9 @@ def check_source(name: str, scfg, fmt: str, prefix: str = "data.sources") -> Non
     key = f"{prefix}.{name}"
     kind = scfg.kind
     if kind not in KINDS[fmt]:
-        raise DataKeyError(f"{key}.kind", f"{kind!r} is not a kind of source for data.format={fmt}; use one of {', '.join(KINDS[fmt])}")
+        raise DataKeyError(
+            f"{key}.kind", f"{kind!r} is not a kind of source for data.format={fmt}; use one of {', '.join(KINDS[fmt])}"
+        )
     if not str(scfg.domain or "").strip():
         raise DataKeyError(f"{key}.domain", "is empty; name the domain its loss is reported under (e.g. code, text)")
     if fmt == "chat":
@@ -70,7 +73,9 @@ def check_source(name: str, scfg, fmt: str, prefix: str = "data.sources") -> Non
         from lemur_torch.data.chat_sources import BUILTIN_SETS
 
         if scfg.path not in BUILTIN_SETS:
-            raise DataKeyError(f"{key}.path", f"{scfg.path!r}; kind builtin_chat reads one of {', '.join(sorted(BUILTIN_SETS))}")
+            raise DataKeyError(
+                f"{key}.path", f"{scfg.path!r}; kind builtin_chat reads one of {', '.join(sorted(BUILTIN_SETS))}"
+            )
 
 
 def _local_files(name: str, key: str, path, kind: str) -> List[str]:
@@ -86,27 +91,39 @@ def _check_parquet_column(key: str, path: str, column: str) -> None:
     try:
         names = pq.ParquetFile(path).schema_arrow.names  # the footer only
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a file that is not parquet
-        raise DataKeyError(f"{key}.path", f"{path} is not a readable parquet file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise DataKeyError(
+            f"{key}.path",
+            f"{path} is not a readable parquet file ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})",
+        ) from None
     if column not in names:
         raise DataKeyError(f"{key}.text_field", f"{path} has no column {column!r} (columns: {', '.join(names)})")
 
 
 def _check_chat_fields(key: str, scfg) -> None:
-    from lemur_torch.data.chat import DEFAULT_FIELDS, FORMATS as CHAT_FORMATS
+    from lemur_torch.data.chat import DEFAULT_FIELDS
+    from lemur_torch.data.chat import FORMATS as CHAT_FORMATS
 
     fmt = scfg.get("chat_format", "auto")
     if fmt not in CHAT_FORMATS:
         raise DataKeyError(f"{key}.chat_format", f"{fmt!r}; use one of {', '.join(CHAT_FORMATS)}")
     for field_name, record_field in (_plain(scfg.get("fields")) or {}).items():
         if field_name not in DEFAULT_FIELDS:
-            raise DataKeyError(f"{key}.fields.{field_name}", f"is not a field any chat format reads; rename one of {', '.join(DEFAULT_FIELDS)}")
+            raise DataKeyError(
+                f"{key}.fields.{field_name}",
+                f"is not a field any chat format reads; rename one of {', '.join(DEFAULT_FIELDS)}",
+            )
         if not isinstance(record_field, str) or not record_field:
             raise DataKeyError(f"{key}.fields.{field_name}", f"must name the record's field, got {record_field!r}")
 
 
 def _check_hf(key: str, scfg) -> None:
     if not scfg.path:
-        raise DataKeyError(f"{key}.path", "kind hf needs path: a hub dataset id, a local dataset folder, or a loader (json, parquet, ...) with data_files")
+        raise DataKeyError(
+            f"{key}.path",
+            "kind hf needs path: a hub dataset id, a local dataset folder, or a loader (json, parquet, ...) with "
+            "data_files",
+        )
     try:
         where, path = local_or_hub(str(scfg.path))
     except ValueError as exc:

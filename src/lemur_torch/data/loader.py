@@ -56,8 +56,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lemur_torch.data.boundaries import document_lengths
 from lemur_torch.data.mixture import Schedule
 from lemur_torch.data.packing import BadCounter, Packer, Refiller, Tokenize
-from lemur_torch.data.sources import (REASONS, BadInputError, DataConfigError, Source, build_source, holdout_fraction,
-                                     resolve_listing)
+from lemur_torch.data.sources import (
+    REASONS,
+    BadInputError,
+    DataConfigError,
+    Source,
+    build_source,
+    holdout_fraction,
+    resolve_listing,
+)
 from lemur_torch.data.storage import DataReadError, Storage, io_counters
 
 # 2: lanes read contiguous shares and positions are seekable reader positions (1: strided record indices)
@@ -74,6 +81,8 @@ class _Failure:
 
     def error(self) -> Exception:
         return _FAILURES[self.kind](self.message)
+
+
 log = logging.getLogger("lemur_torch.data")
 
 
@@ -96,7 +105,17 @@ class _Lane:
             # A quarter of the lane's read_chars: the Refiller gathers several packers' chunks into each tokenizer
             # call of read_chars, so small chunks keep the read-ahead small without shrinking the batches
             chunk = max(16384, ctx.read_chars * ctx.schedule.weights[s] // ctx.schedule.period // 4)
-            packer = ctx.packer_cls(src, self.lane, ctx.lanes, ctx.seq_len, ctx.tokenize, ctx.bad, chunk, self._initial.get(src.name), ctx.refiller)
+            packer = ctx.packer_cls(
+                src,
+                self.lane,
+                ctx.lanes,
+                ctx.seq_len,
+                ctx.tokenize,
+                ctx.bad,
+                chunk,
+                self._initial.get(src.name),
+                ctx.refiller,
+            )
             self.packers[s] = packer
         row = packer.next_row(ctx.attend_across_documents)
         self.m += 1
@@ -112,9 +131,27 @@ class _Lane:
 class _RowStream(IterableDataset):
     """The rows of one rank from global row `start` on; in a DataLoader worker, that worker's share of them."""
 
-    def __init__(self, sources, schedule, domain_of, tokenizer, seq_len, lanes, read_chars, attend_across_documents,
-                 strict, log_bad, start, dp_rank, dp_size, num_workers, lane_states, prefetch_threads=0,
-                 packer_cls=Packer, make_tokenize=Tokenize):
+    def __init__(
+        self,
+        sources,
+        schedule,
+        domain_of,
+        tokenizer,
+        seq_len,
+        lanes,
+        read_chars,
+        attend_across_documents,
+        strict,
+        log_bad,
+        start,
+        dp_rank,
+        dp_size,
+        num_workers,
+        lane_states,
+        prefetch_threads=0,
+        packer_cls=Packer,
+        make_tokenize=Tokenize,
+    ):
         self.sources, self.schedule, self.domain_of = sources, schedule, domain_of
         self.tokenizer, self.seq_len, self.lanes, self.read_chars = tokenizer, seq_len, lanes, read_chars
         self.attend_across_documents, self.strict, self.log_bad = attend_across_documents, strict, log_bad
@@ -204,18 +241,27 @@ class PackedMixtureLoader:
         self.log_bad = int(data_cfg.get("log_bad_records", 5))
         self.attend_across_documents = bool(data_cfg.get("attend_across_documents", False))
         if self.lanes < 1 or self.num_workers < 0 or self.read_chars < 1:
-            raise DataConfigError(f"data.lanes >= 1, data.num_workers >= 0, data.read_chars >= 1; got {self.lanes}, {self.num_workers}, {self.read_chars}")
+            raise DataConfigError(
+                f"data.lanes >= 1, data.num_workers >= 0, data.read_chars >= 1; got {self.lanes}, "
+                f"{self.num_workers}, {self.read_chars}"
+            )
         self.resume_stream = str(data_cfg.get("resume_stream", "exact"))
         if self.resume_stream not in RESUME_STREAM:
-            raise DataConfigError(f"data.resume_stream={self.resume_stream!r}: use exact (continue the saved stream) or restart")
-        self.storage = Storage(int(data_cfg.get("io_retries", 8)), float(data_cfg.get("io_backoff_s", 1.0)),
-                               float(data_cfg.get("io_max_backoff_s", 60.0)))
+            raise DataConfigError(
+                f"data.resume_stream={self.resume_stream!r}: use exact (continue the saved stream) or restart"
+            )
+        self.storage = Storage(
+            int(data_cfg.get("io_retries", 8)),
+            float(data_cfg.get("io_backoff_s", 1.0)),
+            float(data_cfg.get("io_max_backoff_s", 60.0)),
+        )
         self.tokenizer_id = tokenizer_identity(tokenizer)
 
         self._group = self._exchange_group()
         listings = self._shared_listings(data_cfg)
-        self.sources: List[Source] = [self.build_source(str(name), scfg, listings.get(str(name)))
-                                      for name, scfg in data_cfg.sources.items()]
+        self.sources: List[Source] = [
+            self.build_source(str(name), scfg, listings.get(str(name))) for name, scfg in data_cfg.sources.items()
+        ]
         for src, scfg in zip(self.sources, data_cfg.sources.values()):
             src.set_holdout(*holdout_fraction(src.name, scfg, data_cfg))  # before any share is laid out
             src.check_lanes(self.lanes)
@@ -227,7 +273,10 @@ class PackedMixtureLoader:
             log.warning(
                 "data.lanes=%d is not a multiple of data-parallel ranks x workers = %d: readers share lanes and each "
                 "tokenizes rows it then drops (the stream is still exact, just up to %dx slower); pick lanes = k x %d",
-                self.lanes, readers, readers // math.gcd(readers, self.lanes), readers,
+                self.lanes,
+                readers,
+                readers // math.gcd(readers, self.lanes),
+                readers,
             )
         self._rows = 0  # global rows consumed
         self._lane_states: Dict[int, dict] = {}
@@ -276,9 +325,24 @@ class PackedMixtureLoader:
 
     def _stream(self):
         ds = _RowStream(
-            self.sources, self.schedule, self._domain_of, self.tokenizer, self.seq_len, self.lanes, self.read_chars,
-            self.attend_across_documents, self.strict, self.log_bad, self._rows, self.dp_rank, self.dp_size,
-            self.num_workers, dict(self._lane_states), self.prefetch_threads, self.packer_cls, self.make_tokenize(),
+            self.sources,
+            self.schedule,
+            self._domain_of,
+            self.tokenizer,
+            self.seq_len,
+            self.lanes,
+            self.read_chars,
+            self.attend_across_documents,
+            self.strict,
+            self.log_bad,
+            self._rows,
+            self.dp_rank,
+            self.dp_size,
+            self.num_workers,
+            dict(self._lane_states),
+            self.prefetch_threads,
+            self.packer_cls,
+            self.make_tokenize(),
         )
         if self.num_workers == 0:
             return iter(ds)
@@ -361,13 +425,18 @@ class PackedMixtureLoader:
 
     def local_state_dict(self) -> dict:
         """This rank's view: global rows consumed and the lanes it has seen (no communication)."""
-        return {**self._fingerprint(), "rows": self._rows, "lane_states": {k: v for k, v in sorted(self._lane_states.items())}}
+        return {
+            **self._fingerprint(),
+            "rows": self._rows,
+            "lane_states": {k: v for k, v in sorted(self._lane_states.items())},
+        }
 
     def state_dict(self) -> dict:
         """Identical on every rank and independent of the world size; no communication (see the module doc)."""
         if self.dp_size > 1 and self._group is None:
             raise RuntimeError(
-                f"loader.state_dict() with dp_size={self.dp_size} needs the lane exchange over torch.distributed, which was "
+                f"loader.state_dict() with dp_size={self.dp_size} needs the lane exchange over "
+                "torch.distributed, which was "
                 "not initialized when the loader was built; simulated ranks: merge_states([l.local_state_dict() ...])"
             )
         return self.local_state_dict()
@@ -381,7 +450,8 @@ class PackedMixtureLoader:
             return None
         if dist.get_world_size() != self.dp_size:
             raise DataConfigError(
-                f"build_loader: dp_size={self.dp_size} but torch.distributed has {dist.get_world_size()} ranks; the loader's "
+                f"build_loader: dp_size={self.dp_size} but torch.distributed has {dist.get_world_size()} ranks; "
+                "the loader's "
                 "lane exchange assumes every rank is a data-parallel rank"
             )
         # a CPU group of our own: the exchange never touches the (possibly NCCL) training group or syncs a GPU.
@@ -390,15 +460,21 @@ class PackedMixtureLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if self.resume_stream == "restart":
-            log.warning("data.resume_stream=restart: the checkpoint's data position (row %s) is not used; this data stream "
-                        "starts at its beginning", state.get("rows"))
+            log.warning(
+                "data.resume_stream=restart: the checkpoint's data position (row %s) is not used; this data stream "
+                "starts at its beginning",
+                state.get("rows"),
+            )
             self._rows, self._lane_states = 0, {}
             return
         if state.get("version") != STATE_VERSION:
             raise DataConfigError(
-                f"data loader state has version {state.get('version')!r}, this loader reads version {STATE_VERSION} (lanes "
-                "now read contiguous shares with seekable positions): set data.resume_stream=restart to resume the model "
-                "and optimizer with the data stream from its beginning, or resume with the lemur-torch version that wrote it"
+                f"data loader state has version {state.get('version')!r}, this loader reads version "
+                f"{STATE_VERSION} (lanes "
+                "now read contiguous shares with seekable positions): set data.resume_stream=restart to resume "
+                "the model "
+                "and optimizer with the data stream from its beginning, or resume with the lemur-torch version "
+                "that wrote it"
             )
         mine = self._fingerprint()
         for key, value in mine.items():
@@ -415,7 +491,8 @@ class PackedMixtureLoader:
             got = lane_states.get(lane, {}).get("m", 0)
             if got != expected:
                 raise DataConfigError(
-                    f"data loader state is inconsistent: lane {lane} is at row {got} but {rows} global rows imply {expected}; "
+                    f"data loader state is inconsistent: lane {lane} is at row {got} but {rows} global rows "
+                    f"imply {expected}; "
                     "is it one simulated rank's local_state_dict() without merge_states?"
                 )
         self._rows, self._lane_states = rows, lane_states
@@ -449,7 +526,10 @@ def merge_states(states: Sequence[dict]) -> dict:
     for st in states:
         for key in [k for k in first if k != "lane_states"]:
             if st.get(key) != first[key]:
-                raise RuntimeError(f"loader states differ in {key!r} across ranks ({st[key]!r} vs {first[key]!r}): not taken at the same step")
+                raise RuntimeError(
+                    f"loader states differ in {key!r} across ranks ({st[key]!r} vs {first[key]!r}): not taken at "
+                    "the same step"
+                )
         for lane, ls in st["lane_states"].items():
             if lane not in lanes or ls["m"] > lanes[lane]["m"]:
                 lanes[lane] = ls

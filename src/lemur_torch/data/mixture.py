@@ -48,7 +48,8 @@ class Schedule:
         self.period = sum(self.weights)
         if self.period > MAX_PERIOD:
             raise DataConfigError(
-                f"data.sources weights {list(weights)} need a mixing period of {self.period} rows; use weights with fewer decimals"
+                f"data.sources weights {list(weights)} need a mixing period of {self.period} rows; use weights "
+                "with fewer decimals"
             )
         w = np.array(self.weights, dtype=np.int64)
         count = np.zeros(len(w), dtype=np.int64)

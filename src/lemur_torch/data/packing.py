@@ -65,9 +65,13 @@ def _batch_encoder(tokenizer, specials: bool):
     """texts -> ids per text, no BOS/EOS; special-token strings in the texts become control ids iff `specials`."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # slow (python) tokenizers
-        return lambda texts: tokenizer(list(texts), add_special_tokens=False, split_special_tokens=not specials)["input_ids"]
+        return lambda texts: tokenizer(list(texts), add_special_tokens=False, split_special_tokens=not specials)[
+            "input_ids"
+        ]
     if not hasattr(backend, "encode_special_tokens"):
-        raise RuntimeError("this tokenizers version cannot encode special-token strings as text; pip install 'tokenizers>=0.15'")
+        raise RuntimeError(
+            "this tokenizers version cannot encode special-token strings as text; pip install 'tokenizers>=0.15'"
+        )
     # a private copy with the flag set either way: transformers flips the shared tokenizer's flag whenever it is
     # called with split_special_tokens=..., so its current value says nothing
     backend = copy.deepcopy(backend)
@@ -89,7 +93,9 @@ class BadCounter:
         n = self.logged.get(source.name, 0) + 1
         self.logged[source.name] = n
         if n <= self.log_first:
-            log.warning("skipped bad record at %s: %s (source %r, %s)", loc, bad.detail or bad.reason, source.name, bad.reason)
+            log.warning(
+                "skipped bad record at %s: %s (source %r, %s)", loc, bad.detail or bad.reason, source.name, bad.reason
+            )
         elif n & (n - 1) == 0:  # powers of two: the count keeps showing up without flooding the log
             log.warning("source %r: %d bad records skipped by this reader so far (see loader.stats())", source.name, n)
 
@@ -179,8 +185,18 @@ class Refiller:
 class Packer:
     """Rows of one source's share of one lane: that lane's records of each epoch in turn (sources.py)."""
 
-    def __init__(self, source: Source, lane: int, lanes: int, seq_len: int, tokenize: Tokenize, bad: BadCounter,
-                 read_chars: int, state: Optional[dict] = None, refiller: Optional[Refiller] = None):
+    def __init__(
+        self,
+        source: Source,
+        lane: int,
+        lanes: int,
+        seq_len: int,
+        tokenize: Tokenize,
+        bad: BadCounter,
+        read_chars: int,
+        state: Optional[dict] = None,
+        refiller: Optional[Refiller] = None,
+    ):
         self.source, self.lane, self.lanes, self.seq_len = source, lane, lanes, seq_len
         self.tokenize, self.bad, self.read_chars = tokenize, bad, read_chars
         # the reader's shared Refiller (it batches many packers' reads into one tokenizer call); alone: inline
@@ -202,8 +218,14 @@ class Packer:
         self.inflight = False
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "offset": self.offset, "docs": self.docs,
-                "skipped": dict(self.skipped), "io": dict(self.io)}
+        return {
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "offset": self.offset,
+            "docs": self.docs,
+            "skipped": dict(self.skipped),
+            "io": dict(self.io),
+        }
 
     def _records(self):
         while True:
@@ -214,8 +236,10 @@ class Packer:
                 yield epoch, here, loc, rec
             if first and good == 0:
                 raise BadInputError(
-                    f"source {self.source.name!r}: lane {self.lane} of {self.lanes} found no usable document in a whole "
-                    f"epoch (the source has too little data, or too few good records, for data.lanes); lower data.lanes "
+                    f"source {self.source.name!r}: lane {self.lane} of {self.lanes} found no usable document in "
+                    "a whole "
+                    "epoch (the source has too little data, or too few good records, for data.lanes); lower "
+                    "data.lanes "
                     f"or fix the source"
                 )
             self._read_epoch, self._read_pos = epoch + 1, None

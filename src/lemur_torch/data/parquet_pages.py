@@ -25,7 +25,21 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 from lemur_torch.data.storage import DataReadError
 
 # Thrift compact protocol type ids
-STOP, TRUE, FALSE, BYTE, I16, I32, I64, DOUBLE, BINARY, LIST, SET, MAP, STRUCT = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
+STOP, TRUE, FALSE, BYTE, I16, I32, I64, DOUBLE, BINARY, LIST, SET, MAP, STRUCT = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+    10,
+    11,
+    12,
+)
 DATA_PAGE, DICTIONARY_PAGE, DATA_PAGE_V2 = 0, 2, 3
 HEADER_WINDOW = 64  # bytes per read while walking page headers (a header without statistics is ~30)
 
@@ -238,7 +252,9 @@ class ParquetHandle:
         if self._pf is None:
             import pyarrow.parquet as pq
 
-            meta = pq.read_metadata(io.BytesIO(b"PAR1" + self.footer_bytes + struct.pack("<I", len(self.footer_bytes)) + b"PAR1"))
+            meta = pq.read_metadata(
+                io.BytesIO(b"PAR1" + self.footer_bytes + struct.pack("<I", len(self.footer_bytes)) + b"PAR1")
+            )
             # pre_buffer off: reads happen in the calling thread, where they are counted (storage.io_counters)
             self._pf = pq.ParquetFile(self.storage.open(self.path, self.size), metadata=meta, pre_buffer=False)
         return self._pf
@@ -293,7 +309,12 @@ class ParquetHandle:
         return pages
 
     def _header(self, off: int, end: int):
-        r = Reader(b"", off, fetch=lambda pos: self.storage.read(self.path, pos, min(end, pos + HEADER_WINDOW)), skip_binary=True)
+        r = Reader(
+            b"",
+            off,
+            fetch=lambda pos: self.storage.read(self.path, pos, min(end, pos + HEADER_WINDOW)),
+            skip_binary=True,
+        )
         r.base = off
         try:
             return r.struct(), r.pos - off
@@ -322,7 +343,9 @@ class ParquetHandle:
         dictionary = [p for p in pages if p.type == DICTIONARY_PAGE] if needs_dict else []
         body = b"".join(self.storage.read(self.path, p.offset, p.offset + p.length) for p in dictionary)
         dict_len = len(body)
-        body += self.storage.read(self.path, chosen[0].offset, chosen[-1].offset + chosen[-1].length)  # contiguous: one read
+        body += self.storage.read(
+            self.path, chosen[0].offset, chosen[-1].offset + chosen[-1].length
+        )  # contiguous: one read
         nrows = sum(p.rows for p in chosen)
         cmeta = dict(self._column_meta(group, leaf))
         for fid in (8, 10, 11, 12, 13, 14, 15, 16, 17):  # key-value metadata, index/dict page, statistics, bloom, sizes
@@ -340,7 +363,13 @@ class ParquetHandle:
             1: self.meta[1],
             2: (LIST, (STRUCT, [root, schema[1][elem]])),
             3: (I64, nrows),
-            4: (LIST, (STRUCT, [{1: (LIST, (STRUCT, [{2: (I64, 4), 3: (STRUCT, cmeta)}])), 2: (I64, len(body)), 3: (I64, nrows)}])),
+            4: (
+                LIST,
+                (
+                    STRUCT,
+                    [{1: (LIST, (STRUCT, [{2: (I64, 4), 3: (STRUCT, cmeta)}])), 2: (I64, len(body)), 3: (I64, nrows)}],
+                ),
+            ),
         }
         if 6 in self.meta:
             footer[6] = self.meta[6]  # created_by: pyarrow applies writer-specific fixes by it
@@ -351,8 +380,16 @@ class ParquetHandle:
         return table.slice(r0 - first, r1 - r0)
 
 
-def read_rows(storage, path: str, size: int, handle: Optional[ParquetHandle], group: int, r0: int, r1: int,
-              columns: Optional[List[str]]):
+def read_rows(
+    storage,
+    path: str,
+    size: int,
+    handle: Optional[ParquetHandle],
+    group: int,
+    r0: int,
+    r1: int,
+    columns: Optional[List[str]],
+):
     """(handle, rows [r0, r1) of row group `group` as a pyarrow Table of `columns` (None: all))."""
     handle = handle or ParquetHandle(storage, path, size)
     rg_rows = _get(_get(handle.meta, 4)[1][group], 3)

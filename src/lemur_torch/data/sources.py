@@ -79,8 +79,18 @@ TAIL_BLOCK = 1 << 12
 # a cut between shares moves to a file / row-group boundary within this fraction of a share
 SNAP = 1 / 8
 
-__all__ = ["DataConfigError", "BadInputError", "DataReadError", "Bad", "Source", "FileSource", "build_source",
-           "resolve_listing", "split_shares", "holdout_fraction"]
+__all__ = [
+    "DataConfigError",
+    "BadInputError",
+    "DataReadError",
+    "Bad",
+    "Source",
+    "FileSource",
+    "build_source",
+    "resolve_listing",
+    "split_shares",
+    "holdout_fraction",
+]
 
 
 class DataConfigError(ValueError):
@@ -176,14 +186,19 @@ class Source:
         n = self.num_records()
         if n is not None and n < lanes:
             raise DataConfigError(
-                f"source {self.name!r} has {n} records, fewer than data.lanes={lanes}: every lane needs documents; lower data.lanes"
+                f"source {self.name!r} has {n} records, fewer than data.lanes={lanes}: every lane needs "
+                "documents; lower data.lanes"
             )
 
     def describe(self, lanes: int) -> Tuple[str, float]:
         """One line for the start-up log, and the expected read amplification (bytes read / bytes of the data)."""
         n = self.num_records()
         held = f" ({len(self._held)} held out of training, chosen by a hash of their names)" if self._held else ""
-        return f"source {self.name!r} ({self.kind}): {len(self)} documents{held}, {n / lanes:.1f} per lane, each read once", 1.0
+        return (
+            f"source {self.name!r} ({self.kind}): {len(self)} documents{held}, {n / lanes:.1f} per lane, each "
+            "read once",
+            1.0,
+        )
 
 
 class IndexedSource(Source):
@@ -221,8 +236,10 @@ class IndexedSource(Source):
         n = len(self)
         k = max(1, round(fraction * n))
         if k >= n:
-            raise DataConfigError(f"source {self.name!r}: {setting}={fraction} holds out {k} of its {n} documents, leaving "
-                                  "none to train on; lower it")
+            raise DataConfigError(
+                f"source {self.name!r}: {setting}={fraction} holds out {k} of its {n} documents, leaving "
+                "none to train on; lower it"
+            )
         ranked = sorted(range(n), key=lambda i: (_holdout_rank(self.doc_key(i)), i))
         self._held = tuple(sorted(ranked[:k]))
         held = set(self._held)
@@ -233,12 +250,15 @@ class IndexedSource(Source):
 
     def held_out_summary(self) -> str:
         n = len(self)
-        return f"{len(self._held)} of {n} documents ({100 * len(self._held) / max(1, n):.1f}%, chosen by a hash of their names)"
+        share = 100 * len(self._held) / max(1, n)
+        return f"{len(self._held)} of {n} documents ({share:.1f}%, chosen by a hash of their names)"
 
     def lane_weights(self, lanes: int) -> List[float]:
         docs = self.training_docs()
         order = _epoch_order(len(docs), self.seed, self.name, 0, self.shuffle)
-        return [float(sum(self.doc_weight(docs[order[i]]) for i in range(lane, len(order), lanes))) for lane in range(lanes)]
+        return [
+            float(sum(self.doc_weight(docs[order[i]]) for i in range(lane, len(order), lanes))) for lane in range(lanes)
+        ]
 
     def records(self, epoch, lane, lanes, pos=None):
         docs = self.training_docs()
@@ -295,7 +315,9 @@ def _common_dir(paths: Sequence[str]) -> str:
 class FileDocsSource(IndexedSource):
     """One document per file: the built-in code corpus and plain-text trees (local or fsspec URLs)."""
 
-    def __init__(self, name, domain, weight, seed, shuffle, files: Sequence[Tuple[str, int]], storage: Optional[Storage] = None):
+    def __init__(
+        self, name, domain, weight, seed, shuffle, files: Sequence[Tuple[str, int]], storage: Optional[Storage] = None
+    ):
         super().__init__(name, domain, weight, seed, shuffle)
         self.files = [(str(p), int(s)) for p, s in files]
         self.storage = storage or Storage()
@@ -306,7 +328,7 @@ class FileDocsSource(IndexedSource):
     def doc_key(self, i):
         if not hasattr(self, "_root"):
             self._root = _common_dir([p for p, _ in self.files])
-        return self.files[i][0][len(self._root):]
+        return self.files[i][0][len(self._root) :]
 
     def doc_weight(self, i):
         return self.files[i][1]
@@ -396,8 +418,12 @@ def _files_digest(files: Sequence[Tuple[str, int]]) -> str:
     return f"{len(files)} files, {total} bytes, sha256 {h.hexdigest()[:16]}"
 
 
-_EXTS = {"jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson"), "parquet": (".parquet",), "text": None,
-         "hf": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".parquet")}
+_EXTS = {
+    "jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson"),
+    "parquet": (".parquet",),
+    "text": None,
+    "hf": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".parquet"),
+}
 
 
 def _expand_sized(name: str, path: Optional[str], kind: str) -> List[Tuple[str, int]]:
@@ -450,7 +476,9 @@ def _expand_url(name, url, kind, exts) -> List[Tuple[str, int]]:
     for key in sorted(entries):
         size = entries[key].get("size")
         if size is None:
-            raise DataConfigError(f"source {name!r}: {fs.unstrip_protocol(key)} has no known size (the server sends no Content-Length)")
+            raise DataConfigError(
+                f"source {name!r}: {fs.unstrip_protocol(key)} has no known size (the server sends no Content-Length)"
+            )
         out.append((fs.unstrip_protocol(key), int(size)))
     return out
 
@@ -462,10 +490,14 @@ def _file_format(name: str, path: str, storage: Storage) -> str:
     if base.endswith(".gz"):
         return GZ
     if base.endswith((".zst", ".bz2", ".xz", ".lz4", ".zip")):
-        raise DataConfigError(f"source {name!r}: {path} is compressed in a format the readers cannot split or stream; "
-                              "decompress it (JSON lines split by bytes) or recompress as .gz")
+        raise DataConfigError(
+            f"source {name!r}: {path} is compressed in a format the readers cannot split or stream; "
+            "decompress it (JSON lines split by bytes) or recompress as .gz"
+        )
     if base.endswith((".csv", ".tsv", ".arrow", ".txt")):
-        raise DataConfigError(f"source {name!r}: {path}: only JSON lines (.jsonl/.json, optionally .gz) and parquet are read; convert it")
+        raise DataConfigError(
+            f"source {name!r}: {path}: only JSON lines (.jsonl/.json, optionally .gz) and parquet are read; convert it"
+        )
     if base.endswith(".json"):
         head = storage.read(path, 0, 256).lstrip()
         if head.startswith(b"["):
@@ -473,7 +505,9 @@ def _file_format(name: str, path: str, storage: Storage) -> str:
     return JSONL
 
 
-def _parquet_groups(name: str, path: str, size: int, storage: Storage, column: Optional[str]) -> Tuple[Tuple[int, int], ...]:
+def _parquet_groups(
+    name: str, path: str, size: int, storage: Storage, column: Optional[str]
+) -> Tuple[Tuple[int, int], ...]:
     import pyarrow.parquet as pq
 
     try:
@@ -481,18 +515,26 @@ def _parquet_groups(name: str, path: str, size: int, storage: Storage, column: O
     except DataReadError:
         raise
     except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError for a file that is not parquet
-        raise DataConfigError(f"source {name!r}: {path} is not a readable parquet file: {str(exc).splitlines()[0]}") from None
+        raise DataConfigError(
+            f"source {name!r}: {path} is not a readable parquet file: {str(exc).splitlines()[0]}"
+        ) from None
     names = meta.schema.to_arrow_schema().names
     leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
     idx = None
     if column is not None:
         if column not in names:
-            raise DataConfigError(f"source {name!r}: {path} has no column {column!r} (columns: {names}); set text_field")
+            raise DataConfigError(
+                f"source {name!r}: {path} has no column {column!r} (columns: {names}); set text_field"
+            )
         idx = leaves.index(column) if column in leaves else None  # a nested column: weigh the whole row group
     groups = []
     for g in range(meta.num_row_groups):
         rg = meta.row_group(g)
-        nbytes = rg.column(idx).total_compressed_size if idx is not None else sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+        nbytes = (
+            rg.column(idx).total_compressed_size
+            if idx is not None
+            else sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+        )
         groups.append((rg.num_rows, int(nbytes)))
     return tuple(groups)
 
@@ -507,25 +549,34 @@ def _hf_data_files(name: str, cfg) -> List[str]:
     if looks_local and not os.path.exists(path):
         raise DataConfigError(f"source {name!r}: HF dataset folder {cfg.path!r} does not exist")
     try:
-        builder = datasets.load_dataset_builder(path, name=cfg.hf_config, data_files=_plain(cfg.get("data_files")),
-                                                data_dir=cfg.get("data_dir"))
+        builder = datasets.load_dataset_builder(
+            path, name=cfg.hf_config, data_files=_plain(cfg.get("data_files")), data_dir=cfg.get("data_dir")
+        )
     except Exception as exc:  # datasets raises several types (DatasetNotFoundError, FileNotFoundError, ValueError)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataConfigError(f"source {name!r}: cannot open HF dataset {cfg.path!r} (config {cfg.hf_config!r}): "
-                              f"{type(exc).__name__}: {first}") from None
+        raise DataConfigError(
+            f"source {name!r}: cannot open HF dataset {cfg.path!r} (config {cfg.hf_config!r}): "
+            f"{type(exc).__name__}: {first}"
+        ) from None
     files = builder.config.data_files
     if not files:
         raise DataConfigError(
-            f"source {name!r}: HF dataset {cfg.path!r} has no data files the readers can split (a loading script?): set "
-            "data_files to its JSON-lines or parquet files, or path to its parquet conversion (revision refs/convert/parquet)"
+            f"source {name!r}: HF dataset {cfg.path!r} has no data files the readers can split (a loading "
+            "script?): set "
+            "data_files to its JSON-lines or parquet files, or path to its parquet conversion (revision "
+            "refs/convert/parquet)"
         )
     split = str(cfg.split)
     if split not in {str(k) for k in files}:
-        raise DataConfigError(f"source {name!r}: HF dataset {cfg.path!r} has no split {split!r} (splits: {sorted(map(str, files))})")
+        raise DataConfigError(
+            f"source {name!r}: HF dataset {cfg.path!r} has no split {split!r} (splits: {sorted(map(str, files))})"
+        )
     return [str(f) for f in files[next(k for k in files if str(k) == split)]]
 
 
-def resolve_listing(name: str, cfg, text_column: Optional[str] = "text", storage: Optional[Storage] = None) -> Optional[Listing]:
+def resolve_listing(
+    name: str, cfg, text_column: Optional[str] = "text", storage: Optional[Storage] = None
+) -> Optional[Listing]:
     """List a source's files with sizes (and parquet row groups): the only start-up reads (footers, a JSON
     file's first bytes). None for the built-in kinds. Config problems and unreadable files: DataConfigError."""
     kind = cfg.kind
@@ -658,8 +709,19 @@ def _split_tail(pieces: Sequence[Piece], fraction: float) -> Tuple[List[Piece], 
 class FileSource(Source):
     """JSON lines (plain or .gz), JSON array files and parquet, local or remote (kinds jsonl, parquet, hf)."""
 
-    def __init__(self, name, domain, weight, seed, shuffle, kind: str, listing: Listing, text_field: str = "text",
-                 storage: Optional[Storage] = None, identity: Optional[Dict[str, object]] = None):
+    def __init__(
+        self,
+        name,
+        domain,
+        weight,
+        seed,
+        shuffle,
+        kind: str,
+        listing: Listing,
+        text_field: str = "text",
+        storage: Optional[Storage] = None,
+        identity: Optional[Dict[str, object]] = None,
+    ):
         super().__init__(name, domain, weight, seed, shuffle)
         self.kind, self.text_field = kind, text_field
         self.files: List[FileInfo] = list(listing.files)
@@ -707,14 +769,22 @@ class FileSource(Source):
         natural = self._natural_pieces()
         train, held = _split_tail(natural, fraction)
         total = sum(f.size for f in self.files)
-        whole = ("; a .gz or JSON-array file cannot be cut and goes whole to the side its midpoint is on: convert it to "
-                 "JSON lines" if any(f.fmt in (GZ, JSON_ARRAY) for f in self.files) else "")
+        whole = (
+            "; a .gz or JSON-array file cannot be cut and goes whole to the side its midpoint is on: convert it to "
+            "JSON lines"
+            if any(f.fmt in (GZ, JSON_ARRAY) for f in self.files)
+            else ""
+        )
         if not held:
-            raise DataConfigError(f"source {self.name!r}: {setting}={fraction} holds out nothing of its {len(self.files)} "
-                                  f"file(s) ({_human(total)}): raise it{whole}")
+            raise DataConfigError(
+                f"source {self.name!r}: {setting}={fraction} holds out nothing of its {len(self.files)} "
+                f"file(s) ({_human(total)}): raise it{whole}"
+            )
         if not train:
-            raise DataConfigError(f"source {self.name!r}: {setting}={fraction} holds out all of its {len(self.files)} "
-                                  f"file(s) ({_human(total)}), leaving nothing to train on: lower it{whole}")
+            raise DataConfigError(
+                f"source {self.name!r}: {setting}={fraction} holds out all of its {len(self.files)} "
+                f"file(s) ({_human(total)}), leaving nothing to train on: lower it{whole}"
+            )
         self._train_pieces = {}
         for p in train:
             self._train_pieces.setdefault(p.file, []).append(p)
@@ -756,13 +826,18 @@ class FileSource(Source):
         if empty:
             total = sum(f.size for f in self.files)
             raise DataConfigError(
-                f"source {self.name!r}: {len(self.files)} file(s) of {total} bytes leave {len(empty)} of data.lanes={lanes} lanes "
+                f"source {self.name!r}: {len(self.files)} file(s) of {total} bytes leave {len(empty)} of "
+                f"data.lanes={lanes} lanes "
                 "without data; lower data.lanes"
             )
 
     def fingerprint(self):
-        return {**super().fingerprint(), **self.identity, "text_field": self.text_field,
-                "files": _files_digest([(f.path, f.size) for f in self.files])}
+        return {
+            **super().fingerprint(),
+            **self.identity,
+            "text_field": self.text_field,
+            "files": _files_digest([(f.path, f.size) for f in self.files]),
+        }
 
     def describe(self, lanes: int) -> Tuple[str, float]:
         shares = self.shares(0, lanes)
@@ -773,16 +848,21 @@ class FileSource(Source):
                 read += self._segment_read_bytes(seg)
         amp = read / max(1, sum(p.weight for p in self.pieces(0)))
         nfiles = len(self.files)
-        per = (f"{lanes / nfiles:.1f} lanes per file" if lanes >= nfiles else f"{nfiles / lanes:.1f} files per lane")
+        per = f"{lanes / nfiles:.1f} lanes per file" if lanes >= nfiles else f"{nfiles / lanes:.1f} files per lane"
         fmts = ", ".join(sorted({f.fmt for f in self.files}))
-        line = (f"source {self.name!r} ({self.kind}, {fmts}): {nfiles} files, {_human(total)}; {per}; "
-                f"expected read amplification {amp:.2f}x")
+        line = (
+            f"source {self.name!r} ({self.kind}, {fmts}): {nfiles} files, {_human(total)}; {per}; "
+            f"expected read amplification {amp:.2f}x"
+        )
         if self.holdout:
             line += f"; held out of training: {self.held_out_summary()}"
         unsplit = [f for f in self.files if f.fmt in (GZ, JSON_ARRAY)]
         if amp > 1.5 and unsplit:
-            line += (f" ({len(unsplit)} {'.gz' if unsplit[0].fmt == GZ else 'JSON array'} file(s) cannot be split and are "
-                     f"read whole by every lane that shares one: decompress them to JSON lines, or split them into >= {lanes} files)")
+            line += (
+                f" ({len(unsplit)} {'.gz' if unsplit[0].fmt == GZ else 'JSON array'} file(s) cannot be split and are "
+                "read whole by every lane that shares one: decompress them to JSON lines, or split them into >= "
+                f"{lanes} files)"
+            )
         return line, amp
 
     def _segment_read_bytes(self, seg: Segment) -> float:
@@ -868,7 +948,11 @@ class FileSource(Source):
             raise DataReadError(f"{f.path}: not a JSON array of objects")
         for i in range(cur or seg.rank, len(items), seg.stride):
             obj = items[i]
-            rec = self.record(obj) if isinstance(obj, dict) else Bad(MALFORMED_JSON, f"a JSON {type(obj).__name__}, not an object")
+            rec = (
+                self.record(obj)
+                if isinstance(obj, dict)
+                else Bad(MALFORMED_JSON, f"a JSON {type(obj).__name__}, not an object")
+            )
             yield f"{f.path}[{i}]", rec, i + seg.stride, 0
 
     def _columns(self) -> Optional[List[str]]:
@@ -886,7 +970,9 @@ class FileSource(Source):
         while row < seg.hi and g < len(f.groups):
             hi = min(seg.hi, starts[g + 1])
             if row < hi:
-                pf, table = read_rows(self.storage, f.path, f.size, pf, g, row - starts[g], hi - starts[g], self._columns())
+                pf, table = read_rows(
+                    self.storage, f.path, f.size, pf, g, row - starts[g], hi - starts[g], self._columns()
+                )
                 for i, obj in enumerate(table.to_pylist()):
                     yield f"{f.path}#{row + i}", self.record(obj), row + i + 1, 0
                 row = hi
@@ -953,11 +1039,18 @@ def source_identity(cfg) -> Dict[str, object]:
     """The config settings that say which data a file source is (for the resume fingerprint)."""
     out = {"path": cfg.path}
     if cfg.kind == "hf":
-        out.update(hf_config=cfg.hf_config, split=cfg.split, data_dir=cfg.get("data_dir"), data_files=_plain(cfg.get("data_files")))
+        out.update(
+            hf_config=cfg.hf_config,
+            split=cfg.split,
+            data_dir=cfg.get("data_dir"),
+            data_files=_plain(cfg.get("data_files")),
+        )
     return out
 
 
-def build_source(name: str, cfg, seed: int, listing: Optional[Listing] = None, storage: Optional[Storage] = None) -> Source:
+def build_source(
+    name: str, cfg, seed: int, listing: Optional[Listing] = None, storage: Optional[Storage] = None
+) -> Source:
     """Build one source from its SourceConfig; every config problem raises DataConfigError naming the source.
     `listing` (from `resolve_listing`, possibly on another rank) saves listing the files here."""
     kind, domain = cfg.kind, cfg.domain
@@ -967,13 +1060,17 @@ def build_source(name: str, cfg, seed: int, listing: Optional[Listing] = None, s
     shuffle = bool(cfg.get("shuffle", True))
     storage = storage or Storage()
     if kind == "builtin_code":
-        src = FileDocsSource(name, domain, weight, seed, shuffle, [(p, os.path.getsize(p)) for p in builtin_code_files()], storage)
+        src = FileDocsSource(
+            name, domain, weight, seed, shuffle, [(p, os.path.getsize(p)) for p in builtin_code_files()], storage
+        )
         src.kind = kind
         return src
     if kind == "builtin_text":
         return BuiltinTextSource(name, domain, weight, seed, shuffle)
     if kind not in ("text", "jsonl", "parquet", "hf"):
-        raise DataConfigError(f"source {name!r}: unknown kind {kind!r}; use builtin_code, builtin_text, jsonl, parquet, text or hf")
+        raise DataConfigError(
+            f"source {name!r}: unknown kind {kind!r}; use builtin_code, builtin_text, jsonl, parquet, text or hf"
+        )
     listing = listing if listing is not None else resolve_listing(name, cfg, cfg.text_field, storage)
     if kind == "text":
         src = FileDocsSource(name, domain, weight, seed, shuffle, [(f.path, f.size) for f in listing.files], storage)

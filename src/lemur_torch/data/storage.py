@@ -25,14 +25,38 @@ from typing import Callable, Optional, Tuple
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 # exception class names (anywhere in the MRO) of transport failures in the clients fsspec uses (aiohttp, httpx,
 # requests/urllib3, botocore); matched by name so that none of them has to be installed
-TRANSIENT_NAMES = frozenset({
-    "ClientConnectionError", "ClientPayloadError", "ServerDisconnectedError", "ServerTimeoutError",
-    "ClientConnectorError", "ClientOSError", "TransportError", "TimeoutException", "FSTimeoutError",
-    "IncompleteRead", "ProtocolError", "ChunkedEncodingError", "ReadTimeout", "ConnectTimeout",
-    "ReadTimeoutError", "EndpointConnectionError", "ConnectionClosedError",
-})
-TRANSIENT_ERRNO = frozenset({errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
-                             errno.EHOSTUNREACH, errno.ENETUNREACH})
+TRANSIENT_NAMES = frozenset(
+    {
+        "ClientConnectionError",
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ServerTimeoutError",
+        "ClientConnectorError",
+        "ClientOSError",
+        "TransportError",
+        "TimeoutException",
+        "FSTimeoutError",
+        "IncompleteRead",
+        "ProtocolError",
+        "ChunkedEncodingError",
+        "ReadTimeout",
+        "ConnectTimeout",
+        "ReadTimeoutError",
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+    }
+)
+TRANSIENT_ERRNO = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.ETIMEDOUT,
+        errno.EPIPE,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+    }
+)
 
 
 class DataReadError(RuntimeError):
@@ -40,8 +64,11 @@ class DataReadError(RuntimeError):
 
 
 def http_status(exc: BaseException) -> Optional[int]:
-    for value in (getattr(exc, "status", None), getattr(exc, "status_code", None),
-                  getattr(getattr(exc, "response", None), "status_code", None)):
+    for value in (
+        getattr(exc, "status", None),
+        getattr(exc, "status_code", None),
+        getattr(getattr(exc, "response", None), "status_code", None),
+    ):
         if isinstance(value, int) and 100 <= value < 600:
             return value
     return None

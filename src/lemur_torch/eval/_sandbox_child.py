@@ -35,8 +35,12 @@ libc = ctypes.CDLL(None, use_errno=True)
 
 
 class MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def _check(rc, what):
@@ -56,8 +60,14 @@ def _mount(src, target, fstype, flags, data=None):
 
 def _mount_setattr(path, flags, attr_set=0, attr_clr=0):
     attr = MountAttr(attr_set, attr_clr, 0, 0)
-    rc = libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), path.encode(),
-                      ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    rc = libc.syscall(
+        ctypes.c_long(SYS_MOUNT_SETATTR),
+        ctypes.c_int(AT_FDCWD),
+        path.encode(),
+        ctypes.c_uint(flags),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
     _check(rc, f"mount_setattr {path}")
 
 
@@ -156,7 +166,11 @@ def drop_privileges(uid, record):
             _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
         class Data(ctypes.Structure):
-            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+            _fields_ = [
+                ("effective", ctypes.c_uint32),
+                ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32),
+            ]
 
         data = (Data * 2)()
         _check(libc.capset(ctypes.byref(Header(0x20080522, 0)), data), "capset")
@@ -194,9 +208,11 @@ def run_program(spec, record):
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # a credential change clears it: set it again
     unreadable = [p for p in sys.path if not _readable(p)]
     if unreadable:  # every program would fail on its imports: a wrong score, so stop here, loudly
-        raise PermissionError(f"the interpreter's folders {unreadable} are not readable by the sandbox's uid "
-                              f"{os.getuid()} and no mount namespace could expose them: use a Python installed "
-                              f"in a world-readable place, or allow namespaces")
+        raise PermissionError(
+            f"the interpreter's folders {unreadable} are not readable by the sandbox's uid "
+            f"{os.getuid()} and no mount namespace could expose them: use a Python installed "
+            f"in a world-readable place, or allow namespaces"
+        )
     os.chdir(workdir)
     # the record is the evaluator's proof that the program runs inside a complete sandbox: written last
     with os.fdopen(spec["record_fd"], "w") as f:

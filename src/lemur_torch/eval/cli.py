@@ -32,7 +32,8 @@ HUMANEVAL = "humaneval"
 
 def is_export(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and any(
-        os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
+        os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")
+    )
 
 
 def is_checkpoint(path: str) -> bool:
@@ -61,8 +62,11 @@ def validate(cfg: DictConfig) -> None:
     if bad_k:
         raise ConfigError("humaneval.k", f"{bad_k}: each k must be in 1..humaneval.n_samples={h.n_samples}")
     if h.temperature == 0 and h.n_samples > 1:
-        raise ConfigError("humaneval.n_samples", f"{h.n_samples} greedy samples (temperature 0) would all be the "
-                                                 f"same; sample with humaneval.temperature > 0 or use n_samples=1")
+        raise ConfigError(
+            "humaneval.n_samples",
+            f"{h.n_samples} greedy samples (temperature 0) would all be the "
+            f"same; sample with humaneval.temperature > 0 or use n_samples=1",
+        )
 
 
 def resolve_model(path: str) -> Tuple[str, Optional[str]]:
@@ -82,9 +86,13 @@ def resolve_model(path: str) -> Tuple[str, Optional[str]]:
         return out, tmp
     hint = ""
     if os.path.isdir(os.path.join(path, "hf")) or os.path.isdir(os.path.join(path, "checkpoints")):
-        hint = f": it looks like a run folder; pass {os.path.join(path, 'hf')} or one of {os.path.join(path, 'checkpoints')}/step_*"
-    raise ConfigError("model", f"{path} is neither an HF export (config.json + model.safetensors[.index.json]) "
-                               f"nor a lemur-torch checkpoint (meta.json + config.yaml){hint}")
+        hf, ckpts = os.path.join(path, "hf"), os.path.join(path, "checkpoints")
+        hint = f": it looks like a run folder; pass {hf} or one of {ckpts}/step_*"
+    raise ConfigError(
+        "model",
+        f"{path} is neither an HF export (config.json + model.safetensors[.index.json]) "
+        f"nor a lemur-torch checkpoint (meta.json + config.yaml){hint}",
+    )
 
 
 def device_and_dtype(cfg: DictConfig) -> Tuple[str, str]:
@@ -110,7 +118,9 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     lines = ["| task | metric | value | stderr | n |", "|---|---|---:|---:|---:|"]
     for r in rows:
         stderr = "" if r.get("stderr") is None else f"{r['stderr']:.4f}"
-        lines.append(f"| {r['task']} | {r['metric']} | {r['value']:.4f} | {stderr} | {'' if r.get('n') is None else r['n']} |")
+        lines.append(
+            f"| {r['task']} | {r['metric']} | {r['value']:.4f} | {stderr} | {'' if r.get('n') is None else r['n']} |"
+        )
     return "\n".join(lines)
 
 
@@ -123,9 +133,15 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     os.makedirs(out_dir, exist_ok=True)
     device, dtype = device_and_dtype(cfg)
     harness_tasks = [t for t in cfg.tasks if t != HUMANEVAL]
-    summary: Dict[str, Any] = {"model": os.path.abspath(cfg.model), "export": export, "device": device, "dtype": dtype,
-                               "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-                               "tasks": {}, "rows": []}
+    summary: Dict[str, Any] = {
+        "model": os.path.abspath(cfg.model),
+        "export": export,
+        "device": device,
+        "dtype": dtype,
+        "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+        "tasks": {},
+        "rows": [],
+    }
     try:
         from transformers import AutoTokenizer
 
@@ -138,18 +154,31 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
             limits = SandboxLimits(**{f.name: s[f.name] for f in dataclasses.fields(SandboxLimits)})
             sandbox = Sandbox(limits, workers=s.workers, site_packages=s.site_packages)
             model, tokenizer = load_model(export, device, dtype)
-            metrics = run_humaneval(model, tokenizer, cfg.humaneval, sandbox, os.path.join(out_dir, HUMANEVAL),
-                                    cfg.limit, cfg.seed)
+            metrics = run_humaneval(
+                model, tokenizer, cfg.humaneval, sandbox, os.path.join(out_dir, HUMANEVAL), cfg.limit, cfg.seed
+            )
             del model  # lm-eval loads its own copy next
             gc.collect()
             summary["tasks"][HUMANEVAL] = metrics
-            summary["rows"] += [{"task": HUMANEVAL, "metric": k, "value": v, "stderr": None, "n": metrics["problems"]}
-                                for k, v in metrics.items() if k.startswith("pass@")]
+            summary["rows"] += [
+                {"task": HUMANEVAL, "metric": k, "value": v, "stderr": None, "n": metrics["problems"]}
+                for k, v in metrics.items()
+                if k.startswith("pass@")
+            ]
         if harness_tasks:
             from lemur_torch.eval.harness import run_harness
 
-            results, rows = run_harness(export, harness_tasks, cfg.harness, os.path.join(out_dir, "lm_eval"),
-                                        cfg.limit, device, dtype, chat, cfg.seed)
+            results, rows = run_harness(
+                export,
+                harness_tasks,
+                cfg.harness,
+                os.path.join(out_dir, "lm_eval"),
+                cfg.limit,
+                device,
+                dtype,
+                chat,
+                cfg.seed,
+            )
             summary["tasks"]["lm_eval"] = results.get("results", {})
             summary["rows"] += rows
     finally:
@@ -169,8 +198,12 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def build_config(argv: Optional[List[str]] = None) -> Tuple[DictConfig, bool]:
-    parser = argparse.ArgumentParser(prog="lemur-eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="lemur-eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("model", help="an HF export folder (RUN/hf) or a checkpoint folder (RUN/checkpoints/step_N)")
     parser.add_argument("--tasks", help="comma-separated: humaneval and/or lm-evaluation-harness task names")
     parser.add_argument("--out", help="output folder (default: <run_dir>/eval/<model folder name>)")

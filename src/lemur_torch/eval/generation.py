@@ -89,17 +89,31 @@ class StopPerSequence(StoppingCriteria):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], n_samples: int = 1, max_new_tokens: int = 512,
-             temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), batch_size: int = 16,
-             seed: int = 0, stats: Optional[GenerationStats] = None, progress=None) -> List[List[Generation]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    n_samples: int = 1,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] = (),
+    batch_size: int = 16,
+    seed: int = 0,
+    stats: Optional[GenerationStats] = None,
+    progress=None,
+) -> List[List[Generation]]:
     """n_samples completions of each prompt; result[i][j] is sample j of prompt i."""
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    requests = sorted(((i, j) for i in range(len(prompts)) for j in range(n_samples)),
-                      key=lambda r: (-len(encoded[r[0]]), r))
+    requests = sorted(
+        ((i, j) for i in range(len(prompts)) for j in range(n_samples)), key=lambda r: (-len(encoded[r[0]]), r)
+    )
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     torch.manual_seed(seed)
     out: List[List[Optional[Generation]]] = [[None] * n_samples for _ in prompts]
     stats = stats if stats is not None else GenerationStats()
@@ -110,13 +124,20 @@ def generate(model, tokenizer, prompts: Sequence[str], n_samples: int = 1, max_n
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
         for r, x in enumerate(ids):
-            input_ids[r, width - len(x):] = torch.tensor(x)
-            attention_mask[r, width - len(x):] = 1
+            input_ids[r, width - len(x) :] = torch.tensor(x)
+            attention_mask[r, width - len(x) :] = 1
         criteria = StopPerSequence(tokenizer, stop, width, eos, len(batch))
         t0 = time.perf_counter()
-        result = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                max_new_tokens=max_new_tokens, stopping_criteria=StoppingCriteriaList([criteria]),
-                                eos_token_id=eos, pad_token_id=pad, use_cache=True, **sampling)  # whatever the config says
+        result = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            stopping_criteria=StoppingCriteriaList([criteria]),
+            eos_token_id=eos,
+            pad_token_id=pad,
+            use_cache=True,
+            **sampling,
+        )  # whatever the config says
         stats.seconds += time.perf_counter() - t0
         stats.batches += 1
         new = result[:, width:].tolist()
@@ -135,5 +156,5 @@ def _decode_continuation(tokenizer, prompt_ids: List[int], new_ids: List[int]) -
     prefix = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     full = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
     if full.startswith(prefix):
-        return full[len(prefix):]
+        return full[len(prefix) :]
     return tokenizer.decode(new_ids, skip_special_tokens=True)

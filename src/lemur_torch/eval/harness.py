@@ -15,13 +15,25 @@ def _import_lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
-        raise SystemExit(f"lemur-eval: lm-evaluation-harness tasks need the lm-eval package ({exc}); "
-                         f"install it with: pip install '.[eval]'") from None
+        raise SystemExit(
+            f"lemur-eval: lm-evaluation-harness tasks need the lm-eval package ({exc}); "
+            f"install it with: pip install '.[eval]'"
+        ) from None
     return lm_eval, HFLM, TaskManager
 
 
-def run_harness(model_dir: str, tasks: List[str], cfg, out_dir: str, limit, device: str, dtype: str, chat: bool,
-                seed: int, log=print) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+def run_harness(
+    model_dir: str,
+    tasks: List[str],
+    cfg,
+    out_dir: str,
+    limit,
+    device: str,
+    dtype: str,
+    chat: bool,
+    seed: int,
+    log=print,
+) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Evaluate `tasks`; writes out_dir/results.json and out_dir/samples_<task>.jsonl. Returns lm-eval's
     results (without the samples) and the summary rows."""
     import torch
@@ -34,7 +46,11 @@ def run_harness(model_dir: str, tasks: List[str], cfg, out_dir: str, limit, devi
     manager = TaskManager(include_path=h.include_path) if h.include_path else TaskManager()
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
-        where = f" or in harness.include_path={h.include_path}" if h.include_path else " (set harness.include_path for local task files)"
+        where = (
+            f" or in harness.include_path={h.include_path}"
+            if h.include_path
+            else " (set harness.include_path for local task files)"
+        )
         raise SystemExit(f"lemur-eval: unknown task(s) {', '.join(unknown)}: not lm-eval tasks{where}")
     model_args: Dict[str, Any] = {"pretrained": model_dir, "dtype": dtype, "device": device, "batch_size": h.batch_size}
     if h.add_bos_token is not None:
@@ -44,10 +60,19 @@ def run_harness(model_dir: str, tasks: List[str], cfg, out_dir: str, limit, devi
     log(f"lm-eval: {', '.join(tasks)} with {model_args}, chat template {'on' if apply_chat else 'off'}")
     lm = HFLM(**model_args)
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), num_fewshot=h.num_fewshot, limit=limit, task_manager=manager,
-        bootstrap_iters=h.bootstrap_iters, log_samples=h.log_samples, apply_chat_template=apply_chat,
-        fewshot_as_multiturn=bool(apply_chat and h.num_fewshot), random_seed=seed, numpy_random_seed=seed,
-        torch_random_seed=seed, fewshot_random_seed=seed,
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=h.num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        bootstrap_iters=h.bootstrap_iters,
+        log_samples=h.log_samples,
+        apply_chat_template=apply_chat,
+        fewshot_as_multiturn=bool(apply_chat and h.num_fewshot),
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
     )
     os.makedirs(out_dir, exist_ok=True)
     samples = results.pop("samples", None) or {}
@@ -73,6 +98,13 @@ def summary_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
             metric, _, filt = key.partition(",")
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             name = task if filt in ("none", "") else f"{task} [{filt}]"
-            rows.append({"task": name, "metric": metric, "value": value,
-                         "stderr": stderr if isinstance(stderr, (int, float)) else None, "n": n})
+            rows.append(
+                {
+                    "task": name,
+                    "metric": metric,
+                    "value": value,
+                    "stderr": stderr if isinstance(stderr, (int, float)) else None,
+                    "n": n,
+                }
+            )
     return rows

@@ -61,7 +61,7 @@ def extract_code(reply: str, entry_point: str) -> str:
         defining = [b for b in blocks if re.search(rf"^\s*def {re.escape(entry_point)}\s*\(", b, re.MULTILINE)]
         return (defining or blocks)[0]
     start = _CODE_START.search(reply)
-    return reply[start.start():] if start else reply
+    return reply[start.start() :] if start else reply
 
 
 def chat_completion(code: str, entry_point: str) -> str:
@@ -74,8 +74,10 @@ def chat_completion(code: str, entry_point: str) -> str:
 
 # -- the run --------------------------------------------------------------------------------------------
 
-def run_humaneval(model, tokenizer, cfg, sandbox: Sandbox, out_dir: str, limit: Optional[int], seed: int,
-                  log=print) -> Dict[str, Any]:
+
+def run_humaneval(
+    model, tokenizer, cfg, sandbox: Sandbox, out_dir: str, limit: Optional[int], seed: int, log=print
+) -> Dict[str, Any]:
     """Generate, execute, score; writes out_dir/results.jsonl (one line per problem) and metrics.json."""
     h = cfg
     problems = load_problems(limit)
@@ -87,13 +89,28 @@ def run_humaneval(model, tokenizer, cfg, sandbox: Sandbox, out_dir: str, limit: 
     else:
         prompts = [p["prompt"] for p in problems]
         stop = list(h.stop)
-    log(f"humaneval: {len(problems)} problems x {h.n_samples} sample(s), {'chat template' if chat else 'completion'} "
-        f"prompts, temperature {h.temperature}, top-p {h.top_p}, {h.max_new_tokens} new tokens, batch {h.batch_size}")
+    log(
+        f"humaneval: {len(problems)} problems x {h.n_samples} sample(s), {'chat template' if chat else 'completion'} "
+        f"prompts, temperature {h.temperature}, top-p {h.top_p}, {h.max_new_tokens} new tokens, batch {h.batch_size}"
+    )
     gen_stats = GenerationStats()
-    generations = generate(model, tokenizer, prompts, n_samples=h.n_samples, max_new_tokens=h.max_new_tokens,
-                           temperature=h.temperature, top_p=h.top_p, stop=stop, batch_size=h.batch_size, seed=seed,
-                           stats=gen_stats)
-    log(f"humaneval: generated {gen_stats.tokens:,} tokens in {gen_stats.seconds:.1f}s ({gen_stats.tokens_per_s:,.1f} tokens/s)")
+    generations = generate(
+        model,
+        tokenizer,
+        prompts,
+        n_samples=h.n_samples,
+        max_new_tokens=h.max_new_tokens,
+        temperature=h.temperature,
+        top_p=h.top_p,
+        stop=stop,
+        batch_size=h.batch_size,
+        seed=seed,
+        stats=gen_stats,
+    )
+    log(
+        f"humaneval: generated {gen_stats.tokens:,} tokens in {gen_stats.seconds:.1f}s "
+        f"({gen_stats.tokens_per_s:,.1f} tokens/s)"
+    )
 
     samples, programs = [], []
     for p_i, (problem, gens) in enumerate(zip(problems, generations)):
@@ -109,8 +126,10 @@ def run_humaneval(model, tokenizer, cfg, sandbox: Sandbox, out_dir: str, limit: 
     t0 = time.perf_counter()
     executions = sandbox.run_all(programs)
     exec_s = time.perf_counter() - t0
-    log(f"humaneval: {len(programs)} programs executed in {exec_s:.1f}s ({len(programs) / max(exec_s, 1e-9):.1f}/s, "
-        f"{sandbox.workers} workers)")
+    log(
+        f"humaneval: {len(programs)} programs executed in {exec_s:.1f}s ({len(programs) / max(exec_s, 1e-9):.1f}/s, "
+        f"{sandbox.workers} workers)"
+    )
 
     os.makedirs(out_dir, exist_ok=True)
     n, correct = [], []
@@ -132,11 +151,18 @@ def run_humaneval(model, tokenizer, cfg, sandbox: Sandbox, out_dir: str, limit: 
             line["samples"] = rows
             f.write(json.dumps(line) + "\n")
     metrics = {
-        "task": "humaneval", "problems": len(problems), "n_samples": h.n_samples, **pass_at_k(n, correct, h.k),
-        "solved_problems": int(sum(c > 0 for c in correct)), "chat_template": chat,
-        "generated_tokens": gen_stats.tokens, "generation_s": round(gen_stats.seconds, 3),
-        "generation_tokens_per_s": round(gen_stats.tokens_per_s, 2), "executions": len(programs),
-        "execution_s": round(exec_s, 3), "executions_per_s": round(len(programs) / max(exec_s, 1e-9), 2),
+        "task": "humaneval",
+        "problems": len(problems),
+        "n_samples": h.n_samples,
+        **pass_at_k(n, correct, h.k),
+        "solved_problems": int(sum(c > 0 for c in correct)),
+        "chat_template": chat,
+        "generated_tokens": gen_stats.tokens,
+        "generation_s": round(gen_stats.seconds, 3),
+        "generation_tokens_per_s": round(gen_stats.tokens_per_s, 2),
+        "executions": len(programs),
+        "execution_s": round(exec_s, 3),
+        "executions_per_s": round(len(programs) / max(exec_s, 1e-9), 2),
         "finish": {r: sum(s["finish"] == r for s in samples) for r in ("stop", "eos", "length")},
         "sandbox": sandbox.protections(),
     }

@@ -52,7 +52,7 @@ def keys_with_prefix(metrics: Sequence[Dict[str, Any]], prefix: str) -> List[str
     seen: Dict[str, None] = {}
     for m in metrics:
         for k in m:
-            if k.startswith(prefix) and "/" not in k[len(prefix):]:
+            if k.startswith(prefix) and "/" not in k[len(prefix) :]:
                 seen[k] = None
     return list(seen)
 
@@ -80,8 +80,8 @@ def build_figure(metrics: Sequence[Dict[str, Any]], title: str = ""):
             a.plot(x, y, label=label, **kw)
         return bool(x)
 
-    train_domains = [k[len("loss/"):] for k in keys_with_prefix(metrics, "loss/")]
-    val_domains = [k[len("val/loss/"):] for k in keys_with_prefix(metrics, "val/loss/")]
+    train_domains = [k[len("loss/") :] for k in keys_with_prefix(metrics, "loss/")]
+    val_domains = [k[len("val/loss/") :] for k in keys_with_prefix(metrics, "val/loss/")]
     domains = list(dict.fromkeys(train_domains + val_domains))
     color = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(domains)}  # a domain keeps its colour
     plot(ax["training loss"], "loss", "all", color="black", linewidth=1.2)
@@ -99,7 +99,10 @@ def build_figure(metrics: Sequence[Dict[str, Any]], title: str = ""):
     plot(ax["gradient norm"], "grad_norm", "grad norm", linewidth=0.8)
     if plot(ax["MFU"], "mfu", "MFU"):
         ax["MFU"].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    empty = {"validation loss": "no val/loss/<domain> in metrics.jsonl", "MFU": "MFU unknown (no peak FLOP/s for this device)"}
+    empty = {
+        "validation loss": "no val/loss/<domain> in metrics.jsonl",
+        "MFU": "MFU unknown (no peak FLOP/s for this device)",
+    }
     for name, a in ax.items():
         if a.lines:
             if len(a.lines) > 1:
@@ -116,25 +119,34 @@ def summarize(metrics: Sequence[Dict[str, Any]]) -> str:
     if not metrics:
         return "no steps logged"
     last = metrics[-1]
-    lines = [f"steps {metrics[0]['step']}..{last['step']} ({len(metrics)} logged), "
-             f"{last.get('tokens_seen', 0):,} tokens seen, {last.get('skipped_steps', 0)} skipped step(s)"]
+    lines = [
+        f"steps {metrics[0]['step']}..{last['step']} ({len(metrics)} logged), "
+        f"{last.get('tokens_seen', 0):,} tokens seen, {last.get('skipped_steps', 0)} skipped step(s)"
+    ]
     domains = [k for k in keys_with_prefix(metrics, "loss/")]
     loss = f"loss {last['loss']:.4f}" if isinstance(last.get("loss"), (int, float)) else "loss n/a"
     per_dom = [f"{k[5:]} {series(metrics, k)[1][-1]:.4f}" for k in domains if series(metrics, k)[1]]
     lines.append(f"last training {loss}" + (f" ({', '.join(per_dom)}, latest per domain)" if per_dom else ""))
-    val = [(label, series(metrics, key)) for label, key in
-           [("all", "val/loss")] + [(k[len("val/loss/"):], k) for k in keys_with_prefix(metrics, "val/loss/")]]
+    val = [
+        (label, series(metrics, key))
+        for label, key in [("all", "val/loss")]
+        + [(k[len("val/loss/") :], k) for k in keys_with_prefix(metrics, "val/loss/")]
+    ]
     val = [(label, s) for label, s in val if s[0]]
     if val:
-        lines.append("validation loss: " + ", ".join(
-            f"{label} {s[1][-1]:.4f} at step {s[0][-1]} (best {min(s[1]):.4f})" for label, s in val))
+        lines.append(
+            "validation loss: "
+            + ", ".join(f"{label} {s[1][-1]:.4f} at step {s[0][-1]} (best {min(s[1]):.4f})" for label, s in val)
+        )
     _, tps = series(metrics, "tokens_per_s")
     if tps:
-        recent = tps[len(tps) // 2:] or tps  # the second half: past compilation and warm-up
-        lines.append(f"throughput: median {statistics.median(recent):,.0f} tokens/s over the last {len(recent)} logged steps")
+        recent = tps[len(tps) // 2 :] or tps  # the second half: past compilation and warm-up
+        lines.append(
+            f"throughput: median {statistics.median(recent):,.0f} tokens/s over the last {len(recent)} logged steps"
+        )
     _, mfu = series(metrics, "mfu")
     if mfu:
-        lines.append(f"MFU: median {100 * statistics.median(mfu[len(mfu) // 2:] or mfu):.1f}%")
+        lines.append(f"MFU: median {100 * statistics.median(mfu[len(mfu) // 2 :] or mfu):.1f}%")
     _, step_time = series(metrics, "step_time_s")
     if step_time:
         lines.append(f"time in logged steps: {sum(step_time) / 60:.1f} min")

@@ -73,8 +73,15 @@ class ExecutionResult:
 
 
 class Sandbox:
-    def __init__(self, limits: Optional[SandboxLimits] = None, workers: int = 0, site_packages: bool = False,
-                 isolate: bool = True, tmp_root: Optional[str] = None, python: str = sys.executable):
+    def __init__(
+        self,
+        limits: Optional[SandboxLimits] = None,
+        workers: int = 0,
+        site_packages: bool = False,
+        isolate: bool = True,
+        tmp_root: Optional[str] = None,
+        python: str = sys.executable,
+    ):
         """workers=0: one per CPU core available to this process. isolate=False skips the namespaces
         (for comparison only: the limits, the folder and the scrubbed environment remain)."""
         global _instances
@@ -117,19 +124,49 @@ class Sandbox:
         if root:
             os.chown(workdir, uid, uid)
         success = 64 + secrets.randbelow(60)  # an exit code the program cannot produce by accident
-        env = {"HOME": workdir, "TMPDIR": workdir, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-               "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {
+            "HOME": workdir,
+            "TMPDIR": workdir,
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "PYTHONHASHSEED": "0",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
         paths = {name: os.path.join(base, name) for name in ("output.txt", "launcher.log", "sandbox.json")}
         t0 = time.perf_counter()
         try:
-            with _private(paths["output.txt"]) as out, _private(paths["launcher.log"]) as log, \
-                    _private(paths["sandbox.json"]) as record:
-                spec = {"program": program, "workdir": workdir, "uid": uid if root else None, "success_code": success,
-                        "isolate": self.isolate, "timeout_s": lim.timeout_s, "record_fd": record.fileno(),
-                        "limits": {"cpu_s": lim.cpu_s, "memory_mb": lim.memory_mb, "file_size_mb": lim.file_size_mb,
-                                   "open_files": lim.open_files, "processes": lim.processes}}
-                proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=out, stderr=log, cwd=workdir, env=env,
-                                        start_new_session=True, close_fds=True, pass_fds=(record.fileno(),))
+            with (
+                _private(paths["output.txt"]) as out,
+                _private(paths["launcher.log"]) as log,
+                _private(paths["sandbox.json"]) as record,
+            ):
+                spec = {
+                    "program": program,
+                    "workdir": workdir,
+                    "uid": uid if root else None,
+                    "success_code": success,
+                    "isolate": self.isolate,
+                    "timeout_s": lim.timeout_s,
+                    "record_fd": record.fileno(),
+                    "limits": {
+                        "cpu_s": lim.cpu_s,
+                        "memory_mb": lim.memory_mb,
+                        "file_size_mb": lim.file_size_mb,
+                        "open_files": lim.open_files,
+                        "processes": lim.processes,
+                    },
+                }
+                proc = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.PIPE,
+                    stdout=out,
+                    stderr=log,
+                    cwd=workdir,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(record.fileno(),),
+                )
             try:
                 proc.stdin.write(json.dumps(spec).encode())
                 proc.stdin.close()
@@ -165,8 +202,14 @@ class Sandbox:
             result = f"failed: output beyond the {lim.file_size_mb} MB file-size limit"
         else:
             result = f"failed: {_last_error(output) or f'exit code {code}'}"
-        return ExecutionResult(passed=result == "passed", result=result, exit_code=code, duration_s=duration,
-                               output_tail=output[-1000:], protections=protections)
+        return ExecutionResult(
+            passed=result == "passed",
+            result=result,
+            exit_code=code,
+            duration_s=duration,
+            output_tail=output[-1000:],
+            protections=protections,
+        )
 
     # -- many programs -----------------------------------------------------------------------------
     def run_all(self, programs: Sequence[str], progress=None) -> List[ExecutionResult]:

@@ -106,7 +106,9 @@ class Backend(ABC):
         optimizer=None gives {'model': ...} only (export, evaluation)."""
 
     @abstractmethod
-    def load_state_dict_from_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    def load_state_dict_from_checkpoint(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]
+    ) -> None:
         """Apply a state dict that dcp_load filled in."""
 
     @abstractmethod

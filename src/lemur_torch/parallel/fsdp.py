@@ -64,7 +64,9 @@ def resolve_pretrained(name: str) -> str:
     if os.path.isdir(name):
         return check_pretrained_folder(name, name)
     if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
-        raise ConfigError("model.pretrained", f"{name}: no such folder (and not a hub id such as meta-llama/Llama-2-70b-hf)")
+        raise ConfigError(
+            "model.pretrained", f"{name}: no such folder (and not a hub id such as meta-llama/Llama-2-70b-hf)"
+        )
     from filelock import FileLock
     from huggingface_hub import constants
 
@@ -112,7 +114,11 @@ def check_pretrained_folder(folder: str, name: str) -> str:
     import json
 
     def missing(what: str) -> ConfigError:
-        return ConfigError("model.pretrained", f"{name}: {folder} is incomplete ({what} missing); re-download it or point model.pretrained at a complete HF folder")
+        return ConfigError(
+            "model.pretrained",
+            f"{name}: {folder} is incomplete ({what} missing); re-download it or point model.pretrained at a "
+            "complete HF folder",
+        )
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise missing("config.json")
@@ -142,18 +148,36 @@ def check_pretrained_config(path: str, model_cfg: DictConfig, weights: bool = Tr
         with fs.open(f"{root}/config.json") as f:
             hf = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ConfigError("model.pretrained", f"cannot read {path}/config.json ({exc}); point it at an HF model folder") from None
+        raise ConfigError(
+            "model.pretrained", f"cannot read {path}/config.json ({exc}); point it at an HF model folder"
+        ) from None
     if hf.get("model_type") != "llama":
-        raise ConfigError("model.pretrained", f"{path} holds a {hf.get('model_type')!r} model ({', '.join(hf.get('architectures') or [])}); "
-                                              "lemur-torch trains LlamaForCausalLM")
+        raise ConfigError(
+            "model.pretrained",
+            f"{path} holds a {hf.get('model_type')!r} model ({', '.join(hf.get('architectures') or [])}); "
+            "lemur-torch trains LlamaForCausalLM",
+        )
     if weights and not fs.glob(f"{root}/*.safetensors"):
-        raise ConfigError("model.pretrained", f"{path} has no *.safetensors weights (convert .bin weights with transformers' save_pretrained)")
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "tie_word_embeddings"):
+        raise ConfigError(
+            "model.pretrained",
+            f"{path} has no *.safetensors weights (convert .bin weights with transformers' save_pretrained)",
+        )
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "tie_word_embeddings",
+    ):
         if key in hf and hf[key] != model_cfg[key]:
-            raise ConfigError(f"model.{key}", f"{model_cfg[key]} but {path}/config.json has {hf[key]}; pick the matching model= group")
+            raise ConfigError(
+                f"model.{key}", f"{model_cfg[key]} but {path}/config.json has {hf[key]}; pick the matching model= group"
+            )
     if hf.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:
-        raise ConfigError("model.vocab_size", f"{model_cfg.vocab_size} is smaller than the checkpoint's {hf['vocab_size']}")
+        raise ConfigError(
+            "model.vocab_size", f"{model_cfg.vocab_size} is smaller than the checkpoint's {hf['vocab_size']}"
+        )
     return int(hf.get("vocab_size", model_cfg.vocab_size))
 
 
@@ -167,7 +191,9 @@ class FsdpBackend(Backend):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         init_process_group(device_type)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+        )
         self.dp_rank, self.dp_size = self.rank, self.world_size
         self.num_devices = self.world_size
         self._checkpoint_group = None  # gloo group of DCP's background collectives (asynchronous saves)
@@ -177,7 +203,9 @@ class FsdpBackend(Backend):
         replicate = p.dp_replicate
         shard = self.world_size // replicate if p.dp_shard == -1 else p.dp_shard
         if replicate * shard != self.world_size:
-            raise ConfigError("parallel.dp_shard", f"dp_replicate x dp_shard = {replicate} x {shard} != world size {self.world_size}")
+            raise ConfigError(
+                "parallel.dp_shard", f"dp_replicate x dp_shard = {replicate} x {shard} != world size {self.world_size}"
+            )
         if replicate > 1:
             self.mesh = init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
         else:
@@ -298,8 +326,12 @@ class FsdpBackend(Backend):
             # the first save allocates (and pins). Pinned memory and non-blocking copies exist on CUDA only;
             # on CPU `pinned` is the same background staging into pageable buffers.
             cuda = self.device.type == "cuda"
-            options = StagingOptions(use_pinned_memory=pinned and cuda, use_shared_memory=False,
-                                     use_async_staging=pinned, use_non_blocking_copy=pinned and cuda)
+            options = StagingOptions(
+                use_pinned_memory=pinned and cuda,
+                use_shared_memory=False,
+                use_async_staging=pinned,
+                use_non_blocking_copy=pinned and cuda,
+            )
             stager = self._stagers[pinned] = DefaultStager(options)
             stager._synchronize_after_execute = False  # synchronous staging is done when async_save returns
         result = dcp.async_save(state, checkpoint_id=path, process_group=self._checkpoint_group, async_stager=stager)
@@ -312,7 +344,9 @@ class FsdpBackend(Backend):
     def dcp_load(self, state, path) -> None:
         dcp.load(state, checkpoint_id=path)
 
-    def export_hf(self, model: nn.Module, out_dir: str, max_shard_size_mb: int, dtype: torch.dtype = torch.float32) -> None:
+    def export_hf(
+        self, model: nn.Module, out_dir: str, max_shard_size_mb: int, dtype: torch.dtype = torch.float32
+    ) -> None:
         """Each rank writes its shards, then the output files are consolidated in parallel (file i on rank
         i % world): no rank ever materialises the full model."""
         from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files_on_every_rank
@@ -323,7 +357,12 @@ class FsdpBackend(Backend):
         state = {k: v.to(dtype) for k, v in state.items()}
         mapping = shard_files_by_size(state, max_shard_size_mb)
         sharded_dir = os.path.join(out_dir, "sharded")
-        dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(sharded_dir, fqn_to_index_mapping=mapping, save_distributed=True))
+        dcp.save(
+            state,
+            storage_writer=dcp.HuggingFaceStorageWriter(
+                sharded_dir, fqn_to_index_mapping=mapping, save_distributed=True
+            ),
+        )
         self.barrier()
         consolidate_safetensors_files_on_every_rank(sharded_dir, out_dir, mapping)
         self.barrier()

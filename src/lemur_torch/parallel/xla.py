@@ -109,8 +109,10 @@ class XlaSpmdBackend(Backend):
         self.attention = f"{self.attn_impl} (model.attention={cfg.model.attention})"
         self.scan_layers = bool(p.scan_layers)
         if self.scan_layers and p.activation_checkpointing == "every_n":
-            raise ConfigError("parallel.activation_checkpointing",
-                              "every_n is not available with parallel.scan_layers (all layers run one program); use full or none")
+            raise ConfigError(
+                "parallel.activation_checkpointing",
+                "every_n is not available with parallel.scan_layers (all layers run one program); use full or none",
+            )
         spec = ("fsdp", "tensor" if tensor > 1 else None, None, None)
         xla_attention.register(partition_spec=spec)
         # per-host rows over all of the host's devices: torch_xla's minibatch sharding must cover every
@@ -173,8 +175,11 @@ class XlaSpmdBackend(Backend):
         self._materialise(model, cfg, init_weights, weights)
         if weights is not None and self.is_main:
             total = sum(int(torch.Size(weights.shape(k)).numel()) for k in weights.keys())
-            print(f"model.pretrained: host 0 read {weights.bytes_read / 2**30:.2f} GiB of {weights.location} "
-                  f"({total:,} values in the checkpoint)", flush=True)
+            print(
+                f"model.pretrained: host 0 read {weights.bytes_read / 2**30:.2f} GiB of {weights.location} "
+                f"({total:,} values in the checkpoint)",
+                flush=True,
+            )
         model.config._attn_implementation = self.attn_impl
         model.config.use_cache = False
         model.train()
@@ -185,6 +190,7 @@ class XlaSpmdBackend(Backend):
             model.model.layers = ScannedLayers(list(model.model.layers), partition, self._shard_activation)
             wrapped = FSDPv2(model, mesh=self.mesh, shard_output=self._shard_output)
         else:
+
             def checkpointed(layer: nn.Module) -> bool:
                 if p.activation_checkpointing == "full":
                     return True
@@ -200,7 +206,9 @@ class XlaSpmdBackend(Backend):
                 model,
                 mesh=self.mesh,
                 shard_output=self._shard_output,
-                auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer}),
+                auto_wrap_policy=functools.partial(
+                    transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer}
+                ),
                 auto_wrapper_callable=wrap_layer,
             )
         if self.precision == "bf16":
@@ -267,7 +275,9 @@ class XlaSpmdBackend(Backend):
         model_lib.reset_rope_buffers(model, torch.device("cpu"))
         lm.rotary_emb.to(self.device)
 
-    def _from_host_slices(self, shape: Tuple[int, ...], spec: Tuple, rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    def _from_host_slices(
+        self, shape: Tuple[int, ...], spec: Tuple, rows: Callable[[int, int], torch.Tensor]
+    ) -> torch.Tensor:
         """A float32 XLA tensor of `shape` sharded as `spec`, built from this host's slices only: `rows(a, b)`
         gives rows [a, b) of the full tensor (one read covering the rows of every local shard), each local
         device's shard is cut from them and padded as XLA pads uneven shards, and torch_xla assembles the
@@ -279,7 +289,9 @@ class XlaSpmdBackend(Backend):
         sizes = self.mesh.shape()
 
         def tiles(entry) -> int:
-            return math.prod(sizes[a] for a in (() if entry is None else entry if isinstance(entry, tuple) else (entry,)))
+            return math.prod(
+                sizes[a] for a in (() if entry is None else entry if isinstance(entry, tuple) else (entry,))
+            )
 
         axes = [a for entry in spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))]
         even = all(n % tiles(e) == 0 for n, e in zip(shape, spec)) and shape[0] % tiles(tuple(axes)) == 0
@@ -288,7 +300,9 @@ class XlaSpmdBackend(Backend):
             # sharded along a later dimension only (FSDPv2 shards the largest: k/v and down projections): a
             # host's columns are not contiguous bytes, so read rows instead (sharded over the same devices
             # along the first dimension) and let one on-device program move them into `spec` (an all-to-all)
-            by_rows = self._from_host_slices(shape, (tuple(axes) if len(axes) > 1 else axes[0],) + (None,) * (len(shape) - 1), rows)
+            by_rows = self._from_host_slices(
+                shape, (tuple(axes) if len(axes) > 1 else axes[0],) + (None,) * (len(shape) - 1), rows
+            )
             out = self._xs.annotate_custom_sharding(by_rows.clone(), self.mesh, spec)
             return out.global_tensor if hasattr(out, "global_tensor") else out
         key = (shape, spec)
@@ -314,9 +328,13 @@ class XlaSpmdBackend(Backend):
         for box in boxes:
             part = block[(slice(box[0].start - start, box[0].stop - start), *box[1:])]
             if tuple(part.shape) != padded:
-                part = torch.nn.functional.pad(part, [x for d in reversed(range(len(padded))) for x in (0, padded[d] - part.shape[d])])
+                part = torch.nn.functional.pad(
+                    part, [x for d in reversed(range(len(padded))) for x in (0, padded[d] - part.shape[d])]
+                )
             shards.append(part.contiguous())
-        return self._torch_xla._XLAC._global_tensor_from_cpu_shards(shards, self.mesh.get_op_sharding(spec), list(shape))
+        return self._torch_xla._XLAC._global_tensor_from_cpu_shards(
+            shards, self.mesh.get_op_sharding(spec), list(shape)
+        )
 
     def _param_spec(self, name: str, param: torch.Tensor) -> Tuple:
         """FSDPv2's own rule (the largest dimension over `fsdp`), or with a tensor axis Megatron-style splits:
@@ -353,7 +371,11 @@ class XlaSpmdBackend(Backend):
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
 
         def tensors(p):
-            return {k: v for k, v in optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor) and v.device == p.device}
+            return {
+                k: v
+                for k, v in optimizer.state.get(p, {}).items()
+                if isinstance(v, torch.Tensor) and v.device == p.device
+            }
 
         before = {p: (p.detach().clone(), {k: v.clone() for k, v in tensors(p).items()}) for p in params}
         optimizer.step()
@@ -451,7 +473,9 @@ class XlaSpmdBackend(Backend):
         dcp.load(state, storage_reader=dcp.FileSystemReader(path), planner=SPMDLoadPlanner())
         self._torch_xla.sync()
 
-    def export_hf(self, model: nn.Module, out_dir: str, max_shard_size_mb: int, dtype: torch.dtype = torch.float32) -> None:
+    def export_hf(
+        self, model: nn.Module, out_dir: str, max_shard_size_mb: int, dtype: torch.dtype = torch.float32
+    ) -> None:
         """HF safetensors shards + index, through DCP: the weights are saved as a DCP checkpoint (each host
         writes its own shards, moved to the host as they are), then output file i is assembled by process
         i mod world_size from that checkpoint, one file at a time. Nothing is compiled (moving a sharded
@@ -480,7 +504,9 @@ class XlaSpmdBackend(Backend):
                 continue
             tensors = {n: torch.empty(sizes[n].shape, dtype=torch.float32) for n in mapping if mapping[n] == i}
             dcp.load(tensors, storage_reader=dcp.FileSystemReader(staging), no_dist=True)
-            save_file({n: t.to(dtype) for n, t in tensors.items()}, os.path.join(out_dir, fname[i]), metadata={"format": "pt"})
+            save_file(
+                {n: t.to(dtype) for n, t in tensors.items()}, os.path.join(out_dir, fname[i]), metadata={"format": "pt"}
+            )
             del tensors
         self.barrier()
         if self.is_main:
@@ -522,14 +548,17 @@ class XlaSpmdBackend(Backend):
         except Exception:  # noqa: BLE001  (the CPU client has no memory info)
             return {}
         out = {}
-        for key, name in (("peak_bytes_used", "mem_alloc_gib"), ("bytes_used", "mem_in_use_gib"), ("bytes_limit", "mem_limit_gib")):
+        for key, name in (
+            ("peak_bytes_used", "mem_alloc_gib"),
+            ("bytes_used", "mem_in_use_gib"),
+            ("bytes_limit", "mem_limit_gib"),
+        ):
             if info.get(key):
                 out[name] = info[key] / 2**30
         return out
 
     def shutdown(self) -> None:
         import torch.distributed as dist
-
         import torch_xla.core.xla_model as xm
 
         self._torch_xla.sync()
@@ -611,7 +640,9 @@ def _pretrained_rows(weights, name: str, shape: Tuple[int, ...], start: int, sto
         full = weights.rows(name).float()
         full = torch.cat([full, full.mean(0, keepdim=True).expand(shape[0] - stored[0], -1)])
         return full[start:stop]
-    raise ValueError(f"model.pretrained={weights.location}: {name} has shape {list(stored)}, the model expects {list(shape)}")
+    raise ValueError(
+        f"model.pretrained={weights.location}: {name} has shape {list(stored)}, the model expects {list(shape)}"
+    )
 
 
 class ScannedLayers(nn.ModuleList):
@@ -626,7 +657,9 @@ class ScannedLayers(nn.ModuleList):
     backward recomputes: None keeps every activation, _recompute_all_partition is activation checkpointing
     (only each layer's input is kept)."""
 
-    def __init__(self, layers: List[nn.Module], partition: Optional[Callable], shard: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(
+        self, layers: List[nn.Module], partition: Optional[Callable], shard: Callable[[torch.Tensor], torch.Tensor]
+    ):
         super().__init__(layers)
         self._partition = partition
         self._shard = shard
@@ -636,12 +669,21 @@ class ScannedLayers(nn.ModuleList):
             return [functools.partial(self._run, list(self._modules.values())[idx])]
         return super().__getitem__(idx)
 
-    def _run(self, layers: List[nn.Module], hidden_states: torch.Tensor, position_embeddings=None, position_ids=None, **kwargs):
+    def _run(
+        self,
+        layers: List[nn.Module],
+        hidden_states: torch.Tensor,
+        position_embeddings=None,
+        position_ids=None,
+        **kwargs,
+    ):
         from functorch.compile import default_partition
         from torch_xla.experimental.scan import scan
 
         if kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None:
-            raise ValueError("parallel.scan_layers runs mask-free training forwards only (no attention_mask, no KV cache)")
+            raise ValueError(
+                "parallel.scan_layers runs mask-free training forwards only (no attention_mask, no KV cache)"
+            )
         template = layers[0]
         names = [n for n, _ in template.named_parameters()]
         stacked = {n: torch.stack([layer.get_parameter(n) for layer in layers]) for n in names}
@@ -649,8 +691,12 @@ class ScannedLayers(nn.ModuleList):
 
         def one_layer(carry, params):
             h, cos, sin, pos = carry
-            out = torch.func.functional_call(template, params, (h,), {
-                "position_embeddings": (cos, sin), "position_ids": pos.long(), "attention_mask": None})
+            out = torch.func.functional_call(
+                template,
+                params,
+                (h,),
+                {"position_embeddings": (cos, sin), "position_ids": pos.long(), "attention_mask": None},
+            )
             return (out, cos, sin, pos), None
 
         # sharding annotations cannot go inside the traced body (AOTAutograd's tensors are not XLA tensors):

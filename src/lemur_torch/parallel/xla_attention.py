@@ -117,7 +117,8 @@ def implementation_for(attention: str, device_type: str) -> str:
         if device_type != "TPU":
             raise ConfigError(
                 "model.attention",
-                f"xla_flash needs a TPU (the Pallas kernel does not run on {device_type}); use model.attention=sdpa or auto",
+                f"xla_flash needs a TPU (the Pallas kernel does not run on {device_type}); use "
+                "model.attention=sdpa or auto",
             )
         return FLASH
     return SDPA

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import losses, run_train
 
 ART = os.environ.get("LEMUR_XLA_ARTIFACTS", "")
@@ -20,6 +19,7 @@ pytestmark = pytest.mark.skipif(not ART, reason="run through tests/xla/run.sh, w
 
 def test_xla_lane_wrote_its_artifacts():
     assert os.path.exists(os.path.join(ART, "full.json")), f"the XLA runs wrote nothing to {ART}"
+
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xla_helpers import BASE, STEPS  # noqa: E402
@@ -66,8 +66,16 @@ def test_fsdp_resumes_xla_checkpoint(tmp_path):
     """Same DCP keys and optimizer layout: the FSDP backend continues an XLA run where it stopped."""
     run_dir = str(tmp_path / "fsdp")
     ckpt = os.path.join(FULL, "checkpoints", "step_00000005")
-    run_train([*BASE, "parallel=fsdp", f"run_dir={run_dir}", f"checkpoint.resume={ckpt}", "checkpoint.every_steps=0",
-               "checkpoint.export_at_end=false"])
+    run_train(
+        [
+            *BASE,
+            "parallel=fsdp",
+            f"run_dir={run_dir}",
+            f"checkpoint.resume={ckpt}",
+            "checkpoint.every_steps=0",
+            "checkpoint.export_at_end=false",
+        ]
+    )
     ref, got = losses(FULL), losses(run_dir)
     assert sorted(got) == list(range(6, STEPS + 1))
     for step in got:
@@ -76,8 +84,16 @@ def test_fsdp_resumes_xla_checkpoint(tmp_path):
 
 def test_fsdp_finetunes_xla_export(tmp_path):
     run_dir = str(tmp_path / "ft")
-    run_train([*BASE, "parallel=fsdp", f"model.pretrained={os.path.join(FULL, 'hf')}", "train.max_steps=2",
-               f"run_dir={run_dir}", "checkpoint.export_at_end=false"])
+    run_train(
+        [
+            *BASE,
+            "parallel=fsdp",
+            f"model.pretrained={os.path.join(FULL, 'hf')}",
+            "train.max_steps=2",
+            f"run_dir={run_dir}",
+            "checkpoint.export_at_end=false",
+        ]
+    )
     got, xla = losses(run_dir), losses(FULL)
     # the same first batch as the XLA run's step 1: the trained weights are well below the random init's loss
     assert got[1] < xla[1] - 0.3, (got, xla[1])
