@@ -21,9 +21,10 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from lemur_torch import attention
-from lemur_torch.config import ConfigError, load_config, validate
+from lemur_torch.config import load_config, validate
 from lemur_torch.data.boundaries import document_ids, document_lengths, varlen_boundaries
 from lemur_torch.data.schema import DataConfig
+from lemur_torch.errors import ConfigError
 from lemur_torch.model import build_meta_model, hf_llama_config, init_weights, reset_rope_buffers
 
 S = 64

@@ -18,7 +18,7 @@ from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
 from lemur_torch.data.loader import merge_states
 from lemur_torch.data.schema import DataConfig
-from lemur_torch.data.sources import BadInputError, DataConfigError
+from lemur_torch.errors import BadInputError, DataConfigError
 from lemur_torch.tokenizer import build_tokenizer, load_tokenizer
 
 SEQ, B, PAD = 96, 2, 32000

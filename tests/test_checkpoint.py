@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from lemur_torch import commit
 from lemur_torch.checkpoint import META, STEP_DIR, Checkpointer, read_meta, scan_checkpoints
-from lemur_torch.config import ConfigError, load_config
+from lemur_torch.config import load_config
+from lemur_torch.errors import ConfigError
 from lemur_torch.export import EXPORT_MARKER, check_export_target
 from lemur_torch.optim import apply_config_on_resume, build_optimizer, build_scheduler, lr_lambda
 from lemur_torch.parallel.base import Backend

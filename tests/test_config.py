@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from lemur_torch.config import ConfigError, load_config, validate
+from lemur_torch.config import load_config, validate
+from lemur_torch.errors import ConfigError
 from lemur_torch.model import count_params
 
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from lemur_torch.data import build_loader
 from lemur_torch.data.loader import merge_states
 from lemur_torch.data.schema import DataConfig
-from lemur_torch.data.sources import DataConfigError
+from lemur_torch.errors import DataConfigError
 from lemur_torch.tokenizer import load_tokenizer
 
 SEQ, B = 64, 2

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from lemur_torch.data import build_loader
 from lemur_torch.data.mixture import Schedule
 from lemur_torch.data.schema import DataConfig
-from lemur_torch.data.sources import DataConfigError, builtin_code_files
+from lemur_torch.data.sources import builtin_code_files
+from lemur_torch.errors import DataConfigError
 from lemur_torch.tokenizer import load_tokenizer
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "data")

@@ -21,7 +21,7 @@ from test_data_loader import rows_of, same
 
 from lemur_torch.data import build_loader
 from lemur_torch.data.schema import DataConfig
-from lemur_torch.data.sources import DataConfigError, DataReadError
+from lemur_torch.errors import DataConfigError, DataReadError
 from lemur_torch.tokenizer import load_tokenizer
 
 SEQ, B = 64, 2

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from lemur_torch.data import build_loader
 from lemur_torch.data.schema import DataConfig, SourceConfig
-from lemur_torch.data.sources import BadInputError, DataConfigError, build_source
+from lemur_torch.data.sources import build_source
+from lemur_torch.errors import BadInputError, DataConfigError
 from lemur_torch.tokenizer import load_tokenizer
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "data", "bad_lines.jsonl")

@@ -284,7 +284,7 @@ def test_hub_tokenizer_that_cannot_be_fetched_names_the_key(monkeypatch):
     import huggingface_hub.constants
     from omegaconf import OmegaConf
 
-    from lemur_torch.config import ConfigError
+    from lemur_torch.errors import ConfigError
     from lemur_torch.tokenizer import build_tokenizer
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, so not the variable

@@ -18,11 +18,12 @@ from conftest import FAST
 from omegaconf import OmegaConf
 from validation_helpers import HostBackend, tiny_model
 
-from lemur_torch.config import ConfigError, load_config
+from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
 from lemur_torch.data.chat import ChatEncoder
 from lemur_torch.data.schema import SourceConfig
-from lemur_torch.data.sources import Bad, DataConfigError, build_source, builtin_code_files
+from lemur_torch.data.sources import Bad, build_source, builtin_code_files
+from lemur_torch.errors import ConfigError, DataConfigError
 from lemur_torch.tokenizer import build_tokenizer, load_tokenizer
 from lemur_torch.validation import Validator, _apportion, build_validator, rank_rows
 
@@ -444,7 +445,7 @@ def _gloo_rank_failing_to_read(rank, size, port, out):
     import pickle
 
     import lemur_torch.validation as validation
-    from lemur_torch.data.storage import DataReadError
+    from lemur_torch.errors import DataReadError
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=size, timeout=datetime.timedelta(seconds=60))

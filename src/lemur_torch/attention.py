@@ -366,7 +366,7 @@ def _unavailable(impl: str, device_type: str) -> str:
 
 def select(choice: str, backend: str, device_type: str, param_dtype: torch.dtype) -> Selection:
     """Resolve `model.attention` for this process; every impossible combination is a ConfigError naming it."""
-    from lemur_torch.config import ConfigError
+    from lemur_torch.errors import ConfigError
 
     if choice not in CHOICES:
         hint = (

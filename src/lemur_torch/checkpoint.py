@@ -47,7 +47,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lemur_torch import commit, faults
-from lemur_torch.config import ConfigError
+from lemur_torch.errors import ConfigError
 from lemur_torch.parallel.base import Backend
 
 META = "meta.json"

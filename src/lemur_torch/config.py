@@ -22,16 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lemur_torch.data.schema import DataConfig, SourceConfig  # noqa: F401  (re-exported)
+from lemur_torch.errors import ConfigError
 from lemur_torch.fields import Choice, bounded, check_bounds
-
-
-class ConfigError(ValueError):
-    """A config problem a user can fix; str() is one line naming the key."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"config error at '{key}': {message}")
-
 
 # -- choices: one Enum per setting, its members the accepted values ---------------------------------------
 

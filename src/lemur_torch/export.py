@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lemur_torch import commit
-from lemur_torch.config import ConfigError
+from lemur_torch.errors import ConfigError
 from lemur_torch.model import hf_llama_config
 from lemur_torch.parallel.base import Backend
 from lemur_torch.tokenizer import generation_config, serving_tokenizer

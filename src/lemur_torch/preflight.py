@@ -23,8 +23,8 @@ import os
 from omegaconf import DictConfig
 
 from lemur_torch import commit
-from lemur_torch.config import ConfigError
 from lemur_torch.data.check import check_data_config, check_source
+from lemur_torch.errors import ConfigError
 from lemur_torch.fields import local_or_hub
 
 # the shapes a checkpoint or pretrained folder must share with the model group

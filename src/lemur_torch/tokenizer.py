@@ -46,7 +46,7 @@ def build_tokenizer(data_cfg):
     """The tokenizer a run trains and exports with: `data.tokenizer`, plus whatever the data config adds
     (the chat stage adds ChatML special tokens and a chat_template). A tokenizer that does not load is a
     ConfigError at data.tokenizer."""
-    from lemur_torch.config import ConfigError
+    from lemur_torch.errors import ConfigError
 
     try:
         if data_cfg.get("format", "pretrain") == "chat":
@@ -77,7 +77,7 @@ def serving_tokenizer(tokenizer):
 
 def check_vocab_size(tokenizer, vocab_size: int) -> None:
     """The model's embedding must have a row for every token id the tokenizer can produce."""
-    from lemur_torch.config import ConfigError
+    from lemur_torch.errors import ConfigError
 
     if len(tokenizer) > vocab_size:
         raise ConfigError(

@@ -1,11 +1,9 @@
 """Entry point (`lemur-train [overrides]`): compose the config, build the parts, run Trainer.fit().
 
 Works the same under a plain `python`, `torchrun`, `accelerate launch` and Slurm's `srun`: rank and world
-size come from the environment. Exit status: 0 done, 2 a bad input (one line on stderr naming the key: see
-`main`; data config and resume refusals included), 3 aborted on non-finite steps, 4 a data source failed for good
-mid-run (the last completed step was checkpointed: fix the source and rerun to resume), `train.preempt_exit_code`
-after a preemption signal was honoured with a checkpoint (the job script requeues on it), `train.hang_exit_code`
-when the step watchdog found the loop stuck (lemur_torch/watchdog.py).
+size come from the environment. Exit status: 0 done, or the status of the error the run ended with, chosen by
+its class (lemur_torch/errors.py: 2 a bad input, 3 non-finite, 4 a data source failed for good mid-run,
+`train.preempt_exit_code` after a stop signal, `train.hang_exit_code` from the step watchdog).
 """
 
 from __future__ import annotations
@@ -21,7 +19,8 @@ from typing import List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lemur_torch.config import ConfigError, load_config, validate
+from lemur_torch.config import load_config, validate
+from lemur_torch.errors import InputError, LemurError, Preempted
 
 
 def build_and_fit(cfg: DictConfig) -> int:
@@ -109,17 +108,6 @@ def report(text: str, status: int) -> int:
     return status
 
 
-def input_error(exc: Exception) -> int:
-    """A bad input: one line naming the key (or the source, or the file and line), exit status 2."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if "Original Traceback" in str(exc):  # re-raised from a DataLoader worker: its last line is the message
-        lines = [lines[-1].split(": ", 1)[-1]]
-    text = " ".join(lines)
-    if not text.startswith("config error"):
-        text = f"data error: {text}"  # a DataConfigError without a key names its source; a bad record its line
-    return report(text, 2)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
@@ -129,8 +117,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     show = "--cfg" in args
     args = [a for a in args if a != "--cfg"]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from lemur_torch.data.sources import BadInputError, DataConfigError
-
     # The gate: everything checkable here is checked before the process group or any model exists
     try:
         cfg = load_config(args)
@@ -139,28 +125,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             from lemur_torch.preflight import check_inputs
 
             check_inputs(cfg)
-    except (ConfigError, DataConfigError) as exc:
-        return input_error(exc)
+    except InputError as exc:
+        return report(exc.one_line(), exc.exit_code)
     if show:
         print(OmegaConf.to_yaml(cfg))
         return 0
-    from lemur_torch.data.storage import DataReadError
-    from lemur_torch.trainer import NonFiniteError
-
     try:
         return build_and_fit(cfg)
-    except NonFiniteError as exc:
-        return report(f"aborted: {exc}", 3)
-    # found once the process group exists (hub files, data listing, a refused resume), or a bad record with
-    # data.strict=true
-    except (ConfigError, DataConfigError, BadInputError) as exc:
-        return input_error(exc)
-    except DataReadError as exc:
-        return report(
-            f"aborted on a data read error: {exc}; the last completed step is checkpointed: fix the source "
-            "and rerun to resume",
-            4,
-        )
+    except Preempted as exc:  # every rank got the signal's agreed stop: each exits, nothing to print
+        return exc.exit_code
+    # by class (errors.py): an input found once the process group exists (hub files, data listing, a refused
+    # resume, a bad record with data.strict=true), a non-finite abort, a data source that failed for good
+    except LemurError as exc:
+        return report(exc.one_line(), exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -39,19 +39,9 @@ import torch
 from omegaconf import DictConfig
 
 from lemur_torch.attention import forward_kwargs
-from lemur_torch.config import ConfigError
 from lemur_torch.data.packing import BadCounter, Refiller
-from lemur_torch.data.sources import (
-    READ_BLOCK,
-    TAIL_BLOCK,
-    Bad,
-    BadInputError,
-    DataConfigError,
-    DataReadError,
-    Source,
-    holdout_fraction,
-    resolve_listing,
-)
+from lemur_torch.data.sources import READ_BLOCK, TAIL_BLOCK, Bad, Source, holdout_fraction, resolve_listing
+from lemur_torch.errors import BadInputError, ConfigError, DataConfigError, DataReadError
 from lemur_torch.model import IGNORE_INDEX, token_loss_sums
 
 _END = -1  # token id of the end marker a one-pass packer emits after its share (never a real token)
@@ -172,10 +162,10 @@ class Validator:
                     for name, scfg in extra.items():
                         listings[str(name)] = resolve_listing(str(name), scfg, loader.text_column(scfg), loader.storage)
                 except DataConfigError as exc:
-                    error = str(exc)
+                    error = exc
             listings, error = backend.broadcast_object((listings, error))
             if error is not None:
-                raise DataConfigError(f"eval.sources: {error}")
+                raise DataConfigError(f"eval.sources: {error}") from None
             for name, scfg in extra.items():
                 src = loader.build_source(str(name), scfg, listings.get(str(name)))
                 out.append((src.held_out(whole=True), f"eval.sources.{name}", "the whole source"))

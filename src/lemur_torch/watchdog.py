@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Optional
 
+from lemur_torch.errors import Hang
+
 
 class StepWatchdog:
     def __init__(self, timeout_s: Optional[float], exit_code: int, rank: int):
@@ -62,11 +64,7 @@ class StepWatchdog:
                 self._fire()
 
     def _fire(self) -> None:
-        sys.stderr.write(
-            f"lemur-train rank {self.rank}: step watchdog: no progress for train.hang_timeout_s={self.timeout_s:g}s "
-            f"after step {self._step} (a peer stopped responding, or this rank is stuck); stacks of every thread "
-            f"follow; exiting with status {self.exit_code} so that the job restarts from its last checkpoint\n"
-        )
+        sys.stderr.write(str(Hang(self.rank, self._step, self.timeout_s, self.exit_code)) + "\n")
         sys.stderr.flush()
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lemur_torch.config import ConfigError
+from lemur_torch.errors import ConfigError
 from lemur_torch.parallel import xla_attention
 
 

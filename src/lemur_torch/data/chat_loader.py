@@ -24,7 +24,8 @@ from lemur_torch.data.chat import CHAT_REASONS, IGNORE_INDEX, NO_TRAINABLE, Chat
 from lemur_torch.data.chat_sources import build_chat_source
 from lemur_torch.data.loader import PackedMixtureLoader
 from lemur_torch.data.packing import Packer
-from lemur_torch.data.sources import REASONS, Bad, BadInputError, DataConfigError
+from lemur_torch.data.sources import REASONS, Bad
+from lemur_torch.errors import BadInputError, DataConfigError
 
 log = logging.getLogger("lemur_torch.data")
 PACKING = ("packed", "padded")

@@ -21,16 +21,9 @@ from functools import lru_cache
 from typing import List, Tuple
 
 from lemur_torch.data.chat import FORMATS, Conversation, to_conversation
-from lemur_torch.data.sources import (
-    DataConfigError,
-    FileSource,
-    IndexedSource,
-    Source,
-    _plain,
-    resolve_listing,
-    source_identity,
-)
+from lemur_torch.data.sources import FileSource, IndexedSource, Source, _plain, resolve_listing, source_identity
 from lemur_torch.data.storage import Storage
+from lemur_torch.errors import DataConfigError
 
 
 class ChatFileSource(FileSource):

@@ -14,8 +14,9 @@ import glob
 import os
 from typing import List
 
-from lemur_torch.data.sources import DataConfigError, _expand_sized, _plain
+from lemur_torch.data.sources import _expand_sized, _plain
 from lemur_torch.data.storage import is_url
+from lemur_torch.errors import ConfigError, DataConfigError
 from lemur_torch.fields import local_or_hub
 
 FORMATS = ("pretrain", "chat")
@@ -28,23 +29,15 @@ KINDS = {
 LOCAL_KINDS = ("jsonl", "parquet", "text")
 
 
-class DataKeyError(DataConfigError):
-    """A DataConfigError about one config key; str() is the same one line as a config.ConfigError."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"config error at '{key}': {message}")
-
-
 def check_data_config(data_cfg) -> None:
-    """Raise DataKeyError (a DataConfigError) naming the key of the first problem found."""
+    """Raise ConfigError naming the key of the first problem found."""
     fmt = data_cfg.get("format", "pretrain")
     if fmt not in FORMATS:
-        raise DataKeyError("data.format", f"{fmt!r}; use pretrain (packed documents) or chat (ChatML conversations)")
+        raise ConfigError("data.format", f"{fmt!r}; use pretrain (packed documents) or chat (ChatML conversations)")
     if fmt == "chat" and data_cfg.get("chat_packing", "packed") not in CHAT_PACKING:
-        raise DataKeyError("data.chat_packing", f"{data_cfg.chat_packing!r}; use packed or padded")
+        raise ConfigError("data.chat_packing", f"{data_cfg.chat_packing!r}; use packed or padded")
     if not data_cfg.sources:
-        raise DataKeyError("data.sources", "no sources: configure at least one (see conf/data/sample.yaml)")
+        raise ConfigError("data.sources", "no sources: configure at least one (see conf/data/sample.yaml)")
     for name, scfg in data_cfg.sources.items():
         check_source(str(name), scfg, fmt)
 
@@ -53,15 +46,15 @@ def check_source(name: str, scfg, fmt: str, prefix: str = "data.sources") -> Non
     key = f"{prefix}.{name}"
     kind = scfg.kind
     if kind not in KINDS[fmt]:
-        raise DataKeyError(
+        raise ConfigError(
             f"{key}.kind", f"{kind!r} is not a kind of source for data.format={fmt}; use one of {', '.join(KINDS[fmt])}"
         )
     if not str(scfg.domain or "").strip():
-        raise DataKeyError(f"{key}.domain", "is empty; name the domain its loss is reported under (e.g. code, text)")
+        raise ConfigError(f"{key}.domain", "is empty; name the domain its loss is reported under (e.g. code, text)")
     if fmt == "chat":
         _check_chat_fields(key, scfg)
     elif kind not in ("builtin_code", "builtin_text") and not str(scfg.text_field or "").strip():
-        raise DataKeyError(f"{key}.text_field", "is empty; name the field (or parquet column) that holds the text")
+        raise ConfigError(f"{key}.text_field", "is empty; name the field (or parquet column) that holds the text")
     if kind in LOCAL_KINDS and not (scfg.path and is_url(str(scfg.path))):
         # fsspec URLs are listed once the process group exists (rank 0 lists, every rank learns the answer)
         files = _local_files(name, key, scfg.path, kind)
@@ -73,7 +66,7 @@ def check_source(name: str, scfg, fmt: str, prefix: str = "data.sources") -> Non
         from lemur_torch.data.chat_sources import BUILTIN_SETS
 
         if scfg.path not in BUILTIN_SETS:
-            raise DataKeyError(
+            raise ConfigError(
                 f"{key}.path", f"{scfg.path!r}; kind builtin_chat reads one of {', '.join(sorted(BUILTIN_SETS))}"
             )
 
@@ -82,7 +75,7 @@ def _local_files(name: str, key: str, path, kind: str) -> List[str]:
     try:
         return [p for p, _ in _expand_sized(name, path, kind)]
     except DataConfigError as exc:
-        raise DataKeyError(f"{key}.path", str(exc)) from None
+        raise ConfigError(f"{key}.path", str(exc)) from None
 
 
 def _check_parquet_column(key: str, path: str, column: str) -> None:
@@ -91,13 +84,13 @@ def _check_parquet_column(key: str, path: str, column: str) -> None:
     try:
         names = pq.ParquetFile(path).schema_arrow.names  # the footer only
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a file that is not parquet
-        raise DataKeyError(
+        raise ConfigError(
             f"{key}.path",
             f"{path} is not a readable parquet file ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})",
         ) from None
     if column not in names:
-        raise DataKeyError(f"{key}.text_field", f"{path} has no column {column!r} (columns: {', '.join(names)})")
+        raise ConfigError(f"{key}.text_field", f"{path} has no column {column!r} (columns: {', '.join(names)})")
 
 
 def _check_chat_fields(key: str, scfg) -> None:
@@ -106,20 +99,20 @@ def _check_chat_fields(key: str, scfg) -> None:
 
     fmt = scfg.get("chat_format", "auto")
     if fmt not in CHAT_FORMATS:
-        raise DataKeyError(f"{key}.chat_format", f"{fmt!r}; use one of {', '.join(CHAT_FORMATS)}")
+        raise ConfigError(f"{key}.chat_format", f"{fmt!r}; use one of {', '.join(CHAT_FORMATS)}")
     for field_name, record_field in (_plain(scfg.get("fields")) or {}).items():
         if field_name not in DEFAULT_FIELDS:
-            raise DataKeyError(
+            raise ConfigError(
                 f"{key}.fields.{field_name}",
                 f"is not a field any chat format reads; rename one of {', '.join(DEFAULT_FIELDS)}",
             )
         if not isinstance(record_field, str) or not record_field:
-            raise DataKeyError(f"{key}.fields.{field_name}", f"must name the record's field, got {record_field!r}")
+            raise ConfigError(f"{key}.fields.{field_name}", f"must name the record's field, got {record_field!r}")
 
 
 def _check_hf(key: str, scfg) -> None:
     if not scfg.path:
-        raise DataKeyError(
+        raise ConfigError(
             f"{key}.path",
             "kind hf needs path: a hub dataset id, a local dataset folder, or a loader (json, parquet, ...) with "
             "data_files",
@@ -127,16 +120,16 @@ def _check_hf(key: str, scfg) -> None:
     try:
         where, path = local_or_hub(str(scfg.path))
     except ValueError as exc:
-        raise DataKeyError(f"{key}.path", str(exc)) from None
+        raise ConfigError(f"{key}.path", str(exc)) from None
     if where == "local" and not os.path.exists(path):
-        raise DataKeyError(f"{key}.path", f"HF dataset folder {scfg.path!r} does not exist")
+        raise ConfigError(f"{key}.path", f"HF dataset folder {scfg.path!r} does not exist")
     if where == "hub" and path in _packaged_loaders():
         files = _plain(scfg.get("data_files"))
         if not files:
-            raise DataKeyError(f"{key}.data_files", f"path={path} reads local or remote files: name them in data_files")
+            raise ConfigError(f"{key}.data_files", f"path={path} reads local or remote files: name them in data_files")
         for pattern in _flatten(files):
             if "://" not in pattern and not _matches(pattern):
-                raise DataKeyError(f"{key}.data_files", f"{pattern!r} matches no file")
+                raise ConfigError(f"{key}.data_files", f"{pattern!r} matches no file")
 
 
 def _packaged_loaders() -> set:

@@ -56,16 +56,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lemur_torch.data.boundaries import document_lengths
 from lemur_torch.data.mixture import Schedule
 from lemur_torch.data.packing import BadCounter, Packer, Refiller, Tokenize
-from lemur_torch.data.sources import (
-    REASONS,
-    BadInputError,
-    DataConfigError,
-    Source,
-    build_source,
-    holdout_fraction,
-    resolve_listing,
-)
-from lemur_torch.data.storage import DataReadError, Storage, io_counters
+from lemur_torch.data.sources import REASONS, Source, build_source, holdout_fraction, resolve_listing
+from lemur_torch.data.storage import Storage, io_counters
+from lemur_torch.errors import BadInputError, DataConfigError, DataReadError
 
 # 2: lanes read contiguous shares and positions are seekable reader positions (1: strided record indices)
 STATE_VERSION = 2
@@ -297,14 +290,14 @@ class PackedMixtureLoader:
                 for name, scfg in data_cfg.sources.items():
                     listings[str(name)] = resolve_listing(str(name), scfg, self.text_column(scfg), self.storage)
             except DataConfigError as exc:
-                error = str(exc)
+                error = exc
         self._listing_retries = io_counters()[1] - retries0
         if self._group is not None:
             box = [listings, error]
             torch.distributed.broadcast_object_list(box, src=0, group=self._group)
             listings, error = box
         if error is not None:
-            raise DataConfigError(error)
+            raise error
         return listings
 
     def describe(self) -> List[str]:

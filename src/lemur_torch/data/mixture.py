@@ -24,7 +24,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from lemur_torch.data.sources import DataConfigError
+from lemur_torch.errors import DataConfigError
 
 MAX_PERIOD = 1 << 20
 

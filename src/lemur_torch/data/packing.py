@@ -30,8 +30,9 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from lemur_torch.data.sources import Bad, BadInputError, Source
+from lemur_torch.data.sources import Bad, Source
 from lemur_torch.data.storage import io_counters
+from lemur_torch.errors import BadInputError
 
 log = logging.getLogger("lemur_torch.data")
 

@@ -22,7 +22,7 @@ import threading
 from collections import OrderedDict
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
-from lemur_torch.data.storage import DataReadError
+from lemur_torch.errors import DataReadError
 
 # Thrift compact protocol type ids
 STOP, TRUE, FALSE, BYTE, I16, I32, I64, DOUBLE, BINARY, LIST, SET, MAP, STRUCT = (

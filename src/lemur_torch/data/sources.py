@@ -60,7 +60,8 @@ import sysconfig
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from lemur_torch.data.storage import DataReadError, Storage, fs_and_path, is_url
+from lemur_torch.data.storage import Storage, fs_and_path, is_url
+from lemur_torch.errors import DataConfigError, DataReadError
 
 log = logging.getLogger("lemur_torch.data")
 
@@ -80,9 +81,6 @@ TAIL_BLOCK = 1 << 12
 SNAP = 1 / 8
 
 __all__ = [
-    "DataConfigError",
-    "BadInputError",
-    "DataReadError",
     "Bad",
     "Source",
     "FileSource",
@@ -91,14 +89,6 @@ __all__ = [
     "split_shares",
     "holdout_fraction",
 ]
-
-
-class DataConfigError(ValueError):
-    """A data config problem found before training starts; the message names the source and what to fix."""
-
-
-class BadInputError(ValueError):
-    """Raised in strict mode: a record that would otherwise be skipped; the message names file:line."""
 
 
 @dataclass

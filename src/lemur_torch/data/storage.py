@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Callable, Optional, Tuple
 
+from lemur_torch.errors import DataReadError
+
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 # exception class names (anywhere in the MRO) of transport failures in the clients fsspec uses (aiohttp, httpx,
 # requests/urllib3, botocore); matched by name so that none of them has to be installed
@@ -57,10 +59,6 @@ TRANSIENT_ERRNO = frozenset(
         errno.ENETUNREACH,
     }
 )
-
-
-class DataReadError(RuntimeError):
-    """A permanent failure to read a source's file (message: one line naming the source and the file)."""
 
 
 def http_status(exc: BaseException) -> Optional[int]:

@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from lemur_torch.config import ConfigError, load_config
+from lemur_torch.config import load_config
+from lemur_torch.errors import ConfigError
 
 HUMANEVAL = "humaneval"
 

@@ -183,7 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("run", nargs="+", help="a run folder, or the key=value overrides given to lemur-train")
     parser.add_argument("--out", help="PNG path (default RUN_DIR/report.png)")
     args = parser.parse_args(argv)
-    from lemur_torch.config import ConfigError
+    from lemur_torch.errors import ConfigError
 
     try:
         run_dir = run_dir_from(args.run)

@@ -31,7 +31,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from lemur_torch import attention
-from lemur_torch.config import ConfigError
+from lemur_torch.errors import ConfigError
 from lemur_torch.model import _full_shape_and_slices, build_meta_model, reset_rope_buffers
 from lemur_torch.model import init_weights as init_model_weights
 from lemur_torch.parallel.base import Backend

@@ -53,7 +53,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from lemur_torch.config import ConfigError
+from lemur_torch.errors import ConfigError
 from lemur_torch.parallel import xla_attention
 from lemur_torch.parallel.base import Backend
 

@@ -110,7 +110,7 @@ def implementation_for(attention: str, device_type: str) -> str:
     import torch
 
     from lemur_torch.attention import select
-    from lemur_torch.config import ConfigError
+    from lemur_torch.errors import ConfigError
 
     impl = select(attention, "xla_spmd", device_type, torch.float32).impl
     if impl == "xla_flash":
