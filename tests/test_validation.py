@@ -23,6 +23,8 @@ from lemur_torch.data import build_loader
 from lemur_torch.data.chat import ChatEncoder
 from lemur_torch.data.schema import SourceConfig
 from lemur_torch.data.sources import Bad, build_source, builtin_code_files
+from lemur_torch.data.sources.builtin import BuiltinTextSource
+from lemur_torch.data.sources.indexed import FileDocsSource
 from lemur_torch.errors import ConfigError, DataConfigError
 from lemur_torch.tokenizer import build_tokenizer, load_tokenizer
 from lemur_torch.validation import Validator, _apportion, build_validator, rank_rows
@@ -80,17 +82,15 @@ def test_builtin_held_out_documents_are_never_read_by_training(tok, monkeypatch)
 
     # what the loader's stream and the validator actually open
     opened = []
-    for cls in ("FileDocsSource", "BuiltinTextSource"):
-        import lemur_torch.data.sources as sources_mod
-
-        original = getattr(sources_mod, cls).item
+    for cls in (FileDocsSource, BuiltinTextSource):
+        original = cls.item
 
         def recording(self, i, _original=original):
             loc, rec = _original(self, i)
             opened.append((self.name, builtin_doc(loc)))
             return loc, rec
 
-        monkeypatch.setattr(getattr(sources_mod, cls), "item", recording)
+        monkeypatch.setattr(cls, "item", recording)
     loader = build_loader(cfg.data, tok, 64, 2, 0, 1, cfg.train.seed)
     for _, _batch in zip(range(30), loader):
         pass

@@ -1,10 +1,10 @@
 """Validation during training (`eval.*`): loss and perplexity on held-out data, per source and per domain.
 
 What is evaluated: the held-out slice of each training source (`data.holdout`, `data.sources.<name>.holdout`:
-a part of the source that training never reads, data/sources.py "Held-out slices") and each of `eval.sources`
-(separate validation sources, read whole), packed into rows by the loader's own packer: documents with BOS/EOS,
-a label -100 on each document's first token and per-document positions, or, for chat runs, whole
-conversations with loss on assistant tokens only - the training rows' rules exactly.
+a part of the source that training never reads, data/sources/base.py "Held-out slices") and each of
+`eval.sources` (separate validation sources, read whole), packed into rows by the loader's own packer:
+documents with BOS/EOS, a label -100 on each document's first token and per-document positions, or, for chat
+runs, whole conversations with loss on assistant tokens only - the training rows' rules exactly.
 
 The validation set is a pure function of the config and the data - not of the world size, the training
 progress or a resume - and is built once, at start:
@@ -40,7 +40,11 @@ from omegaconf import DictConfig
 
 from lemur_torch.attention import forward_kwargs
 from lemur_torch.data.packing import BadCounter, Refiller
-from lemur_torch.data.sources import READ_BLOCK, TAIL_BLOCK, Bad, Source, holdout_fraction, resolve_listing
+from lemur_torch.data.schema import SourceConfig, source_config
+from lemur_torch.data.sources.base import Source
+from lemur_torch.data.sources.listing import resolve_listing
+from lemur_torch.data.sources.readers import READ_BLOCK, TAIL_BLOCK
+from lemur_torch.data.sources.records import Bad
 from lemur_torch.errors import BadInputError, ConfigError, DataConfigError, DataReadError
 from lemur_torch.model import IGNORE_INDEX, token_loss_sums
 
@@ -54,7 +58,7 @@ def build_validator(cfg: DictConfig, loader, backend, info: Callable[[str], None
     Collective: every rank calls it right after building the loader."""
     if not cfg.eval.every_steps:
         return None
-    if not any(src.holdout for src in loader.sources) and not cfg.eval.get("sources"):
+    if not any(src.holdout for src in loader.sources) and not cfg.eval.sources:
         info(
             f"validation off: eval.every_steps={cfg.eval.every_steps}, but no source holds data out and "
             "eval.sources is "
@@ -66,6 +70,9 @@ def build_validator(cfg: DictConfig, loader, backend, info: Callable[[str], None
 
 
 class Validator:
+    """The validation rows, built once at start (module docstring), and their evaluation: `due(step)` says
+    when, `run(model, step)` evaluates and returns the metrics to log."""
+
     def __init__(self, cfg: DictConfig, loader, backend, info: Callable[[str], None] = print):
         e, t = cfg.eval, cfg.train
         t0 = time.perf_counter()
@@ -146,15 +153,11 @@ class Validator:
         """(reader, the setting it comes from, what it reads) per validation source: the training sources' held-out
         slices, then eval.sources."""
         out = [
-            (
-                src.held_out(),
-                holdout_fraction(src.name, cfg.data.sources[src.name], cfg.data)[1],
-                f"the held-out {src.held_out_summary()}",
-            )
+            (src.held_out(), src.holdout_setting, f"the held-out {src.held_out_summary()}")
             for src in loader.sources
             if src.holdout
         ]
-        extra = cfg.eval.get("sources") or {}
+        extra = _eval_sources(cfg)
         if extra:
             listings, error = {}, None
             if backend.rank == 0:  # listed once, as the loader lists the training sources
@@ -180,7 +183,7 @@ class Validator:
     def _check_names(self, cfg: DictConfig, loader) -> None:
         # val/loss/<name> is logged for sources and domains alike: one name must not mean two things
         train = {s.name for s in loader.sources}
-        extra = {str(name) for name in cfg.eval.get("sources") or {}}
+        extra = set(_eval_sources(cfg))
         for name in sorted(extra & train):
             raise ConfigError(
                 f"eval.sources.{name}",
@@ -324,6 +327,11 @@ def _apportion(total: int, weights: Sequence[float]) -> List[int]:
     for i in sorted(range(len(weights)), key=lambda i: (out[i] - exact[i], i))[: total - sum(out)]:
         out[i] += 1
     return out
+
+
+def _eval_sources(cfg: DictConfig) -> Dict[str, SourceConfig]:
+    """eval.sources by name, typed."""
+    return {str(name): source_config(scfg) for name, scfg in cfg.eval.sources.items()}
 
 
 def _ppl(loss: Optional[float]) -> Optional[float]:
