@@ -15,8 +15,8 @@ Build and iterate the loader on every data-parallel rank in lockstep: building i
 The modules: schema.py (the `data:` config, typed), check.py (the config checked before a run), sources/
 (readers), chat.py and chat_sources.py (conversations), mixture.py (which source each row comes from),
 encode.py (text to ids), packing.py (ids to rows), stream.py (a rank's rows), loader.py and chat_loader.py
-(micro-batches, the lane exchange, state), resume.py (the state's identity), storage.py and parquet_pages.py
-(bytes), build.py (`build_loader`).
+(micro-batches, the lane exchange, state), resume.py (the state's identity), heldout.py (validation rows of a
+held-out slice), storage.py and parquet_pages.py (bytes), build.py (`build_loader`).
 """
 
 from lemur_torch.data.build import build_loader
