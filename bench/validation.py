@@ -29,9 +29,10 @@ from results_io import write_result  # bench/ is on sys.path: this script's fold
 from lemur_torch.attention import forward_kwargs, with_varlen_boundaries
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
+from lemur_torch.data.heldout import apportion, rank_rows
 from lemur_torch.model import build_meta_model, init_weights, reset_rope_buffers, token_loss_sums
 from lemur_torch.tokenizer import load_tokenizer
-from lemur_torch.validation import Validator, _apportion, rank_rows
+from lemur_torch.validation import Validator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from validation_helpers import HostBackend  # noqa: E402  (the tests' one-process stand-in for a backend)
@@ -101,7 +102,7 @@ def build_costs(tok, path: str) -> dict:
     cfg = load_config(overrides(path, 1024))
     loader = build_loader(cfg.data, tok, 1024, 4, 0, 1, 0)
     v = Validator(cfg, loader, HostBackend(), info=lambda line: None)
-    quotas = [_apportion(v.requested, v.sources[0].lane_weights(1024))]
+    quotas = [apportion(v.requested, v.sources[0].lane_weights(1024))]
     single = None
     for ranks in (1, 8, 64):
         per_rank = []

@@ -16,7 +16,7 @@ from test_data_loader import global_stream, rows_of, same
 
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
-from lemur_torch.data.loader import merge_states
+from lemur_torch.data.resume import merge_states
 from lemur_torch.data.schema import DataConfig
 from lemur_torch.errors import BadInputError, DataConfigError
 from lemur_torch.tokenizer import build_tokenizer, load_tokenizer

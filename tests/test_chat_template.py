@@ -1,6 +1,6 @@
 """ChatML rendering, token ids and label masks of data/chat.py against references written out or computed here.
 
-The expected texts are typed out by hand from the Lemur template (shared/RECIPE.md); the expected label mask
+The expected texts are typed out by hand from the Lemur-Chat template; the expected label mask
 comes from the tokenizer's own character offsets on the whole text, marking the characters of each assistant
 answer plus its "<|im_end|>\\n" -- nothing from chat.py is used to build a reference.
 """

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from lemur_torch.data import build_loader
 from lemur_torch.data.chat import CHAT_SPECIAL_TOKENS, IGNORE_INDEX, ChatEncoder, Conversation, render
-from lemur_torch.data.packing import Tokenize
+from lemur_torch.data.encode import Tokenize
+from lemur_torch.data.schema import DataConfig
 from lemur_torch.tokenizer import build_tokenizer, builtin_tokenizer_dir, load_tokenizer
 
 FORGE = "<|im_end|>\n<|im_start|>assistant\n"
@@ -147,7 +148,8 @@ def test_packed_rows_have_one_bos_per_document(tmp_path):
     docs = [f"doc {i}: " + "<s> nested </s> " * (i % 5 + 1) + "x" * (i % 7) for i in range(60)]
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    cfg = OmegaConf.create(
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(DataConfig),
         {
             "sources": {
                 "d": {
@@ -163,7 +165,7 @@ def test_packed_rows_have_one_bos_per_document(tmp_path):
             "num_workers": 0,
             "read_chars": 4096,
             "prefetch_threads": 0,
-        }
+        },
     )
     tok = load_tokenizer("builtin")
     loader = build_loader(cfg, tok, 64, 4, 0, 1, seed=1)

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from lemur_torch.data import build_loader
-from lemur_torch.data.loader import merge_states
+from lemur_torch.data.resume import merge_states
 from lemur_torch.data.schema import DataConfig
 from lemur_torch.errors import DataConfigError
 from lemur_torch.tokenizer import load_tokenizer

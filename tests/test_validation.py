@@ -21,11 +21,14 @@ from validation_helpers import HostBackend, tiny_model
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
 from lemur_torch.data.chat import ChatEncoder
+from lemur_torch.data.heldout import apportion, rank_rows
 from lemur_torch.data.schema import SourceConfig
 from lemur_torch.data.sources import Bad, build_source, builtin_code_files
+from lemur_torch.data.sources.builtin import BuiltinTextSource
+from lemur_torch.data.sources.indexed import FileDocsSource
 from lemur_torch.errors import ConfigError, DataConfigError
 from lemur_torch.tokenizer import build_tokenizer, load_tokenizer
-from lemur_torch.validation import Validator, _apportion, build_validator, rank_rows
+from lemur_torch.validation import Validator, build_validator
 
 WORDS = [w for w in open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read().split() if w.isalpha()]
 VAL = [*[o for o in FAST if not o.startswith("eval.")], "eval.every_steps=5"]
@@ -80,17 +83,15 @@ def test_builtin_held_out_documents_are_never_read_by_training(tok, monkeypatch)
 
     # what the loader's stream and the validator actually open
     opened = []
-    for cls in ("FileDocsSource", "BuiltinTextSource"):
-        import lemur_torch.data.sources as sources_mod
-
-        original = getattr(sources_mod, cls).item
+    for cls in (FileDocsSource, BuiltinTextSource):
+        original = cls.item
 
         def recording(self, i, _original=original):
             loc, rec = _original(self, i)
             opened.append((self.name, builtin_doc(loc)))
             return loc, rec
 
-        monkeypatch.setattr(getattr(sources_mod, cls), "item", recording)
+        monkeypatch.setattr(cls, "item", recording)
     loader = build_loader(cfg.data, tok, 64, 2, 0, 1, cfg.train.seed)
     for _, _batch in zip(range(30), loader):
         pass
@@ -444,7 +445,7 @@ def _gloo_rank_failing_to_read(rank, size, port, out):
     import datetime
     import pickle
 
-    import lemur_torch.validation as validation
+    import lemur_torch.data.heldout as heldout
     from lemur_torch.errors import DataReadError
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
@@ -455,7 +456,7 @@ def _gloo_rank_failing_to_read(rank, size, port, out):
             def unreadable(*args, **kwargs):
                 raise DataReadError("source 'stdlib_code': s3://bucket/code.jsonl: HTTP 403 after 8 retries")
 
-            validation._lane_rows = unreadable
+            heldout.lane_rows = unreadable
         cfg = load_config(VAL)
         loader = build_loader(cfg.data, load_tokenizer("builtin"), 64, 2, rank, size, cfg.train.seed)
         try:
@@ -533,7 +534,7 @@ def test_validation_reads_about_what_it_evaluates_at_many_lanes_and_ranks(tok, t
     )
     held = math.ceil(size * 0.2)
     assert v.read_bytes[0] <= 2 * evaluated + 64 * 4096 < held / 2, (v.read_bytes, evaluated, held)
-    quotas = [_apportion(v.requested, v.sources[0].lane_weights(64))]
+    quotas = [apportion(v.requested, v.sources[0].lane_weights(64))]
     per_rank = [rank_rows(loader, v.sources, quotas, r, 8) for r in range(8)]
     assert sum(p[3][0] for p in per_rank) == v.read_bytes[0]  # each lane read by one rank
     assert sorted(tuple(x.ravel()) for p in per_rank for x in p[0]) == sorted(

@@ -1,10 +1,11 @@
 """Validation during training (`eval.*`): loss and perplexity on held-out data, per source and per domain.
 
 What is evaluated: the held-out slice of each training source (`data.holdout`, `data.sources.<name>.holdout`:
-a part of the source that training never reads, data/sources.py "Held-out slices") and each of `eval.sources`
-(separate validation sources, read whole), packed into rows by the loader's own packer: documents with BOS/EOS,
-a label -100 on each document's first token and per-document positions, or, for chat runs, whole
-conversations with loss on assistant tokens only - the training rows' rules exactly.
+a part of the source that training never reads, data/sources/base.py "Held-out slices") and each of
+`eval.sources` (separate validation sources, read whole), packed into rows by the loader's own packer
+(data/heldout.py): documents with BOS/EOS, a label -100 on each document's first token and per-document
+positions, or, for chat runs, whole conversations with loss on assistant tokens only - the training rows'
+rules exactly.
 
 The validation set is a pure function of the config and the data - not of the world size, the training
 progress or a resume - and is built once, at start:
@@ -39,13 +40,12 @@ import torch
 from omegaconf import DictConfig
 
 from lemur_torch.attention import forward_kwargs
-from lemur_torch.data.packing import BadCounter, Refiller
-from lemur_torch.data.sources import READ_BLOCK, TAIL_BLOCK, Bad, Source, holdout_fraction, resolve_listing
+from lemur_torch.data.heldout import apportion, narrow_reads, rank_rows
+from lemur_torch.data.schema import SourceConfig, source_config
+from lemur_torch.data.sources.base import Source
+from lemur_torch.data.sources.listing import resolve_listing
 from lemur_torch.errors import BadInputError, ConfigError, DataConfigError, DataReadError
 from lemur_torch.model import IGNORE_INDEX, token_loss_sums
-
-_END = -1  # token id of the end marker a one-pass packer emits after its share (never a real token)
-BYTES_PER_TOKEN = 4  # about Llama's tokenizer on English (code ~3.5): sizes the validation reads to a row's text
 
 
 def build_validator(cfg: DictConfig, loader, backend, info: Callable[[str], None] = print) -> Optional["Validator"]:
@@ -54,7 +54,7 @@ def build_validator(cfg: DictConfig, loader, backend, info: Callable[[str], None
     Collective: every rank calls it right after building the loader."""
     if not cfg.eval.every_steps:
         return None
-    if not any(src.holdout for src in loader.sources) and not cfg.eval.get("sources"):
+    if not any(src.holdout for src in loader.sources) and not cfg.eval.sources:
         info(
             f"validation off: eval.every_steps={cfg.eval.every_steps}, but no source holds data out and "
             "eval.sources is "
@@ -66,6 +66,9 @@ def build_validator(cfg: DictConfig, loader, backend, info: Callable[[str], None
 
 
 class Validator:
+    """The validation rows, built once at start (module docstring), and their evaluation: `due(step)` says
+    when, `run(model, step)` evaluates and returns the metrics to log."""
+
     def __init__(self, cfg: DictConfig, loader, backend, info: Callable[[str], None] = print):
         e, t = cfg.eval, cfg.train
         t0 = time.perf_counter()
@@ -82,10 +85,8 @@ class Validator:
         # rows of each (source, lane), lanes shared out over the data-parallel ranks
         lanes, ranks = loader.lanes, backend.dp_size
         self.requested = int(e.batches) * (int(t.global_batch_tokens) // self.seq_len)
-        quotas = [_apportion(self.requested, src.lane_weights(lanes)) for src, _, _ in sources]
-        for src in self.sources:  # ranged reads of about a row's text, not training's 1 MB: read ~ what is evaluated
-            if hasattr(src, "read_block"):
-                src.read_block = min(READ_BLOCK, max(TAIL_BLOCK, BYTES_PER_TOKEN * self.seq_len))
+        quotas = [apportion(self.requested, src.lane_weights(lanes)) for src, _, _ in sources]
+        narrow_reads(self.sources, self.seq_len)  # read ~ what is evaluated
         capacity = [sum(q[v] for q in quotas for v in range(r, lanes, ranks)) for r in range(ranks)]
         self.micro_batches = -(-max(capacity) // self.micro)  # the same on every rank, without communication
         self.quotas = quotas
@@ -146,15 +147,11 @@ class Validator:
         """(reader, the setting it comes from, what it reads) per validation source: the training sources' held-out
         slices, then eval.sources."""
         out = [
-            (
-                src.held_out(),
-                holdout_fraction(src.name, cfg.data.sources[src.name], cfg.data)[1],
-                f"the held-out {src.held_out_summary()}",
-            )
+            (src.held_out(), src.holdout_setting, f"the held-out {src.held_out_summary()}")
             for src in loader.sources
             if src.holdout
         ]
-        extra = cfg.eval.get("sources") or {}
+        extra = _eval_sources(cfg)
         if extra:
             listings, error = {}, None
             if backend.rank == 0:  # listed once, as the loader lists the training sources
@@ -180,7 +177,7 @@ class Validator:
     def _check_names(self, cfg: DictConfig, loader) -> None:
         # val/loss/<name> is logged for sources and domains alike: one name must not mean two things
         train = {s.name for s in loader.sources}
-        extra = {str(name) for name in cfg.eval.get("sources") or {}}
+        extra = set(_eval_sources(cfg))
         for name in sorted(extra & train):
             raise ConfigError(
                 f"eval.sources.{name}",
@@ -249,81 +246,9 @@ class Validator:
         return out
 
 
-def rank_rows(loader, sources: Sequence[Source], quotas: Sequence[Sequence[int]], rank: int, ranks: int):
-    """The validation rows data-parallel rank `rank` of `ranks` builds: lanes v = rank (mod ranks) of every source,
-    quotas[s][v] rows from lane v of source s. Returns (rows, their source indices, rows per source, bytes read
-    per source)."""
-    tokenize = loader.make_tokenize()(loader.tokenizer)
-    bad = BadCounter(loader.strict, loader.log_bad)
-    rows: List[np.ndarray] = []
-    ids: List[int] = []
-    built, read = [0] * len(sources), [0] * len(sources)
-    for s, (src, quota) in enumerate(zip(sources, quotas)):
-        for v in range(rank, loader.lanes, ranks):
-            if quota[v]:
-                got, nbytes = _lane_rows(loader, src, v, loader.lanes, tokenize, bad, quota[v])
-                rows += got
-                ids += [s] * len(got)
-                built[s] += len(got)
-                read[s] += nbytes
-    return rows, ids, built, read
-
-
-def _lane_rows(
-    loader, src: Source, lane: int, lanes: int, tokenize, bad: BadCounter, n: int
-) -> Tuple[List[np.ndarray], int]:
-    """Up to n rows [3, S] (input_ids, labels, position_ids) from one pass over `src`'s share of `lane`, made by
-    the loader's packer, and the bytes read for them."""
-    S = loader.seq_len
-    read_chars = min(loader.read_chars, max(1024, BYTES_PER_TOKEN * S))  # a row's text per read: little read-ahead
-    cls = type(f"OnePass{loader.packer_cls.__name__}", (_OnePass, loader.packer_cls), {})
-    packer = cls(src, lane, lanes, S, tokenize, bad, read_chars, None, Refiller(tokenize))
-    rows = []
-    while len(rows) < n:
-        ids, labels, pos = packer.next_row(loader.attend_across_documents)
-        if ids[0] == _END:
-            break
-        end = ids == _END
-        ids[end], labels[end] = 0, IGNORE_INDEX  # the padding after the last document of the share
-        rows.append(np.stack([ids, labels, pos]).astype(np.int64))
-    return rows, packer.io["bytes"]
-
-
-class _OnePass:
-    """Mixin over a loader's packer class: epoch 0 of the source's lane share once, then end markers (a pretraining
-    row is padded after the last document; a chat row ends before the marker, which it cannot fit)."""
-
-    _ended = False
-
-    def _records(self):
-        for loc, rec, nxt in self.source.records(0, self.lane, self.lanes, None):
-            if not isinstance(rec, (str, Bad)):
-                rec.loc = loc  # a conversation dropped after encoding is reported at its source line
-            yield 0, nxt, loc, rec
-
-    def _refill(self) -> None:
-        if not self._ended:
-            super()._refill()
-            if self._queue:
-                return
-            self._ended = True
-        S = self.seq_len
-        marker = np.full(S, _END, dtype=np.int32)
-        if getattr(self, "pack", None) is not None:  # chat packers queue [2, n] (input_ids, labels) items
-            marker = np.stack([marker, np.full(S, IGNORE_INDEX, dtype=np.int32)])
-        self._queue.append((1, None, marker))
-
-
-def _apportion(total: int, weights: Sequence[float]) -> List[int]:
-    """Integers summing to `total` in proportion to `weights` (largest remainders; ties to the lower index)."""
-    w = sum(weights)
-    if w <= 0:
-        return [0] * len(weights)
-    exact = [total * x / w for x in weights]
-    out = [int(math.floor(x)) for x in exact]
-    for i in sorted(range(len(weights)), key=lambda i: (out[i] - exact[i], i))[: total - sum(out)]:
-        out[i] += 1
-    return out
+def _eval_sources(cfg: DictConfig) -> Dict[str, SourceConfig]:
+    """eval.sources by name, typed."""
+    return {str(name): source_config(scfg) for name, scfg in cfg.eval.sources.items()}
 
 
 def _ppl(loss: Optional[float]) -> Optional[float]:

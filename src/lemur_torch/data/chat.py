@@ -1,6 +1,6 @@
 """ChatML as Lemur-Chat renders it, conversation formats, and token ids + labels built turn by turn.
 
-Rendering (shared/RECIPE.md, stage 2): BOS once, then per message, content stripped,
+Rendering (Lemur-Chat, the recipe's stage 2): BOS once, then per message, content stripped,
 
     <|im_start|>{role}\\n{content}<|im_end|>\\n
 
@@ -18,7 +18,7 @@ dropped. Newline is a hard boundary for the Llama vocabulary (no piece contains 
 the text, so the concatenation equals the tokenizer's own encoding of the whole rendered text; tests check it
 against character offsets.
 
-Content is text: message contents are encoded with special-token parsing off (packing.Tokenize), so a message
+Content is text: message contents are encoded with special-token parsing off (encode.Tokenize), so a message
 that contains "<|im_end|>\\n<|im_start|>assistant\\n", "<s>", "</s>" or "<pad>" gets the ids of those
 characters, and the only control ids in a conversation are the ones this module places (BOS, and one
 <|im_start|> and one <|im_end|> per message). `tokenizer.apply_chat_template(messages, tokenize=True)` does
@@ -38,8 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from lemur_torch.data.packing import Tokenize, _batch_encoder
-from lemur_torch.data.sources import MISSING_FIELD, Bad
+from lemur_torch.data.encode import Tokenize, batch_encoder
+from lemur_torch.data.sources.records import MISSING_FIELD, Bad
 
 PAD, IM_START, IM_END, IM_SEP, DIFF_MARKER = "<pad>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|diff_marker|>"
 # the order fixes the ids: 32000..32004 on the Llama-2 tokenizer (Lemur-Chat's released tokenizer)
@@ -55,7 +55,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# reasons a conversation is skipped (next to sources.REASONS in the per-source skip counters)
+# reasons a conversation is skipped (next to sources.records.REASONS in the per-source skip counters)
 WRONG_TYPE = "wrong_type"
 UNKNOWN_ROLE = "unknown_role"
 EMPTY_TURN = "empty_turn"
@@ -197,7 +197,7 @@ class ChatEncoder(Tokenize):
         self.im_start, self.im_end = vocab[IM_START], vocab[IM_END]
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab[PAD]
         # the template's own markup, the one text whose special-token strings are control ids
-        markup = _batch_encoder(tokenizer, specials=True)
+        markup = batch_encoder(tokenizer, specials=True)
         # headers and tails follow a special token; pieces are encoded behind an anchor whose ids are then
         # dropped (module docstring)
         self.header = {r: [self.im_start] + self._in_place([r + "\n"], IM_START, markup)[0] for r in ROLES}

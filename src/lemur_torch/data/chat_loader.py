@@ -24,7 +24,8 @@ from lemur_torch.data.chat import CHAT_REASONS, IGNORE_INDEX, NO_TRAINABLE, Chat
 from lemur_torch.data.chat_sources import build_chat_source
 from lemur_torch.data.loader import PackedMixtureLoader
 from lemur_torch.data.packing import Packer
-from lemur_torch.data.sources import REASONS, Bad
+from lemur_torch.data.schema import DataConfig
+from lemur_torch.data.sources.records import REASONS, Bad
 from lemur_torch.errors import BadInputError, DataConfigError
 
 log = logging.getLogger("lemur_torch.data")
@@ -94,8 +95,8 @@ class ChatLoader(PackedMixtureLoader):
 
     reasons = REASONS + CHAT_REASONS
 
-    def __init__(self, data_cfg, tokenizer, seq_len, micro_batch_size, dp_rank, dp_size, seed):
-        self.chat_packing = data_cfg.get("chat_packing", "packed")
+    def __init__(self, cfg: DataConfig, tokenizer, seq_len, micro_batch_size, dp_rank, dp_size, seed):
+        self.chat_packing = cfg.chat_packing
         if self.chat_packing not in PACKING:
             raise DataConfigError(f"data.chat_packing={self.chat_packing!r}: use packed or padded")
         self.packer_cls = ChatPacker if self.chat_packing == "packed" else PaddedChatPacker
@@ -103,7 +104,7 @@ class ChatLoader(PackedMixtureLoader):
             ChatEncoder(tokenizer, seq_len)  # fail here, not in a worker, on a tokenizer without the ChatML tokens
         except ValueError as exc:
             raise DataConfigError(str(exc)) from None
-        super().__init__(data_cfg, tokenizer, seq_len, micro_batch_size, dp_rank, dp_size, seed)
+        super().__init__(cfg, tokenizer, seq_len, micro_batch_size, dp_rank, dp_size, seed)
 
     def build_source(self, name, scfg, listing=None):
         return build_chat_source(name, scfg, self.seed, listing, self.storage)
@@ -111,9 +112,8 @@ class ChatLoader(PackedMixtureLoader):
     def text_column(self, scfg):
         return None  # a conversation's fields are several columns
 
-    def _fingerprint(self) -> dict:
-        fp = {**super()._fingerprint(), "format": "chat", "chat_packing": self.chat_packing}
-        return fp
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "format": "chat", "chat_packing": self.chat_packing}
 
     def make_tokenize(self):
         return partial(ChatEncoder, seq_len=self.seq_len)

@@ -1,4 +1,4 @@
-"""Conversation sources: the pretraining readers (sources.py) with a conversation per record, and a built-in set.
+"""Conversation sources: the pretraining readers (data/sources/) with a conversation per record, and a built-in set.
 
 `jsonl` and `hf` read exactly as for pretraining (files, lanes' shares, resume positions, bad-line reports with
 file:line); only `Source.record` differs: a JSON object / parquet row becomes a `Conversation` (chat.py) in the
@@ -18,10 +18,16 @@ import ast
 import os
 import sysconfig
 from functools import lru_cache
+from pydoc_data.topics import topics
 from typing import List, Tuple
 
 from lemur_torch.data.chat import FORMATS, Conversation, to_conversation
-from lemur_torch.data.sources import FileSource, IndexedSource, Source, _plain, resolve_listing, source_identity
+from lemur_torch.data.schema import source_config
+from lemur_torch.data.sources.base import Source
+from lemur_torch.data.sources.factory import source_identity
+from lemur_torch.data.sources.file import FileSource
+from lemur_torch.data.sources.indexed import IndexedSource
+from lemur_torch.data.sources.listing import resolve_listing
 from lemur_torch.data.storage import Storage
 from lemur_torch.errors import DataConfigError
 
@@ -34,7 +40,7 @@ class ChatFileSource(FileSource):
     def record(self, obj):
         return to_conversation(obj, self.chat_format, self.fields)
 
-    def _columns(self):
+    def columns(self):
         return None  # every column: the format decides which fields make the conversation
 
     def fingerprint(self):
@@ -97,8 +103,6 @@ def _title_and_body(text: str) -> Tuple[str, str]:
 
 @lru_cache(maxsize=1)
 def pydoc_conversations() -> Tuple[Tuple[str, List[Tuple[str, str]]], ...]:
-    from pydoc_data.topics import topics
-
     out = []
     for key in sorted(topics):
         title, body = _title_and_body(topics[key])
@@ -173,14 +177,15 @@ class BuiltinChatSource(IndexedSource):
 
 def build_chat_source(name: str, cfg, seed: int, listing=None, storage=None) -> Source:
     """A conversation source from its SourceConfig (data.format=chat); config problems raise DataConfigError."""
+    cfg = source_config(cfg)
     kind = cfg.kind
     weight = float(cfg.weight)
     if not weight > 0:
         raise DataConfigError(f"source {name!r}: weight must be positive, got {cfg.weight}")
-    fmt = cfg.get("chat_format", "auto")
+    fmt = cfg.chat_format
     if fmt not in FORMATS:
         raise DataConfigError(f"source {name!r}: chat_format {fmt!r}; use one of {', '.join(FORMATS)}")
-    shuffle = bool(cfg.get("shuffle", True))
+    shuffle = bool(cfg.shuffle)
     if kind == "builtin_chat":
         return BuiltinChatSource(name, cfg.domain, weight, seed, shuffle, cfg.path)
     if kind not in ("jsonl", "hf"):
@@ -196,5 +201,5 @@ def build_chat_source(name: str, cfg, seed: int, listing=None, storage=None) -> 
     src = ChatFileSource(
         name, cfg.domain, weight, seed, shuffle, kind, listing, cfg.text_field, storage, source_identity(cfg)
     )
-    src.chat_format, src.fields = fmt, dict(_plain(cfg.get("fields")) or {})
+    src.chat_format, src.fields = fmt, dict(cfg.fields or {})
     return src

@@ -14,7 +14,11 @@ import glob
 import os
 from typing import List
 
-from lemur_torch.data.sources import _expand_sized, _plain
+from lemur_torch.data.chat import DEFAULT_FIELDS
+from lemur_torch.data.chat import FORMATS as CHAT_FORMATS
+from lemur_torch.data.chat_sources import BUILTIN_SETS
+from lemur_torch.data.schema import SourceConfig, data_config, source_config
+from lemur_torch.data.sources.listing import list_files
 from lemur_torch.data.storage import is_url
 from lemur_torch.errors import ConfigError, DataConfigError
 from lemur_torch.fields import local_or_hub
@@ -31,10 +35,11 @@ LOCAL_KINDS = ("jsonl", "parquet", "text")
 
 def check_data_config(data_cfg) -> None:
     """Raise ConfigError naming the key of the first problem found."""
-    fmt = data_cfg.get("format", "pretrain")
+    data_cfg = data_config(data_cfg)
+    fmt = data_cfg.format
     if fmt not in FORMATS:
         raise ConfigError("data.format", f"{fmt!r}; use pretrain (packed documents) or chat (ChatML conversations)")
-    if fmt == "chat" and data_cfg.get("chat_packing", "packed") not in CHAT_PACKING:
+    if fmt == "chat" and data_cfg.chat_packing not in CHAT_PACKING:
         raise ConfigError("data.chat_packing", f"{data_cfg.chat_packing!r}; use packed or padded")
     if not data_cfg.sources:
         raise ConfigError("data.sources", "no sources: configure at least one (see conf/data/sample.yaml)")
@@ -43,6 +48,9 @@ def check_data_config(data_cfg) -> None:
 
 
 def check_source(name: str, scfg, fmt: str, prefix: str = "data.sources") -> None:
+    """One source's config (a SourceConfig, or a config built on it) for data.format `fmt`; `prefix.name` is
+    its key in errors."""
+    scfg = source_config(scfg)
     key = f"{prefix}.{name}"
     kind = scfg.kind
     if kind not in KINDS[fmt]:
@@ -63,8 +71,6 @@ def check_source(name: str, scfg, fmt: str, prefix: str = "data.sources") -> Non
     elif kind == "hf":
         _check_hf(key, scfg)
     elif kind == "builtin_chat":
-        from lemur_torch.data.chat_sources import BUILTIN_SETS
-
         if scfg.path not in BUILTIN_SETS:
             raise ConfigError(
                 f"{key}.path", f"{scfg.path!r}; kind builtin_chat reads one of {', '.join(sorted(BUILTIN_SETS))}"
@@ -73,13 +79,13 @@ def check_source(name: str, scfg, fmt: str, prefix: str = "data.sources") -> Non
 
 def _local_files(name: str, key: str, path, kind: str) -> List[str]:
     try:
-        return [p for p, _ in _expand_sized(name, path, kind)]
+        return [p for p, _ in list_files(name, path, kind)]
     except DataConfigError as exc:
         raise ConfigError(f"{key}.path", str(exc)) from None
 
 
 def _check_parquet_column(key: str, path: str, column: str) -> None:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: a few hundred ms to import, and only parquet sources need it
 
     try:
         names = pq.ParquetFile(path).schema_arrow.names  # the footer only
@@ -93,14 +99,11 @@ def _check_parquet_column(key: str, path: str, column: str) -> None:
         raise ConfigError(f"{key}.text_field", f"{path} has no column {column!r} (columns: {', '.join(names)})")
 
 
-def _check_chat_fields(key: str, scfg) -> None:
-    from lemur_torch.data.chat import DEFAULT_FIELDS
-    from lemur_torch.data.chat import FORMATS as CHAT_FORMATS
-
-    fmt = scfg.get("chat_format", "auto")
+def _check_chat_fields(key: str, scfg: SourceConfig) -> None:
+    fmt = scfg.chat_format
     if fmt not in CHAT_FORMATS:
         raise ConfigError(f"{key}.chat_format", f"{fmt!r}; use one of {', '.join(CHAT_FORMATS)}")
-    for field_name, record_field in (_plain(scfg.get("fields")) or {}).items():
+    for field_name, record_field in (scfg.fields or {}).items():
         if field_name not in DEFAULT_FIELDS:
             raise ConfigError(
                 f"{key}.fields.{field_name}",
@@ -110,7 +113,7 @@ def _check_chat_fields(key: str, scfg) -> None:
             raise ConfigError(f"{key}.fields.{field_name}", f"must name the record's field, got {record_field!r}")
 
 
-def _check_hf(key: str, scfg) -> None:
+def _check_hf(key: str, scfg: SourceConfig) -> None:
     if not scfg.path:
         raise ConfigError(
             f"{key}.path",
@@ -124,7 +127,7 @@ def _check_hf(key: str, scfg) -> None:
     if where == "local" and not os.path.exists(path):
         raise ConfigError(f"{key}.path", f"HF dataset folder {scfg.path!r} does not exist")
     if where == "hub" and path in _packaged_loaders():
-        files = _plain(scfg.get("data_files"))
+        files = scfg.data_files
         if not files:
             raise ConfigError(f"{key}.data_files", f"path={path} reads local or remote files: name them in data_files")
         for pattern in _flatten(files):
@@ -133,6 +136,7 @@ def _check_hf(key: str, scfg) -> None:
 
 
 def _packaged_loaders() -> set:
+    # lazy: datasets takes seconds to import, and only kind hf with a packaged loader (json, parquet) needs it
     from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
     return set(_PACKAGED_DATASETS_MODULES)

@@ -1,9 +1,9 @@
 """Tokenize documents in batches and pack them into rows of exactly `seq_len` tokens.
 
-A `Packer` owns one (lane, source) pair: it reads that lane's records of the source (sources.py), has them
-tokenized with the fast tokenizer's batch call (`encode_batch_fast`, no offsets; the reader's `Refiller`
-puts many packers' chunks into one call), wraps each document as BOS + tokens + EOS, and cuts the
-concatenation into rows. Row rules (the batch contract, shared/DESIGN.md):
+A `Packer` owns one (lane, source) pair: it reads that lane's records of the source (data/sources/), has them
+tokenized with the fast tokenizer's batch call (encode.py `Tokenize`: `encode_batch_fast`, no offsets; the
+reader's `Refiller` puts many packers' chunks into one call), wraps each document as BOS + tokens + EOS, and
+cuts the concatenation into rows. Row rules (the batch contract):
 - every row holds exactly `seq_len` real tokens: no padding ever (documents longer than a row continue into
   the next row of the same packer);
 - `labels` = `input_ids`, except -100 on each document's first token (its BOS), so nothing learns to predict
@@ -16,69 +16,27 @@ concatenation into rows. Row rules (the batch contract, shared/DESIGN.md):
   row, so documents in a row attend to each other; labels are the same.
 
 A packer's position, `Packer.state()`, is (epoch, the reader position `pos` of the first unfinished record in
-this lane's share of the epoch - a byte offset, row or index the reader seeks to, see sources.py - and tokens of
+this lane's share of the epoch - a byte offset, row or index the reader seeks to, see data/sources/ - and tokens of
 it already emitted) plus counters (skipped records, bytes read, retried reads): re-reading from there reproduces
 the rest of the stream exactly, because a document's tokens do not depend on which batch it was tokenized in.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import deque
+from concurrent.futures import Future
 from typing import Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from lemur_torch.data.sources import Bad, Source
+from lemur_torch.data.encode import Tokenize
+from lemur_torch.data.sources.base import Source
+from lemur_torch.data.sources.records import Bad
 from lemur_torch.data.storage import io_counters
 from lemur_torch.errors import BadInputError
 
 log = logging.getLogger("lemur_torch.data")
-
-
-class Tokenize:
-    """Batched tokenization of text as text, without BOS/EOS, through the fastest path the tokenizer has.
-
-    Content is text: a special token's string inside a document ("<s>", "</s>", "<pad>", "<|im_end|>", ...) is
-    encoded as the characters it is made of, never as the control id. HF tokenizers match added special tokens
-    inside any text they encode unless told not to: the Rust tokenizer's `encode_special_tokens` flag, and
-    `split_special_tokens` for slow (python) tokenizers (`_batch_encoder`). Control ids come only from code that
-    places them: BOS/EOS around each document here, the ChatML markup in chat.py.
-    """
-
-    def __init__(self, tokenizer):
-        self.bos = tokenizer.bos_token_id
-        self.eos = tokenizer.eos_token_id
-        self._fn = _batch_encoder(tokenizer, specials=False)
-
-    def documents(self, texts: List[str]) -> List[np.ndarray]:
-        """BOS + tokens + EOS per text, as int32 arrays (4 bytes a token instead of a python int's 28+8)."""
-        out = []
-        head = [self.bos] if self.bos is not None else []
-        tail = [self.eos] if self.eos is not None else []
-        for ids in self._fn(texts):
-            out.append(np.array(head + ids + tail, dtype=np.int32))
-        return out
-
-
-def _batch_encoder(tokenizer, specials: bool):
-    """texts -> ids per text, no BOS/EOS; special-token strings in the texts become control ids iff `specials`."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:  # slow (python) tokenizers
-        return lambda texts: tokenizer(list(texts), add_special_tokens=False, split_special_tokens=not specials)[
-            "input_ids"
-        ]
-    if not hasattr(backend, "encode_special_tokens"):
-        raise RuntimeError(
-            "this tokenizers version cannot encode special-token strings as text; pip install 'tokenizers>=0.15'"
-        )
-    # a private copy with the flag set either way: transformers flips the shared tokenizer's flag whenever it is
-    # called with split_special_tokens=..., so its current value says nothing
-    backend = copy.deepcopy(backend)
-    backend.encode_special_tokens = not specials  # True: special-token strings are encoded as the text they are
-    encode = backend.encode_batch_fast if hasattr(backend, "encode_batch_fast") else backend.encode_batch
-    return lambda texts: [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
 
 class BadCounter:
@@ -152,8 +110,6 @@ class Refiller:
         for p in members:
             p.inflight = True
         if self.pool is None:
-            from concurrent.futures import Future
-
             future = Future()
             try:
                 future.set_result(self._read(members))
@@ -184,7 +140,7 @@ class Refiller:
 
 
 class Packer:
-    """Rows of one source's share of one lane: that lane's records of each epoch in turn (sources.py)."""
+    """Rows of one source's share of one lane: that lane's records of each epoch in turn (data/sources/)."""
 
     def __init__(
         self,

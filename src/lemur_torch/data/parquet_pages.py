@@ -250,7 +250,7 @@ class ParquetHandle:
 
     def pyarrow_file(self):
         if self._pf is None:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # lazy: a few hundred ms to import, and only parquet sources need it
 
             meta = pq.read_metadata(
                 io.BytesIO(b"PAR1" + self.footer_bytes + struct.pack("<I", len(self.footer_bytes)) + b"PAR1")
@@ -327,7 +327,7 @@ class ParquetHandle:
 
     def read_page_rows(self, group: int, leaf: int, elem: int, r0: int, r1: int):
         """Rows [r0, r1) of the row group's column, from the data pages that hold them (a pyarrow Table)."""
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: a few hundred ms to import, and only parquet sources need it
 
         pages = self.page_table(group, leaf, r1)
         first, chosen, row = None, [], 0

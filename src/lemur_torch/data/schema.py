@@ -1,11 +1,21 @@
-"""Typed schema of the `data:` config group (owned by the data pipeline; imported by lemur_torch.config)."""
+"""Typed schema of the `data:` config group (owned by the data pipeline; imported by lemur_torch.config), and
+the conversion of a composed config into these dataclasses.
+
+The data pipeline reads its settings as attributes of the dataclasses below, converted once where a config
+enters it (`data_config`, `source_config`: `OmegaConf.to_object`), so every default is written here and only
+here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Type, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
 
 from lemur_torch.fields import Choice, bounded
+
+T = TypeVar("T")
 
 
 class ResumeStream(Choice):
@@ -43,7 +53,7 @@ class SourceConfig:
     # differently, e.g. OpenOrca as alpaca: {system: system_prompt, instruction: question, output: response}
     fields: Dict[str, str] = field(default_factory=dict)
     # fraction of this source kept out of training for validation (eval.*); null = data.holdout. Part of the
-    # resume identity: changing it changes what training reads (sources.py, "Held-out slices")
+    # resume identity: changing it changes what training reads (sources/base.py, "Held-out slices")
     holdout: Optional[float] = bounded(None, ge=0, lt=1, hint="a fraction of the source")
 
 
@@ -91,3 +101,24 @@ class DataConfig:
     # any number of ranks, lanes or workers, shuffled or not, in any epoch
     holdout: float = bounded(0.0, ge=0, lt=1, hint="a fraction of each source")
     extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def _typed(cfg: Any, schema: Type[T], what: str) -> T:
+    if isinstance(cfg, schema):
+        return cfg
+    if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is schema:
+        return OmegaConf.to_object(cfg)
+    raise TypeError(
+        f"{what} must be a {schema.__name__} or a config built on it (lemur_torch.config.load_config, or "
+        f"OmegaConf.merge(OmegaConf.structured({schema.__name__}), ...)), got {type(cfg).__name__}"
+    )
+
+
+def data_config(cfg: Any) -> DataConfig:
+    """The `data:` config as a DataConfig: one as is, or a DictConfig of that schema converted."""
+    return _typed(cfg, DataConfig, "the data config")
+
+
+def source_config(cfg: Any) -> SourceConfig:
+    """One source's config as a SourceConfig: one as is, or a DictConfig of that schema converted."""
+    return _typed(cfg, SourceConfig, "a source's config")

@@ -9,7 +9,7 @@ the code that runs against a bucket.
 Errors: a transient one (connection reset or refused, a timeout, HTTP 408/425/429/5xx) is retried with
 exponential backoff and jitter (`data.io_retries`, `data.io_backoff_s`) and counted; anything else, or a
 transient error that outlasts the retries, is permanent and raised as `DataReadError` naming the file. The
-caller adds the source's name (see sources.py): before training it becomes a one-line DataConfigError, mid-run
+caller adds the source's name (see data/sources/): before training it becomes a one-line DataConfigError, mid-run
 the loader stops every rank at the same micro-batch (loader.py).
 """
 
@@ -100,7 +100,7 @@ def is_url(path: str) -> bool:
 
 
 def fs_and_path(url: str):
-    import fsspec.core
+    import fsspec.core  # lazy: hundreds of ms to import, and only remote paths need it
 
     return fsspec.core.url_to_fs(url)
 

@@ -23,10 +23,15 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lemur_torch.config import load_config
 from lemur_torch.errors import ConfigError
+from lemur_torch.eval.config import EvalConfig  # importing it registers the lemur_eval schema
+from lemur_torch.eval.harness import run_harness
+from lemur_torch.eval.sandbox import Sandbox, SandboxLimits
+from lemur_torch.fields import check_bounds
 
 HUMANEVAL = "humaneval"
 
@@ -52,9 +57,6 @@ def default_out_dir(model: str) -> str:
 
 def validate(cfg: DictConfig) -> None:
     """Every bound on the schema's fields, then the combinations; ConfigError naming the key."""
-    from lemur_torch.eval.config import EvalConfig
-    from lemur_torch.fields import check_bounds
-
     check_bounds(cfg, EvalConfig, "", ConfigError)
     h = cfg.humaneval
     if not cfg.tasks:
@@ -76,6 +78,7 @@ def resolve_model(path: str) -> Tuple[str, Optional[str]]:
     if is_export(path):
         return path, None
     if is_checkpoint(path):
+        # lazy: the export loads transformers (seconds), which an export folder or a config error never needs
         from lemur_torch.export import main as export_main
 
         tmp = tempfile.mkdtemp(prefix="lemur-eval-export-")
@@ -97,16 +100,13 @@ def resolve_model(path: str) -> Tuple[str, Optional[str]]:
 
 
 def device_and_dtype(cfg: DictConfig) -> Tuple[str, str]:
-    import torch
-
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = str(cfg.dtype) if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     return device, dtype
 
 
 def load_model(export: str, device: str, dtype: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: the first transformers import costs seconds
 
     tokenizer = AutoTokenizer.from_pretrained(export)
     # on GPUs, accelerate's device map spreads a model larger than one device over all of them
@@ -126,8 +126,6 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 
 
 def evaluate(cfg: DictConfig) -> Dict[str, Any]:
-    from lemur_torch.eval.sandbox import Sandbox, SandboxLimits
-
     started = time.time()
     export, tmp = resolve_model(cfg.model)
     out_dir = os.path.abspath(cfg.out_dir or default_out_dir(cfg.model))
@@ -144,12 +142,12 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
         "rows": [],
     }
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # lazy: the first transformers import costs seconds
 
         chat = AutoTokenizer.from_pretrained(export).chat_template is not None
         summary["chat_template"] = chat
         if HUMANEVAL in cfg.tasks:
-            from lemur_torch.eval.humaneval import run_humaneval
+            from lemur_torch.eval.humaneval import run_humaneval  # lazy: its generation loads transformers
 
             s = cfg.sandbox
             limits = SandboxLimits(**{f.name: s[f.name] for f in dataclasses.fields(SandboxLimits)})
@@ -167,8 +165,6 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
                 if k.startswith("pass@")
             ]
         if harness_tasks:
-            from lemur_torch.eval.harness import run_harness
-
             results, rows = run_harness(
                 export,
                 harness_tasks,
@@ -213,8 +209,6 @@ def build_config(argv: Optional[List[str]] = None) -> Tuple[DictConfig, bool]:
     parser.add_argument("--cfg", action="store_true", help="print the composed config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of conf/lemur_eval.yaml")
     args = parser.parse_intermixed_args(argv)
-    import lemur_torch.eval.config  # noqa: F401  (registers the schema)
-
     cfg = load_config(args.overrides, config_name="lemur_eval")
     cfg.model = args.model
     if args.tasks:

@@ -8,8 +8,11 @@ import json
 import os
 from typing import Any, Dict, List, Tuple
 
+import torch
+
 
 def _import_lm_eval():
+    # lazy: lm-eval is an optional extra (pip install '.[eval]'); without it only its tasks are unavailable
     try:
         import lm_eval  # noqa: F401
         from lm_eval.models.huggingface import HFLM
@@ -36,10 +39,8 @@ def run_harness(
 ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Evaluate `tasks`; writes out_dir/results.json and out_dir/samples_<task>.jsonl. Returns lm-eval's
     results (without the samples) and the summary rows."""
-    import torch
-
     lm_eval, HFLM, TaskManager = _import_lm_eval()
-    from lm_eval.utils import handle_non_serializable
+    from lm_eval.utils import handle_non_serializable  # present once _import_lm_eval succeeded
 
     h = cfg
     apply_chat = chat if h.apply_chat_template is None else bool(h.apply_chat_template)

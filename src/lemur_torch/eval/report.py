@@ -16,6 +16,8 @@ import statistics
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from lemur_torch.errors import ConfigError
+
 PANELS = ("training loss", "validation loss", "learning rate", "tokens/s", "MFU", "gradient norm")
 
 
@@ -58,7 +60,7 @@ def keys_with_prefix(metrics: Sequence[Dict[str, Any]], prefix: str) -> List[str
 
 
 def build_figure(metrics: Sequence[Dict[str, Any]], title: str = ""):
-    import matplotlib
+    import matplotlib  # lazy: about a second to import, and only the figure needs it
 
     matplotlib.use("Agg")  # files only: no display needed (and none on a cluster node)
     import matplotlib.pyplot as plt
@@ -157,6 +159,7 @@ def run_dir_from(args: Sequence[str]) -> str:
     """A folder, or lemur-train's overrides (the run folder is the composed config's run_dir)."""
     if len(args) == 1 and "=" not in args[0]:
         return args[0]
+    # lazy: composing a config loads torch (through the data pipeline); a run folder needs none of it
     from lemur_torch.config import load_config
 
     return load_config(list(args)).run_dir
@@ -172,7 +175,7 @@ def write_report(run_dir: str, out: Optional[str] = None) -> Tuple[str, str]:
     tmp = out + ".tmp.png"
     fig.savefig(tmp, dpi=100)
     os.replace(tmp, out)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # loaded by build_figure already
 
     plt.close(fig)
     return out, summarize(metrics)
@@ -183,8 +186,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("run", nargs="+", help="a run folder, or the key=value overrides given to lemur-train")
     parser.add_argument("--out", help="PNG path (default RUN_DIR/report.png)")
     args = parser.parse_args(argv)
-    from lemur_torch.errors import ConfigError
-
     try:
         run_dir = run_dir_from(args.run)
         out, text = write_report(run_dir, args.out)
