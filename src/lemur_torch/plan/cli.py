@@ -97,6 +97,13 @@ def describe_search(found: List[Candidate], top: int) -> str:
         lines.append(f"   {' '.join(c.overrides)}")
         if c.pending:
             lines.append(f"   (not yet trainer settings: {' '.join(c.pending)})")
+    today = next((c for c in found if not c.pending), None)
+    if today is not None and today is not found[0]:
+        p = today.plan
+        lines.append(
+            f"fastest with settings the trainer takes today: {p.step_time_s:.2f} s/step, "
+            f"{p.tokens_per_s_per_device:,.0f} tok/s/device, {p.days:.2f} days: {' '.join(today.overrides)}"
+        )
     return "\n".join(lines)
 
 

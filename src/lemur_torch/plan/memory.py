@@ -179,7 +179,9 @@ def estimate(shape: ModelShape, s: Setting, local_params: int, cuda_runtime: boo
     below = sum(saved)
     for i in reversed(range(shape.layers)):
         below -= saved[i]
-        recomputed = full_layer if saved[i] < full_layer else 0.0
+        # a checkpointed layer's backward recomputes its whole forward set (selective: all but what it kept)
+        recomputed = full_layer - (saved[i] - layer_input_bytes(shape, s) * T if s.ac == "selective" else 0.0)
+        recomputed = recomputed if saved[i] < full_layer else 0.0
         moments.append(
             (
                 f"backward of layer {i}",

@@ -114,9 +114,10 @@ def search(
     # within 1% of each other, settings are told apart by what they need: fewer keys the trainer does not take
     # yet, fewer changes to the run's own settings, less memory
     own = set(overrides_for(base, cluster))
+    best = min((c.plan.step_time_s for c in found), default=1.0)
     found.sort(
         key=lambda c: (
-            round(math.log(c.plan.step_time_s) / math.log(1.01)),
+            math.floor(math.log(c.plan.step_time_s / best) / math.log(1.01)),
             len(c.pending),
             len(set(c.overrides) - own),
             c.plan.memory.peak,
