@@ -83,7 +83,7 @@ def commit_cost(scratch: str, ranks: int, shard_bytes: int = 1 << 16) -> float:
 def state_per_rank_70b(world_size: int) -> float:
     """GB of checkpointed state (fp32 weights + two Adam moments) per rank for Llama-2-70B, from the real FSDP2
     sharding on the meta device over a fake process group: what each rank stages in host memory per save."""
-    from lemur_torch.plan import shard_on_fake_pg
+    from lemur_torch.plan.sharding import shard_on_fake_pg
 
     plan = shard_on_fake_pg(load_config(["model=llama2_70b"]), world_size)
     return plan["local_params"] * 12 / 1e9

@@ -1,0 +1,124 @@
+"""A run's settings as the planner reads them: batch split, checkpointing policy, precision, sharding, compile.
+
+`Setting.from_config` reads them off the run's composed config (train.*, parallel.*) for a given cluster; the
+search varies them with `dataclasses.replace`. Two fields describe how a trainer implements its step rather
+than how it is configured, so that published runs of other trainers can be described too: `loss` (this
+project's chunked fp32 loss, or a cross-entropy over an fp32 copy of all the logits, as torchtitan and
+llm-foundry compute it) and `fused_norm` (a norm that runs as one kernel even without compile, e.g. MPT's
+LayerNorm; HF's RMSNorm is six eager ops).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from lemur_torch.errors import ConfigError
+from lemur_torch.plan.cluster import Cluster
+
+AC_POLICIES = ("none", "full", "every_n", "selective")
+
+
+@dataclass(frozen=True)
+class Setting:
+    seq_len: int
+    micro_batch: int  # rows per device per micro-batch
+    grad_accum: int
+    backend: str = "fsdp"  # fsdp | xla_spmd
+    ac: str = "full"  # none | full | every_n | selective
+    ac_every_n: int = 2
+    param_dtype: str = "bf16"  # bf16: FSDP2 mixed precision (xla: autocast over fp32 weights) | fp32
+    reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype
+    reshard_after_forward: bool = True
+    reshard_last: bool = True  # the last layer reshards after forward too (backward starts with it)
+    compile: bool = False
+    float8: bool = False  # float8 linears (torchao tensorwise) with float8 all-gather
+    loss_chunk: int = 1024
+    loss: str = "chunked"  # chunked (lemur_torch.model.token_loss_sums) | fp32_cross_entropy
+    attention: str = "flash"  # flash (no mask, K/V not expanded) | sdpa (CPU: a [B,1,S,S] mask, K/V expanded)
+    fused_norm: bool = False
+    dp_replicate: int = 1  # HSDP replicas (the shard group is devices / dp_replicate)
+    sharded: bool = True  # fully_shard applied (not for one fp32 process: parallel/fsdp.py)
+    optimizer_foreach: bool = False  # foreach AdamW (a temporary per parameter) rather than fused
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.param_dtype == "bf16" else 4
+
+    def shard_size(self, devices: int) -> int:
+        return devices // self.dp_replicate
+
+    def describe(self) -> str:
+        ac = f"every_{self.ac_every_n}" if self.ac == "every_n" else self.ac
+        parts = [f"micro_batch {self.micro_batch} x grad_accum {self.grad_accum}", f"AC {ac}"]
+        if self.dp_replicate > 1:
+            parts.append(f"HSDP {self.dp_replicate} replicas")
+        if self.backend == "fsdp":
+            parts.append(f"reduce {self.reduce_dtype}")
+            if not self.reshard_last:
+                parts.append("last layer kept")
+        parts += ["compile"] * self.compile + ["float8"] * self.float8
+        return ", ".join(parts)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, cluster: Cluster) -> "Setting":
+        """The run's settings on `cluster`: per-device rows and accumulation steps as the backends derive them
+        (FSDP: every device is a data-parallel rank; xla_spmd: train.micro_batch_size rows per host, spread
+        over the host's devices)."""
+        t, p = cfg.train, cfg.parallel
+        n = cluster.devices
+        if p.backend == "xla_spmd":
+            per_host = cluster.devices_per_node
+            if t.micro_batch_size % per_host:
+                raise ConfigError(
+                    "train.micro_batch_size",
+                    f"{t.micro_batch_size} rows per host do not divide over the host's {per_host} devices",
+                )
+            micro = t.micro_batch_size // per_host
+        else:
+            micro = t.micro_batch_size
+        per_step = micro * t.seq_len * n
+        if t.global_batch_tokens % per_step:
+            raise ConfigError(
+                "train.global_batch_tokens",
+                f"{t.global_batch_tokens} is not divisible by {micro} rows x {t.seq_len} tokens x {n} devices "
+                f"= {per_step}: pick train.micro_batch_size so that it is, or another cluster.devices",
+            )
+        replicate = 1
+        if p.backend == "fsdp":
+            replicate = int(p.dp_replicate)
+            shard = n // replicate if p.dp_shard == -1 else int(p.dp_shard)
+            if replicate * shard != n:
+                raise ConfigError(
+                    "parallel.dp_shard",
+                    f"dp_replicate x dp_shard = {replicate} x {p.dp_shard} does not match cluster.devices={n}",
+                )
+        elif p.get("xla_tensor", 1) != 1:
+            raise ConfigError("parallel.xla_tensor", "the planner models pure FSDP over every device: xla_tensor=1")
+        bf16 = p.mixed_precision in ("bf16", "auto")
+        return cls(
+            seq_len=int(t.seq_len),
+            micro_batch=int(micro),
+            grad_accum=int(t.global_batch_tokens // per_step),
+            backend=str(p.backend),
+            ac=str(p.activation_checkpointing),
+            ac_every_n=int(p.ac_every_n),
+            param_dtype="bf16" if bf16 else "fp32",
+            reduce_dtype="fp32",
+            reshard_after_forward=bool(p.get("reshard_after_forward", True)),
+            reshard_last=bool(p.get("reshard_after_forward", True)),
+            compile=bool(p.get("compile", False)) or p.backend == "xla_spmd",
+            float8=bool(p.get("float8", False)),
+            loss_chunk=int(t.loss_chunk),
+            dp_replicate=int(replicate),
+            sharded=n > 1 or bf16,
+        )
+
+    def replace(self, **changes) -> "Setting":
+        return dataclasses.replace(self, **changes)

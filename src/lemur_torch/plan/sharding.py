@@ -1,0 +1,64 @@
+"""The real FSDP2 sharding of the run's model: the meta model wrapped by parallel/fsdp.py's own `apply_fsdp`
+over a fake process group of any size, in about a second, cached per (model shape, shard group size).
+
+`python -m lemur_torch.plan --world-size 512 model=llama2_70b` prints this sharding alone as JSON: per-rank
+parameter counts and the persistent per-rank state (fp32 params + grads + AdamW moments = 16 bytes per
+parameter); `lemur-plan` builds the whole plan on it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict
+
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from lemur_torch.model import build_meta_model, count_params
+from lemur_torch.parallel.fsdp import apply_fsdp
+
+
+def shard_on_fake_pg(cfg: DictConfig, world_size: int, rank: int = 0) -> Dict[str, float]:
+    """Rank `rank`'s share of the model wrapped exactly as training wraps it, over `world_size` fake ranks.
+    `padded_local_params` counts what FSDP2 allocates per rank (ceil(dim0 / ranks) rows of every tensor: the
+    most any rank holds), `local_params` the rows this rank owns."""
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp_shard",))
+        model = build_meta_model(cfg.model)
+        apply_fsdp(model, mesh, cfg.parallel, MixedPrecisionPolicy())
+        params = list(model.parameters())
+        local = sum(p.to_local().numel() for p in params)
+        padded = sum(-(-p.shape[0] // world_size) * (p.numel() // p.shape[0]) for p in params)
+        layer_max = max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers)
+        total = count_params(cfg.model)
+        return {
+            "world_size": world_size,
+            "total_params": total,
+            "local_params": local,
+            "padded_local_params": padded,
+            "largest_layer_params": layer_max,
+            "state_gib_per_rank": local * 16 / 2**30,
+            "bf16_layer_gather_gib": layer_max * 2 / 2**30,
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(model_yaml: str, world_size: int) -> Dict[str, float]:
+    model = OmegaConf.create(model_yaml)
+    cfg = OmegaConf.create({"model": model, "parallel": {"activation_checkpointing": "none", "compile": False}})
+    cfg.parallel.reshard_after_forward = True
+    return shard_on_fake_pg(cfg, world_size)
+
+
+def real_sharding(model_cfg: DictConfig, shard_size: int) -> Dict[str, float]:
+    """shard_on_fake_pg for the model group alone, computed once per (model, shard size) in this process.
+    Must not run while another process group is initialised in this process (the fake one is global)."""
+    if dist.is_initialized():
+        raise RuntimeError("real_sharding needs this process free of other process groups")
+    return _cached(OmegaConf.to_yaml(model_cfg), int(shard_size))
