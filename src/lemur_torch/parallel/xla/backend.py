@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
@@ -268,7 +269,13 @@ class XlaSpmdBackend(Backend):
         return out
 
     def shutdown(self) -> None:
-        torch_xla.sync()
-        xm.wait_device_ops()
+        """Wait for the device, then leave the hosts' group. Called from lemur-train's `finally`: while an
+        exception propagates, the pending graph may be half traced (the error came from inside a step's
+        forward or backward), and executing it crashes the process (a segfault in place of the error). A run
+        that ended in an exception has nothing on the device to wait for (a checkpoint waits for its own
+        device work), so only a clean end flushes."""
+        if sys.exc_info()[0] is None:
+            torch_xla.sync()
+            xm.wait_device_ops()
         if dist.is_initialized():
             dist.destroy_process_group()
