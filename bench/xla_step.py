@@ -51,7 +51,7 @@ def _parts(overrides):
     from lemur_torch.data import build_loader
     from lemur_torch.metrics import MetricsLogger
     from lemur_torch.optim import build_optimizer, build_scheduler
-    from lemur_torch.parallel.xla import XlaSpmdBackend
+    from lemur_torch.parallel.xla.backend import XlaSpmdBackend
     from lemur_torch.tokenizer import build_tokenizer
     from lemur_torch.trainer import Trainer
 

@@ -181,7 +181,7 @@ def _sample_loader(fmt, batch_size=3):
 def test_xla_segments_equal_the_loaders_boundaries(fmt):
     """The torch_xla backend finds documents from position_ids on the device (fixed shapes, no host sync); on
     the loader's batches that is exactly the batch's doc_lens, for packed documents and chat (with padding)."""
-    from lemur_torch.parallel.xla_attention import document_ids as xla_document_ids
+    from lemur_torch.parallel.xla.attention import document_ids as xla_document_ids
 
     for _i, batch in zip(range(4), _sample_loader(fmt)):
         B, L = batch["input_ids"].shape
@@ -214,9 +214,9 @@ def test_impossible_attention_is_a_one_line_config_error(overrides, needle):
     with pytest.raises(ConfigError) as err:
         validate(load_config(overrides), 1)
     assert err.value.key == "model.attention" and needle in str(err.value) and "\n" not in str(err.value)
-    # select is also what the XLA backend calls, with the names as strings
+    # select also takes the names as strings
     with pytest.raises(ConfigError, match="use model.attention=flash"):
-        attention.select("flash_attention_2", "fsdp", "cuda", torch.bfloat16)
+        attention.select("flash_attention_2", "cuda", torch.bfloat16)
 
 
 def test_flash_with_fp32_parameters_is_a_config_error(monkeypatch):
@@ -228,16 +228,15 @@ def test_flash_with_fp32_parameters_is_a_config_error(monkeypatch):
 
 
 def test_auto_resolution(monkeypatch):
-    assert attention.select("auto", "fsdp", "cpu", torch.float32).impl == "sdpa"
-    assert attention.select("auto", "xla_spmd", "CPU", torch.float32).impl == "sdpa"
-    assert attention.select("auto", "xla_spmd", "TPU", torch.bfloat16).impl == "xla_flash"
-    assert attention.select("auto", "fsdp", "TPU", torch.bfloat16).impl == "sdpa"  # Pallas only under the XLA backend
+    assert attention.select("auto", "cpu", torch.float32).impl == "sdpa"
+    assert attention.select("auto", "TPU", torch.bfloat16).impl == "sdpa"  # Pallas only under the XLA backend
     monkeypatch.setattr(attention, "find_kernel", _bf16_only_flash)
-    picked = attention.select("auto", "fsdp", "cuda", torch.bfloat16)
+    picked = attention.select("auto", "cuda", torch.bfloat16)
     assert picked.impl == "flash" and picked.summary == "flash (auto: simulated flash-attn)"
-    assert attention.select("auto", "fsdp", "cuda", torch.float32).impl == "sdpa"  # the kernel cannot run fp32
-    from lemur_torch.parallel import xla_attention
+    assert attention.select("auto", "cuda", torch.float32).impl == "sdpa"  # the kernel cannot run fp32
+    from lemur_torch.parallel.xla import attention as xla_attention
 
+    # under the XLA backend: the mask-free SDPA on other PJRT devices, the Pallas kernel on TPU
     assert xla_attention.implementation_for("auto", "CPU") == xla_attention.SDPA
     assert xla_attention.implementation_for("auto", "TPU") == xla_attention.FLASH
     with pytest.raises(ConfigError, match="xla_flash needs a TPU"):

@@ -276,7 +276,7 @@ def hub(tmp_path_factory):
 def test_pretrained_from_offline_cache_and_one_line_errors(hub, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from lemur_torch.parallel.fsdp import resolve_pretrained
+    from lemur_torch.weights import resolve_pretrained
 
     cache = tmp_path / "cache"
     snapshot = fill_hf_cache(cache, "lemur-test/tiny-llama", hub)
@@ -305,7 +305,7 @@ def _resolve_on_node(cache: str, hub: str, repo_id: str, queue) -> None:
     import huggingface_hub
     from huggingface_hub import constants
 
-    from lemur_torch.parallel.fsdp import resolve_pretrained
+    from lemur_torch.weights import resolve_pretrained
 
     real = huggingface_hub.snapshot_download
 

@@ -1,5 +1,5 @@
 """The gate: every bad input a run can be given ends in one stderr line naming the key, exit status 2, before the
-process group or any model exists (src/lemur_torch/preflight.py, config.py, train.py).
+process group or any model exists (src/lemur_torch/preflight.py, config/, train.py).
 
 Most cases go through `lemur_torch.train.main` in this process, with `build_and_fit` (the first thing that
 builds a process group or a model) replaced by a tripwire; a few run as real subprocesses, and one under

@@ -1,4 +1,4 @@
-"""HF safetensors read by byte range (lemur_torch.hf_weights), as each TPU host reads its starting weights: the
+"""HF safetensors read by byte range (lemur_torch.weights), as each TPU host reads its starting weights: the
 rows it asks for equal safetensors' own tensors, from a folder or from a non-local fsspec URL, and a host that
 reads its 1/H share of the rows of every tensor reads 1/H of the bytes (byte counters), never the model."""
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lemur_torch import hf_weights
+from lemur_torch import weights as hf_weights
 
 
 @pytest.fixture

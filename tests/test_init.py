@@ -20,7 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from lemur_torch.config import load_config
-from lemur_torch.model import _full_shape_and_slices, build_meta_model, clean_fqn, init_weights
+from lemur_torch.model import build_meta_model, clean_fqn, full_shape_and_slices, init_weights
 from lemur_torch.parallel.fsdp import apply_fsdp
 
 SEED, STD = 1234, 0.02
@@ -64,7 +64,7 @@ def _full_from_ranks(world_shape, dim_names, model_name="tiny"):
             model.to_empty(device="cpu")
             init_weights(model, SEED, STD)
             for name, p in model.named_parameters():
-                shape, slices = _full_shape_and_slices(p)
+                shape, slices = full_shape_and_slices(p)
                 out = full.setdefault(clean_fqn(name), torch.full(shape, float("nan")))
                 out[slices] = p.to_local()
         finally:
@@ -108,7 +108,7 @@ def test_a_cut_along_the_second_dimension_draws_the_same_values():
             mod = nn.Linear(37, 2003, bias=False)
             mod.weight = nn.Parameter(distribute_tensor(torch.zeros(2003, 37), mesh, [Shard(1)]))
             init_weights(mod, SEED, STD)
-            _, slices = _full_shape_and_slices(mod.weight)
+            _, slices = full_shape_and_slices(mod.weight)
             full[slices] = mod.weight.to_local()
         finally:
             dist.destroy_process_group()

@@ -181,9 +181,10 @@ def _first_step_loss(hub: Path) -> float:
     micro-batches (the loader's partition of the global batch), sum of token losses over all label tokens."""
     from transformers import LlamaForCausalLM
 
-    from lemur_torch.config import grad_accum_steps, load_config
+    from lemur_torch.config import load_config
     from lemur_torch.data import build_loader
     from lemur_torch.model import batch_label_tokens, token_loss_sums
+    from lemur_torch.parallel.base import grad_accum_steps
     from lemur_torch.tokenizer import build_tokenizer
 
     cfg = load_config(TRAIN_ARGS)

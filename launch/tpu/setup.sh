@@ -2,7 +2,7 @@
 # Copy this checkout to every worker of a TPU VM slice and install it there, in its own venv
 # (~/lemur-torch/.venv): torch 2.9.0 from PyTorch's CPU wheel index (PyPI's torch is the CUDA build, ~3 GB of
 # nvidia wheels a TPU never uses; torch_xla's wheel does not pin torch, so it is pinned here), then the
-# package with its `tpu` extra (torch_xla[tpu,pallas] 2.9.0, torchax, gcsfs).
+# package with its `tpu` extra (torch_xla[tpu,pallas] 2.9.0 with jax 0.7.1, torchax and flax for scan_layers, gcsfs).
 #
 #   launch/tpu/setup.sh TPU_NAME ZONE
 #   GCS_BUCKET=my-bucket launch/tpu/setup.sh TPU_NAME ZONE    # also mount gs://my-bucket at /mnt/lemur
@@ -34,6 +34,9 @@ setup_command() {
     cmd+="; $py -m pip install -q torch==2.9.0 --index-url $TORCH_INDEX"
     cmd+="; $py -m pip install -q -e \"\$HOME/lemur-torch[tpu]\""
     cmd+="; $py -c \"import torch, torch_xla; assert torch.__version__ == '2.9.0+cpu' and torch.version.cuda is None, torch.__version__; print('worker $1: torch', torch.__version__, 'torch_xla', torch_xla.__version__)\""
+    # parallel.scan_layers reaches JAX through torchax; torch_xla finds no torchax when one of torchax's imports
+    # (flax) is missing, and a run would fail at its first step: fail here instead
+    cmd+="; $py -c \"import torchax.interop\""
     cmd+="; test -x $LEMUR_DIR/.venv/bin/lemur-train"
     if [ -n "${GCS_BUCKET:-}" ]; then
         cmd+="; command -v gcsfuse >/dev/null || (sudo apt-get update -q && sudo apt-get install -y -q gcsfuse)"

@@ -14,8 +14,10 @@ The implementations (`model.attention`), all through transformers' attention int
 - `flash`: variable-length flash attention over the flattened micro-batch, from the best kernel present:
   flash-attn's `flash_attn_varlen_func`, else torch's `torch.nn.attention.varlen.varlen_attn` (on Hopper
   with FlashAttention-3 when its kernels are installed). bf16/fp16 only; K/V heads are not expanded.
-- `xla_flash`: the Pallas kernel of the torch_xla backend (parallel/xla_attention.py).
-- `auto`: `resolve_auto`, a function of (backend, device type, kernels available); what it picked is logged.
+- `auto`: `resolve_auto`, a function of (device type, kernels available); what it picked is logged.
+
+This module is the FSDP backend's (CUDA and CPU); `xla_flash` and the torch_xla backend's own mask-free
+implementations, and what `auto` means there, are in lemur_torch/parallel/xla/attention.py.
 
 The kernels sit behind one seam, `find_kernel(impl, device_type)`. Tests substitute CPU reference kernels with
 the kernels' own signatures (`varlen_reference` for flash, `flex_reference` for flex, whose torch kernel has
@@ -33,12 +35,16 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
 
 from lemur_torch.data.boundaries import document_ids, document_lengths, varlen_boundaries
+from lemur_torch.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CHOICES = ("auto", "sdpa", "flex", "flash", "xla_flash")
+# the values of model.attention this backend runs (xla_flash is the XLA backend's)
+CHOICES = ("auto", "sdpa", "flex", "flash")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 ALL_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -55,7 +61,7 @@ class Kernel:
 
 @dataclass(frozen=True)
 class Selection:
-    impl: str  # sdpa | flex | flash | xla_flash
+    impl: str  # sdpa | flex | flash
     kernel: Optional[Kernel]
     summary: str  # for the start-of-run log
 
@@ -67,7 +73,7 @@ def _torch_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False
 ):
     """torch's varlen attention behind flash-attn's signature."""
-    from torch.nn.attention.varlen import varlen_attn
+    from torch.nn.attention.varlen import varlen_attn  # torch >= 2.12 only: imported where it is used
 
     if dropout_p:
         raise ValueError("torch's varlen_attn has no dropout")
@@ -89,7 +95,7 @@ def _flash_kernel(device_type: str) -> Optional[Kernel]:
     if device_type != "cuda" or not torch.cuda.is_available():
         return None
     if importlib.util.find_spec("flash_attn") is not None:
-        import flash_attn
+        import flash_attn  # optional (the `gpu` extra), CUDA only
 
         return Kernel(
             "flash_attn",
@@ -101,6 +107,7 @@ def _flash_kernel(device_type: str) -> Optional[Kernel]:
         return None  # torch's FlashAttention-2 needs Ampere or newer
     version = "FlashAttention-2"
     if torch.cuda.get_device_capability()[0] == 9 and importlib.util.find_spec("flash_attn_interface") is not None:
+        # torch >= 2.12 only, like the varlen kernel itself
         from torch.nn.attention import activate_flash_attention_impl, current_flash_attention_impl
 
         if current_flash_attention_impl() != "FA3":
@@ -111,17 +118,13 @@ def _flash_kernel(device_type: str) -> Optional[Kernel]:
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex() -> Callable:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(torch_flex_attention, dynamic=False)
 
 
 def flex_compiled(query, key, value, block_mask=None, scale=None, enable_gqa=False):
     """flex_attention, compiled once per process; inside an already compiled region (parallel.compile) the
     plain op, which the enclosing graph compiles."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    fn = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    fn = torch_flex_attention if torch.compiler.is_compiling() else _compiled_flex()
     return fn(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
@@ -267,8 +270,6 @@ def flex_attention(
     kernel: Kernel, module: nn.Module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
 ):
     """q [B, H, S, D], k/v [B, KV, S, D], attention_mask = the forward's BlockMask -> ([B, S, H, D], None)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     if not isinstance(attention_mask, BlockMask):
         raise ValueError("the flex attention needs the BlockMask built from the batch's document boundaries")
     if dropout:
@@ -292,7 +293,6 @@ def document_causal_mask(doc: torch.Tensor) -> torch.Tensor:
 def document_block_mask(doc: torch.Tensor):
     """[B, S] document ids -> FlexAttention BlockMask (block-sparse: blocks of other documents are skipped,
     blocks inside one document's causal part run without evaluating the mask)."""
-    from torch.nn.attention.flex_attention import create_block_mask
 
     def document_causal(b, h, q_idx, kv_idx):
         return (doc[b, q_idx] == doc[b, kv_idx]) & (q_idx >= kv_idx)
@@ -341,15 +341,9 @@ def _prepare_attention(impl: str, module: nn.Module, args: tuple, kwargs: Dict[s
 # -- selection, installation, batches -------------------------------------------------------------------
 
 
-def resolve_auto(backend: str, device_type: str, flash_runs: bool) -> str:
-    """What `auto` means: the Pallas flash kernel on TPU (no [B,1,S,S] mask: O(S) memory at seq 4096), flash on
-    CUDA where a varlen kernel runs in the run's precision, else sdpa (the XLA backend's mask-free SDPA on
-    other PJRT devices)."""
-    if backend == "xla_spmd" and device_type == "TPU":
-        return "xla_flash"
-    if backend == "fsdp" and device_type == "cuda" and flash_runs:
-        return "flash"
-    return "sdpa"
+def resolve_auto(device_type: str, flash_runs: bool) -> str:
+    """What `auto` means here: flash on CUDA where a varlen kernel runs in the run's precision, else sdpa."""
+    return "flash" if device_type == "cuda" and flash_runs else "sdpa"
 
 
 def _unavailable(impl: str, device_type: str) -> str:
@@ -364,10 +358,11 @@ def _unavailable(impl: str, device_type: str) -> str:
     )
 
 
-def select(choice: str, backend: str, device_type: str, param_dtype: torch.dtype) -> Selection:
-    """Resolve `model.attention` for this process; every impossible combination is a ConfigError naming it."""
-    from lemur_torch.errors import ConfigError
-
+def select(choice: str, device_type: str, param_dtype: torch.dtype) -> Selection:
+    """Resolve `model.attention` for a process of the FSDP backend on `device_type` whose parameters compute in
+    `param_dtype`; every impossible combination is a ConfigError naming it."""
+    if choice == "xla_flash":
+        raise ConfigError("model.attention", "xla_flash (Pallas) runs only with parallel.backend=xla_spmd on a TPU")
     if choice not in CHOICES:
         hint = (
             "flash_attention_2 detects packed documents only at batch size 1: use model.attention=flash; "
@@ -375,20 +370,10 @@ def select(choice: str, backend: str, device_type: str, param_dtype: torch.dtype
             else ""
         )
         raise ConfigError("model.attention", f"{hint}unknown attention {choice!r}; use one of {', '.join(CHOICES)}")
-    if backend == "xla_spmd":
-        if choice in ("flex", "flash"):
-            raise ConfigError(
-                "model.attention",
-                f"{choice} is not available with parallel.backend=xla_spmd; use sdpa, xla_flash or auto",
-            )
-        impl = resolve_auto(backend, device_type, False) if choice == "auto" else choice
-        return Selection(impl, None, f"{impl} (auto)" if choice == "auto" else impl)
-    if choice == "xla_flash":
-        raise ConfigError("model.attention", "xla_flash (Pallas) runs only with parallel.backend=xla_spmd on a TPU")
     impl = choice
     if choice == "auto":
         flash = find_kernel("flash", device_type)
-        impl = resolve_auto(backend, device_type, flash is not None and param_dtype in flash.dtypes)
+        impl = resolve_auto(device_type, flash is not None and param_dtype in flash.dtypes)
     kernel = None
     if impl in ("flash", "flex"):
         kernel = find_kernel(impl, device_type)
@@ -406,7 +391,7 @@ def select(choice: str, backend: str, device_type: str, param_dtype: torch.dtype
 
 def install(model: nn.Module, selection: Selection) -> None:
     """Point the HF model at the selected implementation and build its per-forward masks from the boundaries."""
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface  # seconds to import: not on the gate's path, which imports this module
 
     impl, kernel = selection.impl, selection.kernel
     name = "sdpa"

@@ -23,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from lemur_torch import commit
 from lemur_torch.errors import ConfigError
 from lemur_torch.model import hf_llama_config
+from lemur_torch.parallel import build_backend
 from lemur_torch.parallel.base import Backend
-from lemur_torch.tokenizer import generation_config, serving_tokenizer
+from lemur_torch.tokenizer import build_tokenizer, generation_config, serving_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -107,9 +108,6 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    from lemur_torch.parallel import build_backend
-    from lemur_torch.tokenizer import build_tokenizer
-
     cfg = OmegaConf.load(cfg_file)
     cfg.checkpoint.dir = os.path.dirname(os.path.abspath(args.checkpoint))  # where it is now
     try:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Optional, Tuple
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 
 class Choice(str, Enum):
     """An enum whose members are their own names (OmegaConf looks members up by name) and behave as the plain
@@ -91,8 +93,6 @@ def local_or_hub(value: str) -> Tuple[str, str]:
     path = os.path.expanduser(value)
     if os.path.exists(path) or value.startswith(("/", "./", "../", "~", ".\\")) or value in (".", ".."):
         return "local", path
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(value)
     except HFValidationError:

@@ -75,7 +75,7 @@ def init_weights(model: nn.Module, seed: int, initializer_range: float) -> None:
         if clean.endswith("norm.weight"):
             local.fill_(1.0)
             continue
-        full_shape, local_slices = _full_shape_and_slices(param)
+        full_shape, local_slices = full_shape_and_slices(param)
         # runs ascend, so consecutive runs that share a block (a cut along a later dimension) draw it once
         draw = functools.lru_cache(maxsize=2)(
             functools.partial(_normal_block, _name_seed(seed, clean), initializer_range, math.prod(full_shape))
@@ -140,7 +140,7 @@ def _local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _full_shape_and_slices(param: torch.Tensor) -> Tuple[torch.Size, Tuple[slice, ...]]:
+def full_shape_and_slices(param: torch.Tensor) -> Tuple[torch.Size, Tuple[slice, ...]]:
     """Global shape and the slices of it held locally (DTensor Shard(0) from FSDP2; plain tensors: all)."""
     if not hasattr(param, "device_mesh"):
         return param.shape, tuple(slice(None) for _ in param.shape)

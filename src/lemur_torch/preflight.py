@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import os
 
-from omegaconf import DictConfig
+from huggingface_hub import try_to_load_from_cache
+from omegaconf import DictConfig, OmegaConf
 
 from lemur_torch import commit
+from lemur_torch.checkpoint import META, latest_checkpoint
 from lemur_torch.data.check import check_data_config, check_source
 from lemur_torch.errors import ConfigError
+from lemur_torch.export import check_export_target
 from lemur_torch.fields import local_or_hub
+from lemur_torch.tokenizer import BUILTIN, TOKENIZER_FILES, build_tokenizer, check_vocab_size
+from lemur_torch.weights import check_pretrained_config
 
 # the shapes a checkpoint or pretrained folder must share with the model group
 ARCHITECTURE_KEYS = (
@@ -53,8 +58,8 @@ def check_inputs(cfg: DictConfig) -> None:
 def check_validation_sources(cfg: DictConfig) -> None:
     """eval.sources, when validation runs, as the training sources are checked (kind, domain, fields, paths)."""
     if cfg.eval.every_steps:
-        for name, scfg in (cfg.eval.get("sources") or {}).items():
-            check_source(str(name), scfg, cfg.data.get("format", "pretrain"), prefix="eval.sources")
+        for name, scfg in cfg.eval.sources.items():
+            check_source(str(name), scfg, cfg.data.format, prefix="eval.sources")
 
 
 def check_export(cfg: DictConfig) -> None:
@@ -62,14 +67,10 @@ def check_export(cfg: DictConfig) -> None:
     (the run or checkpoint folder, someone's files) now, not after the training."""
     c = cfg.checkpoint
     if c.export_at_end and c.export_dir:
-        from lemur_torch.export import check_export_target
-
         check_export_target(c.export_dir, cfg.run_dir, c.dir)
 
 
 def check_tokenizer(cfg: DictConfig) -> None:
-    from lemur_torch.tokenizer import BUILTIN, TOKENIZER_FILES, build_tokenizer, check_vocab_size
-
     name = cfg.data.tokenizer
     if name != BUILTIN:
         try:
@@ -101,8 +102,6 @@ def check_pretrained(cfg: DictConfig) -> None:
     except ValueError as exc:
         raise ConfigError("model.pretrained", f"{exc}; give an HF model folder or hub id") from None
     if where == "hub":
-        from huggingface_hub import try_to_load_from_cache
-
         cached = try_to_load_from_cache(name, "config.json")
         if not isinstance(cached, str):
             return  # downloaded by rank 0 once the process group exists, and checked then
@@ -112,14 +111,10 @@ def check_pretrained(cfg: DictConfig) -> None:
             "model.pretrained",
             f"folder {name} does not exist; give an HF model folder, a hub id, or null for random init",
         )
-    from lemur_torch.parallel.fsdp import check_pretrained_config
-
     check_pretrained_config(path, cfg.model, weights=where == "local")
 
 
 def check_resume(cfg: DictConfig) -> None:
-    from lemur_torch.checkpoint import META, latest_checkpoint
-
     resume = cfg.checkpoint.resume
     if resume == "none":
         return
@@ -145,8 +140,6 @@ def check_resume(cfg: DictConfig) -> None:
 
 
 def _check_same_model(path: str, cfg: DictConfig) -> None:
-    from omegaconf import OmegaConf
-
     saved_file = os.path.join(path, "config.yaml")
     if not os.path.exists(saved_file):
         return

@@ -19,12 +19,11 @@ from omegaconf import DictConfig
 from lemur_torch import faults
 from lemur_torch.attention import forward_kwargs
 from lemur_torch.checkpoint import Checkpointer
-from lemur_torch.config import grad_accum_steps
 from lemur_torch.errors import DataReadError, NonFiniteError
 from lemur_torch.metrics import MetricsLogger, Progress, mfu, peak_flops
 from lemur_torch.model import batch_label_tokens, flops_per_token, token_loss_sums
 from lemur_torch.optim import apply_config_on_resume
-from lemur_torch.parallel.base import Backend, DeferredRead
+from lemur_torch.parallel.base import Backend, DeferredRead, grad_accum_steps
 from lemur_torch.summary import run_summary
 from lemur_torch.watchdog import StepWatchdog
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lemur_torch.errors import ConfigError
-from lemur_torch.parallel import xla_attention
+from lemur_torch.parallel.xla import attention as xla_attention
 
 
 def test_document_ids_follow_hf_packing_rule():

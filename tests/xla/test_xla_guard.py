@@ -12,7 +12,7 @@ def _backend():
     from xla_helpers import XLA
 
     from lemur_torch.config import load_config
-    from lemur_torch.parallel.xla import XlaSpmdBackend
+    from lemur_torch.parallel.xla.backend import XlaSpmdBackend
 
     return XlaSpmdBackend(load_config([*XLA, "parallel.xla_cache_dir=null"]))
 
@@ -91,7 +91,7 @@ def test_mfu_peak_for_tpu_device_kinds(monkeypatch):
     from torch_xla._internal import tpu
 
     from lemur_torch.metrics import peak_flops
-    from lemur_torch.parallel import xla
+    from lemur_torch.parallel.xla.tpu import pjrt_device_kind
 
     assert _backend().device_kind == "cpu"
     expected = {
@@ -102,5 +102,5 @@ def test_mfu_peak_for_tpu_device_kinds(monkeypatch):
     }
     for accelerator, (kind, peak) in expected.items():
         monkeypatch.setattr(tpu, "get_tpu_type", lambda accelerator=accelerator: accelerator.split("-")[0])
-        assert xla._pjrt_device_kind("TPU") == kind
+        assert pjrt_device_kind("TPU") == kind
         assert peak_flops("auto", kind) == peak, kind

@@ -23,7 +23,7 @@ COLLECTIVES = r"""
 import json, sys, torch
 import torch_xla.distributed.spmd as xs
 from lemur_torch.config import load_config
-from lemur_torch.parallel.xla import XlaSpmdBackend
+from lemur_torch.parallel.xla.backend import XlaSpmdBackend
 b = XlaSpmdBackend(load_config(json.loads(sys.argv[1])))
 t = torch.zeros(8, 4).to(b.device)
 xs.mark_sharding(t, b.mesh, ("fsdp", None))  # imports torchax where installed, as every real run does

@@ -35,7 +35,7 @@ def main() -> int:
 
     from lemur_torch import export as export_lib
     from lemur_torch import train
-    from lemur_torch.parallel.xla import XlaSpmdBackend
+    from lemur_torch.parallel.xla.backend import XlaSpmdBackend
     from lemur_torch.trainer import Trainer
 
     steps, evals, events, extra = [], [], [], {}

@@ -106,7 +106,7 @@ def eager_reference(overrides: List[str]) -> Dict[int, Dict[str, float]]:
     "loss/<domain>": that domain's token-weighted loss}, like the trainer's metrics.jsonl."""
     import torch
 
-    from lemur_torch.config import grad_accum_steps, load_config
+    from lemur_torch.config import load_config
     from lemur_torch.data import build_loader
     from lemur_torch.model import (
         batch_label_tokens,
@@ -116,6 +116,7 @@ def eager_reference(overrides: List[str]) -> Dict[int, Dict[str, float]]:
         token_loss_sums,
     )
     from lemur_torch.optim import build_optimizer, build_scheduler
+    from lemur_torch.parallel.base import grad_accum_steps
     from lemur_torch.tokenizer import load_tokenizer
 
     cfg = load_config([o for o in overrides if not o.startswith("parallel")])

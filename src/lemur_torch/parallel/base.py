@@ -3,6 +3,12 @@
 Everything that differs between backends lives behind it: process groups and devices, how the model is
 sharded and materialised, collectives, gradient clipping, step synchronisation, and how sharded state is
 written to and read from torch.distributed.checkpoint. The trainer never branches on the backend.
+
+A backend's config rules (its data-parallel size, precision, attention) are in a module of their own beside
+it (fsdp_rules.py, xla/rules.py), light enough for the gate to run before any process group exists:
+lemur_torch.parallel.check_config. The batch arithmetic both backends and the trainer share is here: a global
+batch of `train.global_batch_tokens` is micro-batches of micro_batch_size x seq_len tokens on each of the
+data-parallel shards, `grad_accum_steps` of them per optimizer step.
 """
 
 from __future__ import annotations
@@ -12,8 +18,29 @@ from concurrent.futures import Future
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
+
+from lemur_torch.errors import ConfigError
+
+
+def check_global_batch(cfg: DictConfig, dp_size: int, dp_name: str = "data-parallel size") -> None:
+    """train.global_batch_tokens must be a whole number of micro-batches on each of `dp_size` data shards."""
+    t = cfg.train
+    per_micro = t.micro_batch_size * t.seq_len * dp_size
+    if t.global_batch_tokens % per_micro:
+        raise ConfigError(
+            "train.global_batch_tokens",
+            f"{t.global_batch_tokens} is not divisible by micro_batch_size x seq_len x {dp_name} "
+            f"= {t.micro_batch_size} x {t.seq_len} x {dp_size} = {per_micro}",
+        )
+
+
+def grad_accum_steps(cfg: DictConfig, dp_size: int) -> int:
+    """Micro-batches per optimizer step on each data shard (check_global_batch has made it a whole number)."""
+    t = cfg.train
+    return t.global_batch_tokens // (t.micro_batch_size * t.seq_len * dp_size)
 
 
 class DeferredRead:
@@ -147,8 +174,6 @@ class Backend(ABC):
         """For each flag: True on every process if it is True on any. What one process decides alone (a stop
         signal it received, a guard it read) becomes a decision all take at the same step. One all-reduce of a
         few ints over the CPU (gloo) process group; nothing on the accelerator."""
-        import torch.distributed as dist
-
         if self.world_size == 1 or not dist.is_initialized():
             return [bool(f) for f in flags]
         votes = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)

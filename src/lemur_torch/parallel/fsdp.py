@@ -2,14 +2,15 @@
 
 A single process is the same code on a 1-rank process group, so the smoke run, the tests and a 512-GPU run
 share every line. Order of application (as in torchtitan): activation checkpointing -> compile -> fully_shard
-per decoder layer -> fully_shard of the root -> materialise shards -> init or load weights.
+per decoder layer -> fully_shard of the root -> materialise shards -> init or load weights. The config rules
+(mesh, precision, attention) are fsdp_rules.py, shared with the gate; pretrained weights come through
+lemur_torch.weights, as on the XLA backend.
 """
 
 from __future__ import annotations
 
-import datetime
-import logging
 import os
+import resource
 import shutil
 from concurrent.futures import Future
 from typing import Any, Dict, Iterator, Tuple
@@ -20,6 +21,8 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files_on_every_rank
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -27,158 +30,23 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from lemur_torch import attention
-from lemur_torch.errors import ConfigError
-from lemur_torch.model import _full_shape_and_slices, build_meta_model, reset_rope_buffers
+from lemur_torch.model import build_meta_model, full_shape_and_slices, reset_rope_buffers
 from lemur_torch.model import init_weights as init_model_weights
+from lemur_torch.parallel import fsdp_rules
 from lemur_torch.parallel.base import Backend
-
-log = logging.getLogger(__name__)
-
-
-def init_process_group(device_type: str) -> None:
-    """Join the job's process group: torchrun/accelerate/srun set RANK and WORLD_SIZE; otherwise 1 rank."""
-    if dist.is_initialized():
-        return
-    backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=int(os.environ.get("LEMUR_PG_TIMEOUT_S", "1800")))
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend=backend, timeout=timeout)
-    else:
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-
-
-def resolve_pretrained(name: str) -> str:
-    """The complete local folder of `model.pretrained` on this node (config.json and every safetensors shard).
-
-    A local folder is used as it is. A hub id is looked up in this node's HF cache first, without any network
-    (so `HF_HUB_OFFLINE=1` with a pre-filled cache works); if it is missing or incomplete there, it is
-    downloaded once per node: every process of the node takes a file lock in the cache, the first to get it
-    downloads, the others then find it complete. A cache that all nodes share (one file system, one lock) is
-    downloaded once in total. No collective is involved: the other ranks never sit in a barrier during a
-    130 GB download. Anything missing is one ConfigError naming model.pretrained.
-    """
-    if os.path.isdir(name):
-        return check_pretrained_folder(name, name)
-    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
-        raise ConfigError(
-            "model.pretrained", f"{name}: no such folder (and not a hub id such as meta-llama/Llama-2-70b-hf)"
-        )
-    from filelock import FileLock
-    from huggingface_hub import constants
-
-    cached = _cached_snapshot(name)
-    if cached is not None:
-        return cached
-    if constants.HF_HUB_OFFLINE:
-        raise ConfigError(
-            "model.pretrained",
-            f"{name} is not complete in this node's HF cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids "
-            f"downloading it: fill the cache on every node (or share one), or set model.pretrained to a local folder",
-        )
-    from huggingface_hub import snapshot_download
-
-    lock = os.path.join(constants.HF_HUB_CACHE, ".locks", "lemur-torch--" + name.replace("/", "--") + ".lock")
-    os.makedirs(os.path.dirname(lock), exist_ok=True)
-    with FileLock(lock):
-        cached = _cached_snapshot(name)  # another process of this node (or of any node, on a shared cache) got it
-        if cached is None:
-            log.warning("downloading %s into %s (once for this node)", name, constants.HF_HUB_CACHE)
-            cached = check_pretrained_folder(snapshot_download(name, allow_patterns=_PRETRAINED_FILES), name)
-    return cached
-
-
-_PRETRAINED_FILES = ["*.safetensors", "*.json", "tokenizer.model"]
-
-
-def _cached_snapshot(name: str):
-    """The cached snapshot folder of hub id `name` if it is complete, else None; never touches the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        folder = snapshot_download(name, allow_patterns=_PRETRAINED_FILES, local_files_only=True)
-    except LocalEntryNotFoundError:
-        return None
-    try:
-        return check_pretrained_folder(folder, name)
-    except ConfigError:
-        return None
-
-
-def check_pretrained_folder(folder: str, name: str) -> str:
-    """`folder` if it holds config.json and all its safetensors weights (every shard its index names)."""
-    import json
-
-    def missing(what: str) -> ConfigError:
-        return ConfigError(
-            "model.pretrained",
-            f"{name}: {folder} is incomplete ({what} missing); re-download it or point model.pretrained at a "
-            "complete HF folder",
-        )
-
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise missing("config.json")
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        absent = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
-        if absent:
-            raise missing(f"{len(absent)} of {len(shards)} shards, e.g. {absent[0]}")
-    elif not any(f.endswith(".safetensors") for f in os.listdir(folder)):
-        raise missing("*.safetensors weights")
-    return folder
-
-
-def check_pretrained_config(path: str, model_cfg: DictConfig, weights: bool = True) -> int:
-    """Fail (ConfigError naming the key) unless `path` holds Llama weights (with `weights`: the safetensors too)
-    whose architecture matches the model group; return the checkpoint's vocabulary size (<= model.vocab_size).
-    `path` is a folder or an fsspec URL (the XLA backend reads gs://, hf:// by range). Also run by the gate
-    (preflight.py)."""
-    import json
-
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path.rstrip("/"))
-    try:
-        with fs.open(f"{root}/config.json") as f:
-            hf = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            "model.pretrained", f"cannot read {path}/config.json ({exc}); point it at an HF model folder"
-        ) from None
-    if hf.get("model_type") != "llama":
-        raise ConfigError(
-            "model.pretrained",
-            f"{path} holds a {hf.get('model_type')!r} model ({', '.join(hf.get('architectures') or [])}); "
-            "lemur-torch trains LlamaForCausalLM",
-        )
-    if weights and not fs.glob(f"{root}/*.safetensors"):
-        raise ConfigError(
-            "model.pretrained",
-            f"{path} has no *.safetensors weights (convert .bin weights with transformers' save_pretrained)",
-        )
-    for key in (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "tie_word_embeddings",
-    ):
-        if key in hf and hf[key] != model_cfg[key]:
-            raise ConfigError(
-                f"model.{key}", f"{model_cfg[key]} but {path}/config.json has {hf[key]}; pick the matching model= group"
-            )
-    if hf.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:
-        raise ConfigError(
-            "model.vocab_size", f"{model_cfg.vocab_size} is smaller than the checkpoint's {hf['vocab_size']}"
-        )
-    return int(hf.get("vocab_size", model_cfg.vocab_size))
+from lemur_torch.parallel.process_group import init_process_group
+from lemur_torch.weights import (
+    VOCAB_KEYS,
+    check_pretrained_config,
+    pad_vocab_rows,
+    resolve_pretrained,
+    shard_files_by_size,
+)
 
 
 class FsdpBackend(Backend):
@@ -186,7 +54,7 @@ class FsdpBackend(Backend):
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        device_type = fsdp_rules.device_type()
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         init_process_group(device_type)
@@ -199,29 +67,19 @@ class FsdpBackend(Backend):
         self._checkpoint_group = None  # gloo group of DCP's background collectives (asynchronous saves)
         self._stagers: Dict[bool, Any] = {}  # pinned -> DefaultStager, reused across saves
         self.device_kind = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
-        p = cfg.parallel
-        replicate = p.dp_replicate
-        shard = self.world_size // replicate if p.dp_shard == -1 else p.dp_shard
-        if replicate * shard != self.world_size:
-            raise ConfigError(
-                "parallel.dp_shard", f"dp_replicate x dp_shard = {replicate} x {shard} != world size {self.world_size}"
+        self.replicate, shard = fsdp_rules.mesh_shape(cfg, self.world_size)
+        if self.replicate > 1:
+            self.mesh = init_device_mesh(
+                device_type, (self.replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard")
             )
-        if replicate > 1:
-            self.mesh = init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
         else:
             self.mesh = init_device_mesh(device_type, (shard,), mesh_dim_names=("dp_shard",))
-        precision = p.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if device_type == "cuda" else "fp32"
         self.mp_policy = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if precision == "bf16"
+            if fsdp_rules.param_dtype(cfg, device_type) == torch.bfloat16
             else MixedPrecisionPolicy()
         )
-        self.replicate = replicate
-        self.attention_selection = attention.select(
-            cfg.model.attention, self.name, device_type, self.mp_policy.param_dtype or torch.float32
-        )
+        self.attention_selection = fsdp_rules.select_attention(cfg, device_type)
         self.attention = self.attention_selection.summary
 
     # -- model -------------------------------------------------------------------------------------
@@ -245,9 +103,8 @@ class FsdpBackend(Backend):
     def load_hf_weights(self, model: nn.Module, name: str, model_cfg: DictConfig) -> None:
         """HF safetensors read straight into the local shards (DCP's HuggingFaceStorageReader).
 
-        A checkpoint with a smaller vocabulary (Llama-2's 32000 under the chat stage's 32064 = 32000 + ChatML
-        tokens, padded to a multiple of 64) fills the first rows of the embedding and lm_head; the new rows
-        start at the mean of the existing ones. Those two tensors are read whole on every rank (1 GiB each
+        A checkpoint with a smaller vocabulary fills the first rows of the embedding and lm_head, the new rows
+        padded by lemur_torch.weights.pad_vocab_rows. Those two tensors are read whole on every rank (1 GiB each
         at 70B in fp32), everything else only as the local shard.
         """
         path = resolve_pretrained(name)
@@ -257,15 +114,14 @@ class FsdpBackend(Backend):
             state.pop("lm_head.weight", None)
         resized = {}
         if hf_vocab < model_cfg.vocab_size:
-            for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            for key in VOCAB_KEYS:
                 if key in state:
                     resized[key] = state[key]
                     state[key] = torch.empty(hf_vocab, model_cfg.hidden_size, dtype=torch.float32)
         dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path))
         for key, target in resized.items():
-            full = state[key]
-            padded = torch.cat([full, full.mean(0, keepdim=True).expand(model_cfg.vocab_size - hf_vocab, -1)])
-            _, slices = _full_shape_and_slices(target)
+            padded = pad_vocab_rows(state[key], model_cfg.vocab_size)
+            _, slices = full_shape_and_slices(target)
             local = target.to_local() if hasattr(target, "to_local") else target
             local.copy_(padded[slices].to(local.dtype))
             state[key] = target
@@ -312,9 +168,6 @@ class FsdpBackend(Backend):
         dcp.save(state, checkpoint_id=path)
 
     def dcp_async_save(self, state, path, pinned: bool) -> Tuple[Future, Future]:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-        from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
-
         if self._checkpoint_group is None:
             # DCP's background thread runs collectives (the plan, the write results): on the training's own
             # group they would interleave with the main thread's and pair up differently on different ranks.
@@ -349,8 +202,6 @@ class FsdpBackend(Backend):
     ) -> None:
         """Each rank writes its shards, then the output files are consolidated in parallel (file i on rank
         i % world): no rank ever materialises the full model."""
-        from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files_on_every_rank
-
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
@@ -388,8 +239,6 @@ class FsdpBackend(Backend):
                 "mem_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
                 "mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
             }
-        import resource
-
         return {"rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
     def shutdown(self) -> None:
@@ -428,17 +277,3 @@ def apply_fsdp(model: nn.Module, mesh, p: DictConfig, mp_policy: MixedPrecisionP
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
-
-
-def shard_files_by_size(state: Dict[str, torch.Tensor], max_shard_size_mb: int) -> Dict[str, int]:
-    """Assign tensors to output files 1..N in state-dict order, each file at most max_shard_size_mb."""
-    limit = max_shard_size_mb * 2**20
-    mapping: Dict[str, int] = {}
-    index, used = 1, 0
-    for key, value in state.items():
-        size = value.numel() * value.element_size()
-        if used and used + size > limit:
-            index, used = index + 1, 0
-        mapping[key] = index
-        used += size
-    return mapping

@@ -10,6 +10,9 @@ pass `attention_mask=None` (and `position_ids` through **kwargs), so the whole s
 - `lemur_xla_flash`: the Pallas flash-attention kernel with segment ids = document ids; TPU only
   (`model.attention=auto` picks it on TPU).
 
+`implementation_for` is what `model.attention` means under this backend, for the gate and the backend alike.
+This module imports neither torch_xla nor transformers at the top: the gate imports it on any machine.
+
 A document starts wherever the position does not follow the previous one by 1, exactly HF's rule, so the
 masks equal what HF builds for the same packed batch on an eager device.
 """
@@ -21,8 +24,12 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from lemur_torch.errors import ConfigError
+
 SDPA = "lemur_xla_sdpa"
 FLASH = "lemur_xla_flash"
+# the values of model.attention this backend runs (flex and flash are the FSDP backend's CUDA kernels)
+CHOICES = ("auto", "sdpa", "xla_flash")
 
 # Set by the backend before the first forward: the flash kernel's SPMD partition spec for [B, H, S, D].
 _flash_partition_spec: Optional[Tuple] = None
@@ -71,7 +78,7 @@ def xla_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
 
 def xla_flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Pallas flash attention (TPU): causal, documents separated by segment ids, GQA heads repeated."""
-    from torch_xla.experimental.custom_kernel import flash_attention
+    from torch_xla.experimental.custom_kernel import flash_attention  # the XLA environment only (see above)
 
     if attention_mask is not None:
         raise ValueError("the XLA attention is mask-free: pass position_ids, not attention_mask")
@@ -96,29 +103,29 @@ def xla_flash_attention(module, query, key, value, attention_mask, dropout=0.0, 
 def register(partition_spec: Optional[Tuple] = None) -> None:
     """Make both names usable as `config._attn_implementation` (idempotent)."""
     global _flash_partition_spec
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface  # seconds to import: not on the gate's path (see above)
 
     _flash_partition_spec = partition_spec
     AttentionInterface.register(SDPA, xla_sdpa_attention)
     AttentionInterface.register(FLASH, xla_flash_attention)
 
 
-def implementation_for(attention: str, device_type: str) -> str:
-    """Map `model.attention` to the implementation the XLA backend installs: lemur_torch.attention.select
-    resolves it (auto included) and rejects what XLA cannot run; sdpa is the mask-free SDPA, xla_flash needs
-    a TPU."""
-    import torch
-
-    from lemur_torch.attention import select
-    from lemur_torch.errors import ConfigError
-
-    impl = select(attention, "xla_spmd", device_type, torch.float32).impl
-    if impl == "xla_flash":
-        if device_type != "TPU":
-            raise ConfigError(
-                "model.attention",
-                f"xla_flash needs a TPU (the Pallas kernel does not run on {device_type}); use "
-                "model.attention=sdpa or auto",
-            )
-        return FLASH
-    return SDPA
+def implementation_for(choice: str, device_type: str) -> str:
+    """`model.attention` -> the implementation this backend installs on `device_type` (PJRT's: "TPU", "CPU");
+    a ConfigError naming the key for what it cannot run. `auto` is the Pallas flash kernel on TPU (no
+    [B,1,S,S] mask: O(S) memory at seq 4096) and the mask-free SDPA on other PJRT devices."""
+    if choice in ("flex", "flash"):
+        raise ConfigError(
+            "model.attention", f"{choice} is not available with parallel.backend=xla_spmd; use sdpa, xla_flash or auto"
+        )
+    if choice not in CHOICES:
+        raise ConfigError("model.attention", f"unknown attention {choice!r}; use one of {', '.join(CHOICES)}")
+    if choice == "sdpa" or (choice == "auto" and device_type != "TPU"):
+        return SDPA
+    if device_type != "TPU":
+        raise ConfigError(
+            "model.attention",
+            f"xla_flash needs a TPU (the Pallas kernel does not run on {device_type}); use "
+            "model.attention=sdpa or auto",
+        )
+    return FLASH

@@ -1,4 +1,7 @@
-"""HF safetensors read by byte range from any fsspec location: a local or shared folder, `gs://`, `s3://`,
+"""The safetensors files of an HF checkpoint: read by byte range (`SafetensorsFolder`), and the split of an
+export's tensors into output files by size (`shard_files_by_size`).
+
+HF safetensors are read by byte range from any fsspec location: a local or shared folder, `gs://`, `s3://`,
 `hf://<repo>` (the hub itself), so that each TPU host reads only the rows of each tensor its own devices
 hold, straight into memory: nothing is copied to the boot disk, and no host reads the whole model.
 
@@ -12,10 +15,10 @@ dimension costs a host its share of the bytes; one sharded along a later dimensi
 from __future__ import annotations
 
 import json
-import os
 import struct
 from typing import Dict, Tuple
 
+import fsspec
 import torch
 
 # safetensors dtype names (the format's spec)
@@ -41,8 +44,6 @@ class SafetensorsFolder:
     """The *.safetensors files of an HF checkpoint folder at `location` (a path or an fsspec URL)."""
 
     def __init__(self, location: str):
-        import fsspec
-
         self.location = location.rstrip("/")
         self.fs, root = fsspec.core.url_to_fs(self.location)
         self.root = root.rstrip("/")
@@ -107,13 +108,16 @@ class SafetensorsFolder:
         )
 
 
-def pretrained_location(name: str) -> str:
-    """`model.pretrained` as a location to read from: a folder or URL as is; a hub id as `hf://<id>` (read by
-    range from the hub: no download to disk), or its cached snapshot when the hub is offline."""
-    if os.path.isdir(name) or is_remote(name):
-        return name
-    from huggingface_hub import constants, snapshot_download
-
-    if constants.HF_HUB_OFFLINE:
-        return snapshot_download(name, allow_patterns=["*.safetensors", "*.json"], local_files_only=True)
-    return f"hf://{name}"
+def shard_files_by_size(state: Dict[str, torch.Tensor], max_shard_size_mb: int) -> Dict[str, int]:
+    """Assign tensors to output files 1..N in state-dict order, each file at most max_shard_size_mb (a tensor
+    larger than that gets a file of its own)."""
+    limit = max_shard_size_mb * 2**20
+    mapping: Dict[str, int] = {}
+    index, used = 1, 0
+    for key, value in state.items():
+        size = value.numel() * value.element_size()
+        if used and used + size > limit:
+            index, used = index + 1, 0
+        mapping[key] = index
+        used += size
+    return mapping

@@ -1,0 +1,54 @@
+"""The FSDP backend's config rules, in one place, for the gate and the backend alike: the (replicate, shard)
+mesh over the world size, the parameters' compute dtype (`parallel.mixed_precision`), the global batch over
+the data-parallel ranks, and `model.attention` on this machine (lemur_torch.attention, the CUDA kernels'
+seam). Light: the gate runs `check_config` before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from omegaconf import DictConfig
+
+from lemur_torch import attention
+from lemur_torch.errors import ConfigError
+from lemur_torch.parallel.base import check_global_batch
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def mesh_shape(cfg: DictConfig, world_size: int) -> Tuple[int, int]:
+    """(dp_replicate, dp_shard) of the HSDP mesh; dp_shard=-1 means world_size / dp_replicate. Every rank is
+    a data-parallel rank: the data-parallel size is the world size."""
+    p = cfg.parallel
+    replicate = p.dp_replicate
+    shard = world_size // replicate if p.dp_shard == -1 else p.dp_shard
+    if replicate < 1 or shard < 1 or replicate * shard != world_size:
+        raise ConfigError(
+            "parallel.dp_shard",
+            f"dp_replicate x dp_shard = {replicate} x {p.dp_shard} does not match world size {world_size}",
+        )
+    return replicate, shard
+
+
+def param_dtype(cfg: DictConfig, device_type: str) -> torch.dtype:
+    """The dtype parameters compute in: bf16 (with fp32 master weights and reductions) or fp32; `auto` is bf16
+    on CUDA and fp32 on the CPU."""
+    precision = cfg.parallel.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def select_attention(cfg: DictConfig, device_type: str) -> attention.Selection:
+    return attention.select(cfg.model.attention, device_type, param_dtype(cfg, device_type))
+
+
+def check_config(cfg: DictConfig, world_size: int) -> None:
+    """Every FSDP rule, for a run of `world_size` processes on this machine's device type."""
+    mesh_shape(cfg, world_size)
+    check_global_batch(cfg, world_size)
+    select_attention(cfg, device_type())
