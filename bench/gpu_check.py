@@ -360,6 +360,7 @@ def check_sync_free(rep: Report, run: Run) -> None:
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if "lemur_torch" in f.filename]
         where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
         ok, text = False, f"host synchronisation{where}: {str(exc).splitlines()[0]}"
+        run.optimizer.zero_grad(set_to_none=True)  # the step stopped before its update
     finally:
         torch.cuda.set_sync_debug_mode(0)
     run.settle()
@@ -421,14 +422,14 @@ def check_checkpoint(rep: Report, run: Run, root: str) -> None:
 
 def check_export(rep: Report, run: Run, root: str) -> None:
     """The HF export (the backend's export_hf), loaded by plain transformers on the same device; its logits on one
-    document against the trained model's. bf16 kernels differ (flash vs SDPA): SQNR and argmax agreement."""
+    document against the trained model's. The bf16 kernels differ (flash vs SDPA): compared by SQNR."""
     from transformers import LlamaForCausalLM
 
     out = os.path.join(root, "hf")
     run.cfg.checkpoint.export_dtype = "bfloat16"
     export_model(run.backend, run.model, run.cfg, run.tokenizer, out)
     hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(run.device).eval()
-    L = min(512, run.cfg.train.seq_len)
+    L = run.cfg.train.seq_len  # the training shape: the compiled layers see no new sequence length
     ids = torch.randint(3, run.cfg.model.vocab_size, (1, L), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "position_ids": torch.arange(L).view(1, L), "doc_lens": torch.tensor([[L]])}
     batch = {
@@ -439,11 +440,13 @@ def check_export(rep: Report, run: Run, root: str) -> None:
         loaded = hf(input_ids=batch["input_ids"]).logits.float()
     sqnr = (20 * torch.log10(trained.norm() / (trained - loaded).norm().clamp(min=1e-30))).item()
     agree = (trained.argmax(-1) == loaded.argmax(-1)).float().mean().item()
-    ok = sqnr >= 25 and agree >= 0.99
+    # a wrong export (a missing, swapped or transposed weight) is near 0 dB; bf16 kernel noise is ~40 dB. Argmax
+    # agreement is a figure only: a barely trained model's top logits are near ties that bf16 noise may flip
+    ok = sqnr >= 25
     rep.line(
         "export",
         f"transformers loads the export on {run.device.type}; logits vs the trained model: SQNR {sqnr:.1f} dB "
-        f"(>= 25), argmax agreement {agree:.1%} (>= 99%)",
+        f"(>= 25), argmax agreement {agree:.1%}",
         ok,
         sqnr_db=sqnr,
         argmax_agreement=agree,

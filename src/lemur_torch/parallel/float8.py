@@ -223,7 +223,7 @@ def unwrap_weight(value: Any) -> Any:
     from torch.distributed.tensor import DTensor
 
     if isinstance(value, DTensor):
-        local = value._local_tensor
+        local = value.to_local()
         inner = _inner(local)
         if inner is local:
             return value
