@@ -44,5 +44,10 @@ test-xla: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(ARGS)
 
+# the GPU acceptance check (bench/gpu_check.py): under 8 minutes on one H100/H200; ARGS=--dry-run runs it on CPU
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py $(ARGS)
+
 clean:
 	rm -rf outputs .pytest_cache
