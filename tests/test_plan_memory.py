@@ -56,7 +56,7 @@ def mesh():
 def measured_peak(cfg, mesh, micro_batch: int, seq_len: int) -> int:
     torch.manual_seed(0)
     model = build_meta_model(cfg.model)
-    attention.install(model, attention.select(str(cfg.model.attention), "fsdp", "cpu", torch.float32))
+    attention.install(model, attention.select(str(cfg.model.attention), "cpu", torch.float32))
     apply_fsdp(model, mesh, cfg.parallel, MixedPrecisionPolicy())
     model.to_empty(device="cpu")
     reset_rope_buffers(model, torch.device("cpu"))

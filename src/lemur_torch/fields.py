@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Optional, Tuple
-
-from huggingface_hub.utils import HFValidationError, validate_repo_id
+from typing import Any, Callable, Optional
 
 
 class Choice(str, Enum):
@@ -85,16 +82,3 @@ def check_bounds(cfg: Any, schema: type, prefix: str, fail: Callable[[str, str],
         elif typing.get_origin(t) is dict and dataclasses.is_dataclass(typing.get_args(t)[1]):
             for name in value:
                 check_bounds(value[name], typing.get_args(t)[1], f"{key}.{name}", fail)
-
-
-def local_or_hub(value: str) -> Tuple[str, str]:
-    """("local", path) for a path on this machine (or one written as a path: /..., ./..., ~/...), ("hub", id)
-    for a syntactically valid HuggingFace hub id; ValueError saying why otherwise. Nothing is downloaded."""
-    path = os.path.expanduser(value)
-    if os.path.exists(path) or value.startswith(("/", "./", "../", "~", ".\\")) or value in (".", ".."):
-        return "local", path
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        raise ValueError(f"{value!r} is neither a path on this machine nor a hub id (namespace/name)") from None
-    return "hub", value

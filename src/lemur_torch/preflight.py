@@ -28,7 +28,7 @@ from lemur_torch.checkpoint import META, latest_checkpoint
 from lemur_torch.data.check import check_data_config, check_source
 from lemur_torch.errors import ConfigError
 from lemur_torch.export import check_export_target
-from lemur_torch.fields import local_or_hub
+from lemur_torch.hub import local_or_hub
 from lemur_torch.tokenizer import BUILTIN, TOKENIZER_FILES, build_tokenizer, check_vocab_size
 from lemur_torch.weights import check_pretrained_config
 

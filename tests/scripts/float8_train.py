@@ -85,7 +85,7 @@ def _train(recipe, steps, seq_len, micro_batch, compile, ac, bf16, save_dir, loa
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
     shard = world > 1 or bf16  # apply_fsdp's own rule
     model = build_meta_model(cfg.model)
-    attention.install(model, attention.select("sdpa", "fsdp", "cpu", mp.param_dtype or torch.float32))
+    attention.install(model, attention.select("sdpa", "cpu", mp.param_dtype or torch.float32))
     conversion = float8.convert(model, float8.select(recipe, "cpu"), all_gather=shard)
     if conversion.all_gather:
         _count_float8_all_gathers()

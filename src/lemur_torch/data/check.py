@@ -21,7 +21,7 @@ from lemur_torch.data.schema import SourceConfig, data_config, source_config
 from lemur_torch.data.sources.listing import list_files
 from lemur_torch.data.storage import is_url
 from lemur_torch.errors import ConfigError, DataConfigError
-from lemur_torch.fields import local_or_hub
+from lemur_torch.hub import local_or_hub
 
 FORMATS = ("pretrain", "chat")
 CHAT_PACKING = ("packed", "padded")
