@@ -256,7 +256,7 @@ def test_validation_rows_carry_boundaries_that_reach_the_attention_kernel(tok, t
     under the varlen seam (CPU reference kernel, which sees only cu_seqlens) every forward gets the boundaries of
     its rows and the values equal plain transformers' per-document attention (sdpa from position_ids)."""
     from lemur_torch import attention
-    from lemur_torch.data.boundaries import document_lengths, varlen_boundaries
+    from lemur_torch.batch import document_lengths, varlen_boundaries
 
     write_jsonl(tmp_path / "short.jsonl", range(400), random.Random(2))  # documents of 3-60 words: several per row
     cfg = load_config(

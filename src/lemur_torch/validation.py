@@ -39,10 +39,11 @@ import torch
 from omegaconf import DictConfig
 
 from lemur_torch.attention import forward_kwargs
+from lemur_torch.batch import IGNORE_INDEX
 from lemur_torch.data.packing import BadCounter, Refiller
 from lemur_torch.data.sources import READ_BLOCK, TAIL_BLOCK, Bad, Source, holdout_fraction, resolve_listing
 from lemur_torch.errors import BadInputError, ConfigError, DataConfigError, DataReadError
-from lemur_torch.model import IGNORE_INDEX, token_loss_sums
+from lemur_torch.model import token_loss_sums
 
 _END = -1  # token id of the end marker a one-pass packer emits after its share (never a real token)
 BYTES_PER_TOKEN = 4  # about Llama's tokenizer on English (code ~3.5): sizes the validation reads to a row's text

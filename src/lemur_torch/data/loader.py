@@ -1,5 +1,5 @@
 """Per-rank sharding, workers and exact resume of the packed code/text mixture (the loader contract is in
-lemur_torch/data/__init__.py).
+lemur_torch/batch.py).
 
 The global stream (independent of the world size) is a sequence of packed rows g = 0, 1, 2, ...:
 - row g comes from source `schedule.source_at(g)` (mixture.py: token ratio within 2 rows of exact at every
@@ -53,7 +53,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lemur_torch.data.boundaries import document_lengths
+from lemur_torch.batch import document_lengths
 from lemur_torch.data.mixture import Schedule
 from lemur_torch.data.packing import BadCounter, Packer, Refiller, Tokenize
 from lemur_torch.data.sources import REASONS, Source, build_source, holdout_fraction, resolve_listing
