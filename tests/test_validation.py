@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import FAST
+from fakes import HostBackend, tiny_model
 from omegaconf import OmegaConf
-from validation_helpers import HostBackend, tiny_model
 
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
@@ -29,11 +29,6 @@ from lemur_torch.validation import Validator, _apportion, build_validator, rank_
 
 WORDS = [w for w in open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read().split() if w.isalpha()]
 VAL = [*[o for o in FAST if not o.startswith("eval.")], "eval.every_steps=5"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("builtin")
 
 
 def src_cfg(**kw):
