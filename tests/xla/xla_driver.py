@@ -72,14 +72,13 @@ def main() -> int:
 
     XlaSpmdBackend.clip_grad_norm_ = recorded_clip
 
-    complete = Trainer.complete
+    apply_guard = Trainer.apply_guard
 
-    def recorded_complete(self, pending, ended=None):
-        if not pending.done:
-            events.append(["read", pending.step])
-        return complete(self, pending, ended)
+    def recorded_read(self, step, metrics):  # a step's guard is applied as soon as its metrics are read
+        events.append(["read", step])
+        return apply_guard(self, step, metrics)
 
-    Trainer.complete = recorded_complete
+    Trainer.apply_guard = recorded_read
 
     setup_model = XlaSpmdBackend.setup_model
 
