@@ -78,6 +78,10 @@ def losses(run_dir: str) -> Dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a multi-process or subprocess run (make test-fast leaves these out)")
+
+
 @pytest.fixture(autouse=True)
 def _quiet_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
