@@ -2,8 +2,8 @@
 the one fake loader, batches in the contract, a host stand-in for a backend, the tiny model, and the data tests'
 stream helpers and hand-written chat references.
 
-Every fake here follows the contract it stands in for (lemur_torch/batch.py); tests/test_batch.py checks that
-against the Protocols themselves, so a fake cannot drift from what the trainer calls.
+The fake loader follows the Loader protocol of lemur_torch/batch.py, which lists what the trainer and the
+checkpointer call; tests/test_batch.py checks it against the protocol, beside the real loaders.
 """
 
 from __future__ import annotations

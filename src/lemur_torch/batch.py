@@ -15,7 +15,7 @@ flattened form (flash attention's varlen API: the cumulative lengths of the micr
 the longest length as a host integer) gets it from `varlen_boundaries`, called on the host before the batch moves
 to the device (`DeviceBatch.cu_seqlens`, `max_seqlen`), so no kernel reads boundaries back from the device. A
 kernel on a device that finds documents from `position_ids` itself (torch_xla: fixed shapes, no host sync) uses
-`row_document_ids`; the rule is the same (`document_starts`), so it finds exactly the documents of `doc_lens`.
+`row_document_ids`; the rule is `document_starts`'s, so it finds exactly the documents of `doc_lens`.
 """
 
 from __future__ import annotations
@@ -75,17 +75,23 @@ class Loader(Protocol):
         """Figures to log with the step (token ratio per domain, skipped documents, bytes read ...)."""
 
 
+def _breaks(position_ids: torch.Tensor, before_first: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: True where a position does not follow the one before it by 1 (HF's rule for packed rows; the
+    packers restart positions at 0 at each document start), column 0 compared with `before_first`. Fixed shapes
+    and no host sync, so it runs on any device."""
+    return torch.diff(position_ids, dim=-1, prepend=before_first) != 1
+
+
 def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] bool: True where a document starts. Column 0 always starts one; elsewhere a position that does not
-    follow the previous one by 1 starts one (HF's rule for packed rows; the packers restart positions at 0 at each
-    document start). Fixed shapes and no host sync, so it runs on any device."""
-    return torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1]) != 1
+    """[B, S] bool: True where a document starts: column 0, and wherever the position breaks."""
+    return _breaks(position_ids, position_ids[:, :1])
 
 
 def row_document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """[B, S] index of each token's document within its row (0 for the row's first), from position_ids on any
-    device: two tokens of a row may attend to each other only where these are equal."""
-    return document_starts(position_ids).cumsum(-1) - 1
+    device: two tokens of a row may attend to each other only where these are equal. Column 0 is not counted as
+    a break, so the ids start at 0 without a subtraction (torch_xla refuses arithmetic on a bool cumsum)."""
+    return _breaks(position_ids, position_ids[:, :1] - 1).cumsum(-1)
 
 
 def document_lengths(position_ids: torch.Tensor) -> torch.Tensor:
