@@ -33,7 +33,6 @@ def main() -> int:
     import torch_xla.core.xla_model as xm
     import torch_xla.debug.metrics as met
 
-    from lemur_torch import export as export_lib
     from lemur_torch import train
     from lemur_torch.parallel.xla import XlaSpmdBackend
     from lemur_torch.trainer import Trainer
@@ -89,7 +88,7 @@ def main() -> int:
 
     XlaSpmdBackend.setup_model = recorded_setup_model
 
-    export_model = export_lib.export_model
+    export_model = train.export_model  # the name train.py calls
 
     def export_and_record_logits(backend, model, cfg, tokenizer, out_dir):
         before = (compiles(), executions(), met.counter_value("ReplicateShardedData") or 0)
@@ -105,7 +104,7 @@ def main() -> int:
         torch.save({"batch": logits_batch(), "logits": logits.float().cpu()}, results_path + ".logits.pt")
         return out
 
-    export_lib.export_model = export_and_record_logits
+    train.export_model = export_and_record_logits
     status = train.main(overrides)
     extra["cache"] = {
         name: met.counter_value(f"PersistentCache{name}") or 0 for name in ("Hit", "Miss", "DeserializeFailure")
