@@ -15,7 +15,8 @@ Llama-2-7B's shape in bf16 at 4096 tokens per row; prints step time, the attenti
 same step with attention replaced by a no-op, subtracted) and the MFU against metrics.PEAK_FLOPS. Without
 CUDA it says it did not run and writes no GPU figure.
 
-Writes bench/results/attention.json.
+Writes bench/results/attention.json (`--smoke`: the CPU section on a one-layer tiny model, 2 x 64 tokens, one batch,
+one round, and the GPU section at one layer: attention.smoke.json).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from results_io import write_result  # bench/ is on sys.path: this script's fold
 from lemur_torch import attention
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
+from lemur_torch.metrics import peak_flops
 from lemur_torch.model import build_meta_model, flops_per_token, init_weights, reset_rope_buffers
 from lemur_torch.tokenizer import load_tokenizer
 
@@ -85,11 +87,12 @@ def timed(model, batches, train: bool, device) -> float:
     return (time.perf_counter() - t0) / len(batches)
 
 
-def cpu_section(rounds: int, n_batches: int):
+def cpu_section(rounds: int, n_batches: int, smoke: bool = False):
     cases = {
         "forward": {
             "sdpa": attention.Selection("sdpa", None, ""),
-            "flex": attention.Selection("flex", attention.COMPILED_FLEX, ""),
+            # the smoke run skips the CPU compile (seconds of it; tests/test_attention.py runs the compiled kernel)
+            "flex": attention.Selection("flex", attention.FLEX_REFERENCE if smoke else attention.COMPILED_FLEX, ""),
             "flash_reference": attention.Selection("flash", attention.VARLEN_REFERENCE, ""),
         },
         "train_step": {
@@ -98,11 +101,14 @@ def cpu_section(rounds: int, n_batches: int):
             "flash_reference": attention.Selection("flash", attention.VARLEN_REFERENCE, ""),
         },
     }
-    out = {}
-    for name, overrides in (
+    sizes = [
         ("tiny", ["model=tiny", "train.seq_len=256", "train.micro_batch_size=4"]),
         ("mid", ["model=tiny", *MID, "train.seq_len=1024", "train.micro_batch_size=2"]),
-    ):
+    ]
+    if smoke:
+        sizes = [("tiny", ["model=tiny", "model.num_hidden_layers=1", "train.seq_len=64", "train.micro_batch_size=2"])]
+    out = {}
+    for name, overrides in sizes:
         cfg = load_config(overrides)
         batches = packed_batches(cfg, n_batches, "cpu")
         docs = sum(len(b["cu_seqlens"]) - 1 for b in batches) / len(batches)
@@ -122,14 +128,13 @@ def cpu_section(rounds: int, n_batches: int):
     return out
 
 
-def gpu_section(rounds: int, n_batches: int):
+def gpu_section(rounds: int, n_batches: int, smoke: bool = False):
     if not torch.cuda.is_available():
         print("GPU section: not run (no CUDA device here); no GPU figure is written")
         return None, "not run: no CUDA device"
-    from lemur_torch.metrics import peak_flops
-
+    layers = 1 if smoke else 4
     cfg = load_config(
-        ["model=llama2_7b", "model.num_hidden_layers=4", "train.seq_len=4096", "train.micro_batch_size=1"]
+        ["model=llama2_7b", f"model.num_hidden_layers={layers}", "train.seq_len=4096", "train.micro_batch_size=1"]
     )
     batches = packed_batches(cfg, n_batches, "cuda")
     device_name = torch.cuda.get_device_name()
@@ -169,17 +174,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="seconds: one layer, 2 x 64 tokens, one batch, one round")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.batches = 1, 1
     torch.manual_seed(0)
     result = {
         "benchmark": "attention",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
-        "cpu": cpu_section(args.rounds, args.batches),
+        "cpu": cpu_section(args.rounds, args.batches, args.smoke),
     }
-    result["gpu"], result["gpu_note"] = gpu_section(args.rounds, args.batches)
-    write_result("attention", result)
+    result["gpu"], result["gpu_note"] = gpu_section(args.rounds, args.batches, args.smoke)
+    write_result("attention", result, smoke=args.smoke)
     return 0
 
 

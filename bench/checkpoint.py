@@ -8,7 +8,9 @@ machine's load hits both). Reported per mode (medians over the saves): the time 
 (the save call, the wait for staging before the next optimizer step, and what is left of the write at the end
 of the window, which would hold the next save), the time from the call to the commit, and the steps/s of a
 window holding a save against one without. Writes bench/results/checkpoint.json.
-Target (issue 11): async blocks training < 10% as long as a synchronous save.
+Target: async blocks training < 10% as long as a synchronous save. `--smoke`: the tiny model with 512 words, one
+save per mode after 1-step windows, the commit of 8 ranks and the tiny model's state on 8 ranks, written to
+checkpoint.smoke.json.
 Scale: rank 0's commit against the number of ranks that wrote the folder (8, 64, 512: one shard and one rng file
 each), and Llama-2-70B's state per rank at 256 and 512 ranks (the host memory each rank stages per save).
 
@@ -30,8 +32,7 @@ import time
 
 import torch
 from omegaconf import OmegaConf
-from results_io import write_result  # bench/ is on sys.path: this script's folder
-from trainer_overhead import ListLoader
+from results_io import TESTS, write_result  # bench/ is on sys.path: this script's folder
 
 from lemur_torch import commit
 from lemur_torch.checkpoint import Checkpointer
@@ -39,26 +40,34 @@ from lemur_torch.config import load_config
 from lemur_torch.metrics import MetricsLogger
 from lemur_torch.optim import build_optimizer, build_scheduler
 from lemur_torch.parallel.fsdp import FsdpBackend
+from lemur_torch.plan.sharding import shard_on_fake_pg
 from lemur_torch.trainer import Trainer
+
+sys.path.insert(0, TESTS)
+from fakes import ListLoader, random_batches  # noqa: E402  (the tests' fake loader and contract batches)
 
 MODES = ("none", "async", "async_pinned")
 
 
-def random_batches(batch: int, seq: int, n: int = 8):
-    """Fixed random token batches in the batch contract (the data pipeline is not what is measured here)."""
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 32000, (batch, seq), generator=g)
-        out.append(
-            {
-                "input_ids": ids,
-                "labels": ids.clone(),
-                "domain_ids": torch.zeros_like(ids),
-                "position_ids": torch.arange(seq).expand(batch, seq).contiguous(),
-            }
-        )
-    return out
+class CheckpointFigures(MetricsLogger):
+    """A logger that keeps the checkpoint figures the trainer logs with its steps and drops the rest.
+    Checkpointer.stats() hands a save's figures out once: to the first step logged after the save completed, or,
+    if none was, to the next caller."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg, enabled=False)
+        self.saves = []
+
+    def log_step(self, metrics):
+        if "ckpt_step" in metrics:
+            self.saves.append({k: v for k, v in metrics.items() if k.startswith("ckpt_")})
+
+    def figures(self, ckpt: Checkpointer, step: int) -> dict:
+        """The figures of the save of `step`, once it is written (after ckpt.wait())."""
+        report = ckpt.stats() or self.saves.pop()
+        self.saves.clear()
+        assert report["ckpt_step"] == step, (report, step)
+        return report
 
 
 def commit_cost(scratch: str, ranks: int, shard_bytes: int = 1 << 16) -> float:
@@ -80,25 +89,19 @@ def commit_cost(scratch: str, ranks: int, shard_bytes: int = 1 << 16) -> float:
     return time.perf_counter() - t0
 
 
-def state_per_rank_70b(world_size: int) -> float:
-    """GB of checkpointed state (fp32 weights + two Adam moments) per rank for Llama-2-70B, from the real FSDP2
-    sharding on the meta device over a fake process group: what each rank stages in host memory per save."""
-    from lemur_torch.plan.sharding import shard_on_fake_pg
-
-    plan = shard_on_fake_pg(load_config(["model=llama2_70b"]), world_size)
+def state_per_rank(model: str, world_size: int) -> float:
+    """GB of checkpointed state (fp32 weights + two Adam moments) per rank for `model` (a conf/model name), from
+    the real FSDP2 sharding on the meta device over a fake process group: what each rank stages per save."""
+    plan = shard_on_fake_pg(load_config([f"model={model}"]), world_size)
     return plan["local_params"] * 12 / 1e9
 
 
 def timed_steps(trainer: Trainer, batches, n: int) -> float:
+    """Seconds for `n` steps, each read as Trainer.fit reads it (one step late), the last one at the end."""
     t0 = time.perf_counter()
-    pending = None
     for _ in range(n):
-        # as Trainer.fit: each step reads the previous one's metrics before its optimizer step
-        pending = trainer.train_step(
-            [next(batches) for _ in range(trainer.grad_accum)], pending, started=time.perf_counter()
-        )
-        trainer.step += 1
-    trainer.complete(pending)
+        trainer.train_step([next(batches) for _ in range(trainer.grad_accum)])
+    trainer.read_in_flight()
     return time.perf_counter() - t0
 
 
@@ -107,15 +110,21 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=4, help="steps per window")
     ap.add_argument("--saves", type=int, default=3, help="saves per mode")
     ap.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary folder)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: the tiny model, one save per mode of 1-step windows")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.window, args.saves = 1, 1
     scratch = args.dir or tempfile.mkdtemp(prefix="bench_checkpoint_")
-    overrides = [
-        "model=tiny",
+    wider = [
         "model.hidden_size=512",
         "model.intermediate_size=1408",
         "model.num_hidden_layers=8",
         "model.num_attention_heads=8",
         "model.num_key_value_heads=4",
+    ]
+    overrides = [
+        "model=tiny",
+        *(["model.vocab_size=512"] if args.smoke else wider),
         "train.seq_len=128",
         "train.micro_batch_size=2",
         "train.global_batch_tokens=256",
@@ -130,9 +139,9 @@ def main(argv=None) -> int:
     model = backend.setup_model(cfg)
     optimizer = build_optimizer(model, cfg.optim, "cpu")
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    loader = ListLoader(random_batches(cfg.train.micro_batch_size, cfg.train.seq_len), ["code", "text"])
-    batches = iter(loader)
-    logger = MetricsLogger(cfg, enabled=False)
+    loader = ListLoader(random_batches(cfg.train.micro_batch_size, cfg.train.seq_len, vocab=cfg.model.vocab_size))
+    batches = backend.device_batches(iter(loader))  # as Trainer.fit: the varlen boundaries made on the host
+    logger = CheckpointFigures(cfg)
     trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, Checkpointer(cfg, backend), logger)
     timed_steps(trainer, batches, 2)  # warm-up; the optimizer state exists from here on
     state_gb = (
@@ -150,11 +159,12 @@ def main(argv=None) -> int:
         for _ in range(args.saves):  # interleaved, so that a change in the machine's load hits both windows
             without.append(timed_steps(trainer, batches, args.window))
             t0 = time.perf_counter()
-            ckpt.save(trainer.step, model, optimizer, scheduler, loader, trainer.trainer_state())
+            saved = trainer.step
+            ckpt.save(saved, model, optimizer, scheduler, loader, trainer.trainer_state())
             timed_steps(trainer, batches, args.window)
             ckpt.wait()  # what is left of the write after the window would hold the next save
             with_save.append(time.perf_counter() - t0)
-            report = ckpt.stats()
+            report = logger.figures(ckpt, saved)
             blocked.append(report["ckpt_blocked_s"])
             total.append(report["ckpt_write_s"])
         ckpt.close()
@@ -166,8 +176,12 @@ def main(argv=None) -> int:
         }
     backend.shutdown()
     scale = {
-        "commit_s_by_ranks": {n: commit_cost(scratch, n) for n in (8, 64, 512)},
-        "llama2_70b_state_gb_per_rank": {n: state_per_rank_70b(n) for n in (256, 512)},
+        "commit_s_by_ranks": {n: commit_cost(scratch, n) for n in ((8,) if args.smoke else (8, 64, 512))},
+        "state_model": "tiny" if args.smoke else "llama2_70b",
+        "state_gb_per_rank": {
+            n: state_per_rank("tiny", n) if args.smoke else state_per_rank("llama2_70b", n)
+            for n in ((8,) if args.smoke else (256, 512))
+        },
     }
     shutil.rmtree(scratch, ignore_errors=True) if args.dir is None else None
 
@@ -198,10 +212,10 @@ def main(argv=None) -> int:
         + ", ".join(f"N={n}: {t * 1e3:.0f} ms" for n, t in scale["commit_s_by_ranks"].items())
     )
     print(
-        "Llama-2-70B state staged per rank per save (fp32 weights + Adam moments, FSDP2 sharding on a fake group): "
+        f"{scale['state_model']} state staged per rank per save (fp32 weights + Adam moments, FSDP2 sharding on a "
+        "fake group): "
         + ", ".join(
-            f"{n} ranks: {gb:.2f} GB ({8 * gb:.0f} GB per 8-GPU node)"
-            for n, gb in scale["llama2_70b_state_gb_per_rank"].items()
+            f"{n} ranks: {gb:.2f} GB ({8 * gb:.0f} GB per 8-GPU node)" for n, gb in scale["state_gb_per_rank"].items()
         )
     )
     out = {
@@ -218,7 +232,7 @@ def main(argv=None) -> int:
         "cuda": torch.cuda.is_available(),
         "machine": platform.processor() or platform.machine(),
     }
-    write_result("checkpoint", out)
+    write_result("checkpoint", out, smoke=args.smoke)
     return 0
 
 

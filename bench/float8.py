@@ -166,6 +166,7 @@ def main(argv=None) -> int:
             "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(),
         },
+        smoke=args.smoke,
     )
     return 0
 

@@ -40,10 +40,10 @@ from results_io import write_result
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from lemur_torch import attention, commit
+from lemur_torch.batch import document_ids, varlen_boundaries
 from lemur_torch.checkpoint import META, Checkpointer, step_dir_name
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
-from lemur_torch.data.boundaries import document_ids, varlen_boundaries
 from lemur_torch.export import export_model
 from lemur_torch.metrics import mfu, peak_flops
 from lemur_torch.model import flops_per_token
@@ -263,7 +263,6 @@ class Run:
             self.logger, StopSignal(),
         )  # fmt: skip
         self.batches = self.backend.device_batches(iter(self.loader))
-        self.pending = None
 
     def initial_state(self):
         """The weights as initialised, full, on the host: a copy (on CPU the state dict's tensors are the live
@@ -274,14 +273,10 @@ class Run:
     def step(self) -> None:
         tr = self.trainer
         micro = [next(self.batches) for _ in range(tr.grad_accum)]
-        started = time.perf_counter()
-        self.pending = tr.train_step(micro, self.pending, started=started)
-        self.pending.started = started
-        tr.step += 1
+        tr.train_step(micro, started=time.perf_counter())
 
     def settle(self) -> None:
-        if self.pending is not None:
-            self.trainer.complete(self.pending)
+        self.trainer.read_in_flight()
 
     def train(self, steps: int, timed_from: int):
         """`steps` steps; tokens/s over the steps from `timed_from` on (the first compile), peak memory."""
@@ -303,7 +298,7 @@ class Run:
 
     def close(self) -> None:
         self.trainer.checkpointer.close()
-        for attr in ("trainer", "optimizer", "scheduler", "model", "batches", "pending"):
+        for attr in ("trainer", "optimizer", "scheduler", "model", "batches"):
             setattr(self, attr, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -348,13 +343,11 @@ def check_sync_free(rep: Report, run: Run) -> None:
         rep.skip("sync-free step", "needs CUDA: torch.cuda.set_sync_debug_mode")
         return
     run.settle()
-    run.pending = None
     micro = [next(run.batches) for _ in range(run.trainer.grad_accum)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        run.pending = run.trainer.train_step(micro, None)
-        run.trainer.step += 1
+        run.trainer.train_step(micro)
         ok, text = True, "no host synchronisation between the forward and the end of the optimizer step"
     except RuntimeError as exc:
         frames = [f for f in traceback.extract_tb(exc.__traceback__) if "lemur_torch" in f.filename]

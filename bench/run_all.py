@@ -1,6 +1,7 @@
 """`make bench`: run every benchmark in bench/ in turn; each prints its ratios and writes bench/results/*.json.
 xla_step.py runs in the XLA lane's venv (.venv-xla, built by `make test-xla`); without it, it is skipped
-and says so."""
+and says so. `make bench ARGS=--smoke` runs each in its seconds-long smoke mode (tests/test_bench_smoke.py runs
+them one by one)."""
 
 import os
 import subprocess
@@ -15,6 +16,7 @@ BENCHES = [
     "eval.py",
     "validation.py",
     "xla_step.py",
+    "float8.py",
 ]
 XLA_PYTHON = os.environ.get("LEMUR_XLA_VENV", os.path.join(os.path.dirname(HERE), ".venv-xla")) + "/bin/python"
 
@@ -25,7 +27,8 @@ def interpreter(name: str):
     return XLA_PYTHON if os.path.exists(XLA_PYTHON) else None
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    extra = list(sys.argv[1:] if argv is None else argv)  # e.g. --smoke, passed on to every benchmark
     failed = []
     for name in BENCHES:
         path = os.path.join(HERE, name)
@@ -39,7 +42,7 @@ def main() -> int:
                 "builds it)"
             )
             continue
-        if subprocess.call([python, path]) != 0:
+        if subprocess.call([python, path, *extra]) != 0:
             failed.append(name)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

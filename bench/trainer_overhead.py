@@ -5,7 +5,8 @@ in this one process, interleaved over `--rounds` rounds; each variant's best rou
 runs its real Trainer.fit (FSDP2 on a 1-rank gloo group, token-count all-reduce, clipping, non-finite guard,
 per-domain loss, metrics.jsonl logging); the bare loop does forward, loss, backward, AdamW step, nothing else.
 Prints tokens/s for each and the ratios; writes bench/results/trainer_overhead.json.
-Target (issue 2): lemur-torch / bare >= 0.97.
+Target: lemur-torch / bare >= 0.97.
+`--smoke`: 2 steps of 2 x 64 tokens, one round, written to trainer_overhead.smoke.json (bench/results_io.py).
 """
 
 from __future__ import annotations
@@ -18,39 +19,21 @@ import time
 
 import torch
 import torch.nn.functional as F
-from results_io import write_result  # bench/ is on sys.path: this script's folder
+from results_io import TESTS, write_result  # bench/ is on sys.path: this script's folder
 
+from lemur_torch.batch import IGNORE_INDEX
+from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
+from lemur_torch.metrics import MetricsLogger
 from lemur_torch.model import build_meta_model, init_weights, reset_rope_buffers
+from lemur_torch.optim import build_optimizer, build_scheduler
+from lemur_torch.parallel.fsdp import FsdpBackend
 from lemur_torch.tokenizer import load_tokenizer
+from lemur_torch.trainer import Trainer
 
-
-class ListLoader:
-    """The loader contract over a fixed list of micro-batches (so every variant sees the same data)."""
-
-    def __init__(self, batches, domain_names):
-        self.batches, self.domain_names, self.pos = batches, domain_names, 0
-
-    def __iter__(self):
-        while True:
-            yield self.batches[self.pos % len(self.batches)]
-            self.pos += 1
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.pos = state["pos"]
-
-    def mark(self):
-        return self.pos
-
-    def rewind(self, mark):
-        self.pos = mark
-
-    def stats(self):
-        return {}
+sys.path.insert(0, TESTS)
+from fakes import ListLoader  # noqa: E402  (the tests' fake loader: every variant sees the same batches)
 
 
 def make_batches(cfg, n):
@@ -76,12 +59,6 @@ def plain_model(cfg):
 
 
 def run_lemur(cfg, batches, domains, steps):
-    from lemur_torch.checkpoint import Checkpointer
-    from lemur_torch.metrics import MetricsLogger
-    from lemur_torch.optim import build_optimizer, build_scheduler
-    from lemur_torch.parallel.fsdp import FsdpBackend
-    from lemur_torch.trainer import Trainer
-
     cfg.train.max_steps = steps
     backend = FsdpBackend(cfg)
     model = backend.setup_model(cfg)
@@ -97,8 +74,6 @@ def run_lemur(cfg, batches, domains, steps):
 
 
 def run_bare(cfg, batches, steps):
-    from lemur_torch.optim import build_optimizer
-
     model = plain_model(cfg)
     opt = build_optimizer(model, cfg.optim, "cpu")
     accum = cfg.train.global_batch_tokens // (cfg.train.micro_batch_size * cfg.train.seq_len)
@@ -107,8 +82,8 @@ def run_bare(cfg, batches, steps):
         for i in range(accum):
             b = batches[(step * accum + i) % len(batches)]
             logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
-            targets = F.pad(b["labels"][:, 1:], (0, 1), value=-100)  # shift labels, not logits (as HF does)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            targets = F.pad(b["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # shift labels, not logits (as HF does)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
             (loss / accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -116,6 +91,7 @@ def run_bare(cfg, batches, steps):
 
 
 def run_hf_trainer(cfg, batches, steps, out_dir):
+    # HF Trainer pulls in accelerate and datasets: only this variant pays for the import
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
@@ -157,13 +133,15 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="seconds: 2 steps of 2 x 64 tokens, one round")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps, args.rounds = 2, 1
     tmp = tempfile.mkdtemp(prefix="bench_overhead_")
+    sizes = ["train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_tokens=128"]
     overrides = [
         "model=tiny",
-        "train.seq_len=256",
-        "train.micro_batch_size=4",
-        "train.global_batch_tokens=2048",
+        *(sizes if args.smoke else ["train.seq_len=256", "train.micro_batch_size=4", "train.global_batch_tokens=2048"]),
         "log.wandb_mode=disabled",
         "log.console=false",
         "checkpoint.every_steps=0",
@@ -201,7 +179,7 @@ def main(argv=None):
     print(f"lemur / bare       = {result['ratio_lemur_over_bare']:.3f}  (target >= 0.97)")
     if result["ratio_lemur_over_hf_trainer"]:
         print(f"lemur / HF Trainer = {result['ratio_lemur_over_hf_trainer']:.3f}")
-    write_result("trainer_overhead", result)
+    write_result("trainer_overhead", result, smoke=args.smoke)
     return 0
 
 

@@ -9,7 +9,8 @@ evaluation costs next to training.
 2. Evaluation cost. On the tiny model, one validation micro-batch (forward + loss under no_grad, eval mode) vs one
    training micro-step (forward + loss + backward) of the same shape, interleaved over --rounds rounds, best of
    each: the ratio is what a validation batch costs in training-step units.
-Prints the figures and writes bench/results/validation.json.
+Prints the figures and writes bench/results/validation.json (`--smoke`: a 1 MB source, 12 lanes, 1 and 2 ranks,
+short rows, one round: validation.smoke.json).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import tempfile
 import time
 
 import torch
-from results_io import write_result  # bench/ is on sys.path: this script's folder
+from results_io import TESTS, write_result  # bench/ is on sys.path: this script's folder
 
 from lemur_torch.attention import forward_kwargs, with_varlen_boundaries
+from lemur_torch.batch import IGNORE_INDEX
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
 from lemur_torch.data.heldout import apportion, rank_rows
@@ -34,8 +36,8 @@ from lemur_torch.model import build_meta_model, init_weights, reset_rope_buffers
 from lemur_torch.tokenizer import load_tokenizer
 from lemur_torch.validation import Validator
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from validation_helpers import HostBackend  # noqa: E402  (the tests' one-process stand-in for a backend)
+sys.path.insert(0, TESTS)
+from fakes import HostBackend  # noqa: E402  (the tests' one-process stand-in for a backend)
 
 WORDS = [w for w in open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read().split() if w.isalpha()]
 
@@ -49,7 +51,12 @@ def corpus(path: str, mb: int) -> None:
             i += 1
 
 
-def overrides(path: str, lanes: int):
+# sizes of the full run, and of `--smoke` (seconds: one small lane count, two ranks, short rows)
+FULL = {"lanes": (12, 128, 1024), "ranks": (1, 8, 64), "seq_len": 1024, "micro": 4, "batch_tokens": 65536}
+SMOKE = {"lanes": (12,), "ranks": (1, 2), "seq_len": 128, "micro": 2, "batch_tokens": 256}
+
+
+def overrides(path: str, lanes: int, sizes: dict):
     return [
         "model=tiny",
         "~data.sources.pydoc_text",
@@ -57,9 +64,9 @@ def overrides(path: str, lanes: int):
         f"data.sources.stdlib_code.path={path}",
         "data.sources.stdlib_code.holdout=0.05",
         f"data.lanes={lanes}",
-        "train.seq_len=1024",
-        "train.micro_batch_size=4",
-        "train.global_batch_tokens=65536",
+        f"train.seq_len={sizes['seq_len']}",
+        f"train.micro_batch_size={sizes['micro']}",
+        f"train.global_batch_tokens={sizes['batch_tokens']}",
         "eval.every_steps=100",
         "eval.batches=1",
     ]
@@ -72,15 +79,16 @@ def evaluated_bytes(tok, v) -> int:
         for r in range(b["input_ids"].shape[0]):
             if int(b["domain_ids"][r, 0]) < len(v.names):
                 ids, labels = b["input_ids"][r], b["labels"][r]
-                n += len(tok.decode(ids[~((ids == 0) & (labels == -100))], skip_special_tokens=True).encode())
+                n += len(tok.decode(ids[~((ids == 0) & (labels == IGNORE_INDEX))], skip_special_tokens=True).encode())
     return n
 
 
-def build_costs(tok, path: str) -> dict:
+def build_costs(tok, path: str, sizes: dict) -> dict:
     out = {"lanes": {}, "ranks": {}}
-    for lanes in (12, 128, 1024):
-        cfg = load_config(overrides(path, lanes))
-        loader = build_loader(cfg.data, tok, 1024, 4, 0, 1, 0)
+    S, B = sizes["seq_len"], sizes["micro"]
+    for lanes in sizes["lanes"]:
+        cfg = load_config(overrides(path, lanes, sizes))
+        loader = build_loader(cfg.data, tok, S, B, 0, 1, 0)
         t0 = time.perf_counter()
         v = Validator(cfg, loader, HostBackend(), info=lambda line: None)
         seconds = time.perf_counter() - t0
@@ -99,12 +107,13 @@ def build_costs(tok, path: str) -> dict:
             "one rank",
             flush=True,
         )
-    cfg = load_config(overrides(path, 1024))
-    loader = build_loader(cfg.data, tok, 1024, 4, 0, 1, 0)
+    lanes = sizes["lanes"][-1]
+    cfg = load_config(overrides(path, lanes, sizes))
+    loader = build_loader(cfg.data, tok, S, B, 0, 1, 0)
     v = Validator(cfg, loader, HostBackend(), info=lambda line: None)
-    quotas = [apportion(v.requested, v.sources[0].lane_weights(1024))]
+    quotas = [apportion(v.requested, v.sources[0].lane_weights(lanes))]
     single = None
-    for ranks in (1, 8, 64):
+    for ranks in sizes["ranks"]:
         per_rank = []
         for r in range(ranks):
             t0 = time.perf_counter()
@@ -120,7 +129,7 @@ def build_costs(tok, path: str) -> dict:
             "every_rank_reads_all_bytes": ranks * single,
         }
         print(
-            f"ranks {ranks:3d} (1024 lanes): the busiest rank reads {top[0] / 1e6:6.3f} MB, builds in at most "
+            f"ranks {ranks:3d} ({lanes} lanes): the busiest rank reads {top[0] / 1e6:6.3f} MB, builds in at most "
             f"{max(s for _, s in per_rank):.2f}s; all ranks read {total / 1e6:.2f} MB together, vs "
             f"{ranks * single / 1e6:.2f} MB if every rank read the slice itself",
             flush=True,
@@ -165,16 +174,19 @@ def eval_vs_train(tok, rounds: int) -> dict:
     return {**best, "validation_per_train": ratio}
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="seconds: a 1 MB source, 12 lanes, 2 ranks, one round")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.mb, args.rounds = 1, 1
     tok = load_tokenizer("builtin")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "corpus.jsonl")
         corpus(path, args.mb)
-        build = build_costs(tok, path)
+        build = build_costs(tok, path, SMOKE if args.smoke else FULL)
     result = {
         "machine": platform.platform(),
         "torch": torch.__version__,
@@ -182,7 +194,7 @@ def main() -> int:
         "build": build,
         "evaluation": eval_vs_train(tok, args.rounds),
     }
-    write_result("validation", result)
+    write_result("validation", result, smoke=args.smoke)
     return 0
 
 

@@ -7,14 +7,15 @@
    on in both. Trace = the host's Python time building the lazy graph up to the sync; compile = torch_xla's
    CompileTime metric.
 2. Host-idle time per step with and without a per-step host sync, on the real Trainer: "sync" reads each
-   step's metrics right after dispatching it (the trainer before this change), "pipelined" reads them one
-   step later, inside the next step after its forward/backward is dispatched and before its optimizer step
-   (the trainer now). Host idle = the time the host waits in that read; reported with the step wall time.
+   step's metrics right after dispatching it, "pipelined" reads them one step later, inside the next step after
+   its forward/backward is dispatched and before its optimizer step (Trainer.fit's order, lemur_torch/trainer.py).
+   Host idle = the time the host waits in that read; reported with the step wall time.
 
 Each configuration runs in its own process (SPMD is process-global). The CPU "device" shares the same cores
 as the host, so the overlap the pipelined order buys on a TPU (host tracing while the chip computes) is only
 partly visible here; no TPU figure is printed because none was measured.
-Writes bench/results/xla_step.json.
+Writes bench/results/xla_step.json. `--smoke`: 2 decoder layers, unrolled and scanned, 2 steady steps per mode,
+written to xla_step.smoke.json; in the XLA venv: `.venv-xla/bin/python bench/xla_step.py --smoke`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ import sys
 import time
 
 from results_io import write_result  # bench/ is on sys.path: this script's folder
+
+from lemur_torch.checkpoint import Checkpointer
+from lemur_torch.config import load_config
+from lemur_torch.data import build_loader
+from lemur_torch.metrics import MetricsLogger
+from lemur_torch.optim import build_optimizer, build_scheduler
+from lemur_torch.tokenizer import build_tokenizer
+from lemur_torch.trainer import Trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = [
@@ -46,14 +55,8 @@ MODEL = [
 
 
 def _parts(overrides):
-    from lemur_torch.checkpoint import Checkpointer
-    from lemur_torch.config import load_config
-    from lemur_torch.data import build_loader
-    from lemur_torch.metrics import MetricsLogger
-    from lemur_torch.optim import build_optimizer, build_scheduler
+    # torch_xla: imported in the measuring children only (SPMD mode is process-global)
     from lemur_torch.parallel.xla.backend import XlaSpmdBackend
-    from lemur_torch.tokenizer import build_tokenizer
-    from lemur_torch.trainer import Trainer
 
     cfg = load_config([*MODEL, *overrides])
     backend = XlaSpmdBackend(cfg)
@@ -77,7 +80,7 @@ def _parts(overrides):
 
 def measure_compile(layers: int, scan: bool) -> dict:
     """Steps 1 and 2 (both programs), then 3 steady steps."""
-    import torch_xla.core.xla_model as xm
+    import torch_xla.core.xla_model as xm  # torch_xla: the measuring children only
     import torch_xla.debug.metrics as met
 
     trainer, batches = _parts(
@@ -97,11 +100,10 @@ def measure_compile(layers: int, scan: bool) -> dict:
     for step in range(5):
         micro = [next(batches) for _ in range(trainer.grad_accum)]
         t0 = time.perf_counter()
-        pending = trainer.train_step(micro)
-        trainer.step += 1
+        trainer.train_step(micro)
         if step < 2:
             trace += marks["traced"] - t0
-        trainer.complete(pending)
+        trainer.read_in_flight()
         walls.append(time.perf_counter() - t0)
     compile_s = met.metric_data("CompileTime")[1] / 1e9
     return {
@@ -115,31 +117,30 @@ def measure_compile(layers: int, scan: bool) -> dict:
     }
 
 
-def measure_host_idle(mode: str, steps: int) -> dict:
+def measure_host_idle(mode: str, steps: int, layers: int) -> dict:
     """sync: each step is read right after it is dispatched; pipelined: as Trainer.fit does, the previous step
     is read inside train_step, after this step's forward/backward is dispatched, before its optimizer step."""
-    trainer, batches = _parts(["train.max_steps=1000", "model.num_hidden_layers=8"])
-    waits, walls, previous = [], [], None
-    complete = trainer.complete
+    trainer, batches = _parts(["train.max_steps=1000", f"model.num_hidden_layers={layers}"])
+    waits, walls = [], []
+    read = trainer.read_in_flight
 
-    def timed_complete(pending, ended=None):
+    def timed_read(ended=None, only_if_ready=False):
+        step = trainer.in_flight
         w0 = time.perf_counter()
-        complete(pending, ended)
-        if pending.step > 2:  # after both programs are compiled
+        read(ended, only_if_ready)
+        if step is not None and step.step > 2:  # after both programs are compiled
             waits.append(time.perf_counter() - w0)
 
-    trainer.complete = timed_complete
+    trainer.read_in_flight = timed_read  # train_step's own read of the previous step is timed too
     for step in range(steps + 2):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(trainer.grad_accum)]
-        pending = trainer.train_step(micro, previous if mode == "pipelined" else None, started=t0)
-        trainer.step += 1
+        trainer.train_step(micro, started=t0)
         if mode == "sync":
-            trainer.complete(pending)
-        previous = pending
+            trainer.read_in_flight()
         if step >= 2:
             walls.append(time.perf_counter() - t0)
-    complete(previous)
+    read()
     return {
         "mode": mode,
         "steps": steps,
@@ -152,7 +153,7 @@ def _child(args) -> int:
     if args.what == "compile":
         out = measure_compile(args.layers, args.scan)
     else:
-        out = measure_host_idle(args.mode, args.steps)
+        out = measure_host_idle(args.mode, args.steps, args.idle_layers)
     print("RESULT " + json.dumps(out), flush=True)
     return 0
 
@@ -180,7 +181,7 @@ def _run_child(extra) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--what", choices=["compile", "idle"], default="compile")
@@ -189,7 +190,11 @@ def main() -> int:
     parser.add_argument("--mode", choices=["sync", "pipelined"], default="sync")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--depths", default="4,16,32", help="decoder layer counts for the compile comparison")
-    args = parser.parse_args()
+    parser.add_argument("--idle-layers", type=int, default=8, help="decoder layers for the host-idle comparison")
+    parser.add_argument("--smoke", action="store_true", help="2 decoder layers, 2 steady steps")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.depths, args.idle_layers, args.steps = "2", 2, 2
     if args.child:
         return _child(args)
     try:
@@ -226,8 +231,14 @@ def main() -> int:
     for k, v in ratios.items():
         print(f"  {k}: {v:.2f}")
 
-    print(f"\nhost idle per step, {args.steps} steady steps, 8 layers (real Trainer.train_step / complete)")
-    idle = [_run_child(["--what", "idle", "--mode", m, "--steps", str(args.steps)]) for m in ("sync", "pipelined")]
+    print(
+        f"\nhost idle per step, {args.steps} steady steps, {args.idle_layers} layers (real Trainer.train_step / "
+        "read_in_flight)"
+    )
+    idle = [
+        _run_child(["--what", "idle", "--mode", m, "--steps", str(args.steps), "--idle-layers", str(args.idle_layers)])
+        for m in ("sync", "pipelined")
+    ]
     for r in idle:
         print(
             f"  {r['mode']:>9}: host idle {1000 * r['host_idle_s_per_step']:8.1f} ms/step, step "
@@ -252,6 +263,7 @@ def main() -> int:
             "host_idle": idle,
             "ratios": ratios,
         },
+        smoke=args.smoke,
     )
     return 0
 

@@ -1,4 +1,5 @@
-"""Shared helpers: run lemur-train as a real subprocess (1 process, or torchrun with gloo) and read its metrics."""
+"""Shared helpers: run lemur-train as a real subprocess (1 process, or torchrun with gloo) and read its metrics;
+the session fixtures (the tokenizer, trained runs). Fakes shared by tests and bench are in fakes.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from typing import Dict, List, Optional
 
 import pytest
+
+from lemur_torch.tokenizer import load_tokenizer
 
 # small but real: the tiny Llama with the 32000-piece tokenizer, 64-token rows, 256 tokens per step
 FAST = [
@@ -79,6 +82,12 @@ def losses(run_dir: str) -> Dict[int, float]:
 def _quiet_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The built-in 32000-piece tokenizer (the tiny model's vocabulary), loaded once per session."""
+    return load_tokenizer("builtin")
 
 
 # -- trained runs shared by the evaluation tests (one of each per test session) -------------------------------

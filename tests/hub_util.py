@@ -3,16 +3,14 @@
 from pathlib import Path
 
 import torch
+from transformers import LlamaForCausalLM
 
 from lemur_torch.config import load_config
+from lemur_torch.model import hf_llama_config
 
 
 def make_hub_folder(path: Path) -> Path:
     """A small real HF Llama folder (several shards + index), the 'hub' the caches are filled from."""
-    from transformers import LlamaForCausalLM
-
-    from lemur_torch.model import hf_llama_config
-
     cfg = load_config(["model=tiny"])
     torch.manual_seed(11)
     LlamaForCausalLM(hf_llama_config(cfg.model)).save_pretrained(path, max_shard_size="3MB")

@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from lemur_torch import attention
+from lemur_torch.batch import document_ids, document_lengths, row_document_ids, varlen_boundaries
 from lemur_torch.config import load_config, validate
-from lemur_torch.data.boundaries import document_ids, document_lengths, varlen_boundaries
 from lemur_torch.data.schema import DataConfig
 from lemur_torch.errors import ConfigError
 from lemur_torch.model import build_meta_model, hf_llama_config, init_weights, reset_rope_buffers
@@ -181,13 +181,11 @@ def _sample_loader(fmt, batch_size=3):
 def test_xla_segments_equal_the_loaders_boundaries(fmt):
     """The torch_xla backend finds documents from position_ids on the device (fixed shapes, no host sync); on
     the loader's batches that is exactly the batch's doc_lens, for packed documents and chat (with padding)."""
-    from lemur_torch.parallel.xla.attention import document_ids as xla_document_ids
-
     for _i, batch in zip(range(4), _sample_loader(fmt)):
         B, L = batch["input_ids"].shape
         assert batch["doc_lens"].shape == (B, L) and (batch["doc_lens"].sum(1) == L).all()
         ours = document_ids(varlen_boundaries(batch["doc_lens"])[0], B, L)
-        xla = xla_document_ids(batch["position_ids"])
+        xla = row_document_ids(batch["position_ids"])
         assert torch.equal(ours[:, :, None] == ours[:, None, :], xla[:, :, None] == xla[:, None, :])
 
 

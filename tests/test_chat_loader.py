@@ -11,8 +11,8 @@ import pickle
 
 import pytest
 import torch
+from fakes import global_stream, rows_of, same
 from omegaconf import OmegaConf
-from test_data_loader import global_stream, rows_of, same
 
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader

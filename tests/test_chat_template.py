@@ -6,65 +6,12 @@ answer plus its "<|im_end|>\\n" -- nothing from chat.py is used to build a refer
 """
 
 import pytest
+from fakes import CHAT_CASES as CASES
 from omegaconf import OmegaConf
 
 from lemur_torch.data.chat import ChatEncoder, Conversation, render, to_conversation
 from lemur_torch.data.sources import Bad
 from lemur_torch.tokenizer import build_tokenizer, load_tokenizer
-
-# (messages, the training text written out by hand)
-CASES = [
-    (
-        [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there!"}],
-        "<s><|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nHi there!<|im_end|>\n",
-    ),
-    (
-        [
-            {"role": "system", "content": "  You are terse.\n"},
-            {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"},
-            {"role": "user", "content": "and 3+3 ?  "},
-            {"role": "assistant", "content": "\n6\n"},
-        ],
-        "<s><|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
-        "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nand 3+3 "
-        "?<|im_end|>\n<|im_start|>assistant\n6<|im_end|>\n",
-    ),
-    (
-        [
-            {"role": "user", "content": "Übersetze: «naïve café» — 日本語で? 🙂"},
-            {"role": "assistant", "content": "ナイーブなカフェ ☕ (naïve café), ça va?"},
-        ],
-        "<s><|im_start|>user\nÜbersetze: «naïve café» — 日本語で? 🙂<|im_end|>\n"
-        "<|im_start|>assistant\nナイーブなカフェ ☕ (naïve café), ça va?<|im_end|>\n",
-    ),
-    (
-        [
-            {"role": "system", "content": "You write code."},
-            {"role": "user", "content": "Reverse a list in Python:\n\n    xs = [1, 2, 3]"},
-            {
-                "role": "assistant",
-                "content": "```python\ndef rev(xs):\n\treturn xs[::-1]  # slice\n\n\nprint(rev([1, 2, "
-                "3]))\n```\n\nThat prints `[3, 2, 1]`.",
-            },
-        ],
-        "<s><|im_start|>system\nYou write code.<|im_end|>\n<|im_start|>user\nReverse a list in Python:\n\n    xs "
-        "= [1, 2, 3]<|im_end|>\n"
-        "<|im_start|>assistant\n```python\ndef rev(xs):\n\treturn xs[::-1]  # slice\n\n\nprint(rev([1, 2, 3]))\n```\n\n"
-        "That prints `[3, 2, 1]`.<|im_end|>\n",
-    ),
-    (
-        [
-            {"role": "user", "content": "Shell?"},
-            {"role": "assistant", "content": "$ ls -la | grep '^d'  \n"},
-            {"role": "user", "content": '<html> & "quotes" {{ jinja }} {% raw %}'},
-            {"role": "assistant", "content": "Escaped: {{ x }}"},
-        ],
-        "<s><|im_start|>user\nShell?<|im_end|>\n<|im_start|>assistant\n$ ls -la | grep '^d'<|im_end|>\n"
-        '<|im_start|>user\n<html> & "quotes" {{ jinja }} {% raw %}<|im_end|>\n<|im_start|>assistant\nEscaped: {{ '
-        "x }}<|im_end|>\n",
-    ),
-]
 
 
 @pytest.fixture(scope="module")

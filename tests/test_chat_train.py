@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from conftest import losses, run_train
-from test_chat_template import CASES
+from fakes import CHAT_CASES as CASES
 
 # three formats in one file (auto-detected per record), answers short enough to memorise in a few dozen steps
 CONVERSATIONS = [

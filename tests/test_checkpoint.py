@@ -10,16 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST
+from fakes import ListLoader, contract_batch
 from hub_util import fill_hf_cache, make_hub_folder
 from omegaconf import OmegaConf
 
 from lemur_torch import commit
+from lemur_torch import trainer as trainer_lib
 from lemur_torch.checkpoint import META, STEP_DIR, Checkpointer, read_meta, scan_checkpoints
 from lemur_torch.config import load_config
 from lemur_torch.errors import ConfigError
 from lemur_torch.export import EXPORT_MARKER, check_export_target
+from lemur_torch.metrics import MetricsLogger
 from lemur_torch.optim import apply_config_on_resume, build_optimizer, build_scheduler, lr_lambda
 from lemur_torch.parallel.base import Backend
+from lemur_torch.parallel.fsdp import FsdpBackend
 
 # -- commit protocol -----------------------------------------------------------------------------------------
 
@@ -76,23 +80,8 @@ def test_replacing_a_checkpoint_never_leaves_it_looking_complete(tmp_path):
 # -- a real save, in this process (1-rank gloo group) --------------------------------------------------------
 
 
-class ListLoader:
-    domain_names = ["code", "text"]
-
-    def __init__(self):
-        self.pos = 0
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.pos = state["pos"]
-
-
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    from lemur_torch.parallel.fsdp import FsdpBackend
-
     cfg = load_config([*FAST, f"run_dir={tmp_path_factory.mktemp('inproc')}", "model.num_hidden_layers=1"])
     backend = FsdpBackend(cfg)
     model = backend.setup_model(cfg)
@@ -300,7 +289,6 @@ def test_pretrained_from_offline_cache_and_one_line_errors(hub, tmp_path, monkey
 def _resolve_on_node(cache: str, hub: str, repo_id: str, queue) -> None:
     """One process of a node (forked): resolve `repo_id` online with its node's HF cache, where the download is
     a stand-in that takes a second, copies the hub folder into the cache as a download does, and counts itself."""
-    import time
 
     import huggingface_hub
     from huggingface_hub import constants
@@ -369,21 +357,16 @@ def test_one_step_late_read_keeps_guard_and_schedule_exact(parts, monkeypatch):
     updates applied before it (a skipped step does not advance the schedule), the skip counter is exact, and a
     checkpoint taken after step k holds a schedule that has seen step k. Reference: a fresh scheduler stepped
     once per applied update."""
-    from lemur_torch import trainer as trainer_lib
-    from lemur_torch.metrics import MetricsLogger
-
     cfg, backend, model, _, _ = parts
     optimizer = build_optimizer(model, cfg.optim, "cpu")
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    loader = ListLoader()
-    loader.stats = dict
     t = trainer_lib.Trainer(
         cfg,
         backend,
         model,
         optimizer,
         scheduler,
-        loader,
+        ListLoader(),
         Checkpointer(cfg, backend, log=lambda m: None),
         MetricsLogger(cfg, enabled=False),
         stop=trainer_lib.StopSignal(),
@@ -404,18 +387,10 @@ def test_one_step_late_read_keeps_guard_and_schedule_exact(parts, monkeypatch):
         lambda opt, finite: (applied_lrs.append(opt.param_groups[0]["lr"]), step_fn(opt, finite))[1],
     )
     ids = torch.arange(3, 3 + cfg.train.seq_len).repeat(cfg.train.micro_batch_size, 1)
-    mb = {
-        "input_ids": ids,
-        "labels": ids.clone(),
-        "position_ids": torch.arange(cfg.train.seq_len).repeat(cfg.train.micro_batch_size, 1),
-        "domain_ids": torch.zeros_like(ids),
-    }
-    pending = None
+    mb = contract_batch(ids)
     for _ in range(6):
-        pending = t.train_step([mb] * t.grad_accum, pending, started=time.perf_counter())
-        pending.started = time.perf_counter() - 1.0
-        t.step += 1
-    t.complete(pending)  # as fit() does before a checkpoint or at the end
+        t.train_step([mb] * t.grad_accum)
+    t.settle()  # as fit() does before a checkpoint or at the end
     ref = build_scheduler(build_optimizer(model, cfg.optim, "cpu"), cfg.optim, cfg.train.max_steps)
     expected = []
     for step in range(1, 7):

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from lemur_torch.batch import IGNORE_INDEX
 from lemur_torch.data import build_loader
-from lemur_torch.data.chat import CHAT_SPECIAL_TOKENS, IGNORE_INDEX, ChatEncoder, Conversation, render
+from lemur_torch.data.chat import CHAT_SPECIAL_TOKENS, ChatEncoder, Conversation, render
 from lemur_torch.data.encode import Tokenize
 from lemur_torch.data.schema import DataConfig
 from lemur_torch.tokenizer import build_tokenizer, builtin_tokenizer_dir, load_tokenizer

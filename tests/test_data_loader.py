@@ -12,6 +12,7 @@ import sysconfig
 import pytest
 import torch
 import torch.multiprocessing as mp
+from fakes import global_stream, rows_of, same
 from omegaconf import OmegaConf
 
 from lemur_torch.data import build_loader
@@ -21,11 +22,6 @@ from lemur_torch.errors import DataConfigError
 from lemur_torch.tokenizer import load_tokenizer
 
 SEQ, B = 64, 2
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("builtin")
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +54,6 @@ def make_cfg(corpus, **kw):
     )
 
 
-def rows_of(batch):
-    return [
-        torch.stack([batch[k][i] for k in ("input_ids", "labels", "position_ids", "domain_ids")])
-        for i in range(batch["input_ids"].shape[0])
-    ]
-
-
 def run(cfg, tok, rank, size, steps, state=None):
     loader = build_loader(cfg, tok, SEQ, B, rank, size, seed=7)
     if state is not None:
@@ -75,21 +64,6 @@ def run(cfg, tok, rank, size, steps, state=None):
         if i + 1 == steps:
             break
     return loader, rows
-
-
-def global_stream(per_rank_rows, start=0):
-    """Reassemble: rank r's local row j is global row start + r + R*j."""
-    R = len(per_rank_rows)
-    out = {}
-    for r, rows in enumerate(per_rank_rows):
-        for j, row in enumerate(rows):
-            out[start + r + R * j] = row
-    assert sorted(out) == list(range(start, start + len(out)))
-    return [out[g] for g in sorted(out)]
-
-
-def same(a, b):
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,13 @@ import json
 import os
 import sysconfig
 
-import pytest
 import torch
 from omegaconf import OmegaConf
 
 from lemur_torch.data import build_loader
 from lemur_torch.data.schema import DataConfig
-from lemur_torch.tokenizer import load_tokenizer
 
 SEQ = 256
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("builtin")
 
 
 def real_docs():

@@ -16,8 +16,8 @@ import torch
 import torch.multiprocessing as mp
 from conftest import FAST, subprocess_env
 from data_servers import FaultPlan, serve
+from fakes import rows_of, same
 from omegaconf import OmegaConf
-from test_data_loader import rows_of, same
 
 from lemur_torch.data import build_loader
 from lemur_torch.data.schema import DataConfig
@@ -25,11 +25,6 @@ from lemur_torch.errors import DataConfigError, DataReadError
 from lemur_torch.tokenizer import load_tokenizer
 
 SEQ, B = 64, 2
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("builtin")
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,9 @@ from lemur_torch.data import build_loader
 from lemur_torch.data.schema import DataConfig, SourceConfig
 from lemur_torch.data.sources import build_source
 from lemur_torch.errors import DataConfigError
-from lemur_torch.tokenizer import build_tokenizer, load_tokenizer
+from lemur_torch.tokenizer import build_tokenizer
 
 WORDS = [w for w in open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read().split() if w.isalpha()]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("builtin")
 
 
 def texts(n, seed, lo=200, hi=2000):

@@ -14,7 +14,6 @@ from lemur_torch.data import build_loader
 from lemur_torch.data.schema import DataConfig, SourceConfig
 from lemur_torch.data.sources import build_source
 from lemur_torch.errors import BadInputError, DataConfigError
-from lemur_torch.tokenizer import load_tokenizer
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "data", "bad_lines.jsonl")
 # what each line of the fixture is (see the fixture): line -> reason; lines 1, 7, 10 are good documents
@@ -28,11 +27,6 @@ BAD_LINES = {
     9: "missing_field",
 }
 GOOD_LINES = (1, 7, 10)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("builtin")
 
 
 def cfg_of(sources, **kw):

@@ -32,6 +32,13 @@ from launch_util import (
     wait_for,
     worker_pids,
 )
+from transformers import LlamaForCausalLM
+
+from lemur_torch.config import load_config
+from lemur_torch.data import build_loader
+from lemur_torch.model import batch_label_tokens, token_loss_sums
+from lemur_torch.parallel.base import grad_accum_steps
+from lemur_torch.tokenizer import build_tokenizer
 
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 
@@ -179,14 +186,6 @@ def test_two_nodes_with_their_own_offline_hf_caches_start_from_a_hub_id(tmp_path
 def _first_step_loss(hub: Path) -> float:
     """Step 1's loss computed independently: transformers' own model from the hub folder on the two ranks' first
     micro-batches (the loader's partition of the global batch), sum of token losses over all label tokens."""
-    from transformers import LlamaForCausalLM
-
-    from lemur_torch.config import load_config
-    from lemur_torch.data import build_loader
-    from lemur_torch.model import batch_label_tokens, token_loss_sums
-    from lemur_torch.parallel.base import grad_accum_steps
-    from lemur_torch.tokenizer import build_tokenizer
-
     cfg = load_config(TRAIN_ARGS)
     t = cfg.train
     model = LlamaForCausalLM.from_pretrained(hub, dtype=torch.float32).eval()

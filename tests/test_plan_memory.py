@@ -15,8 +15,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from lemur_torch import attention
+from lemur_torch.batch import document_lengths
 from lemur_torch.config import load_config
-from lemur_torch.data.boundaries import document_lengths
 from lemur_torch.model import build_meta_model, init_weights, reset_rope_buffers, token_loss_sums
 from lemur_torch.optim import build_optimizer
 from lemur_torch.parallel.fsdp import apply_fsdp

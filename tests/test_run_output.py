@@ -13,9 +13,11 @@ import pytest
 from conftest import run_train, subprocess_env
 
 from lemur_torch.config import load_config
+from lemur_torch.data import build_loader
 from lemur_torch.metrics import Progress, duration
 from lemur_torch.model import build_meta_model, count_params
-from lemur_torch.summary import _count, run_summary
+from lemur_torch.summary import run_summary, short_count
+from lemur_torch.tokenizer import build_tokenizer
 
 
 def test_smoke_run_prints_summary_and_eta_and_exits_cleanly(tmp_path):
@@ -30,7 +32,7 @@ def test_smoke_run_prints_summary_and_eta_and_exits_cleanly(tmp_path):
     for row in ("model", "processes", "attention", "batch", "data", "checkpoints", "resume"):
         assert re.search(rf"^  {row}\s", block, re.M), f"no {row} row in\n{block}"
     cfg = load_config(["experiment=smoke"])
-    assert f"{_count(count_params(cfg.model))} parameters" in block  # the built model's count = the config's
+    assert f"{short_count(count_params(cfg.model))} parameters" in block  # the built model's count = the config's
     assert (
         "2 rows x 256 tokens x 1 data-parallel x 1 micro-batch(es) = 512 tokens/step; 3 steps = 1,536 tokens" in block
     )
@@ -85,9 +87,6 @@ def test_progress_rate_and_eta(monkeypatch):
 
 
 def test_summary_of_a_resumed_run_names_the_checkpoint_and_sources():
-    from lemur_torch.data import build_loader
-    from lemur_torch.tokenizer import build_tokenizer
-
     cfg = load_config(
         [
             "experiment=smoke",

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import FAST
+from fakes import HostBackend, tiny_model
 from omegaconf import OmegaConf
-from validation_helpers import HostBackend, tiny_model
 
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
@@ -32,11 +32,6 @@ from lemur_torch.validation import Validator, build_validator
 
 WORDS = [w for w in open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read().split() if w.isalpha()]
 VAL = [*[o for o in FAST if not o.startswith("eval.")], "eval.every_steps=5"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("builtin")
 
 
 def src_cfg(**kw):
@@ -257,7 +252,7 @@ def test_validation_rows_carry_boundaries_that_reach_the_attention_kernel(tok, t
     under the varlen seam (CPU reference kernel, which sees only cu_seqlens) every forward gets the boundaries of
     its rows and the values equal plain transformers' per-document attention (sdpa from position_ids)."""
     from lemur_torch import attention
-    from lemur_torch.data.boundaries import document_lengths, varlen_boundaries
+    from lemur_torch.batch import document_lengths, varlen_boundaries
 
     write_jsonl(tmp_path / "short.jsonl", range(400), random.Random(2))  # documents of 3-60 words: several per row
     cfg = load_config(

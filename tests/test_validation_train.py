@@ -6,7 +6,7 @@ import math
 
 import pytest
 from conftest import FAST, losses, read_metrics, run_train
-from validation_helpers import HostBackend, tiny_model
+from fakes import HostBackend, tiny_model
 
 STEPS = 10
 EVAL = [*FAST, f"train.max_steps={STEPS}", "eval.every_steps=5"]
@@ -91,10 +91,3 @@ def test_two_ranks_give_the_single_process_values(tok, tmp_path):
     loader = build_loader(cfg.data, tok, t.seq_len, t.micro_batch_size, 0, 1, t.seed)
     ref = Validator(cfg, loader, HostBackend(), info=lambda line: None).run(tiny_model(cfg), 1)
     same_values(got[1], ref, 1e-5)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from lemur_torch.tokenizer import load_tokenizer
-
-    return load_tokenizer("builtin")

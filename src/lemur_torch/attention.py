@@ -1,6 +1,6 @@
 """Per-document attention: one contract from the loader's document boundaries to the kernel.
 
-The contract. Every batch carries `doc_lens` (data/boundaries.py), the lengths of each row's documents. The
+The contract. Every batch carries `doc_lens` (lemur_torch/batch.py), the lengths of each row's documents. The
 FSDP backend turns them, on the host, into the varlen form (`cu_seqlens` of the micro-batch flattened to one
 row, `max_seqlen` as a Python int) before the batch moves to the device, and `forward_kwargs` hands them to
 the model under transformers' own names (`cu_seq_lens_q/k`, `max_length_q/k`), which HF forwards untouched
@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
 
-from lemur_torch.data.boundaries import document_ids, document_lengths, varlen_boundaries
+from lemur_torch.batch import document_ids, document_lengths, varlen_boundaries
 from lemur_torch.errors import ConfigError
 
 log = logging.getLogger(__name__)

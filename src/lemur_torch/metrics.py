@@ -10,6 +10,7 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ class MetricsLogger:
         os.makedirs(cfg.run_dir, exist_ok=True)
         self.jsonl = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a", buffering=1)
         if cfg.log.console:
-            from rich.console import Console
-
             self.console = Console(highlight=False, soft_wrap=True)
 
     def start_run(self, run_id: str) -> None:
@@ -116,7 +115,7 @@ class MetricsLogger:
         checkpoint): a resumed run continues its wandb run, a fresh start in the same folder gets a new one."""
         if not self.enabled or self.cfg.log.wandb_mode == "disabled" or self.wandb_run is not None:
             return
-        import wandb
+        import wandb  # a second or more to import: only runs that log to wandb pay for it
 
         cfg = self.cfg
         os.makedirs(cfg.log.wandb_dir, exist_ok=True)

@@ -10,9 +10,10 @@ tokens, so the trainer can divide by the global label-token count.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ from omegaconf import DictConfig
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-IGNORE_INDEX = -100
+from lemur_torch.batch import IGNORE_INDEX, Batch
+
 _HF_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -130,8 +132,6 @@ def reset_rope_buffers(model: nn.Module, device: torch.device) -> None:
 
 
 def _name_seed(seed: int, name: str) -> int:
-    import hashlib
-
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
@@ -165,7 +165,7 @@ def token_loss_sums(
 
     Chunks cut the sequence axis, never the batch axis: under SPMD the batch is what is sharded over devices,
     so every chunk keeps each device's own rows and no rows move between devices. The targets are shifted
-    (labels[:, 1:] padded with -100), not the logits: slicing logits[:, :-1] would copy the largest activation
+    (labels[:, 1:] padded with IGNORE_INDEX), not the logits: slicing logits[:, :-1] would copy the largest activation
     of the model, forward and backward. Per-domain sums are products with a one-hot of the domain ids built by
     comparison with arange(num_domains), not index_add/scatter: torch_xla aborts tracing an index_add whose
     index is a chunk of a split (`Check failed: buffer != nullptr`), and a [tokens, domains] product is free
@@ -205,9 +205,11 @@ def count_params(model_cfg: DictConfig) -> int:
 
 
 def flops_per_token(model_cfg: DictConfig, seq_len: int) -> float:
-    """Training FLOPs per token, counting attention: 6N + 12 * L * d * s (RECIPE.md, scale arithmetic)."""
+    """Training FLOPs per token, counting attention: 6N + 12 * L * d * s (the matmuls of the forward and
+    backward: 6 FLOPs per parameter per token, plus attention's scores and values over the sequence)."""
     return 6.0 * count_params(model_cfg) + 12.0 * model_cfg.num_hidden_layers * model_cfg.hidden_size * seq_len
 
 
-def batch_label_tokens(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+def batch_label_tokens(batch: Batch) -> torch.Tensor:
+    """Label tokens of a micro-batch after the shift (the loss's denominator), as a 0-d device tensor."""
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()

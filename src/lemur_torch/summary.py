@@ -20,7 +20,7 @@ def run_summary(
     rows: List[tuple] = [
         (
             "model",
-            f"{m.name}: {_class_name(model)}, {_count(_num_params(model))} parameters "
+            f"{m.name}: {_class_name(model)}, {short_count(_num_params(model))} parameters "
             f"({m.num_hidden_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads / "
             f"{m.num_key_value_heads} kv heads, vocab {m.vocab_size})"
             + (f", from {m.pretrained}" if m.pretrained else ""),
@@ -39,7 +39,7 @@ def run_summary(
         ),
         (
             "data",
-            f"{cfg.data.name} ({cfg.data.get('format', 'pretrain')}, tokenizer {cfg.data.tokenizer}{_tokens(loader)}), "
+            f"{cfg.data.name} ({cfg.data.format}, tokenizer {cfg.data.tokenizer}{_tokens(loader)}), "
             f"{getattr(loader, 'lanes', '?')} lanes, {getattr(loader, 'num_workers', '?')} worker(s) per rank",
         ),
     ]
@@ -125,7 +125,7 @@ def _num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _count(n: int) -> str:
+def short_count(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
             return f"{n / size:.2f}{unit}"

@@ -19,21 +19,21 @@ from typing import List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import load_config, validate
+from lemur_torch.data import build_loader
 from lemur_torch.errors import InputError, LemurError, Preempted
+from lemur_torch.export import export_model
+from lemur_torch.metrics import MetricsLogger
+from lemur_torch.optim import build_optimizer, build_scheduler
+from lemur_torch.parallel import build_backend
+from lemur_torch.preflight import check_inputs
+from lemur_torch.tokenizer import build_tokenizer, check_vocab_size
+from lemur_torch.trainer import StopSignal, Trainer
+from lemur_torch.validation import build_validator
 
 
 def build_and_fit(cfg: DictConfig) -> int:
-    from lemur_torch.checkpoint import Checkpointer
-    from lemur_torch.data import build_loader
-    from lemur_torch.export import export_model
-    from lemur_torch.metrics import MetricsLogger
-    from lemur_torch.optim import build_optimizer, build_scheduler
-    from lemur_torch.parallel import build_backend
-    from lemur_torch.tokenizer import build_tokenizer, check_vocab_size
-    from lemur_torch.trainer import StopSignal, Trainer
-    from lemur_torch.validation import build_validator
-
     stop = StopSignal().install()  # first: a preemption warning may come while a 70B model loads
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)  # every RNG a checkpoint records starts from the run's seed
@@ -67,16 +67,11 @@ def build_and_fit(cfg: DictConfig) -> int:
             stop,
             validator,
         )
-        status = trainer.fit()
-        if (
-            status == 0
-            and trainer.step >= cfg.train.max_steps
-            and cfg.checkpoint.export_at_end
-            and cfg.checkpoint.export_dir
-        ):
+        trainer.fit()  # raises Preempted after a stop signal
+        if trainer.step >= cfg.train.max_steps and cfg.checkpoint.export_at_end and cfg.checkpoint.export_dir:
             out = export_model(backend, model, cfg, tokenizer, cfg.checkpoint.export_dir)
             logger.info(f"HF export written to {out}")
-        return status
+        return 0
     finally:
         logger.close()
         backend.shutdown()
@@ -122,8 +117,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = load_config(args)
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         if not show:  # --cfg prints a config that names inputs of another machine (e.g. the 70B cluster's paths)
-            from lemur_torch.preflight import check_inputs
-
             check_inputs(cfg)
     except InputError as exc:
         return report(exc.one_line(), exc.exit_code)

@@ -40,12 +40,13 @@ import torch
 from omegaconf import DictConfig
 
 from lemur_torch.attention import forward_kwargs
+from lemur_torch.batch import IGNORE_INDEX
 from lemur_torch.data.heldout import apportion, narrow_reads, rank_rows
 from lemur_torch.data.schema import SourceConfig, source_config
 from lemur_torch.data.sources.base import Source
 from lemur_torch.data.sources.listing import resolve_listing
 from lemur_torch.errors import BadInputError, ConfigError, DataConfigError, DataReadError
-from lemur_torch.model import IGNORE_INDEX, token_loss_sums
+from lemur_torch.model import token_loss_sums
 
 
 def build_validator(cfg: DictConfig, loader, backend, info: Callable[[str], None] = print) -> Optional["Validator"]:

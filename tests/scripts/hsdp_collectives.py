@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from lemur_torch.attention import forward_kwargs
+from lemur_torch.batch import document_lengths
 from lemur_torch.config import load_config
-from lemur_torch.data.boundaries import document_lengths
 from lemur_torch.model import build_meta_model, token_loss_sums
 from lemur_torch.parallel.fsdp import FsdpBackend
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lemur_torch.batch import row_document_ids
 from lemur_torch.errors import ConfigError
 from lemur_torch.parallel.xla import attention as xla_attention
 
@@ -11,7 +12,7 @@ def test_document_ids_follow_hf_packing_rule():
     from transformers.masking_utils import find_packed_sequence_indices
 
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [5, 6, 7, 8, 0, 1, 2, 3, 4]])
-    assert torch.equal(xla_attention.document_ids(pos), find_packed_sequence_indices(pos))
+    assert torch.equal(row_document_ids(pos), find_packed_sequence_indices(pos))
 
 
 def test_mask_free_sdpa_equals_hf_sdpa_on_packed_rows():

@@ -32,7 +32,7 @@ def run():
 
 
 def test_values_match_the_eager_computation(run):
-    from validation_helpers import HostBackend, tiny_model
+    from fakes import HostBackend, tiny_model
 
     from lemur_torch.config import load_config
     from lemur_torch.data import build_loader

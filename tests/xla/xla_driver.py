@@ -33,7 +33,6 @@ def main() -> int:
     import torch_xla.core.xla_model as xm
     import torch_xla.debug.metrics as met
 
-    from lemur_torch import export as export_lib
     from lemur_torch import train
     from lemur_torch.parallel.xla.backend import XlaSpmdBackend
     from lemur_torch.trainer import Trainer
@@ -72,14 +71,13 @@ def main() -> int:
 
     XlaSpmdBackend.clip_grad_norm_ = recorded_clip
 
-    complete = Trainer.complete
+    apply_guard = Trainer.apply_guard
 
-    def recorded_complete(self, pending, ended=None):
-        if not pending.done:
-            events.append(["read", pending.step])
-        return complete(self, pending, ended)
+    def recorded_read(self, step, metrics):  # a step's guard is applied as soon as its metrics are read
+        events.append(["read", step])
+        return apply_guard(self, step, metrics)
 
-    Trainer.complete = recorded_complete
+    Trainer.apply_guard = recorded_read
 
     setup_model = XlaSpmdBackend.setup_model
 
@@ -90,7 +88,7 @@ def main() -> int:
 
     XlaSpmdBackend.setup_model = recorded_setup_model
 
-    export_model = export_lib.export_model
+    export_model = train.export_model  # the name train.py calls
 
     def export_and_record_logits(backend, model, cfg, tokenizer, out_dir):
         before = (compiles(), executions(), met.counter_value("ReplicateShardedData") or 0)
@@ -106,7 +104,7 @@ def main() -> int:
         torch.save({"batch": logits_batch(), "logits": logits.float().cpu()}, results_path + ".logits.pt")
         return out
 
-    export_lib.export_model = export_and_record_logits
+    train.export_model = export_and_record_logits
     status = train.main(overrides)
     extra["cache"] = {
         name: met.counter_value(f"PersistentCache{name}") or 0 for name in ("Hit", "Miss", "DeserializeFailure")

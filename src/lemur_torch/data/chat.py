@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from lemur_torch.batch import IGNORE_INDEX
 from lemur_torch.data.encode import Tokenize, batch_encoder
 from lemur_torch.data.sources.records import MISSING_FIELD, Bad
 
@@ -45,7 +46,6 @@ PAD, IM_START, IM_END, IM_SEP, DIFF_MARKER = "<pad>", "<|im_start|>", "<|im_end|
 # the order fixes the ids: 32000..32004 on the Llama-2 tokenizer (Lemur-Chat's released tokenizer)
 CHAT_SPECIAL_TOKENS = (PAD, IM_START, IM_END, IM_SEP, DIFF_MARKER)
 ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"

@@ -20,7 +20,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from lemur_torch.data.chat import CHAT_REASONS, IGNORE_INDEX, NO_TRAINABLE, ChatEncoder
+from lemur_torch.batch import IGNORE_INDEX
+from lemur_torch.data.chat import CHAT_REASONS, NO_TRAINABLE, ChatEncoder
 from lemur_torch.data.chat_sources import build_chat_source
 from lemur_torch.data.loader import PackedMixtureLoader
 from lemur_torch.data.packing import Packer

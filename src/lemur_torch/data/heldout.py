@@ -15,7 +15,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from lemur_torch.data.chat import IGNORE_INDEX
+from lemur_torch.batch import IGNORE_INDEX
 from lemur_torch.data.packing import BadCounter, Refiller
 from lemur_torch.data.sources.base import Source
 from lemur_torch.data.sources.readers import READ_BLOCK, TAIL_BLOCK

@@ -1,5 +1,5 @@
 """The packed code/text mixture loader: per-rank sharding, workers, the lane exchange and exact resume (the
-loader contract is in lemur_torch/data/__init__.py; the rows themselves come from stream.py, the state's
+loader contract is in lemur_torch/batch.py; the rows themselves come from stream.py, the state's
 identity checks from resume.py).
 
 The global stream (independent of the world size) is a sequence of packed rows g = 0, 1, 2, ...:
@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from lemur_torch.data.boundaries import document_lengths
+from lemur_torch.batch import document_lengths
 from lemur_torch.data.encode import Tokenize
 from lemur_torch.data.mixture import Schedule
 from lemur_torch.data.packing import Packer

@@ -3,7 +3,7 @@
 A `Packer` owns one (lane, source) pair: it reads that lane's records of the source (data/sources/), has them
 tokenized with the fast tokenizer's batch call (encode.py `Tokenize`: `encode_batch_fast`, no offsets; the
 reader's `Refiller` puts many packers' chunks into one call), wraps each document as BOS + tokens + EOS, and
-cuts the concatenation into rows. Row rules (the batch contract):
+cuts the concatenation into rows. Row rules (the batch contract, lemur_torch/batch.py):
 - every row holds exactly `seq_len` real tokens: no padding ever (documents longer than a row continue into
   the next row of the same packer);
 - `labels` = `input_ids`, except -100 on each document's first token (its BOS), so nothing learns to predict
@@ -30,6 +30,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from lemur_torch.batch import IGNORE_INDEX
 from lemur_torch.data.encode import Tokenize
 from lemur_torch.data.sources.base import Source
 from lemur_torch.data.sources.records import Bad
@@ -257,7 +258,7 @@ class Packer:
             if self.offset == len(toks):
                 self._advance()
         labels = ids.copy()
-        labels[starts] = -100
+        labels[starts] = IGNORE_INDEX
         if attend_across_documents:
             pos = np.arange(S, dtype=np.int64)
         return ids, labels, pos

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
+from lemur_torch.batch import Batch, DeviceBatch
 from lemur_torch.errors import ConfigError
 
 
@@ -76,8 +77,8 @@ class Backend(ABC):
         init_weights=False leaves the shards uninitialised (the caller loads a checkpoint into them)."""
 
     @abstractmethod
-    def device_batches(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, torch.Tensor]]:
-        """Move host batches (the batch contract's [B, S] tensors) onto the device, sharded as needed."""
+    def device_batches(self, batches: Iterator[Batch]) -> Iterator[DeviceBatch]:
+        """Move host batches (lemur_torch/batch.py) onto the device, sharded as needed."""
 
     @abstractmethod
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

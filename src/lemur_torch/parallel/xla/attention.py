@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from lemur_torch.batch import row_document_ids
 from lemur_torch.errors import ConfigError
 
 SDPA = "lemur_xla_sdpa"
@@ -33,13 +34,6 @@ CHOICES = ("auto", "sdpa", "xla_flash")
 
 # Set by the backend before the first forward: the flash kernel's SPMD partition spec for [B, H, S, D].
 _flash_partition_spec: Optional[Tuple] = None
-
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] index of the packed document each token belongs to (HF's rule: a position that is not
-    previous+1 starts a new document)."""
-    first = position_ids[:, :1] - 1
-    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
 
 
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -64,7 +58,7 @@ def xla_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     """q [B, H, S, D], k/v [B, KV, S, D] -> ([B, S, H, D], None), causal within each packed document."""
     if attention_mask is not None:
         raise ValueError("the XLA attention is mask-free: pass position_ids, not attention_mask")
-    doc = document_ids(_position_ids(kwargs, query))
+    doc = row_document_ids(_position_ids(kwargs, query))
     query, key, value = _same_dtype(query, key, value)
     s = query.shape[2]
     causal = torch.ones(s, s, dtype=torch.bool, device=query.device).tril()
@@ -84,7 +78,7 @@ def xla_flash_attention(module, query, key, value, attention_mask, dropout=0.0, 
         raise ValueError("the XLA attention is mask-free: pass position_ids, not attention_mask")
     if dropout:
         raise ValueError("xla_flash has no attention dropout")
-    seg = document_ids(_position_ids(kwargs, query)).to(torch.int32)
+    seg = row_document_ids(_position_ids(kwargs, query)).to(torch.int32)
     query, key, value = _same_dtype(query, key, value)
     n = query.shape[1] // key.shape[1]
     out = flash_attention(
