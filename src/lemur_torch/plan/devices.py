@@ -196,6 +196,32 @@ DEVICES: Dict[str, Device] = {
 }
 
 
+# The device names the backends report (torch.cuda.get_device_name, the XLA backend's PJRT kind) -> the table's
+# kind, matched in this order, case-insensitively, first match wins: parts the table does not hold (other memory
+# sizes, NVL parts with other clocks) come first and map to None
+REPORTED_KINDS = [
+    (("H100 NVL", "H200 NVL", "A100-SXM4-40GB", "A100-PCIE-40GB", "A100 40GB"), None),
+    (("H100 PCIe",), "h100_pcie"),
+    (("H100",), "h100_sxm"),
+    (("H200",), "h200"),
+    (("B200",), "b200"),
+    (("A100",), "a100_80gb"),
+    (("TPU v4",), "tpu_v4"),
+    (("TPU v5 lite", "TPU v5e", "TPU v5litepod"), "tpu_v5e"),
+    (("TPU v5p", "TPU v5"), "tpu_v5p"),
+    (("TPU v6 lite", "TPU v6e", "TPU v6"), "tpu_v6e"),
+]
+
+
+def kind_of(device_name: str) -> Optional[str]:
+    """The table's kind of a device as a backend names it; None for a CPU or a device the table does not hold."""
+    name = device_name.lower()
+    for names, kind in REPORTED_KINDS:
+        if any(n.lower() in name for n in names):
+            return kind
+    return None
+
+
 def get_device(kind: str) -> Device:
     if kind not in DEVICES:
         raise ConfigError("cluster.device", f"unknown device {kind!r}; one of {', '.join(DEVICES)}")
