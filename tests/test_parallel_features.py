@@ -26,7 +26,7 @@ def plain(tmp_path_factory):
     return losses(run_dir)
 
 
-@pytest.mark.parametrize("mode", ["full", "every_n"])
+@pytest.mark.parametrize("mode", ["full", "every_n", "selective"])
 def test_activation_checkpointing_same_losses(plain, tmp_path, mode):
     run_dir = str(tmp_path / mode)
     run_train(
@@ -57,18 +57,19 @@ def test_bf16_mixed_precision_tracks_fp32(plain, plain_bf16):
     assert any(abs(plain[s] - plain_bf16[s]) > 1e-6 for s in plain), "bf16 compute should not be bit-identical to fp32"
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_compiled_sharded_checkpointed_blocks_match_eager_single_process(plain, plain_bf16, tmp_path, precision):
-    """parallel.compile=true under FSDP2 on 2 ranks with activation checkpointing, against the eager 1-process
-    run: the same losses within 1e-4 in fp32, within BF16_COMPILED_TOL in bf16."""
-    run_dir = str(tmp_path / precision)
+@pytest.mark.parametrize("precision, ac", [("fp32", "full"), ("bf16", "full"), ("fp32", "selective")])
+def test_compiled_sharded_checkpointed_blocks_match_eager_single_process(plain, plain_bf16, tmp_path, precision, ac):
+    """parallel.compile=true under FSDP2 on 2 ranks with activation checkpointing (whole layers, and torchtitan's
+    op-level policy traced by compile), against the eager 1-process run: the same losses within 1e-4 in fp32,
+    within BF16_COMPILED_TOL in bf16."""
+    run_dir = str(tmp_path / f"{precision}_{ac}")
     run_train(
         [
             *FAST,
             f"train.max_steps={STEPS}",
             f"run_dir={run_dir}",
             "parallel.compile=true",
-            "parallel.activation_checkpointing=full",
+            f"parallel.activation_checkpointing={ac}",
             f"parallel.mixed_precision={precision}",
         ],
         nproc=2,
