@@ -145,7 +145,9 @@ def estimate(shape: ModelShape, s: Setting, cluster: Cluster, local_params: int)
         casts = sum(k for k, _ in matmuls) + sum(n for _, n in matmuls)
         elem_fwd += (a + 1 if s.compile else 2 * a + 1) * casts * T / r.hbm
     redo = recompute_fraction(shape, s)
-    mm_redo = redo * mm_fwd
+    # a recomputation stops once it has what the backward needs (torch's checkpoint stops early; XLA drops the
+    # dead ops): no gradient needs the layer's last matmul's output, so that one is not run again
+    mm_redo = redo * (mm_fwd - r.matmul(T, *matmuls[-1], a, fp8))
     if s.ac == "selective":  # the matmuls whose outputs are not kept: the 2nd, 4th, ... of each layer
         mm_redo = sum(r.matmul(T, k, n, a, fp8) for i, (k, n) in enumerate(matmuls) if i % 2 == 1)
     elem_redo = elem_fwd if s.ac == "selective" else redo * elem_fwd
