@@ -83,6 +83,31 @@ def test_compiled_sharded_checkpointed_blocks_match_eager_single_process(plain, 
         assert any(abs(plain[s] - got[s]) > 1e-6 for s in plain), "the compiled run should really compute in bf16"
 
 
+def test_bf16_reduce_and_last_layer_kept_on_two_ranks(plain_bf16, tmp_path):
+    """parallel.reduce_dtype=bf16 with parallel.reshard_last_layer=false (the 70B configs' settings) on 2 ranks:
+    the losses track the 1-process bf16 run as closely as the same 2 ranks reducing in fp32 do, and differ from
+    that run's (the reduce-scatter really rounds the sum to bf16; keeping a layer gathered changes no value)."""
+    runs = {}
+    for reduce in ("fp32", "bf16"):
+        run_dir = str(tmp_path / reduce)
+        run_train(
+            [
+                *FAST,
+                f"train.max_steps={STEPS}",
+                f"run_dir={run_dir}",
+                "parallel.mixed_precision=bf16",
+                f"parallel.reduce_dtype={reduce}",
+                f"parallel.reshard_last_layer={str(reduce == 'fp32').lower()}",
+            ],
+            nproc=2,
+        )
+        runs[reduce] = losses(run_dir)
+    for step in plain_bf16:
+        for reduce, got in runs.items():
+            assert abs(plain_bf16[step] - got[step]) < BF16_COMPILED_TOL, (reduce, step, plain_bf16[step], got[step])
+    assert any(abs(runs["fp32"][s] - runs["bf16"][s]) > 1e-7 for s in plain_bf16), runs
+
+
 def test_hsdp_all_reduces_across_replicas_once_per_step(tmp_path):
     """HSDP 2 x 2 on 4 gloo processes, 2 micro-batches: reduce-scatter within the shard group after each
     micro-batch, all-reduce across replicas only after the last; the accumulated gradients equal a plain
