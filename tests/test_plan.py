@@ -14,6 +14,7 @@ from lemur_torch.plan.cluster import resolve
 from lemur_torch.plan.devices import DEVICES, kind_of
 from lemur_torch.plan.memory import GIB
 from lemur_torch.plan.predict import predict
+from lemur_torch.plan.run import plan_run, setting_of, shape_of
 from lemur_torch.plan.search import search
 from lemur_torch.plan.setting import Setting
 from lemur_torch.plan.shape import ModelShape, padded_shard, spmd_shard
@@ -155,7 +156,7 @@ def test_a_slow_network_is_a_communication_bottleneck_that_hsdp_relieves():
 
 
 def test_float8_speeds_up_compute_bound_steps_and_halves_the_gathers():
-    shape, s, cluster = shipped(512, compile=True)
+    shape, s, cluster = shipped(512, compile=True, reduce_dtype="fp32")
     bf16, fp8 = predict(shape, s, cluster), predict(shape, s.replace(float8=True), cluster)
     assert fp8.step_time_s < bf16.step_time_s
     # per layer: two all-gathers (forward, backward) of 2 -> ~1 bytes per parameter, one fp32 reduce-scatter
@@ -246,3 +247,34 @@ def test_the_xla_sharding_spreads_the_state_over_every_device(tensor):
         shape.total_params - shape.layers * shape.layer_matmul_params
     ) / (256 // tensor)
     assert expected <= local < expected * 1.01
+
+
+def tpu_plan(*overrides):
+    cfg = load_config(["experiment=lemur_70b_pretrain_tpu_v4", "cluster=tpu_v4_512", *overrides])
+    return plan_run(cfg, resolve(cfg.cluster))
+
+
+def test_the_xla_plan_models_scan_layers_and_the_tensor_axis():
+    plain, scan, tensor = tpu_plan(), tpu_plan("parallel.scan_layers=true"), tpu_plan("parallel.xla_tensor=2")
+    shape = plain.shape
+    # scan_layers: the stacked fp32 copy of the device's share of the layers' weights, and of their gradients
+    layers_share = plain.memory.components["params"] * shape.layers * shape.layer_params / shape.total_params
+    assert scan.memory.components["scan_stacks"] == pytest.approx(2 * layers_share, rel=1e-6)
+    assert scan.step_time_s == pytest.approx(plain.step_time_s)
+    # a tensor group of 2 gathers half of each layer's projections, shares its rows, and all-reduces activations
+    layer_p = shape.layer_matmul_params + 2 * shape.hidden
+    half = (shape.layer_matmul_params / 2 + 2 * shape.hidden) / layer_p
+    assert tensor.memory.components["gathered_layers"] / plain.memory.components["gathered_layers"] == pytest.approx(
+        half, rel=1e-6
+    )
+    assert tensor.setting.device_tokens == 2 * plain.setting.device_tokens
+    assert tensor.time.parts["tensor_parallel"] > 0 == plain.time.parts["tensor_parallel"]
+
+
+def test_the_tpu_search_varies_the_xla_backends_settings():
+    cfg = load_config(["experiment=lemur_70b_pretrain_tpu_v4", "cluster.device=tpu_v5p", "cluster.devices=512"])
+    cluster = resolve(cfg.cluster)
+    found = search(shape_of(cfg), setting_of(cfg, cluster), cluster, cfg.train.global_batch_tokens, 1)
+    assert found and all(c.plan.setting.backend == "xla_spmd" and c.plan.setting.ac != "selective" for c in found)
+    assert {c.plan.setting.tensor for c in found} > {1}
+    assert all(any(o.startswith("parallel.xla_tensor=") for o in c.overrides) for c in found)
