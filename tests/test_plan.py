@@ -4,6 +4,7 @@ references (the trainer's FLOP and parameter counts, orderings every plan must r
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,6 +92,19 @@ def test_the_plan_runs_without_torch():
         [sys.executable, "-m", "lemur_torch.plan", *PRETRAIN, "cluster=h100_sxm_256"], capture_output=True, text=True
     )
     assert module.returncode == 0 and "bottleneck:" in module.stdout, module.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, limit_s", [([], 10), (["--search"], 60)])
+def test_a_plan_takes_seconds_and_a_search_under_a_minute(flags, limit_s):
+    """The acceptance bounds, for a whole `lemur-plan` process (interpreter start and config composition
+    included) on this CPU: a plan of the 70B config on 512 H100 in 10 s, its search in 60 s."""
+    args = [sys.executable, "-m", "lemur_torch.plan", *flags, *PRETRAIN, "cluster.device=h100_sxm"]
+    start = time.monotonic()
+    proc = subprocess.run([*args, "cluster.devices=512"], capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    assert "bottleneck" in proc.stdout and elapsed < limit_s, elapsed
 
 
 @pytest.mark.parametrize(
