@@ -118,3 +118,18 @@ def chat_smoke_run(tmp_path_factory) -> str:
         ]
     )
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_rank_mesh():
+    """A 1-rank gloo process group and its DeviceMesh, for apply_fsdp in the test process itself (FSDP2 on one
+    process: fully_shard with bf16 compute, checkpointing alone in fp32)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,), mesh_dim_names=("dp_shard",))
+    if owned:
+        dist.destroy_process_group()

@@ -1,7 +1,9 @@
 """Model build, loss and per-document masking against transformers' own references."""
 
+import pytest
 import torch
 import torch.nn.functional as F
+from torch.distributed._tools.mem_tracker import MemTracker
 
 from lemur_torch.config import load_config
 from lemur_torch.model import build_meta_model, count_params, flops_per_token, init_weights, token_loss_sums
@@ -89,3 +91,48 @@ def test_per_domain_sums():
     per_tok = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="none")
     assert torch.allclose(dsum, torch.stack([per_tok[0] + per_tok[4], per_tok[1] + per_tok[3]]))
     assert dcnt.tolist() == [2.0, 2.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_gradient_equals_cross_entropys(dtype):
+    """The chunked loss's own backward against autograd through F.cross_entropy (fp32, unchunked) on the same
+    logits: the same loss sum and gradient (bf16 logits: within the rounding of the bf16 gradient)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 50, 300, generator=g).to(dtype).requires_grad_()
+    labels = torch.randint(0, 300, (2, 50), generator=g)
+    labels[0, :5] = -100
+    labels[1, 30] = -100
+    s, _, _ = token_loss_sums(logits, labels, torch.zeros_like(labels), 1, chunk=7)
+    s.backward()
+    ref = logits.detach().float().requires_grad_()
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    expected = F.cross_entropy(ref.reshape(-1, 300), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    expected.backward()
+    assert logits.grad.dtype == dtype
+    assert torch.allclose(s, expected, rtol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 2**-8  # bf16 keeps 8 bits of a gradient below 1 in magnitude
+    assert torch.allclose(logits.grad.float(), ref.grad, atol=tol, rtol=0)
+
+
+def test_loss_keeps_one_fp32_chunk_of_the_logits():
+    """The loss's forward and backward on bf16 logits [B, S, V], measured with torch's memory tracker: the logits
+    and their gradient (2 bytes each per element) plus one chunk's fp32 copy, never every chunk's. Chunking
+    saves exactly the fp32 [B, S - chunk, V] that the unchunked loss holds at once."""
+    B, S, V, chunk = 2, 512, 4096, 64
+
+    def peak(chunk_len: int) -> int:
+        logits = torch.randn(B, S, V, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_()
+        labels = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(1))
+        tracker = MemTracker()
+        with tracker:
+            s, _, _ = token_loss_sums(logits, labels, torch.zeros_like(labels), 1, chunk_len)
+            s.backward()
+        return sum(d["Total"] for d in tracker.get_tracker_snapshot("peak").values())
+
+    chunked, whole = peak(chunk), peak(S)
+    # the bf16 logits and gradient, one fp32 chunk, and [B, S] per-token values (losses, log-sum-exps, targets)
+    bound = 2 * B * S * V + 2 * B * S * V + 4 * B * chunk * V + 64 * B * S
+    assert chunked <= bound
+    # autograd through the plain ops would keep every chunk's fp32 copy (4 B S V) on top of the logits
+    assert chunked < 2 * B * S * V + 4 * B * S * V
+    assert abs(whole - chunked - 4 * B * (S - chunk) * V) <= 64 * B * S

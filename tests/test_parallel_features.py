@@ -26,7 +26,7 @@ def plain(tmp_path_factory):
     return losses(run_dir)
 
 
-@pytest.mark.parametrize("mode", ["full", "every_n"])
+@pytest.mark.parametrize("mode", ["full", "every_n", "selective"])
 def test_activation_checkpointing_same_losses(plain, tmp_path, mode):
     run_dir = str(tmp_path / mode)
     run_train(
@@ -57,18 +57,19 @@ def test_bf16_mixed_precision_tracks_fp32(plain, plain_bf16):
     assert any(abs(plain[s] - plain_bf16[s]) > 1e-6 for s in plain), "bf16 compute should not be bit-identical to fp32"
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_compiled_sharded_checkpointed_blocks_match_eager_single_process(plain, plain_bf16, tmp_path, precision):
-    """parallel.compile=true under FSDP2 on 2 ranks with activation checkpointing, against the eager 1-process
-    run: the same losses within 1e-4 in fp32, within BF16_COMPILED_TOL in bf16."""
-    run_dir = str(tmp_path / precision)
+@pytest.mark.parametrize("precision, ac", [("fp32", "full"), ("bf16", "full"), ("fp32", "selective")])
+def test_compiled_sharded_checkpointed_blocks_match_eager_single_process(plain, plain_bf16, tmp_path, precision, ac):
+    """parallel.compile=true under FSDP2 on 2 ranks with activation checkpointing (whole layers, and torchtitan's
+    op-level policy traced by compile), against the eager 1-process run: the same losses within 1e-4 in fp32,
+    within BF16_COMPILED_TOL in bf16."""
+    run_dir = str(tmp_path / f"{precision}_{ac}")
     run_train(
         [
             *FAST,
             f"train.max_steps={STEPS}",
             f"run_dir={run_dir}",
             "parallel.compile=true",
-            "parallel.activation_checkpointing=full",
+            f"parallel.activation_checkpointing={ac}",
             f"parallel.mixed_precision={precision}",
         ],
         nproc=2,
@@ -80,6 +81,31 @@ def test_compiled_sharded_checkpointed_blocks_match_eager_single_process(plain, 
         assert abs(ref[step] - got[step]) < tol, (precision, step, ref[step], got[step])
     if precision == "bf16":
         assert any(abs(plain[s] - got[s]) > 1e-6 for s in plain), "the compiled run should really compute in bf16"
+
+
+def test_bf16_reduce_and_last_layer_kept_on_two_ranks(plain_bf16, tmp_path):
+    """parallel.reduce_dtype=bf16 with parallel.reshard_last_layer=false (the 70B configs' settings) on 2 ranks:
+    the losses track the 1-process bf16 run as closely as the same 2 ranks reducing in fp32 do, and differ from
+    that run's (the reduce-scatter really rounds the sum to bf16; keeping a layer gathered changes no value)."""
+    runs = {}
+    for reduce in ("fp32", "bf16"):
+        run_dir = str(tmp_path / reduce)
+        run_train(
+            [
+                *FAST,
+                f"train.max_steps={STEPS}",
+                f"run_dir={run_dir}",
+                "parallel.mixed_precision=bf16",
+                f"parallel.reduce_dtype={reduce}",
+                f"parallel.reshard_last_layer={str(reduce == 'fp32').lower()}",
+            ],
+            nproc=2,
+        )
+        runs[reduce] = losses(run_dir)
+    for step in plain_bf16:
+        for reduce, got in runs.items():
+            assert abs(plain_bf16[step] - got[step]) < BF16_COMPILED_TOL, (reduce, step, plain_bf16[step], got[step])
+    assert any(abs(runs["fp32"][s] - runs["bf16"][s]) > 1e-7 for s in plain_bf16), runs
 
 
 def test_hsdp_all_reduces_across_replicas_once_per_step(tmp_path):

@@ -7,11 +7,11 @@ token_loss_sums, backward, clipping, foreach AdamW). The optimizer's moments exi
 they are created before the measured step by an optimizer step over zero gradients.
 """
 
+import functools
+
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed._tools.mem_tracker import MemTracker
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from lemur_torch import attention
@@ -40,17 +40,6 @@ MODELS = {
     # a small vocabulary: the layers' activations, not the logits, make the peak (inside a layer's backward)
     "mid_small_vocab": ["model=tiny", *MID, "model.vocab_size=2048"],
 }
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    """One gloo rank: apply_fsdp's path for a single fp32 process (checkpointing, no fully_shard)."""
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,), mesh_dim_names=("dp_shard",))
-    if owned:
-        dist.destroy_process_group()
 
 
 def measured_peak(cfg, mesh, micro_batch: int, seq_len: int) -> int:
@@ -87,6 +76,17 @@ def measured_peak(cfg, mesh, micro_batch: int, seq_len: int) -> int:
     return sum(per_device["Total"] for per_device in tracker.get_tracker_snapshot("peak").values())
 
 
+def config(model: str, ac: str):
+    # a loss chunk shorter than the sequence where the logits matter: the chunks' fp32 copies and gradients
+    return load_config([*MODELS[model], f"parallel.activation_checkpointing={ac}", "train.loss_chunk=128"])
+
+
+@functools.lru_cache(maxsize=None)
+def measure(mesh, model: str, micro_batch: int, seq_len: int, ac: str) -> int:
+    """measured_peak, once per case in this module (the checkpointing test reuses the prediction test's)."""
+    return measured_peak(config(model, ac), mesh, micro_batch, seq_len)
+
+
 def predicted_peak(cfg, micro_batch: int, seq_len: int) -> float:
     shape = ModelShape.from_model_config(cfg.model)
     setting = Setting(
@@ -111,15 +111,26 @@ def predicted_peak(cfg, micro_batch: int, seq_len: int) -> float:
         ("mid", 2, 256, "none"),
         ("mid", 3, 256, "full"),
         ("mid_small_vocab", 4, 256, "full"),
+        ("mid_small_vocab", 4, 256, "none"),
+        ("tiny", 2, 256, "selective"),
+        ("mid", 2, 256, "selective"),
+        ("mid_small_vocab", 4, 256, "selective"),
     ],
 )
-def test_predicted_peak_memory_matches_measured(mesh, model, micro_batch, seq_len, ac):
-    # a loss chunk shorter than the sequence where the logits matter: the chunks' fp32 copies and gradients
-    cfg = load_config([*MODELS[model], f"parallel.activation_checkpointing={ac}", "train.loss_chunk=128"])
-    measured = measured_peak(cfg, mesh, micro_batch, seq_len)
+def test_predicted_peak_memory_matches_measured(one_rank_mesh, model, micro_batch, seq_len, ac):
+    cfg = config(model, ac)
+    measured = measure(one_rank_mesh, model, micro_batch, seq_len, ac)
     predicted = predicted_peak(cfg, micro_batch, seq_len)
     print(
         f"{model} mb {micro_batch} seq {seq_len} AC {ac}: predicted {predicted / 2**20:.1f} MiB, "
         f"measured {measured / 2**20:.1f} MiB, ratio {predicted / measured:.3f}"
     )
     assert abs(predicted / measured - 1) <= 0.15
+
+
+def test_selective_checkpointing_keeps_less_than_none_more_than_full(one_rank_mesh):
+    """parallel.activation_checkpointing=selective in the trainer's own layers (apply_fsdp): the step's measured
+    peak lies between no checkpointing and full checkpointing, on a model whose layers make the peak."""
+    peaks = {ac: measure(one_rank_mesh, "mid_small_vocab", 4, 256, ac) for ac in ("none", "selective", "full")}
+    print({ac: f"{v / 2**20:.1f} MiB" for ac, v in peaks.items()})
+    assert peaks["none"] > peaks["selective"] > peaks["full"]

@@ -16,8 +16,11 @@ from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
 from lemur_torch.metrics import Progress, duration
 from lemur_torch.model import build_meta_model, count_params
+from lemur_torch.plan.cluster import resolve
+from lemur_torch.plan.run import plan_run, predict_run
 from lemur_torch.summary import run_summary, short_count
 from lemur_torch.tokenizer import build_tokenizer
+from lemur_torch.trainer import InFlight, StepMetrics, StopSignal, Trainer
 
 
 def test_smoke_run_prints_summary_and_eta_and_exits_cleanly(tmp_path):
@@ -40,6 +43,7 @@ def test_smoke_run_prints_summary_and_eta_and_exits_cleanly(tmp_path):
     assert re.search(r"'pydoc_text' \(builtin_text\): 79 documents.*9\.1% of rows", block)
     assert "fresh start at step 0" in block and "attention    sdpa" in block and "tiny: LlamaForCausalLM" in block
     assert "fsdp on 1 process(es)" in block
+    assert re.search(r"^  plan\s+no prediction for cpu$", block, re.M)
     assert "tokenizer builtin of 32,000 tokens" in block
     steps = [line for line in lines if line.startswith("step ")]
     assert len(steps) == 3
@@ -110,3 +114,34 @@ def test_summary_of_a_resumed_run_names_the_checkpoint_and_sources():
     assert "fsdp on 16 process(es), 16 NVIDIA H100 device(s); mesh dp_replicate=2 x dp_shard=8" in text
     assert "1 rows x 4096 tokens x 16 data-parallel x 1 micro-batch(es) = 65,536 tokens/step" in text
     assert "from /ckpt/step_00000250 at step 250 (16,384,000 tokens seen); 750 steps to go" in text
+
+
+def test_a_run_on_a_known_device_carries_the_plan_and_each_step_its_ratio():
+    """On a device the planner's table holds, the summary's plan row is lemur-plan's prediction for the run's own
+    config on the devices the backend found, and each logged step carries it and step_time_s / predicted."""
+    cfg = load_config(["experiment=lemur_70b_pretrain", "log.console=false"])
+    plan, line = predict_run(cfg, "NVIDIA H100 80GB HBM3", 512)
+    planned = load_config(["experiment=lemur_70b_pretrain", "cluster.device=h100_sxm", "cluster.devices=512"])
+    reference = plan_run(planned, resolve(planned.cluster))
+    assert plan.step_time_s == reference.step_time_s and plan.memory.peak == reference.memory.peak
+    assert f"{plan.step_time_s:.2f} s/step" in line and "512 x h100_sxm" in line
+    assert predict_run(cfg, "cpu", 1) == (None, "no prediction for cpu")
+
+    logged = []
+    backend = SimpleNamespace(dp_size=512, device_kind="NVIDIA H100 80GB HBM3", num_devices=512, memory_stats=dict)
+    trainer = Trainer(
+        cfg,
+        backend,
+        model=None,
+        optimizer=None,
+        scheduler=None,
+        loader=SimpleNamespace(domain_names=["code"], stats=dict),
+        checkpointer=SimpleNamespace(stats=dict),
+        logger=SimpleNamespace(log_step=logged.append),
+        stop=StopSignal(),
+    )
+    assert trainer.prediction == line
+    metrics = StepMetrics(loss=1.0, grad_norm=1.0, finite=True, label_tokens=1, domain_loss={"code": 1.0})
+    trainer.log_step(InFlight(1, None, 4e-5, 0.0, 0.0, 1), metrics, 0.0, 2 * plan.step_time_s)
+    assert logged[0]["step_time_predicted_s"] == plan.step_time_s
+    assert logged[0]["step_time_vs_predicted"] == pytest.approx(2.0)

@@ -4,7 +4,7 @@
 #
 #   launch/tpu/queued.sh NAME ZONE ACCELERATOR_TYPE RUNTIME_VERSION [hydra overrides...]
 #   e.g. GCS_BUCKET=my-bucket launch/tpu/queued.sh lemur70b us-central2-b v4-512 tpu-ubuntu2204-base \
-#            experiment=lemur_70b_pretrain train.micro_batch_size=4 run_dir=/mnt/lemur/runs/lemur70b \
+#            experiment=lemur_70b_pretrain_tpu_v4 run_dir=/mnt/lemur/runs/lemur70b \
 #            checkpoint.commit=marker
 #
 # The loop: create the queued resource NAME (node NAME) unless it exists; wait until it is ACTIVE; install

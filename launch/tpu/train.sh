@@ -3,7 +3,7 @@
 # and return: each worker runs it detached (launch/tpu/worker_train.sh), so no ssh session holds training.
 #
 #   launch/tpu/train.sh TPU_NAME ZONE [hydra overrides...]
-#   e.g. launch/tpu/train.sh lemur-v4-512 us-central2-b experiment=lemur_70b_pretrain train.micro_batch_size=4 \
+#   e.g. launch/tpu/train.sh lemur-v4-512 us-central2-b experiment=lemur_70b_pretrain_tpu_v4 \
 #            run_dir=/mnt/lemur/runs/lemur70b checkpoint.commit=marker model.pretrained=gs://my-bucket/Llama-2-70b-hf
 #
 # parallel=xla_spmd is always set. run_dir (and so checkpoint.dir) must be storage every host sees (Filestore,

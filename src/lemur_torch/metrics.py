@@ -181,6 +181,8 @@ def _format(m: Dict[str, Any]) -> str:
     parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}", f"tok/s {m['tokens_per_s']:,.0f}"]
     if m.get("mfu") is not None:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    if m.get("step_time_vs_predicted") is not None:
+        parts.append(f"time/plan {m['step_time_vs_predicted']:.2f}")
     for key in ("mem_alloc_gib", "rss_peak_gib"):
         if key in m:
             parts.append(f"mem {m[key]:.2f}GiB")

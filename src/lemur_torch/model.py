@@ -157,11 +157,54 @@ def clean_fqn(name: str) -> str:
     return name
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-token next-token cross-entropy [B, S] (fp32; 0 where the target is IGNORE_INDEX) of logits [B, S, V] in
+    any dtype, computed in fp32 `chunk` positions of the sequence at a time, forward and backward.
+
+    Autograd over the plain ops would keep every chunk's fp32 copy of the logits until the backward (logsumexp
+    saves its input): 4 * B * S * V bytes. This keeps only the logits themselves (the caller holds them anyway),
+    the targets and the fp32 log-sum-exp [B, S]; the backward recomputes each chunk's softmax in fp32 and writes
+    its gradient, (softmax - one_hot(target)) * incoming gradient, into one gradient tensor in the logits' dtype.
+    So at most one chunk's fp32 [B, chunk, V] lives at a time, forward or backward. The forward runs the same ops
+    on the same chunks as the plain formulation, so its values are the same bit for bit."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        per_tok, lse = [], []
+        # split, not slicing: each chunk is a view, so no copy of the largest activation of the model is made
+        for lg, tg in zip(logits.split(chunk, dim=1), targets.split(chunk, dim=1)):
+            lg = lg.float()  # [B, c, V]
+            # logsumexp - target logit, on [B, c, V] as it is (no reshape copy of a strided chunk)
+            target_logit = lg.gather(-1, tg.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            chunk_lse = torch.logsumexp(lg, dim=-1)
+            per_tok.append(torch.where(tg != IGNORE_INDEX, chunk_lse - target_logit, 0.0))
+            lse.append(chunk_lse)
+        ctx.chunk = chunk
+        ctx.save_for_backward(logits, targets, torch.cat(lse, dim=1))
+        return torch.cat(per_tok, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_per_tok: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[1], ctx.chunk):
+            stop = min(start + ctx.chunk, logits.shape[1])
+            tg = targets[:, start:stop]
+            g = torch.where(tg != IGNORE_INDEX, grad_per_tok[:, start:stop].float(), 0.0).unsqueeze(-1)
+            p = logits[:, start:stop].to(torch.float32, copy=True)  # the chunk's one fp32 buffer, reused in place
+            p.sub_(lse[:, start:stop].unsqueeze(-1)).exp_().mul_(g)
+            p.scatter_add_(-1, tg.clamp(min=0).unsqueeze(-1), -g)
+            grad[:, start:stop].copy_(p)
+            del p  # freed before the next chunk's buffer is made: one fp32 chunk at a time
+        return grad, None, None
+
+
 def token_loss_sums(
     logits: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor, num_domains: int, chunk: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of next-token CE over label tokens (labels are unshifted, HF-style), computed in fp32 over chunks of
-    `chunk` positions of the sequence, so the fp32 copy of the logits stays at [B, chunk, V].
+    `chunk` positions of the sequence by ChunkedCrossEntropy, so the fp32 copy of the logits stays at
+    [B, chunk, V], in the forward and in the backward.
 
     Chunks cut the sequence axis, never the batch axis: under SPMD the batch is what is sharded over devices,
     so every chunk keeps each device's own rows and no rows move between devices. The targets are shifted
@@ -175,21 +218,16 @@ def token_loss_sums(
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     domains = F.pad(domain_ids[:, 1:].long(), (0, 1), value=0)
     domain_range = torch.arange(num_domains, device=logits.device)
+    per_token = ChunkedCrossEntropy.apply(logits, targets, chunk)  # [B, S]
     total = logits.new_zeros((), dtype=torch.float32)
     dom_sum = logits.new_zeros((num_domains,), dtype=torch.float32)
     dom_cnt = logits.new_zeros((num_domains,), dtype=torch.float32)
-    # split, not slicing: the backward of a slice writes into a zeroed full-size gradient per chunk,
-    # split's backward is one concatenation (and no copy at all when one chunk covers everything)
-    for lg, tg, d in zip(logits.split(chunk, dim=1), targets.split(chunk, dim=1), domains.split(chunk, dim=1)):
-        lg = lg.float()  # [B, c, V]
-        valid = tg != IGNORE_INDEX
-        # cross-entropy as logsumexp - target logit, on [B, c, V] as it is (no reshape copy of a strided chunk)
-        target_logit = lg.gather(-1, tg.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        per_tok = torch.where(valid, torch.logsumexp(lg, dim=-1) - target_logit, 0.0)  # [B, c]
+    # summed chunk by chunk, in the order the sums have always been taken (the same values bit for bit)
+    for per_tok, tg, d in zip(per_token.split(chunk, dim=1), targets.split(chunk, dim=1), domains.split(chunk, dim=1)):
         onehot = (d.unsqueeze(-1) == domain_range).float()  # [B, c, D]
         total = total + per_tok.sum()
         dom_sum = dom_sum + torch.einsum("bc,bcd->d", per_tok.detach(), onehot)
-        dom_cnt = dom_cnt + torch.einsum("bc,bcd->d", valid.float(), onehot)
+        dom_cnt = dom_cnt + torch.einsum("bc,bcd->d", (tg != IGNORE_INDEX).float(), onehot)
     return total, dom_sum, dom_cnt
 
 

@@ -1,7 +1,8 @@
 """The start-of-run summary: what this run is, in one block, printed by rank 0 before the first step.
 
-Model and parameter count, processes and mesh, the attention kernel in use, the batch arithmetic, each data
-source with its share and size, the checkpoint folder, and where the run starts (fresh or resumed). Built
+Model and parameter count, processes and mesh, the attention kernel in use, the batch arithmetic, the planner's
+prediction for this configuration on these devices (lemur_torch.plan.run.predict_run), each data source with its
+share and size, the checkpoint folder, and where the run starts (fresh or resumed). Built
 from the objects the run actually uses (the built model, backend and loader), not from the config alone, so
 what it says is what runs.
 """
@@ -14,7 +15,15 @@ from omegaconf import DictConfig
 
 
 def run_summary(
-    cfg: DictConfig, backend, model, loader, grad_accum: int, step: int, tokens_seen: int, resumed_from: Optional[str]
+    cfg: DictConfig,
+    backend,
+    model,
+    loader,
+    grad_accum: int,
+    step: int,
+    tokens_seen: int,
+    resumed_from: Optional[str],
+    prediction: str = "",
 ) -> str:
     t, m = cfg.train, cfg.model
     rows: List[tuple] = [
@@ -37,6 +46,10 @@ def run_summary(
             f"micro-batch(es) = {t.global_batch_tokens:,} tokens/step; {t.max_steps:,} steps = "
             f"{t.max_steps * t.global_batch_tokens:,} tokens",
         ),
+    ]
+    if prediction:
+        rows.append(("plan", prediction))
+    rows += [
         (
             "data",
             f"{cfg.data.name} ({cfg.data.format}, tokenizer {cfg.data.tokenizer}{_tokens(loader)}), "

@@ -37,6 +37,7 @@ from lemur_torch.metrics import MetricsLogger, Progress, mfu, peak_flops
 from lemur_torch.model import batch_label_tokens, flops_per_token, token_loss_sums
 from lemur_torch.optim import apply_config_on_resume
 from lemur_torch.parallel.base import Backend, DeferredRead, grad_accum_steps
+from lemur_torch.plan.run import predict_run
 from lemur_torch.summary import run_summary
 from lemur_torch.watchdog import StepWatchdog
 
@@ -141,6 +142,9 @@ class Trainer:
         self.domains: List[str] = list(loader.domain_names)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak = peak_flops(cfg.log.peak_flops, backend.device_kind)
+        # the planner's step time for this run, once: each logged step is compared with it (calibration)
+        plan, self.prediction = predict_run(cfg, backend.device_kind, backend.num_devices)
+        self.predicted_step_s = plan.step_time_s if plan is not None else None
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0
@@ -212,6 +216,7 @@ class Trainer:
                     self.step,
                     self.tokens_seen,
                     self.resumed_from,
+                    self.prediction,
                 )
             )
         self.progress = Progress(self.cfg.train.max_steps, self.step)
@@ -351,6 +356,9 @@ class Trainer:
             "label_tokens": m.label_tokens,
             "skipped_steps": self.skipped_steps,
         }
+        if self.predicted_step_s:
+            metrics["step_time_predicted_s"] = self.predicted_step_s
+            metrics["step_time_vs_predicted"] = step_time / self.predicted_step_s
         metrics.update({f"loss/{d}": v for d, v in m.domain_loss.items()})
         metrics.update({f"data/{k}": v for k, v in self.loader.stats().items()})
         metrics.update(self.backend.memory_stats())

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 from lemur_torch.data.schema import DataConfig, SourceConfig
 from lemur_torch.fields import Choice, bounded
+from lemur_torch.plan.devices import DEVICES
 
 # -- choices: one Enum per setting, its members the accepted values ---------------------------------------
 
@@ -45,6 +46,15 @@ class ActivationCheckpointing(Choice):
     none = "none"
     full = "full"
     every_n = "every_n"  # every `ac_every_n`-th decoder layer
+    # op-level (torchtitan's policy): keep the outputs of every other matmul and of attention, recompute the rest
+    selective = "selective"
+
+
+class ReduceDtype(Choice):
+    """The dtype FSDP2 reduce-scatters gradients in under bf16 mixed precision."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"  # half the bytes on the network; each rank's sum of its share is rounded to bf16 once
 
 
 class Schedule(Choice):
@@ -73,6 +83,10 @@ AsyncMode = Choice("AsyncMode", [(m, m) for m in ("auto", "none", "async", "asyn
 class CommitMode(Choice):
     rename = "rename"  # POSIX: write into .tmp-<name>, rename into place
     marker = "marker"  # object stores, gcsfuse: write in place, the completion marker last
+
+
+# the accelerator kinds of the planner's device table (lemur_torch/plan/devices.py: datasheet figures, sources)
+DeviceKind = Choice("DeviceKind", [(kind, kind) for kind in DEVICES])
 
 
 class ExportDtype(Choice):
@@ -133,6 +147,11 @@ class ParallelConfig:
     ac_every_n: int = bounded(2, ge=1)
     compile: bool = False
     reshard_after_forward: bool = True
+    # false: the last decoder layer keeps its gathered parameters from forward to backward, which starts with it
+    # (no re-gather; one layer's bf16 parameters more memory). Only with reshard_after_forward
+    reshard_last_layer: bool = True
+    # gradient reduce-scatter dtype under bf16 mixed precision (fp32 runs reduce in fp32)
+    reduce_dtype: ReduceDtype = ReduceDtype.fp32
     # xla_spmd: mesh is (fsdp, tensor); tensor axis size
     xla_tensor: int = bounded(1, ge=1)
     # xla_spmd: run the decoder layers as one torch_xla scan (trace/compile time independent of depth)
@@ -222,6 +241,26 @@ class ValidationConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The cluster a run is planned for (`lemur-plan`, and the start-of-run prediction). Null everywhere by default:
+    a run is not planned, and the start-of-run summary predicts for the device and process count the backend finds;
+    `lemur-plan` needs `cluster.device` and `cluster.devices`."""
+
+    # null: not planned (the backend's own device, where the device table knows it)
+    device: Optional[DeviceKind] = None
+    # accelerators (GPUs or TPU chips) of the run; null: the backend's count
+    devices: Optional[int] = bounded(None, ge=1, hint="the number of accelerators (GPUs or TPU chips) the run uses")
+    # null: the device kind's (8 GPUs per node, 4 TPU v4/v5p or 8 v5e/v6e chips per host)
+    devices_per_node: Optional[int] = bounded(None, ge=1)
+    # network per device, Gbit/s (TPU: ICI per chip); null: the device kind's
+    inter_node_gbps: Optional[float] = bounded(None, gt=0, hint="Gbit/s per device, e.g. 400 for 8 x 400G NICs")
+    # NVLink per device and direction, Gbit/s (TPU: ICI); null: the device kind's
+    intra_node_gbps: Optional[float] = bounded(None, gt=0)
+    # usable memory per device, GiB; null: the device kind's
+    memory_gib: Optional[float] = bounded(None, gt=0)
+
+
+@dataclass
 class Config:
     run_name: str = "smoke"
     run_dir: str = "outputs/${run_name}"
@@ -233,6 +272,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: ValidationConfig = field(default_factory=ValidationConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 ConfigStore.instance().store(name="lemur_schema", node=Config)

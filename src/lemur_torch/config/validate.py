@@ -12,7 +12,6 @@ import math
 
 from omegaconf import DictConfig
 
-from lemur_torch import parallel
 from lemur_torch.config.schema import Config
 from lemur_torch.errors import ConfigError
 from lemur_torch.fields import check_bounds
@@ -21,6 +20,21 @@ from lemur_torch.fields import check_bounds
 def validate(cfg: DictConfig, world_size: int) -> None:
     """Check every value's range (schema bounds) and reject impossible combinations, for a run of `world_size`
     processes; called before any model is built."""
+    check_values(cfg)
+    # the backends' rules import torch (and the attention kernels): check_values, which lemur-plan runs, does not
+    from lemur_torch import parallel
+
+    parallel.check_config(cfg, world_size)
+    # last, and here: importing transformers costs a second or two that a config error should not wait for
+    from transformers.activations import ACT2FN
+
+    if cfg.model.hidden_act not in ACT2FN:
+        raise ConfigError("model.hidden_act", f"unknown activation {cfg.model.hidden_act!r}; Llama uses silu")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """The checks that hold on any machine for any number of processes: every bound, then the combinations of
+    values no backend can run. `lemur-plan` runs these (it plans for a machine it is not on)."""
     check_bounds(cfg, Config, "", ConfigError)
     t, m, o = cfg.train, cfg.model, cfg.optim
     if t.preempt_exit_code in (2, 3):
@@ -33,7 +47,6 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(
             "train.seq_len", f"{t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}"
         )
-    parallel.check_config(cfg, world_size)
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(
             "model.num_attention_heads", f"hidden_size {m.hidden_size} does not divide by {m.num_attention_heads} heads"
@@ -56,11 +69,6 @@ def validate(cfg: DictConfig, world_size: int) -> None:
             "log.peak_flops",
             f"{peak!r} is neither auto nor a number; give the device's peak FLOP/s, e.g. 989e12 for an H100 SXM",
         )
-    # last, and here: importing transformers costs a second or two that a config error should not wait for
-    from transformers.activations import ACT2FN
-
-    if m.hidden_act not in ACT2FN:
-        raise ConfigError("model.hidden_act", f"unknown activation {m.hidden_act!r}; Llama uses silu")
 
 
 def _positive_number(text: str) -> bool:

@@ -11,6 +11,14 @@ encode.py (text to ids), packing.py (ids to rows), stream.py (a rank's rows), lo
 held-out slice), storage.py and parquet_pages.py (bytes), build.py (`build_loader`).
 """
 
-from lemur_torch.data.build import build_loader
-
 __all__ = ["build_loader"]
+
+
+def __getattr__(name: str):
+    if name == "build_loader":
+        # the loader imports torch and the tokenizers; the data config's schema (lemur_torch.data.schema, imported by
+        # lemur_torch.config) does not, so lemur-plan composes a config without importing torch
+        from lemur_torch.data.build import build_loader
+
+        return build_loader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

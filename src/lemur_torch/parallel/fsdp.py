@@ -1,4 +1,5 @@
-"""FSDP2 backend: DeviceMesh, activation checkpointing, per-block compile, fully_shard; CUDA (nccl) and CPU (gloo).
+"""FSDP2 backend: DeviceMesh, activation checkpointing (checkpointing.py), per-block compile, fully_shard with the
+mixed-precision policy (bf16 compute, `parallel.reduce_dtype` reduce-scatters); CUDA (nccl) and CPU (gloo).
 
 A single process is the same code on a 1-rank process group, so the smoke run, the tests and a 512-GPU run
 share every line. Order of application (as in torchtitan): activation checkpointing -> compile -> fully_shard
@@ -20,7 +21,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files_on_every_rank
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
@@ -39,6 +39,7 @@ from lemur_torch.model import build_meta_model, full_shape_and_slices, reset_rop
 from lemur_torch.model import init_weights as init_model_weights
 from lemur_torch.parallel import fsdp_rules
 from lemur_torch.parallel.base import Backend
+from lemur_torch.parallel.checkpointing import checkpoint_layer
 from lemur_torch.parallel.process_group import init_process_group
 from lemur_torch.weights import (
     VOCAB_KEYS,
@@ -75,7 +76,7 @@ class FsdpBackend(Backend):
         else:
             self.mesh = init_device_mesh(device_type, (shard,), mesh_dim_names=("dp_shard",))
         self.mp_policy = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=fsdp_rules.reduce_dtype(cfg, device_type))
             if fsdp_rules.param_dtype(cfg, device_type) == torch.bfloat16
             else MixedPrecisionPolicy()
         )
@@ -260,12 +261,13 @@ def apply_fsdp(model: nn.Module, mesh, p: DictConfig, mp_policy: MixedPrecisionP
     shard = mesh.size() > 1 or mp_policy.param_dtype is not None
     layers = model.model.layers
     for i, layer in enumerate(layers):
-        if p.activation_checkpointing == "full" or (p.activation_checkpointing == "every_n" and i % p.ac_every_n == 0):
-            layer = checkpoint_wrapper(layer, preserve_rng_state=False)
+        layer = checkpoint_layer(layer, i, p)
         if p.compile:
             layer.compile()
         if shard:
-            fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=p.reshard_after_forward)
+            # the last layer's backward comes first: kept gathered, it is not gathered again right away
+            reshard = p.reshard_after_forward and (p.reshard_last_layer or i < len(layers) - 1)
+            fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
         layers[i] = layer
     if not shard:
         return

@@ -1,5 +1,6 @@
 """The FSDP backend's config rules, in one place, for the gate and the backend alike: the (replicate, shard)
-mesh over the world size, the parameters' compute dtype (`parallel.mixed_precision`), the global batch over
+mesh over the world size, the parameters' compute dtype (`parallel.mixed_precision`) and the gradients' reduce
+dtype (`parallel.reduce_dtype`), the global batch over
 the data-parallel ranks, and `model.attention` on this machine (lemur_torch.attention, the CUDA kernels'
 seam). Light: the gate runs `check_config` before any process group or model exists.
 """
@@ -43,6 +44,13 @@ def param_dtype(cfg: DictConfig, device_type: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def reduce_dtype(cfg: DictConfig, device_type: str) -> torch.dtype:
+    """The gradient reduce-scatter dtype: `parallel.reduce_dtype` under bf16 compute, fp32 otherwise."""
+    if param_dtype(cfg, device_type) != torch.bfloat16:
+        return torch.float32
+    return torch.bfloat16 if cfg.parallel.reduce_dtype == "bf16" else torch.float32
+
+
 def select_attention(cfg: DictConfig, device_type: str) -> attention.Selection:
     return attention.select(cfg.model.attention, device_type, param_dtype(cfg, device_type))
 
@@ -51,4 +59,9 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
     """Every FSDP rule, for a run of `world_size` processes on this machine's device type."""
     mesh_shape(cfg, world_size)
     check_global_batch(cfg, world_size)
+    if cfg.parallel.reduce_dtype == "bf16" and param_dtype(cfg, device_type()) != torch.bfloat16:
+        raise ConfigError(
+            "parallel.reduce_dtype",
+            "bf16 reduce-scatters bf16 gradients: it needs parallel.mixed_precision=bf16 (this run computes in fp32)",
+        )
     select_attention(cfg, device_type())

@@ -1,14 +1,16 @@
 """`lemur-plan [--json] [--search] [overrides]`: the plan of the run the overrides describe, on a cluster.
 
     lemur-plan experiment=lemur_70b_pretrain cluster.device=h100_sxm cluster.devices=512
-    lemur-plan experiment=lemur_70b_pretrain parallel=xla_spmd cluster.device=tpu_v4 cluster.devices=256 \\
-        train.micro_batch_size=4
+    lemur-plan experiment=lemur_70b_pretrain cluster=h100_sxm_256
+    lemur-plan experiment=lemur_70b_pretrain_tpu_v4 cluster=tpu_v4_512
     lemur-plan --search experiment=lemur_70b_pretrain cluster.device=h100_sxm cluster.devices=256
 
-The run's own Hydra overrides (experiment=, model.*, train.*, parallel.*) are composed as lemur-train composes
-them; `cluster.device`, `cluster.devices`, `cluster.devices_per_node`, `cluster.inter_node_gbps`,
-`cluster.intra_node_gbps` and `cluster.memory_gib` describe the cluster. A bad setting is one line naming its
-key (exit status 2). `--world-size N` alone prints the real FSDP2 sharding over N fake ranks as JSON.
+The run's own Hydra overrides (experiment=, model.*, train.*, parallel.*) and the `cluster` group (conf/cluster/:
+`cluster.device`, `cluster.devices`, `cluster.devices_per_node`, `cluster.inter_node_gbps`,
+`cluster.intra_node_gbps`, `cluster.memory_gib`) are composed as lemur-train composes them and checked by the same
+gate (lemur_torch.config: the schema's types and bounds, the combinations no backend runs); a bad setting is one
+line naming its key (exit status 2). `--world-size N` alone prints the real FSDP2 sharding over N fake ranks as
+JSON.
 Every figure is an estimate: FLOPs, bytes and collectives at rates from datasheets and published kernel
 measurements, checked against published runs (tests/data/calibration.csv).
 """
@@ -19,38 +21,16 @@ import json
 import sys
 from typing import List, Optional
 
-from omegaconf import DictConfig
-
-from lemur_torch.config import load_config
+from lemur_torch.config import check_values, load_config
 from lemur_torch.errors import ConfigError, InputError
 from lemur_torch.metrics import duration
-from lemur_torch.plan.cluster import Cluster, split_cluster_overrides
+from lemur_torch.plan.cluster import resolve
 from lemur_torch.plan.memory import GIB
-from lemur_torch.plan.predict import Plan, predict
+from lemur_torch.plan.predict import Plan
+from lemur_torch.plan.run import plan_run, setting_of, shape_of
 from lemur_torch.plan.search import Candidate, search
-from lemur_torch.plan.setting import Setting
-from lemur_torch.plan.shape import ModelShape
-from lemur_torch.plan.sharding import shard_on_fake_pg
 
 USAGE = "usage: lemur-plan [--json] [--search] [--top N] [--world-size N] [key=value ...]"
-
-
-def plan_run(cfg: DictConfig, cluster: Cluster) -> Plan:
-    return predict(shape_of(cfg), setting_of(cfg, cluster), cluster, int(cfg.train.max_steps), cfg.model)
-
-
-def shape_of(cfg: DictConfig) -> ModelShape:
-    return ModelShape.from_model_config(cfg.model)
-
-
-def setting_of(cfg: DictConfig, cluster: Cluster) -> Setting:
-    tpu = cluster.device.tpu
-    if tpu and cfg.parallel.backend != "xla_spmd":
-        raise ConfigError("cluster.device", f"{cluster.device.kind} is a TPU: plan it with parallel=xla_spmd")
-    if not tpu and cfg.parallel.backend == "xla_spmd":
-        raise ConfigError("cluster.device", f"parallel=xla_spmd runs on TPUs; {cluster.device.kind} is a GPU")
-    s = Setting.from_config(cfg, cluster)
-    return s.replace(attention="sdpa" if cfg.model.attention == "sdpa" else "flash")
 
 
 def describe(plan: Plan, title: str) -> str:
@@ -125,11 +105,15 @@ def run(args: List[str]) -> int:
         else:
             rest.append(arg)
     if world is not None:  # the sharding alone
+        # builds the meta model (transformers) and wraps it with FSDP2: seconds the plan itself does without
+        from lemur_torch.plan.sharding import shard_on_fake_pg
+
         print(json.dumps(shard_on_fake_pg(load_config(rest), world), indent=1))
         return 0
-    cluster, overrides = split_cluster_overrides(rest)
-    cfg = load_config(overrides)
-    title = " ".join(overrides) or "the default run"
+    cfg = load_config(rest)
+    check_values(cfg)
+    cluster = resolve(cfg.cluster)
+    title = " ".join(rest) or "the default run"
     if flags["--search"]:
         base = setting_of(cfg, cluster)
         found = search(
@@ -138,8 +122,8 @@ def run(args: List[str]) -> int:
             cluster,
             int(cfg.train.global_batch_tokens),
             int(cfg.train.max_steps),
-            cfg.model,
             float8_available="float8" in cfg.parallel,
+            known_keys={f"{group}.{key}" for group in ("train", "parallel") for key in cfg[group]},
         )
         if flags["--json"]:
             print(

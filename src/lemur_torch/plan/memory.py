@@ -18,13 +18,20 @@ What the step holds, as the code keeps it (bytes; T = tokens of a micro-batch on
   layer; `selective` (torchtitan's op-level policy) keeps the layer input, the outputs of every other matmul
   (q, v, gate, down: the 1st, 3rd, ... of each layer) and attention's output;
 - logits and loss: the compute-dtype logits stay referenced by the trainer until the step ends;
-  token_loss_sums keeps an fp32 copy of every chunk (logsumexp saves its input), and a chunk's backward
-  briefly needs three fp32 [B, chunk, V] temporaries; a loss over an fp32 copy of all logits (torchtitan,
-  llm-foundry) keeps log_softmax's fp32 output and needs two more fp32 copies in backward;
+  token_loss_sums (lemur_torch.model.ChunkedCrossEntropy) keeps nothing of its own beyond an fp32 [B, S]
+  log-sum-exp: its forward makes one chunk's fp32 copy (and logsumexp's temporary) at a time, its backward one
+  chunk's fp32 softmax at a time, written into the logits' gradient (compute dtype, whole); a loss over an fp32
+  copy of all logits (torchtitan, llm-foundry) keeps log_softmax's fp32 output and needs two more fp32 copies
+  in backward;
 - runtime overhead, outside the allocator's count: CUDA context and kernels (~0.6 GiB with CUDA 12's lazy
   module loading) and NCCL's communicators (NCCL_BUFFSIZE 4 MiB per channel and peer, ~1 GiB at scale); and
   the caching allocator's fragmentation, 5% of its peak (what torch.cuda.max_memory_reserved exceeds
-  max_memory_allocated by in steady-state FSDP training with expandable segments off). TPU: none counted.
+  max_memory_allocated by in steady-state FSDP training with expandable segments off). TPU: none counted;
+- the XLA backend: FSDPv2 gathers each layer's fp32 master weights (autocast casts inside the matmuls); its
+  residual stream stays fp32; with `parallel.xla_tensor` = t > 1 a device gathers 1/t of each layer's
+  projections, keeps 1/t of attention's and the MLP's activations but the whole norms and residual stream, for
+  its rows times t (the t devices of a tensor group share rows); `scan_layers` adds the stacked copy of the
+  layers' weights and, in backward, their stacked gradients.
 """
 
 from __future__ import annotations
@@ -60,13 +67,14 @@ def mm_outputs(shape: ModelShape) -> List[int]:
 
 
 def layer_saved_bytes(shape: ModelShape, s: Setting) -> float:
-    """Bytes per token one layer keeps for backward without checkpointing."""
+    """Bytes per token one layer keeps for backward without checkpointing (XLA's tensor axis splits attention's
+    heads and the MLP's features over its devices; the norms and the residual stream are whole on each)."""
     a, h, q, f = s.act_bytes, shape.hidden, shape.q_dim, shape.ffn
     kv = q if s.attention == "sdpa" else shape.kv_dim  # the CPU SDPA path expands K/V to every head
     norm = (a * h if s.fused_norm else 4 * h + a * h) + a * h + 4
     attn = a * (2 * q + 2 * kv) + 4 * shape.heads + (a * s.seq_len if s.attention == "sdpa" else 0)
     mlp = a * f * (4 if shape.ffn_matrices == 3 else 2)
-    return 2 * norm + attn + mlp
+    return 2 * norm + (attn + mlp) / s.tensor
 
 
 def layer_input_bytes(shape: ModelShape, s: Setting) -> float:
@@ -106,7 +114,7 @@ def backward_transient_bytes(shape: ModelShape, s: Setting) -> float:
     product's gradient, then both factors' while the product itself is released) or attention's q/k/v ones."""
     a = s.act_bytes
     attn = a * (shape.q_dim + 2 * shape.kv_dim)
-    return max(a * shape.ffn, attn) + 2 * a * shape.hidden
+    return max(a * shape.ffn, attn) / s.tensor + 2 * a * shape.hidden
 
 
 def global_saved_bytes(shape: ModelShape, s: Setting) -> float:
@@ -117,25 +125,26 @@ def global_saved_bytes(shape: ModelShape, s: Setting) -> float:
 
 def loss_bytes(shape: ModelShape, s: Setting) -> Tuple[float, float]:
     """(held through backward, peak of the loss's forward+backward) in bytes for one micro-batch."""
-    a, tv = s.act_bytes, s.tokens_per_micro_batch * shape.vocab
+    a, tv = s.act_bytes, s.device_tokens * shape.vocab
     held = a * tv  # the logits the trainer still references
     if s.loss == "fused":  # compiled cross-entropy: the logits and, in backward, their gradient
         return held, 2 * held
     if s.loss == "fp32_cross_entropy":
         # bf16 logits + log_softmax's saved fp32 output + nll's and log_softmax's fp32 input gradients
         return held, held + 12 * tv
-    chunk = min(s.loss_chunk, s.seq_len) * s.micro_batch * shape.vocab
-    saved = 4 * tv if a != 4 else 0  # the fp32 copies of every chunk; fp32 logits are chunked as views
-    at_first_chunk = held + saved + 12 * chunk
-    at_concatenation = 3 * a * tv if chunk < tv else 0  # the chunks' gradients and their concatenation
-    return held, max(at_first_chunk, at_concatenation)
+    chunk = min(s.loss_chunk, s.seq_len) * s.micro_batch * s.tensor * shape.vocab
+    # forward: a chunk's fp32 copy (a view of fp32 logits) and logsumexp's fp32 temporary; backward: the logits'
+    # gradient and one chunk's fp32 softmax
+    forward = held + (4 if a != 4 else 0) * chunk + 4 * chunk
+    backward = 2 * held + 4 * chunk
+    return held, max(forward, backward)
 
 
 def estimate(shape: ModelShape, s: Setting, local_params: int, cuda_runtime: bool, devices: int) -> MemoryEstimate:
     """Peak memory per device: the largest of the step's moments (the loss's backward, each layer's backward,
     the optimizer step), with its components. `cuda_runtime`: add the CUDA context, NCCL and the allocator's
     fragmentation (GPUs); `devices`: how many take part (NCCL's buffers exist only with more than one)."""
-    T = s.tokens_per_micro_batch
+    T = s.device_tokens
     p4 = 4.0 * local_params
     state = {"params": p4, "optimizer": 2 * p4}
     saved = [b * T for b in saved_per_layer(shape, s)]
@@ -144,7 +153,8 @@ def estimate(shape: ModelShape, s: Setting, local_params: int, cuda_runtime: boo
     global_saved = global_saved_bytes(shape, s) * T
     gpu = cuda_runtime
     # gathered parameters and gradients of FSDP (XLA gathers in the compute dtype's master, fp32)
-    layer_p = shape.layer_params
+    # a device gathers its tensor-axis share of each layer's projections (all of it on a 1-D mesh)
+    layer_p = shape.layer_matmul_params / s.tensor + 2 * shape.hidden
     gathered_bytes = 2 if s.backend == "fsdp" else 4
     if s.float8:
         gathered_bytes = 1 + (gathered_bytes - 1) * (2 * shape.hidden / max(layer_p, 1))
@@ -158,6 +168,8 @@ def estimate(shape: ModelShape, s: Setting, local_params: int, cuda_runtime: boo
     rs = 2 * reduce_bytes * layer_p if sharded else 0.0
     grads_full = 4.0 * shape.total_params if not s.sharded else 0.0
     grads_sharded = p4 if s.sharded else 0.0
+    # scan_layers stacks the layers' (sharded) weights for the loop, and their gradients come back stacked
+    stack = 4.0 * local_params * shape.layers * shape.layer_params / shape.total_params if s.scan_layers else 0.0
 
     moments: List[Tuple[str, Dict[str, float]]] = []
     moments.append(
@@ -170,6 +182,7 @@ def estimate(shape: ModelShape, s: Setting, local_params: int, cuda_runtime: boo
                 "root_gathered": root_gathered,
                 "activations": sum(saved) + global_saved,
                 "logits": loss_peak,
+                "scan_stacks": stack,
             },
         )
     )
@@ -194,6 +207,7 @@ def estimate(shape: ModelShape, s: Setting, local_params: int, cuda_runtime: boo
                     "activations": below + saved[i],
                     "recompute": recomputed + transient,
                     "logits": held_logits,
+                    "scan_stacks": 2 * stack,
                 },
             )
         )

@@ -1,21 +1,22 @@
 """One plan: memory and time of one setting on one cluster, and the figures a user reads (fits, step time,
-tokens/s per device, MFU by the trainer's definition, days for the run, the bottleneck)."""
+tokens/s per device, MFU by the trainer's definition, days for the run, the bottleneck).
+
+The state each device stores is the closed form of the backend's own sharding (`shape.padded_shard`: FSDP2's
+dim-0 rows; `shape.spmd_shard`: the XLA backend's rule), which tests/test_plan.py checks against FSDP2's real
+wrapping on a fake process group (lemur_torch/plan/sharding.py): no model is built to plan a run.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from omegaconf import DictConfig
-
 from lemur_torch.metrics import mfu
-from lemur_torch.model import flops_per_token
 from lemur_torch.plan import memory, timing
 from lemur_torch.plan.cluster import Cluster
 from lemur_torch.plan.memory import GIB, MemoryEstimate
 from lemur_torch.plan.setting import Setting
-from lemur_torch.plan.shape import ModelShape, padded_shard
-from lemur_torch.plan.sharding import real_sharding
+from lemur_torch.plan.shape import ModelShape, padded_shard, spmd_shard
 from lemur_torch.plan.timing import TimeEstimate
 
 
@@ -81,27 +82,17 @@ class Plan:
         }
 
 
-def local_params(shape: ModelShape, s: Setting, cluster: Cluster, model_cfg: Optional[DictConfig] = None) -> int:
-    """Parameters one device stores (the padded FSDP2 shard of the most loaded rank): from the real wrapping on
-    a fake process group when the run's model group is given, else from the shape (the same rule)."""
+def local_params(shape: ModelShape, s: Setting, cluster: Cluster) -> int:
+    """Parameters one device stores: the padded shard of the most loaded rank under the backend's sharding."""
     if not s.sharded:
         return shape.total_params
-    group = s.shard_size(cluster.devices)
-    if model_cfg is not None and s.backend == "fsdp":
-        return int(real_sharding(model_cfg, group)["padded_local_params"])
-    return padded_shard(shape.layer_tensors() * shape.layers + shape.root_tensors(), group)
+    if s.backend == "xla_spmd":
+        return spmd_shard(shape.all_shapes(), cluster.devices // s.tensor, s.tensor)
+    return padded_shard(shape.layer_tensors() * shape.layers + shape.root_tensors(), s.shard_size(cluster.devices))
 
 
-def predict(
-    shape: ModelShape,
-    s: Setting,
-    cluster: Cluster,
-    max_steps: int = 1,
-    model_cfg: Optional[DictConfig] = None,
-    local: Optional[int] = None,
-) -> Plan:
-    local = local if local is not None else local_params(shape, s, cluster, model_cfg)
+def predict(shape: ModelShape, s: Setting, cluster: Cluster, max_steps: int = 1, local: Optional[int] = None) -> Plan:
+    local = local if local is not None else local_params(shape, s, cluster)
     mem = memory.estimate(shape, s, local, cuda_runtime=not cluster.device.tpu, devices=cluster.devices)
     time = timing.estimate(shape, s, cluster, local)
-    fpt = flops_per_token(model_cfg, s.seq_len) if model_cfg is not None else shape.model_flops_per_token(s.seq_len)
-    return Plan(shape, s, cluster, mem, time, max_steps, fpt)
+    return Plan(shape, s, cluster, mem, time, max_steps, shape.model_flops_per_token(s.seq_len))

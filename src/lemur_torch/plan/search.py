@@ -1,10 +1,11 @@
 """The settings that fit, ranked by predicted step time, for the run's global batch on a cluster.
 
-Varied: micro-batch x gradient accumulation (every split of the global batch), activation checkpointing
-(none, full, every 2nd or 4th layer, selective), the HSDP shard group (a node, 2, 4, ... nodes, or all
-devices), whether the last layer reshards after forward, the gradient reduce dtype, compile, and float8 where
-the device has fp8 and the config has a `parallel.float8` key. Each candidate says which overrides give it,
-and which of them the trainer does not take yet (`pending`).
+Varied: micro-batch x gradient accumulation (every split of the global batch), activation checkpointing (none,
+full, every 2nd or 4th layer, and on the FSDP backend selective), the FSDP backend's HSDP shard group (a node,
+2, 4, ... nodes, or all devices), whether its last layer reshards after forward, its gradient reduce dtype and
+compile; the XLA backend's tensor axis (1, 2, 4); float8 where the device has fp8 and the config has a
+`parallel.float8` key. Each candidate says which overrides give it, and which of those the run's config does not
+have as keys (`pending`: settings the trainer does not take yet).
 """
 
 from __future__ import annotations
@@ -12,17 +13,16 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
-
-from omegaconf import DictConfig
+from typing import Collection, Dict, List, Optional, Tuple
 
 from lemur_torch.plan.cluster import Cluster
 from lemur_torch.plan.predict import Plan, local_params, predict
 from lemur_torch.plan.setting import Setting
 from lemur_torch.plan.shape import ModelShape
 
-# settings the planner can rank before the trainer takes them (the keys they will have)
-PENDING_KEYS = ("parallel.activation_checkpointing=selective", "parallel.reduce_dtype", "parallel.reshard_last_layer")
+FSDP_POLICIES = [("none", 2), ("full", 2), ("every_n", 2), ("every_n", 4), ("selective", 2)]
+# the XLA backend rematerialises whole layers only (lemur_torch/parallel/xla/rules.py)
+XLA_POLICIES = [("none", 2), ("full", 2), ("every_n", 2), ("every_n", 4)]
 
 
 @dataclass
@@ -59,13 +59,27 @@ def overrides_for(s: Setting, cluster: Cluster) -> List[str]:
     if s.backend == "fsdp":
         out.append(f"parallel.dp_replicate={s.dp_replicate}")
         out.append(f"parallel.compile={str(s.compile).lower()}")
-        if s.reduce_dtype != "fp32":
-            out.append(f"parallel.reduce_dtype={s.reduce_dtype}")
-        if not s.reshard_last:
-            out.append("parallel.reshard_last_layer=false")
+        out.append(f"parallel.reduce_dtype={s.reduce_dtype}")
+        out.append(f"parallel.reshard_last_layer={str(s.reshard_last).lower()}")
+    else:
+        out.append(f"parallel.xla_tensor={s.tensor}")
     if s.float8:
         out.append("parallel.float8=true")
     return out
+
+
+def variants(base: Setting, cluster: Cluster, float8_available: bool) -> List[Tuple]:
+    """(shard group, tensor axis, policy, reshard_last, reduce dtype, compile, float8) combinations to try."""
+    fp8 = [False, True] if (float8_available and cluster.device.fp8_mamf) else [False]
+    if base.backend == "fsdp":
+        return list(
+            itertools.product(
+                shard_sizes(base, cluster), [1], FSDP_POLICIES, [True, False], ["fp32", "bf16"], [False, True], fp8
+            )
+        )
+    policies = [p for p in XLA_POLICIES if not (base.scan_layers and p[0] == "every_n")]
+    tensors = [t for t in (1, 2, 4) if cluster.devices % t == 0 and t <= cluster.devices_per_node]
+    return list(itertools.product([cluster.devices], tensors, policies, [True], ["fp32"], [True], fp8))
 
 
 def search(
@@ -74,43 +88,38 @@ def search(
     cluster: Cluster,
     global_tokens: int,
     max_steps: int,
-    model_cfg: Optional[DictConfig] = None,
     float8_available: bool = False,
+    known_keys: Optional[Collection[str]] = None,
 ) -> List[Candidate]:
-    """Every candidate that fits, fastest first."""
+    """Every candidate that fits, fastest first. `known_keys`: the run config's keys (`parallel.reduce_dtype`...);
+    an override of another key is `pending`."""
     fsdp = base.backend == "fsdp"
-    fp8 = [False, True] if (float8_available and cluster.device.fp8_mamf) else [False]
-    policies = [("none", 2), ("full", 2), ("every_n", 2), ("every_n", 4), ("selective", 2)]
-    local: Dict[int, int] = {}
+    local: Dict[Tuple[int, int], int] = {}
     found: List[Candidate] = []
-    for size in shard_sizes(base, cluster):
-        replicate = cluster.devices // size
-        probe = base.replace(dp_replicate=replicate if fsdp else 1)
-        local[size] = local_params(shape, probe, cluster, model_cfg)
-        for micro, (ac, n), reshard_last, reduce, compiled, f8 in itertools.product(
-            micro_batches(base, cluster, global_tokens),
-            policies,
-            [True, False] if fsdp else [True],
-            ["fp32", "bf16"] if fsdp else ["fp32"],
-            [False, True] if fsdp else [True],
-            fp8,
-        ):
-            s = probe.replace(
-                micro_batch=micro,
-                grad_accum=global_tokens // (micro * base.seq_len * cluster.devices),
-                ac=ac,
-                ac_every_n=n,
-                reshard_last=reshard_last,
-                reduce_dtype=reduce,
-                compile=compiled,
-                float8=f8,
-            )
-            plan = predict(shape, s, cluster, max_steps, model_cfg, local=local[size])
-            if not plan.fits:
-                continue
-            overrides = overrides_for(s, cluster)
-            pending = [o for o in overrides if any(o.startswith(k) for k in PENDING_KEYS)]
-            found.append(Candidate(plan, overrides, pending))
+    micros = micro_batches(base, cluster, global_tokens)
+    for (size, tensor, (ac, n), reshard_last, reduce, compiled, f8), micro in itertools.product(
+        variants(base, cluster, float8_available), micros
+    ):
+        probe = base.replace(dp_replicate=cluster.devices // size if fsdp else 1, tensor=tensor)
+        if (size, tensor) not in local:
+            local[size, tensor] = local_params(shape, probe, cluster)
+        s = probe.replace(
+            micro_batch=micro,
+            grad_accum=global_tokens // (micro * base.seq_len * cluster.devices),
+            ac=ac,
+            ac_every_n=n,
+            reshard_last=reshard_last and base.reshard_after_forward,
+            reduce_dtype=reduce,
+            compile=compiled,
+            float8=f8,
+        )
+        plan = predict(shape, s, cluster, max_steps, local=local[size, tensor])
+        if not plan.fits:
+            continue
+        overrides = overrides_for(s, cluster)
+        keys = [o.split("=", 1)[0] for o in overrides]
+        pending = [o for o, k in zip(overrides, keys) if known_keys is not None and k not in known_keys]
+        found.append(Candidate(plan, overrides, pending))
     # within 1% of each other, settings are told apart by what they need: fewer keys the trainer does not take
     # yet, fewer changes to the run's own settings, less memory
     own = set(overrides_for(base, cluster))

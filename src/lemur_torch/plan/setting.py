@@ -40,12 +40,20 @@ class Setting:
     attention: str = "flash"  # flash (no mask, K/V not expanded) | sdpa (CPU: a [B,1,S,S] mask, K/V expanded)
     fused_norm: bool = False
     dp_replicate: int = 1  # HSDP replicas (the shard group is devices / dp_replicate)
+    tensor: int = 1  # xla_spmd: the mesh's tensor axis (Megatron-style projections split over it)
+    scan_layers: bool = False  # xla_spmd: the layers run as one scan over their stacked weights
     sharded: bool = True  # fully_shard applied (not for one fp32 process: parallel/fsdp.py)
     optimizer_foreach: bool = False  # foreach AdamW (a temporary per parameter) rather than fused
 
     @property
     def tokens_per_micro_batch(self) -> int:
         return self.micro_batch * self.seq_len
+
+    @property
+    def device_tokens(self) -> int:
+        """Tokens a device's layers run per micro-batch: its rows, times the XLA tensor axis (a tensor group's
+        devices share their rows and split the work on them)."""
+        return self.tokens_per_micro_batch * self.tensor
 
     @property
     def act_bytes(self) -> int:
@@ -59,6 +67,10 @@ class Setting:
         parts = [f"micro_batch {self.micro_batch} x grad_accum {self.grad_accum}", f"AC {ac}"]
         if self.dp_replicate > 1:
             parts.append(f"HSDP {self.dp_replicate} replicas")
+        if self.tensor > 1:
+            parts.append(f"tensor {self.tensor}")
+        if self.scan_layers:
+            parts.append("scan_layers")
         if self.backend == "fsdp":
             parts.append(f"reduce {self.reduce_dtype}")
             if not self.reshard_last:
@@ -99,9 +111,11 @@ class Setting:
                     "parallel.dp_shard",
                     f"dp_replicate x dp_shard = {replicate} x {p.dp_shard} does not match cluster.devices={n}",
                 )
-        elif p.get("xla_tensor", 1) != 1:
-            raise ConfigError("parallel.xla_tensor", "the planner models pure FSDP over every device: xla_tensor=1")
+        elif n % p.xla_tensor:
+            raise ConfigError("parallel.xla_tensor", f"{p.xla_tensor} does not divide the {n} devices")
         bf16 = p.mixed_precision in ("bf16", "auto")
+        xla = p.backend == "xla_spmd"
+        reshard = bool(p.reshard_after_forward)
         return cls(
             seq_len=int(t.seq_len),
             micro_batch=int(micro),
@@ -110,13 +124,15 @@ class Setting:
             ac=str(p.activation_checkpointing),
             ac_every_n=int(p.ac_every_n),
             param_dtype="bf16" if bf16 else "fp32",
-            reduce_dtype="fp32",
-            reshard_after_forward=bool(p.get("reshard_after_forward", True)),
-            reshard_last=bool(p.get("reshard_after_forward", True)),
-            compile=bool(p.get("compile", False)) or p.backend == "xla_spmd",
+            reduce_dtype=str(p.reduce_dtype) if bf16 and not xla else "fp32",
+            reshard_after_forward=reshard,
+            reshard_last=reshard and bool(p.reshard_last_layer),
+            compile=bool(p.compile) or xla,
             float8=bool(p.get("float8", False)),
             loss_chunk=int(t.loss_chunk),
             dp_replicate=int(replicate),
+            tensor=int(p.xla_tensor) if xla else 1,
+            scan_layers=bool(p.scan_layers) and xla,
             sharded=n > 1 or bf16,
         )
 

@@ -8,6 +8,7 @@ embeddings counted in `extra_params`) or MaxText's models (head size not equal t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -67,16 +68,27 @@ class ModelShape:
         counted in full (not halved for causality)."""
         return 6.0 * self.total_params + 12.0 * self.layers * self.hidden * seq_len
 
-    def layer_tensors(self) -> List[Tuple[int, int]]:
-        """(dim 0, numel) of each parameter of one layer, in the order HF Llama registers them."""
+    def layer_shapes(self) -> List[Tuple[str, Tuple[int, ...]]]:
+        """(name, shape) of each parameter of one layer, in the order HF Llama registers them."""
         h, q, kv, f = self.hidden, self.q_dim, self.kv_dim, self.ffn
-        mlp = [(f, f * h)] * (self.ffn_matrices - 1) + [(h, h * f)]
-        return [(q, q * h), (kv, kv * h), (kv, kv * h), (h, h * q)] + mlp + [(h, h), (h, h)]
+        mlp = [("gate_proj", (f, h)), ("up_proj", (f, h))][3 - self.ffn_matrices :] + [("down_proj", (h, f))]
+        attn = [("q_proj", (q, h)), ("k_proj", (kv, h)), ("v_proj", (kv, h)), ("o_proj", (h, q))]
+        return attn + mlp + [("input_layernorm", (h,)), ("post_attention_layernorm", (h,))]
+
+    def root_shapes(self) -> List[Tuple[str, Tuple[int, ...]]]:
+        v, h = self.vocab, self.hidden
+        shapes = [("embed_tokens", (v, h)), ("norm", (h,))] + ([] if self.tied_embeddings else [("lm_head", (v, h))])
+        return shapes + ([("extra", (self.extra_params,))] if self.extra_params else [])
+
+    def layer_tensors(self) -> List[Tuple[int, int]]:
+        """(dim 0, numel) of each parameter of one layer."""
+        return [(shape[0], math.prod(shape)) for _, shape in self.layer_shapes()]
 
     def root_tensors(self) -> List[Tuple[int, int]]:
-        v, h = self.vocab, self.hidden
-        tensors = [(v, v * h), (h, h)] + ([] if self.tied_embeddings else [(v, v * h)])
-        return tensors + ([(self.extra_params, self.extra_params)] if self.extra_params else [])
+        return [(shape[0], math.prod(shape)) for _, shape in self.root_shapes()]
+
+    def all_shapes(self) -> List[Tuple[str, Tuple[int, ...]]]:
+        return self.layer_shapes() * self.layers + self.root_shapes()
 
     @classmethod
     def from_model_config(cls, m: DictConfig) -> "ModelShape":
@@ -98,3 +110,24 @@ def padded_shard(tensors: List[Tuple[int, int]], shards: int) -> int:
     """Elements one rank stores for these tensors under FSDP2's dim-0 sharding: ceil(dim0 / shards) rows of
     each (the padded shard: rank 0 always holds that many, the last ranks fewer or none)."""
     return sum(-(-dim0 // shards) * (numel // dim0) for dim0, numel in tensors)
+
+
+# the projections the XLA backend splits Megatron-style over the mesh's tensor axis: by output features (dim 0) or
+# by input features (dim 1) (lemur_torch/parallel/xla/materialise.py HostShards.param_spec)
+COLUMN_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_SPLIT = ("o_proj", "down_proj")
+
+
+def spmd_shard(shapes: List[Tuple[str, Tuple[int, ...]]], fsdp: int, tensor: int = 1) -> int:
+    """Elements one device stores under the XLA backend's sharding over an (fsdp, tensor) mesh: FSDPv2's rule
+    (the largest dimension over `fsdp`, padded as XLA pads), or with `tensor` > 1 the split projections over
+    `tensor` along their split dimension and over `fsdp` along the other."""
+    total = 0
+    for name, shape in shapes:
+        if tensor > 1 and len(shape) == 2 and name in COLUMN_SPLIT + ROW_SPLIT:
+            t_dim = 0 if name in COLUMN_SPLIT else 1
+            total += -(-shape[t_dim] // tensor) * -(-shape[1 - t_dim] // fsdp)
+            continue
+        largest = max(shape)
+        total += -(-largest // fsdp) * (math.prod(shape) // largest)
+    return total

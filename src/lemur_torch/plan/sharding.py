@@ -1,18 +1,18 @@
 """The real FSDP2 sharding of the run's model: the meta model wrapped by parallel/fsdp.py's own `apply_fsdp`
-over a fake process group of any size, in about a second, cached per (model shape, shard group size).
+over a fake process group of any size, in about a second.
 
 `python -m lemur_torch.plan --world-size 512 model=llama2_70b` prints this sharding alone as JSON: per-rank
 parameter counts and the persistent per-rank state (fp32 params + grads + AdamW moments = 16 bytes per
-parameter); `lemur-plan` builds the whole plan on it.
+parameter). The plan itself uses the closed form of the same rule (lemur_torch.plan.shape.padded_shard), which
+tests/test_plan.py checks against this wrapping for several shapes and world sizes.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Dict
 
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -46,19 +46,3 @@ def shard_on_fake_pg(cfg: DictConfig, world_size: int, rank: int = 0) -> Dict[st
         }
     finally:
         dist.destroy_process_group()
-
-
-@functools.lru_cache(maxsize=64)
-def _cached(model_yaml: str, world_size: int) -> Dict[str, float]:
-    model = OmegaConf.create(model_yaml)
-    cfg = OmegaConf.create({"model": model, "parallel": {"activation_checkpointing": "none", "compile": False}})
-    cfg.parallel.reshard_after_forward = True
-    return shard_on_fake_pg(cfg, world_size)
-
-
-def real_sharding(model_cfg: DictConfig, shard_size: int) -> Dict[str, float]:
-    """shard_on_fake_pg for the model group alone, computed once per (model, shard size) in this process.
-    Must not run while another process group is initialised in this process (the fake one is global)."""
-    if dist.is_initialized():
-        raise RuntimeError("real_sharding needs this process free of other process groups")
-    return _cached(OmegaConf.to_yaml(model_cfg), int(shard_size))

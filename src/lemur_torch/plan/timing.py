@@ -15,6 +15,10 @@ Compute, per micro-batch and layer:
 - FSDP2's copies: all-gather copy-out of every gathered layer, the gradients' cast into the reduce-scatter
   buffer; and the optimizer: AdamW and gradient clipping stream the local shard's 40 bytes per parameter.
 
+XLA's tensor axis (`parallel.xla_tensor` = t): a device runs its tensor group's rows (t times its own) through
+1/t of each projection and of the heads, and all-reduces attention's and the MLP's outputs over the group
+(Megatron-style: 2 per layer forward, 2 backward), with nothing to hide them behind.
+
 Communication: ring all-gather and reduce-scatter over the shard group, (n-1)/n of the layer's bytes at the
 bus bandwidth of the slowest link the group crosses: NVLink inside a node (NCCL reaches ~80% of it), the
 node's NICs together across nodes (~90%: 183 of 200 GB/s for 1 GB all-gathers on 2 x 8 H100 with 8 x 200 Gb/s,
@@ -52,7 +56,9 @@ COMM_SM_SHARE = 0.15
 OP_DISPATCH_S = 10e-6
 FSDP_HOOKS_S = 0.3e-3
 STEP_FIXED_S = 0.03
-LOSS_BYTES_PER_VOCAB = 52  # token_loss_sums: fp32 cast, logsumexp, gather, their backward, the concatenation
+# token_loss_sums per vocabulary entry of a token: forward the fp32 copy and logsumexp's passes (18); backward the
+# fp32 copy, the in-place subtract, exp and scale, the cast into the gradient (34)
+LOSS_BYTES_PER_VOCAB = 52
 FUSED_LOSS_BYTES_PER_VOCAB = 8  # a compiled cross-entropy: reads the bf16 logits twice, writes their gradient
 
 
@@ -63,9 +69,10 @@ class TimeEstimate:
     bottleneck: str = "compute"
 
 
-def layer_matmuls(shape: ModelShape) -> List[Tuple[int, int]]:
-    """(in, out) features of each of a layer's linear projections."""
-    h, q, kv, f = shape.hidden, shape.q_dim, shape.kv_dim, shape.ffn
+def layer_matmuls(shape: ModelShape, tensor: int = 1) -> List[Tuple[int, int]]:
+    """(in, out) features of each of a layer's linear projections on one device: XLA's tensor axis splits q, k,
+    v, gate and up by output and o and down by input features."""
+    h, q, kv, f = shape.hidden, shape.q_dim // tensor, shape.kv_dim // tensor, shape.ffn // tensor
     return [(h, q), (h, kv), (h, kv), (q, h)] + [(h, f)] * (shape.ffn_matrices - 1) + [(f, h)]
 
 
@@ -88,7 +95,8 @@ class Rates:
 
 def elementwise_bytes(shape: ModelShape, s: Setting) -> float:
     """Bytes per token one layer's elementwise ops move in its forward (eager or compiled)."""
-    a, h, q, kv, f = s.act_bytes, shape.hidden, shape.q_dim, shape.kv_dim, shape.ffn
+    t = s.tensor
+    a, h, q, kv, f = s.act_bytes, shape.hidden, shape.q_dim // t, shape.kv_dim // t, shape.ffn // t
     swiglu = shape.ffn_matrices == 3
     if s.compile or s.backend == "xla_spmd":
         # residual add fused into the norm; RoPE fused with the layout copy; the MLP's activation one pass
@@ -125,40 +133,49 @@ def ring_time(nbytes: float, group: int, bandwidth: float, nodes: int) -> float:
 
 def estimate(shape: ModelShape, s: Setting, cluster: Cluster, local_params: int) -> TimeEstimate:
     r = Rates(cluster, s)
-    T, a, L = s.tokens_per_micro_batch, s.act_bytes, shape.layers
+    T, a, L, t = s.device_tokens, s.act_bytes, shape.layers, s.tensor
     fp8 = s.float8 and cluster.device.fp8_matmul_fraction is not None
-    mm_fwd = sum(r.matmul(T, k, n, a, fp8) for k, n in layer_matmuls(shape))
+    matmuls = layer_matmuls(shape, t)
+    mm_fwd = sum(r.matmul(T, k, n, a, fp8) for k, n in matmuls)
     causal = 0.5 + CAUSAL_BLOCK / (2 * s.seq_len)
-    attn_fwd = 4.0 * s.micro_batch * s.seq_len**2 * shape.q_dim * causal / r.attn
+    # a tensor group's rows, over its share of the heads
+    attn_fwd = 4.0 * s.micro_batch * t * s.seq_len**2 * (shape.q_dim / t) * causal / r.attn
     elem_fwd = elementwise_bytes(shape, s) * T / r.hbm
     if fp8:
-        casts = sum(k for k, _ in layer_matmuls(shape)) + sum(n for _, n in layer_matmuls(shape))
+        casts = sum(k for k, _ in matmuls) + sum(n for _, n in matmuls)
         elem_fwd += (a + 1 if s.compile else 2 * a + 1) * casts * T / r.hbm
     redo = recompute_fraction(shape, s)
-    mm_redo = redo * mm_fwd
+    # a recomputation stops once it has what the backward needs (torch's checkpoint stops early; XLA drops the
+    # dead ops): no gradient needs the layer's last matmul's output, so that one is not run again
+    mm_redo = redo * (mm_fwd - r.matmul(T, *matmuls[-1], a, fp8))
     if s.ac == "selective":  # the matmuls whose outputs are not kept: the 2nd, 4th, ... of each layer
-        mm_redo = sum(r.matmul(T, k, n, a, fp8) for i, (k, n) in enumerate(layer_matmuls(shape)) if i % 2 == 1)
+        mm_redo = sum(r.matmul(T, k, n, a, fp8) for i, (k, n) in enumerate(matmuls) if i % 2 == 1)
     elem_redo = elem_fwd if s.ac == "selective" else redo * elem_fwd
     # FSDP traffic, per layer and micro-batch
-    n_shard = s.shard_size(cluster.devices)
+    n_shard = s.shard_size(cluster.devices) // t
     sharded = s.sharded and n_shard > 1
-    gathered = (2 if s.backend == "fsdp" else 4) * shape.layer_params
+    layer_p = shape.layer_matmul_params / t + 2 * shape.hidden  # a device's share of the layer (tensor axis)
+    gathered = (2 if s.backend == "fsdp" else 4) * layer_p
     if fp8:
-        gathered = shape.layer_matmul_params + (gathered / shape.layer_params) * 2 * shape.hidden
-    reduced = (4 if s.reduce_dtype == "fp32" else 2) * shape.layer_params
+        gathered = shape.layer_matmul_params / t + (gathered / layer_p) * 2 * shape.hidden
+    reduced = (4 if s.reduce_dtype == "fp32" else 2) * layer_p
     nodes = min(cluster.nodes, -(-n_shard // cluster.devices_per_node))
     bw = comm_bandwidth(cluster, n_shard)
     ag = ring_time(gathered, n_shard, bw, nodes) if sharded else 0.0
     rs = ring_time(reduced, n_shard, bw, nodes) if sharded else 0.0
-    root_ag = ring_time(shape.root_params * gathered / shape.layer_params, n_shard, bw, nodes) if sharded else 0.0
-    root_rs = ring_time(shape.root_params * reduced / shape.layer_params, n_shard, bw, nodes) if sharded else 0.0
+    root_ag = ring_time(shape.root_params * gathered / layer_p, n_shard, bw, nodes) if sharded else 0.0
+    root_rs = ring_time(shape.root_params * reduced / layer_p, n_shard, bw, nodes) if sharded else 0.0
+    # tensor axis: attention's and the MLP's outputs are all-reduced over the group in forward (2 per layer),
+    # their inputs' gradients in backward (2), again in a recomputed forward; on the critical path
+    allreduce = 2 * ring_time(a * T * shape.hidden, t, comm_bandwidth(cluster, t), 1) if t > 1 else 0.0
+    tp_fwd, tp_bwd = 2 * allreduce, 2 * allreduce * (1 + recompute_fraction(shape, s))
     regather = s.reshard_after_forward
     copies = sharded and s.backend == "fsdp"  # XLA's collectives write in place
     copies_fwd = 2 * gathered / r.hbm if copies else 0.0  # all-gather copy-out: read the buffer, write params
     # the bf16 gradients cast into the reduce-scatter buffer, and the backward all-gather's copy-out
-    copies_bwd = ((copies_fwd if regather else 0.0) + (2 * shape.layer_params + reduced) / r.hbm) if copies else 0.0
-    c_fwd = mm_fwd + attn_fwd + elem_fwd + copies_fwd
-    c_bwd = 2 * mm_fwd + 2.5 * attn_fwd + 2 * elem_fwd + mm_redo + redo * attn_fwd + elem_redo + copies_bwd
+    copies_bwd = ((copies_fwd if regather else 0.0) + (2 * layer_p + reduced) / r.hbm) if copies else 0.0
+    c_fwd = mm_fwd + attn_fwd + elem_fwd + copies_fwd + tp_fwd
+    c_bwd = 2 * mm_fwd + 2.5 * attn_fwd + 2 * elem_fwd + mm_redo + redo * attn_fwd + elem_redo + copies_bwd + tp_bwd
     loss_bytes = (FUSED_LOSS_BYTES_PER_VOCAB if s.loss == "fused" else LOSS_BYTES_PER_VOCAB) * T * shape.vocab
     head = 3 * r.matmul(T, shape.hidden, shape.vocab, a) + loss_bytes / r.hbm
     bwd_comm = (ag if regather else 0.0) + rs
@@ -190,13 +207,14 @@ def estimate(shape: ModelShape, s: Setting, cluster: Cluster, local_params: int)
         "elementwise": s.grad_accum * (L * (3 * elem_fwd + elem_redo) + loss_bytes / r.hbm),
         "fsdp_copies": s.grad_accum * L * (copies_fwd + copies_bwd),
         "comm_contention": s.grad_accum * L * contention,
+        "tensor_parallel": s.grad_accum * L * (tp_fwd + tp_bwd),
         "host_bound": s.grad_accum * max(0.0, host_micro - gpu_micro),
         "exposed_communication": s.grad_accum * exposed + replicate_s,
         "communication_total": s.grad_accum * (root_ag + root_rs + L * (ag * (2 if regather else 1) + rs)),
         "optimizer": optimizer,
         "step_overhead": STEP_FIXED_S,
     }
-    if parts["exposed_communication"] > 0.25 * step:
+    if parts["exposed_communication"] + parts["tensor_parallel"] > 0.25 * step:
         bottleneck = "communication"
     elif parts["host_bound"] > 0.25 * step:
         bottleneck = "host"

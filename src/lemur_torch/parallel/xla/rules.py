@@ -27,6 +27,12 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
     """The rules checkable before the runtime starts. `world_size` (launched processes) does not enter: the
     data-parallel size is the number of hosts, one process each, which only the runtime knows."""
     check_global_batch(cfg, 1, "hosts")
+    if cfg.parallel.activation_checkpointing == "selective":
+        raise ConfigError(
+            "parallel.activation_checkpointing",
+            "selective (op-level) is the FSDP backend's; xla_spmd rematerialises whole layers: use full, every_n "
+            "or none",
+        )
     if cfg.parallel.scan_layers and cfg.parallel.activation_checkpointing == "every_n":
         raise ConfigError(
             "parallel.activation_checkpointing",
