@@ -40,6 +40,7 @@ def test_indivisible_batch_depends_on_world_size():
         validate(cfg, world_size=2)  # 384 is not a multiple of 2 x 64 x 2
 
 
+@pytest.mark.slow
 def test_cli_config_error_is_one_line_and_exit_2():
     proc = subprocess.run(
         [sys.executable, "-m", "lemur_torch.train", "optim.betas=oops"], capture_output=True, text=True

@@ -20,6 +20,7 @@ from lemur_torch.plan.shape import ModelShape, padded_shard
 PRETRAIN = ["experiment=lemur_70b_pretrain"]
 
 
+@pytest.mark.slow
 def test_llama2_70b_shards_over_512_ranks():
     # its own process: the fake process group is process-global
     proc = subprocess.run(
@@ -53,6 +54,7 @@ def test_shape_counts_agree_with_the_trainer(model):
         assert shape.model_flops_per_token(seq) == pytest.approx(flops_per_token(m, seq))
 
 
+@pytest.mark.slow
 def test_plan_json_for_the_shipped_70b_config_on_512_h100():
     proc = subprocess.run(
         [
