@@ -1,11 +1,12 @@
-# Quick start: `make train` (smoke run on built-in defaults), `make test` (the whole CPU suite).
+# Quick start: `make train` (smoke run on built-in defaults), `make test` (the whole CPU suite, as CI runs it),
+# `make test-fast` (the edit-test loop: the tests not marked slow).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup train lint format test test-main test-xla bench clean
+.PHONY: setup train lint format test test-fast test-main test-xla bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,8 +33,20 @@ format: $(STAMP)
 	$(BIN)/ruff format -q src tests bench
 	$(BIN)/ruff check -q --fix src tests bench
 
-# Two lanes: the main suite (torch 2.13 CPU, gloo FSDP2), then the torch_xla lane in its own venv.
-test: lint test-main test-xla
+# Everything, as CI runs it: ruff, then the two lanes side by side: the main suite (torch 2.13 CPU, gloo FSDP2)
+# on the console, the torch_xla lane (its own venv) in the background, its log printed when both are done. Each
+# lane alone leaves one of the two cores of a small CI machine idle most of the time; together they fill both.
+test: lint $(STAMP)
+	@log=$$(mktemp); \
+	$(MAKE) --no-print-directory test-xla > $$log 2>&1 & xla=$$!; \
+	$(MAKE) --no-print-directory test-main; main=$$?; \
+	wait $$xla; xla=$$?; \
+	echo "--- the XLA lane (ran beside the main lane), status $$xla"; cat $$log; rm -f $$log; \
+	test $$main -eq 0 && test $$xla -eq 0
+
+# the edit-test loop: the main lane without the tests marked slow (processes, runs of more than a few seconds)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 test-main: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

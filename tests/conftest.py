@@ -4,6 +4,7 @@ the session fixtures (the tokenizer, trained runs). Fakes shared by tests and be
 from __future__ import annotations
 
 import json
+import multiprocessing.process
 import os
 import subprocess
 import sys
@@ -76,6 +77,76 @@ def read_metrics(run_dir: str) -> List[dict]:
 def losses(run_dir: str) -> Dict[int, float]:
     """step -> loss; a resumed run appends, and the latest line for a step wins (validation lines carry no loss)."""
     return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+# -- the `slow` marker: every main-lane test that starts a process carries it ----------------------------------
+# `make test-fast` (-m "not slow") is the edit-test loop, so a test that starts a process (a subprocess, torchrun,
+# a spawned or forked worker) must be marked `@pytest.mark.slow`. Rather than trust the marker, an unmarked test
+# that starts one fails and says so. Only processes that run this project's code or a launcher are counted (a
+# library's own helpers, such as ldconfig behind ctypes.util.find_library, are not the test's doing).
+LAUNCHERS = (
+    "bash",
+    "sh",
+    "make",
+    "torchrun",
+    "accelerate",
+    "sbatch",
+    "srun",
+    "lemur-train",
+    "lemur-eval",
+    "lemur-export",
+)
+_current: Dict[str, Optional[pytest.Item]] = {"item": None}
+_STARTED = pytest.StashKey[List[str]]()
+
+
+def _started(what: str) -> None:
+    item = _current["item"]
+    if item is not None and item.get_closest_marker("slow") is None and "tests/xla/" not in item.nodeid:
+        item.stash.setdefault(_STARTED, []).append(what)
+
+
+def pytest_configure(config):
+    original_child = subprocess.Popen._execute_child
+    original_start = multiprocessing.process.BaseProcess.start
+
+    def execute_child(self, args, executable, *rest, **kw):
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        program = os.path.basename(str(executable or argv[0]))
+        if program.startswith("python") or os.path.realpath(str(executable or argv[0])) == sys.executable:
+            _started(" ".join(map(str, argv))[:200])
+        elif program in LAUNCHERS or program.endswith(".sh"):
+            _started(" ".join(map(str, argv))[:200])
+        return original_child(self, args, executable, *rest, **kw)
+
+    def start(self):
+        _started(f"multiprocessing {type(self).__name__} {self.name}")
+        return original_start(self)
+
+    subprocess.Popen._execute_child = execute_child
+    multiprocessing.process.BaseProcess.start = start
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _current["item"] = item
+    try:
+        yield
+    finally:
+        _current["item"] = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    started = item.stash.get(_STARTED, [])
+    if report.when == "call" and report.passed and started:
+        report.outcome = "failed"
+        report.longrepr = (
+            "this test starts processes but is not marked @pytest.mark.slow (make test-fast leaves out only the "
+            "slow ones):\n  " + "\n  ".join(started[:5])
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -102,7 +102,8 @@ def packed():
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
-@pytest.mark.parametrize("impl", ["sdpa", "flex", "flash"])
+# flex: torch.compile's first build of the kernel takes seconds
+@pytest.mark.parametrize("impl", ["sdpa", pytest.param("flex", marks=pytest.mark.slow), "flash"])
 def test_packed_logits_equal_documents_alone(impl, batch_size, packed):
     rows = DOCS[:batch_size]
     ids, pos = packed[:batch_size], positions(rows)
@@ -403,6 +404,7 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # `trained`: six twenty-step runs
 @pytest.mark.parametrize("mbs", [1, 3])
 def test_twenty_steps_same_losses_across_implementations(trained, mbs):
     ref, _ = trained["sdpa", mbs]
@@ -429,6 +431,7 @@ def test_twenty_steps_same_losses_across_implementations(trained, mbs):
     assert max(abs(other[s] - ref[s]) for s in ref) < 1e-4
 
 
+@pytest.mark.slow  # `trained`: six twenty-step runs
 @pytest.mark.parametrize("impl", ["flex", "flash"])
 def test_export_names_sdpa_whatever_the_run_used(trained, impl):
     _, run_dir = trained[impl, 3]

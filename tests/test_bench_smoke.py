@@ -40,7 +40,7 @@ def test_bench_smoke(script, tmp_path):
     )
     name = script[: -len(".py")]
     if script == "xla_step.py" and "skipped (torch_xla is not installed here" in proc.stdout:
-        return  # this venv has no torch_xla: the XLA lane runs it (bench/xla_step.py's docstring)
+        return  # this venv has no torch_xla: the XLA lane runs it (tests/xla/test_xla_bench_smoke.py)
     with open(tmp_path / f"{name}.smoke.json") as f:
         result = json.load(f)
     assert result["smoke"] is True and len(result) > 2, result

@@ -161,6 +161,7 @@ def reference(files, tok):
     return run(make_cfg(files), tok, 0, 1, 24)[1]
 
 
+@pytest.mark.slow  # seconds; with workers, processes
 @pytest.mark.parametrize("before,after,workers", [(2, 3, 0), (3, 1, 2)])
 def test_resume_on_a_different_number_of_ranks_continues_the_conversation_order(
     files, tok, reference, before, after, workers

@@ -10,6 +10,8 @@ import torch
 from conftest import losses, run_train
 from fakes import CHAT_CASES as CASES
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 # three formats in one file (auto-detected per record), answers short enough to memorise in a few dozen steps
 CONVERSATIONS = [
     {

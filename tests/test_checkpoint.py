@@ -313,6 +313,7 @@ def _resolve_on_node(cache: str, hub: str, repo_id: str, queue) -> None:
         queue.put(f"error: {exc!r}")
 
 
+@pytest.mark.slow
 def test_pretrained_is_fetched_once_per_node(hub, tmp_path):
     """4 processes on 2 "nodes" (one HF cache each), online: one download per node, the others wait on the lock."""
     import multiprocessing

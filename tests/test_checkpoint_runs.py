@@ -5,6 +5,7 @@ resume on 3 ranks, which split the 32000-row vocabulary unevenly."""
 import glob
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import FAST, losses, read_metrics, run_train
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -12,6 +13,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from lemur_torch.checkpoint import read_meta
 from lemur_torch.config import load_config
 from lemur_torch.optim import lr_lambda
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def _names(folder: Path):

@@ -40,6 +40,7 @@ def test_indivisible_batch_depends_on_world_size():
         validate(cfg, world_size=2)  # 384 is not a multiple of 2 x 64 x 2
 
 
+@pytest.mark.slow
 def test_cli_config_error_is_one_line_and_exit_2():
     proc = subprocess.run(
         [sys.executable, "-m", "lemur_torch.train", "optim.betas=oops"], capture_output=True, text=True
@@ -50,7 +51,7 @@ def test_cli_config_error_is_one_line_and_exit_2():
 
 
 def test_model_groups_match_llama2_parameter_counts():
-    # published sizes of the HF Llama-2 checkpoints (RECIPE.md: 70B = 68.98e9)
+    # published sizes of the HF Llama-2 checkpoints (docs/recipe.md: 70B = 68.98e9)
     expected = {"llama2_7b": 6.738e9, "llama2_13b": 13.016e9, "llama2_70b": 68.977e9}
     for name, count in expected.items():
         cfg = load_config([f"model={name}"])

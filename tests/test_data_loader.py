@@ -72,6 +72,7 @@ def reference(corpus, tok):
     return rows  # 120 global rows
 
 
+@pytest.mark.slow
 def test_two_ranks_two_workers_partition_the_single_reader_stream(corpus, tok, reference):
     cfg = make_cfg(corpus, num_workers=2)
     per_rank = [run(cfg, tok, r, 2, 15)[1] for r in range(2)]
@@ -83,7 +84,14 @@ def test_two_ranks_two_workers_partition_the_single_reader_stream(corpus, tok, r
     assert set(keys) == {tuple(r.flatten().tolist()) for r in reference[:60]}
 
 
-@pytest.mark.parametrize("before,after,workers_before,workers_after", [(2, 1, 0, 2), (1, 3, 2, 0), (3, 5, 0, 0)])
+@pytest.mark.parametrize(
+    "before,after,workers_before,workers_after",
+    [  # DataLoader workers are processes
+        pytest.param(2, 1, 0, 2, marks=pytest.mark.slow),
+        pytest.param(1, 3, 2, 0, marks=pytest.mark.slow),
+        (3, 5, 0, 0),
+    ],
+)
 def test_resume_on_a_different_number_of_ranks(corpus, tok, reference, before, after, workers_before, workers_after):
     # 5 ranks do not divide 12 lanes: lanes are shared and each reader drops rows it does not own (still exact)
     n1, n2 = 4, 5
@@ -136,6 +144,7 @@ def _gloo_worker(rank, size, corpus, out):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_state_dict_under_gloo_is_identical_on_every_rank_and_resumes(corpus, tok, reference, tmp_path):
     import socket
 

@@ -21,6 +21,7 @@ def load_data_conf(name):
     return OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(os.path.join(CONF, f"{name}.yaml")))
 
 
+@pytest.mark.slow  # tokenizes 2M tokens: seconds
 def test_builtin_corpus_over_2m_tokens_is_10_to_1_code_to_text():
     tok = load_tokenizer("builtin")
     cfg = load_data_conf("sample")

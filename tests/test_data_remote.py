@@ -87,6 +87,7 @@ def test_http_source_gives_the_local_stream(corpus, tok, local_rows):
     assert loader.sources[0].files[0].path == f"{url}/code.jsonl"
 
 
+@pytest.mark.slow  # DataLoader workers: processes
 def test_transient_failures_are_retried_and_counted_the_stream_unchanged(corpus, tok, local_rows):
     plan = FaultPlan(transient=9, start_after=4)  # 503, 429, connection reset, three times each, after the listing
     server, url = serve(str(corpus), plan)
@@ -144,6 +145,7 @@ def _gloo_failing(rank, size, base, out, port):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_failure_on_one_rank_stops_every_rank_at_the_same_micro_batch(corpus, tmp_path):
     import data_servers  # noqa: F401 - registers the test filesystems in the forked ranks too
 
@@ -159,6 +161,7 @@ def test_a_failure_on_one_rank_stops_every_rank_at_the_same_micro_batch(corpus, 
     assert "source 'flaky'" in got[0]["error"] and "code.jsonl" in got[0]["error"]
 
 
+@pytest.mark.slow
 def test_a_permanent_failure_mid_run_checkpoints_the_last_step_and_exits_4(corpus, tmp_path, tok):
     from lemur_torch.config import load_config
 

@@ -190,6 +190,7 @@ def test_a_state_of_the_stride_design_is_refused_with_what_to_do(tmp_path, tok):
         loader.load_state_dict(old)
 
 
+@pytest.mark.slow
 def test_training_refuses_a_changed_source_with_exit_2_and_restart_continues_the_model(tmp_path):
     from conftest import FAST, run_train
 

@@ -301,6 +301,7 @@ def test_undecodable_text_file_is_skipped_with_its_line(tok, tmp_path, caplog):
     assert batch["input_ids"][0].tolist() == (first + third + first)[:16]
 
 
+@pytest.mark.slow  # DataLoader workers: processes
 def test_strict_mode_raises_through_dataloader_workers(tok):
     cfg = cfg_of({"bad": {"kind": "jsonl", "domain": "code", "path": FIXTURE}}, lanes=1, strict=True, num_workers=1)
     with pytest.raises(BadInputError, match=r"bad_lines\.jsonl:2"):

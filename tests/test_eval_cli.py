@@ -44,6 +44,7 @@ def export_eval(smoke_run, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_humaneval_end_to_end_on_the_smoke_export(export_eval):
     out = export_eval
     assert sorted(os.listdir(out)) == ["humaneval", "summary.json", "summary.md"]
@@ -67,6 +68,7 @@ def test_humaneval_end_to_end_on_the_smoke_export(export_eval):
     assert "| humaneval | pass@1 |" in open(os.path.join(out, "summary.md")).read()
 
 
+@pytest.mark.slow
 def test_scores_come_from_the_executions(smoke_run, tmp_path, monkeypatch):
     """The pipeline with a generator that returns the canonical solution as sample 0 and a broken one as
     sample 1: pass@1 = 0.5 and pass@2 = 1 on every problem, whatever the model."""
@@ -103,6 +105,7 @@ def test_scores_come_from_the_executions(smoke_run, tmp_path, monkeypatch):
         assert [s["passed"] for s in row["samples"]] == [True, False] and row["pass@1"] == 0.5
 
 
+@pytest.mark.slow
 def test_checkpoint_goes_through_a_temporary_export(smoke_run, export_eval):
     """A checkpoint folder gives the same (seeded, sampled) completions as the run's own export of the same
     step, the temporary export is removed, and the default output folder is <run_dir>/eval/<step>."""
@@ -116,6 +119,7 @@ def test_checkpoint_goes_through_a_temporary_export(smoke_run, export_eval):
     assert completions(from_ckpt) == completions(from_export) and len(completions(from_ckpt)) == 6
 
 
+@pytest.mark.slow
 def test_humaneval_through_the_chat_template(chat_smoke_run, tmp_path):
     from transformers import AutoTokenizer
 
@@ -153,6 +157,7 @@ def test_humaneval_through_the_chat_template(chat_smoke_run, tmp_path):
     assert encode_prompt(tok, expected).count(tok.bos_token_id) == 1
 
 
+@pytest.mark.slow  # runs the programs in the sandbox: processes
 def test_code_extraction_from_chat_replies():
     p = load_problems(3)[2]  # truncate_number
     body = "    return number % 1.0\n"
@@ -177,6 +182,7 @@ def test_code_extraction_from_chat_replies():
     assert [r.passed for r in results] == [True, True, False]
 
 
+@pytest.mark.slow
 def test_batched_generation_matches_one_prompt_at_a_time(smoke_run):
     """Left-padded batches with per-row stop strings give exactly what plain generate() gives for each prompt
     alone, cut at the first stop string (float64, so padding cannot flip a greedy choice). A randomly
@@ -231,6 +237,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow
 def test_lm_eval_task_matches_lm_eval_cli(smoke_run, tmp_path, monkeypatch):
     """A local YAML task over a local JSON file, offline: lemur-eval --tasks gives lm_eval's own numbers, down
     to each document's log-likelihoods."""
@@ -322,6 +329,7 @@ def test_errors_name_the_path_or_key(tmp_path, capsys):
     assert "humaneval.n_samples" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_prints_the_config():
     proc = subprocess.run(
         [

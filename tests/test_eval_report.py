@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import matplotlib.image
+import pytest
 
 from lemur_torch.eval import report
 
@@ -30,6 +31,7 @@ def lines_of(fig, title):
     return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
 
 
+@pytest.mark.slow
 def test_report_of_the_smoke_run_with_a_resume_and_validation(smoke_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("checkpoints", "hf", "eval", "wandb*"))
@@ -95,6 +97,7 @@ def test_mfu_is_drawn_when_known(tmp_path):
     assert "MFU: median 44.0%" in report.summarize(report.read_metrics(str(tmp_path / "metrics.jsonl")))
 
 
+@pytest.mark.slow
 def test_report_takes_the_training_overrides(smoke_run, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
@@ -105,6 +108,7 @@ def test_report_takes_the_training_overrides(smoke_run, tmp_path, capsys):
     assert "metrics.jsonl not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_make_train_ends_with_the_report():
     # -o: treat the venv stamp as up to date (a fresh clone would otherwise print the install recipe too)
     # under `make test` the parent make's MAKEFLAGS/MAKELEVEL would make this one print "Entering directory" lines

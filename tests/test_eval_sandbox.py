@@ -36,6 +36,7 @@ def {e}(*args, **kwargs):
 """
 
 
+@pytest.mark.slow
 def test_canonical_solutions_pass_and_wrong_ones_fail():
     problems = load_problems()
     assert len(problems) == 164 and problems[0]["task_id"] == "HumanEval/0"
@@ -93,6 +94,7 @@ def sandbox_processes(sandbox: Sandbox):
     return found
 
 
+@pytest.mark.slow
 def test_hostile_programs_are_contained_and_the_run_goes_on(tmp_path, monkeypatch):
     secret = secrets.token_hex(8)
     monkeypatch.setenv("LEMUR_EVAL_SECRET", secret)
@@ -165,6 +167,7 @@ def unprivileged_python():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="run as non-root, the test above already runs the unprivileged path")
+@pytest.mark.slow
 def test_unprivileged_user_gets_the_same_containment():
     """As root the sandbox drops to a uid of its own; a user without privileges goes through a user namespace
     instead. Run the hostile programs from an evaluator running as nobody."""
@@ -211,6 +214,7 @@ def test_pass_at_k_is_the_unbiased_estimator():
     assert "pass@10" not in pass_at_k(n, c, [10])  # undefined where some problem has fewer than k samples
 
 
+@pytest.mark.slow
 def test_a_launcher_that_hangs_is_killed_and_reported(tmp_path, monkeypatch):
     """The evaluator's backstop: a launcher that never starts the program (here a fake interpreter that only
     sleeps) is killed with its process group, and the evaluation stops with a message instead of a score."""

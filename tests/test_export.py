@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import FAST, run_train, subprocess_env
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -12,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from lemur_torch.config import load_config
 from lemur_torch.model import hf_llama_config
 from lemur_torch.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fsdp_logits.py")
 

@@ -181,6 +181,7 @@ def one_rank_plain():
     return _script().train("none", STEPS)
 
 
+@pytest.mark.slow  # two float8 runs and a plain one, in this process: seconds each
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_one_process_float8_follows_the_plain_run(one_rank_plain, recipe):
     run = _script().train(recipe, STEPS)
@@ -275,6 +276,7 @@ def test_float8_checkpoints_are_plain_both_ways(two_ranks, tmp_path):
     assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_mxfp8_path_runs_emulated_under_fsdp2():
     """mxfp8's conversion (torchao's emulated MX kernels: select refuses mxfp8 off Blackwell) under FSDP2 with
     bf16 compute: it trains, its first loss is the plain model's within 1%, and its state is plain."""

@@ -5,6 +5,8 @@ import os
 import pytest
 from conftest import FAST, losses, read_metrics, run_train
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 STEPS = 20
 
 

@@ -211,6 +211,7 @@ def test_bad_input_is_one_line_exit_2_before_anything_is_built(overrides, key, i
 
 
 @pytest.mark.parametrize("overrides,key", SUBPROCESS_CASES, ids=[o[0] for o, _ in SUBPROCESS_CASES])
+@pytest.mark.slow
 def test_bad_input_as_a_process(overrides, key, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
@@ -228,6 +229,7 @@ def test_bad_input_as_a_process(overrides, key, tmp_path):
         assert "/nonexistent" in line and "repo" not in line.lower()
 
 
+@pytest.mark.slow
 def test_bad_record_with_strict_data_is_one_line_naming_file_and_line(tmp_path):
     """Found after the gate, in a DataLoader worker: still one line (file:line), exit 2, no traceback."""
     fixture = os.path.join(ROOT, "tests", "fixtures", "data", "bad_lines.jsonl")
@@ -257,6 +259,7 @@ def test_bad_record_with_strict_data_is_one_line_naming_file_and_line(tmp_path):
     assert len(lines) == 1 and "bad_lines.jsonl:2: malformed JSON" in lines[0], proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_ranks_print_the_line_once(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [

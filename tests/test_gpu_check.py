@@ -9,10 +9,11 @@ import sys
 import pytest
 from conftest import subprocess_env
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_check.py")
 
 
-@pytest.mark.slow
 def test_gpu_check_dry_run_passes_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run(

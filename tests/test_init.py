@@ -27,6 +27,7 @@ SEED, STD = 1234, 0.02
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "init_rank_memory.py")
 
 
+@pytest.mark.slow
 def test_70b_rank_of_512_draws_only_its_shard():
     proc = subprocess.run(
         [sys.executable, SCRIPT, "llama2_70b", "512", "357"],

@@ -19,6 +19,8 @@ from launch_util import (
     train_env,
 )
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 ACCELERATE = Path(__import__("sys").executable).with_name("accelerate")
 
 

@@ -12,6 +12,7 @@ import random
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 from hub_util import fill_hf_cache, make_hub_folder
 from launch_util import (
@@ -39,6 +40,8 @@ from lemur_torch.data import build_loader
 from lemur_torch.model import batch_label_tokens, token_loss_sums
 from lemur_torch.parallel.base import grad_accum_steps
 from lemur_torch.tokenizer import build_tokenizer
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 

@@ -17,6 +17,7 @@ SHELL = [REPO / "launch" / "torchrun.sh", REPO / "launch" / "slurm" / "job.sh", 
 
 
 @pytest.mark.parametrize("script", SHELL, ids=lambda p: p.name)
+@pytest.mark.slow
 def test_shell_syntax(script):
     r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -29,6 +29,8 @@ from launch_util import (
 )
 from slurm_cluster import SlurmCluster, unavailable_reason
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 SBATCH = REPO / "launch" / "slurm" / "cpu_test.sbatch"
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL")
 

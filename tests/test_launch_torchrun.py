@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import pytest
 from launch_util import (
     MAX_STEPS,
     REPO,
@@ -27,6 +28,8 @@ from launch_util import (
     wait_for,
     worker_pids,
 )
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 

@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 TPU = REPO / "launch" / "tpu"
 SCRIPTS = sorted(TPU.glob("*.sh"))
 
+pytestmark = pytest.mark.slow  # every test here starts processes (the scripts, bash -n)
+
 
 def _dry_run(script: str, *args: str, workers: int = 3) -> list:
     env = {**os.environ, "LEMUR_TPU_DRY_RUN": "1", "WORKERS": str(workers)}

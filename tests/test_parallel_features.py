@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import FAST, losses, run_train, subprocess_env
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 STEPS = 4
 # Compiled bf16 against eager bf16: inductor fuses elementwise chains (RMSNorm, RoPE, SiLU*up, the residual
 # adds) and keeps their intermediates in fp32 where eager rounds each op's output to bf16 (8-bit mantissa,

@@ -40,7 +40,7 @@ def test_llama2_70b_shards_over_512_ranks():
     cfg = load_config(["model=llama2_70b"]).model
     max_rounding = (cfg.num_hidden_layers * 9 + 3) * max(cfg.hidden_size, cfg.intermediate_size)
     assert abs(report["local_params"] - total / 512) <= max_rounding
-    assert 1.9 < report["state_gib_per_rank"] < 2.1  # RECIPE.md: ~2.2 GB = 2.0 GiB of fp32 state per rank
+    assert 1.9 < report["state_gib_per_rank"] < 2.1  # docs/recipe.md, Scale: ~2.2 GB = 2.0 GiB of state per rank
     # the plan's state part: the shape's padded shard is the real wrapping's
     shape = ModelShape.from_model_config(cfg)
     assert (

@@ -23,6 +23,7 @@ from lemur_torch.tokenizer import build_tokenizer
 from lemur_torch.trainer import InFlight, StepMetrics, StopSignal, Trainer
 
 
+@pytest.mark.slow
 def test_smoke_run_prints_summary_and_eta_and_exits_cleanly(tmp_path):
     """What `make train` runs (experiment=smoke, console on, checkpoint and HF export at the end), briefly."""
     run_dir = tmp_path / "smoke"
@@ -52,6 +53,7 @@ def test_smoke_run_prints_summary_and_eta_and_exits_cleanly(tmp_path):
     assert steps[-1].rstrip().endswith("eta 0s")
 
 
+@pytest.mark.slow
 def test_loader_iterator_alive_at_exit_leaves_no_traceback():
     """An iterator still referenced when the interpreter exits is finalized after concurrent.futures has joined
     its workers; its prefetch pool's shutdown then met torn-down module globals (AttributeError ... 'Empty')."""

@@ -465,6 +465,7 @@ def _gloo_rank_failing_to_read(rank, size, port, out):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_rank_that_cannot_read_its_validation_rows_stops_every_rank_with_its_error(tmp_path):
     import pickle
     import socket

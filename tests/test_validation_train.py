@@ -8,6 +8,8 @@ import pytest
 from conftest import FAST, losses, read_metrics, run_train
 from fakes import HostBackend, tiny_model
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 STEPS = 10
 EVAL = [*FAST, f"train.max_steps={STEPS}", "eval.every_steps=5"]
 
