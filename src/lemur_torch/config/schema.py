@@ -47,6 +47,15 @@ class ActivationCheckpointing(Choice):
     every_n = "every_n"  # every `ac_every_n`-th decoder layer
 
 
+class Float8(Choice):
+    """lemur_torch.parallel.float8: torchao float8 training of the decoder layers' linears (FSDP backend)."""
+
+    none = "none"
+    tensorwise = "tensorwise"  # one scale per tensor; FSDP2 all-gathers the weights in float8
+    rowwise = "rowwise"  # one scale per row (more accurate); weights travel in bf16
+    mxfp8 = "mxfp8"  # 32-value blocks with power-of-two scales; Blackwell (compute capability 10.x) only
+
+
 class Schedule(Choice):
     cosine = "cosine"
     constant = "constant"
@@ -133,6 +142,8 @@ class ParallelConfig:
     ac_every_n: int = bounded(2, ge=1)
     compile: bool = False
     reshard_after_forward: bool = True
+    # float8 matmuls through torchao (parallel/float8.py): emulated on CPU, float8 GEMMs on CUDA 8.9+; not xla_spmd
+    float8: Float8 = Float8.none
     # xla_spmd: mesh is (fsdp, tensor); tensor axis size
     xla_tensor: int = bounded(1, ge=1)
     # xla_spmd: run the decoder layers as one torch_xla scan (trace/compile time independent of depth)

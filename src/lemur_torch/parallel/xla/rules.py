@@ -11,6 +11,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from lemur_torch.errors import ConfigError
+from lemur_torch.parallel import float8
 from lemur_torch.parallel.base import check_global_batch
 from lemur_torch.parallel.xla import attention, tpu
 
@@ -27,6 +28,7 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
     """The rules checkable before the runtime starts. `world_size` (launched processes) does not enter: the
     data-parallel size is the number of hosts, one process each, which only the runtime knows."""
     check_global_batch(cfg, 1, "hosts")
+    float8.select(str(cfg.parallel.get("float8", "none")), "xla", backend="xla_spmd")  # refused unless none
     if cfg.parallel.scan_layers and cfg.parallel.activation_checkpointing == "every_n":
         raise ConfigError(
             "parallel.activation_checkpointing",
