@@ -2,9 +2,9 @@
 
 Varied: micro-batch x gradient accumulation (every split of the global batch), activation checkpointing
 (none, full, every 2nd or 4th layer, selective), the HSDP shard group (a node, 2, 4, ... nodes, or all
-devices), whether the last layer reshards after forward, the gradient reduce dtype, compile, and float8 where
-the device has fp8 and the config has a `parallel.float8` key. Each candidate says which overrides give it,
-and which of them the trainer does not take yet (`pending`).
+devices), whether the last layer reshards after forward, the gradient reduce dtype, compile, and
+`parallel.float8` (tensorwise, rowwise) where the device has fp8 tensor cores. Each candidate says which
+overrides give it, and which of them the trainer does not take yet (`pending`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def overrides_for(s: Setting, cluster: Cluster) -> List[str]:
         if not s.reshard_last:
             out.append("parallel.reshard_last_layer=false")
     if s.float8:
-        out.append("parallel.float8=true")
+        out.append(f"parallel.float8={s.float8_recipe}")
     return out
 
 
@@ -79,7 +79,10 @@ def search(
 ) -> List[Candidate]:
     """Every candidate that fits, fastest first."""
     fsdp = base.backend == "fsdp"
-    fp8 = [False, True] if (float8_available and cluster.device.fp8_mamf) else [False]
+    # (float8, recipe); mxfp8 is modelled as rowwise (bf16 all-gather), so it is not searched apart
+    fp8 = [(False, "tensorwise")]
+    if float8_available and cluster.device.fp8_mamf:
+        fp8 += [(True, "tensorwise"), (True, "rowwise")]
     policies = [("none", 2), ("full", 2), ("every_n", 2), ("every_n", 4), ("selective", 2)]
     local: Dict[int, int] = {}
     found: List[Candidate] = []
@@ -87,7 +90,7 @@ def search(
         replicate = cluster.devices // size
         probe = base.replace(dp_replicate=replicate if fsdp else 1)
         local[size] = local_params(shape, probe, cluster, model_cfg)
-        for micro, (ac, n), reshard_last, reduce, compiled, f8 in itertools.product(
+        for micro, (ac, n), reshard_last, reduce, compiled, (f8, recipe) in itertools.product(
             micro_batches(base, cluster, global_tokens),
             policies,
             [True, False] if fsdp else [True],
@@ -104,6 +107,7 @@ def search(
                 reduce_dtype=reduce,
                 compile=compiled,
                 float8=f8,
+                float8_recipe=recipe,
             )
             plan = predict(shape, s, cluster, max_steps, model_cfg, local=local[size])
             if not plan.fits:
