@@ -237,14 +237,16 @@ def test_lemur_plan_reads_and_searches_parallel_float8():
     gathered = {k: predict(shape, v, cluster).time.parts["communication_total"] for k, v in
                 {"rowwise": s, "tensorwise": tensorwise, "none": plain}.items()}  # fmt: skip
     assert gathered["tensorwise"] < gathered["rowwise"] == pytest.approx(gathered["none"])  # float8 all-gather
-    found = search(shape, s.replace(float8=False), cluster, int(cfg.train.global_batch_tokens), 10, None, True)
+    found = search(
+        shape, s.replace(float8=False), cluster, int(cfg.train.global_batch_tokens), 10, float8_available=True
+    )
     recipes = {next((o for o in c.overrides if o.startswith("parallel.float8=")), "none") for c in found}
     assert recipes == {"none", "parallel.float8=tensorwise", "parallel.float8=rowwise"}
     for c in found[:3]:  # the overrides a candidate names compose into a run config
         load_config(["experiment=lemur_70b_pretrain", *[o for o in c.overrides if o not in c.pending]])
     # no fp8 tensor cores on an A100: float8 is not searched there
     a100, _ = split_cluster_overrides(["cluster.device=a100_80gb", "cluster.devices=256"])
-    found = search(shape, s.replace(float8=False), a100, int(cfg.train.global_batch_tokens), 10, None, True)
+    found = search(shape, s.replace(float8=False), a100, int(cfg.train.global_batch_tokens), 10, float8_available=True)
     assert found and not any(o.startswith("parallel.float8=") for c in found for o in c.overrides)
 
 
