@@ -1,10 +1,10 @@
 """Float8 training step vs the same step without float8, side by side in one process.
 
-Each variant is the FSDP backend's model (bench/float8_wiring.py: float8 converted before activation
-checkpointing, compile and fully_shard) with the same init, trained on the same pre-built packed batches:
-forward, the project's loss, backward, clipping, AdamW and the float8 hook after the step. Variants: no float8,
-float8 rowwise, float8 tensorwise; interleaved over `--rounds` rounds, best round kept; printed as ratios to the
-step without float8.
+Each variant is the FSDP backend's model with `parallel.float8` set (converted before activation checkpointing,
+compile and fully_shard, as a run does) with the same init, trained on the same pre-built packed batches:
+forward, the project's loss, backward, clipping, AdamW and the backend's hook after the optimizer step.
+Variants: no float8, float8 rowwise, float8 tensorwise; interleaved over `--rounds` rounds, best round kept;
+printed as ratios to the step without float8.
 
 On CPU (this machine) the step without float8 is the CPU default, fp32, and float8 runs as torchao's emulation:
 each float8 GEMM is replaced by a matmul of the dequantised operands, after the real casts and scales. That
@@ -24,14 +24,14 @@ import tempfile
 import time
 
 import torch
-from float8_wiring import Float8FsdpBackend  # bench/ is on sys.path: this script's folder
-from results_io import write_result
+from results_io import write_result  # bench/ is on sys.path: this script's folder
 
 from lemur_torch import attention
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
 from lemur_torch.model import token_loss_sums
 from lemur_torch.optim import build_optimizer
+from lemur_torch.parallel.fsdp import FsdpBackend
 from lemur_torch.tokenizer import load_tokenizer
 
 VARIANTS = ("none", "rowwise", "tensorwise")
@@ -49,8 +49,9 @@ MODELS = {
 }
 
 
-def overrides(model: str, seq_len: int, cuda: bool, run_dir: str):
+def overrides(model: str, seq_len: int, cuda: bool, run_dir: str, recipe: str):
     return [
+        f"parallel.float8={recipe}",
         *MODELS[model],
         f"train.seq_len={seq_len}",
         "train.micro_batch_size=2",
@@ -63,9 +64,8 @@ def overrides(model: str, seq_len: int, cuda: bool, run_dir: str):
 
 
 class Variant:
-    def __init__(self, cfg, recipe: str):
-        self.recipe = recipe
-        self.backend = Float8FsdpBackend(cfg, recipe)
+    def __init__(self, cfg):
+        self.backend = FsdpBackend(cfg)
         self.model = self.backend.setup_model(cfg)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.backend.device.type)
         self.cfg = cfg
@@ -79,7 +79,7 @@ class Variant:
         b.clip_grad_norm_(self.model, self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        b.float8.after_optimizer_step(self.model)
+        b.after_optimizer_step(self.model)
         return loss_sum
 
 
@@ -98,7 +98,8 @@ def timed(variant: Variant, batches, cuda: bool) -> float:
 
 def bench_model(name: str, steps: int, rounds: int, seq_len: int, cuda: bool) -> dict:
     tmp = tempfile.mkdtemp(prefix="bench_float8_")
-    cfg = load_config(overrides(name, seq_len, cuda, tmp))
+    cfgs = {recipe: load_config(overrides(name, seq_len, cuda, tmp, recipe)) for recipe in VARIANTS}
+    cfg = cfgs["none"]
     loader = build_loader(cfg.data, load_tokenizer(cfg.data.tokenizer), seq_len, 2, 0, 1, cfg.train.seed)
     it = iter(loader)
     device = "cuda" if cuda else "cpu"
@@ -106,7 +107,7 @@ def bench_model(name: str, steps: int, rounds: int, seq_len: int, cuda: bool) ->
     for _ in range(steps):
         batch = attention.with_varlen_boundaries(next(it))
         batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-    variants = {recipe: Variant(cfg, recipe) for recipe in VARIANTS}
+    variants = {recipe: Variant(cfgs[recipe]) for recipe in VARIANTS}
     best = {recipe: float("inf") for recipe in VARIANTS}
     for _ in range(rounds):
         for recipe, variant in variants.items():
@@ -119,7 +120,7 @@ def bench_model(name: str, steps: int, rounds: int, seq_len: int, cuda: bool) ->
         "step_s": best,
         "tokens_per_s": {r: tokens / s for r, s in best.items()},
         "ratio_to_plain": {r: best["none"] / s for r, s in best.items() if r != "none"},
-        "float8": {r: v.backend.float8.describe() for r, v in variants.items()},
+        "float8": {r: v.backend.float8 for r, v in variants.items()},
     }
     plain = "bf16" if cuda else "fp32"
     print(f"{name} ({seq_len}-token rows x 2):")

@@ -6,12 +6,16 @@ One line per item, printed as it runs; bench/results/gpu_check.json at the end (
   its block mask) at Llama-2-70B's layer shapes (64 heads of 128, 8 KV heads, 4096-token rows, micro-batch 2,
   several documents per row), bf16 forward and backward: each one's largest error against an fp32 reference
   (within twice the error of PyTorch's own bf16 attention, flash-attn's test criterion), and its time;
-- train: Llama-2-70B's shapes cut to a few layers, FSDP2 on one GPU, compiled, full and selective (every 2nd
-  layer) activation checkpointing, through the project's backend and Trainer.train_step: tokens/s, MFU against
-  the dense bf16 peak, peak memory, and the planner's prediction for the same configuration where it exists;
-- float8 rowwise and tensorwise: speed-up over bf16 and the loss difference over the same steps (3% from step
-  10 on, as the CPU tests);
-- sync-free: one step under torch.cuda.set_sync_debug_mode("error") (no host read inside a step);
+- train: Llama-2-70B's shapes cut to a few layers, FSDP2 on one GPU, compiled, full and selective (op-level
+  `selective` where the backend has it, else every 2nd layer) activation checkpointing, through the project's
+  backend and Trainer.train_step: tokens/s, MFU against the dense bf16 peak, peak memory, and lemur-plan's
+  prediction for the same configuration on one such GPU (`plan.run.plan_run`; in the dry run for one H100, a
+  figure that only shows the call works);
+- float8 rowwise and tensorwise (`parallel.float8`, wired by the backend as in a real run: converted before
+  checkpointing, compile and fully_shard, the scales precomputed after each optimizer step): speed-up over bf16
+  and the loss difference over the same steps (3% from step 10 on, as the CPU tests);
+- sync-free: one step under torch.cuda.set_sync_debug_mode("error") (no host read inside a step); a failure
+  names the line of lemur_torch that synchronised;
 - checkpoint: an asynchronous save (async_pinned) of that state: time training was blocked vs a synchronous save;
 - export: the HF export loaded by transformers on the GPU, its logits against the trained model's.
 
@@ -23,7 +27,6 @@ tiny shapes on CPU, with the CPU stand-in kernels, and says which items need CUD
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -35,19 +38,22 @@ import types
 
 import torch
 import torch.nn.functional as F
-from float8_wiring import Float8FsdpBackend  # bench/ is on sys.path: this script's folder
-from results_io import write_result
+from results_io import write_result  # bench/ is on sys.path: this script's folder
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from lemur_torch import attention, commit
 from lemur_torch.batch import document_ids, varlen_boundaries
 from lemur_torch.checkpoint import META, Checkpointer, step_dir_name
 from lemur_torch.config import load_config
+from lemur_torch.config.schema import ActivationCheckpointing
 from lemur_torch.data import build_loader
 from lemur_torch.export import export_model
 from lemur_torch.metrics import mfu, peak_flops
 from lemur_torch.model import flops_per_token
 from lemur_torch.optim import build_optimizer, build_scheduler
+from lemur_torch.parallel.fsdp import FsdpBackend
+from lemur_torch.plan.cluster import resolve
+from lemur_torch.plan.run import plan_run
 from lemur_torch.tokenizer import build_tokenizer
 from lemur_torch.trainer import StopSignal, Trainer
 
@@ -56,6 +62,12 @@ GIB = 2**30
 ATTN_GPU = dict(heads=64, kv_heads=8, head_dim=128, docs=[[1024, 700, 1372, 1000], [2048, 512, 1536]])
 ATTN_CPU = dict(heads=4, kv_heads=2, head_dim=32, docs=[[16, 20, 28], [40, 24]])
 FLOAT8_TOLERANCE = 0.03
+# op-level selective activation checkpointing where the backend has it, else every 2nd layer
+SELECTIVE_AC = (
+    ["parallel.activation_checkpointing=selective"]
+    if "selective" in ActivationCheckpointing.__members__
+    else ["parallel.activation_checkpointing=every_n", "parallel.ac_every_n=2"]
+)
 
 
 class Report:
@@ -218,34 +230,34 @@ def base_overrides(dry: bool, layers: int, steps: int, run_dir: str):
     ]
 
 
+# lemur-plan's device kinds by the name torch.cuda gives the GPU (specific parts first)
+PLAN_DEVICES = (("H100 PCIe", "h100_pcie"), ("H100", "h100_sxm"), ("H200", "h200"), ("B200", "b200"))
+
+
 def planner_prediction(overrides, device_name: str):
-    """The planner's figures for the same configuration on one such GPU, or None where it cannot say.
-
-    TODO(phase B): the planner (lemur_torch.plan, a package with `cli.plan_run`) is landing beside this script;
-    once merged call it directly, and have it model float8 (matmul rate, float8 all-gather bytes)."""
-    import lemur_torch.plan as plan
-
-    if not hasattr(plan, "__path__") or importlib.util.find_spec("lemur_torch.plan.cli") is None:
-        return None
-    from lemur_torch.plan import cli
-
-    if not (hasattr(cli, "plan_run") and hasattr(cli, "split_cluster_overrides")):
-        return None
-    kind = "h200" if "H200" in device_name else "h100_sxm" if "H100" in device_name else None
+    """lemur-plan's figures for the same configuration on one GPU of this kind (in the dry run: one H100), None
+    for a GPU the planner does not know, or the planner's error. Called before any Run: the planner shards the
+    model on a fake process group, which it creates only in a process that has none."""
+    kind = "h100_sxm" if device_name == "cpu" else next((k for n, k in PLAN_DEVICES if n in device_name), None)
     if kind is None:
         return None
-    cluster, rest = cli.split_cluster_overrides([f"cluster.device={kind}", "cluster.devices=1", *overrides])
-    found = cli.plan_run(load_config(rest), cluster)
-    return found.to_json() if hasattr(found, "to_json") else None
+    try:
+        cfg = load_config([*overrides, f"cluster.device={kind}", "cluster.devices=1"])
+        return {"device": kind, **plan_run(cfg, resolve(cfg.cluster)).to_json()}
+    except Exception as exc:  # noqa: BLE001  the planner's failure is reported, never fatal to the check
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def run_overrides(overrides, recipe: str):
+    return [*overrides, f"parallel.float8={recipe}"]
 
 
 class Run:
     """One training configuration: the backend (FSDP2, float8 per `recipe`), model, optimizer, Trainer."""
 
     def __init__(self, overrides, recipe: str, initial=None):
-        self.cfg = load_config(overrides)
-        self.overrides = overrides
-        self.backend = Float8FsdpBackend(self.cfg, recipe)
+        self.cfg = load_config(run_overrides(overrides, recipe))
+        self.backend = FsdpBackend(self.cfg)
         self.device = self.backend.device
         self.model = self.backend.setup_model(self.cfg, init_weights=initial is None)
         if initial is not None:  # the first run's init: the same weights, without drawing them again
@@ -304,29 +316,29 @@ class Run:
             torch.cuda.empty_cache()
 
 
-def describe_training(rep: Report, name: str, run: Run, figures, dry: bool) -> None:
+def describe_training(rep: Report, name: str, run: Run, figures, dry: bool, predicted) -> None:
     cfg, device_name = run.cfg, run.backend.device_kind
     fpt = flops_per_token(cfg.model, cfg.train.seq_len)
     util = mfu(figures["tokens_per_s"], fpt, peak_flops("auto", device_name), 1)
-    text = f"{figures['tokens_per_s']:,.0f} tokens/s"
+    p = cfg.parallel
+    ac = f"every_{p.ac_every_n}" if p.activation_checkpointing == "every_n" else p.activation_checkpointing
+    text = f"AC {ac}; {figures['tokens_per_s']:,.0f} tokens/s"
     text += f", MFU {util:.1%} (dense bf16 peak)" if util is not None else ", MFU n/a (no peak for this device)"
     text += f", peak {figures['peak_gib']:.1f} GiB" if figures["peak_gib"] is not None else ""
-    predicted = None
-    if not dry:
-        try:
-            predicted = planner_prediction(run.overrides, device_name)
-        except Exception as exc:  # noqa: BLE001  the planner's failure is reported, never fatal to the check
-            predicted = {"error": f"{type(exc).__name__}: {exc}"}
     if predicted and "error" not in predicted:
+        where = " for one H100, not this CPU" if dry else ""
+        planned_mfu = f"{predicted['mfu']:.1%}" if predicted["mfu"] is not None else "n/a"
         text += (
-            f"; planner: {predicted.get('tokens_per_s_per_device', float('nan')):,.0f} tokens/s, "
-            f"peak {predicted.get('peak_memory_gib', float('nan')):.1f} GiB"
+            f"; planner{where}: {predicted['tokens_per_s_per_device']:,.0f} tokens/s, MFU {planned_mfu}, "
+            f"peak {predicted['peak_memory_gib']:.1f} GiB"
         )
     else:
-        text += "; planner: " + (predicted["error"] if predicted else "no prediction (not available here)")
+        text += "; planner: " + (
+            predicted["error"] if predicted else f"no prediction (no device kind for {device_name})"
+        )
     rep.line(
         name,
-        f"{run.backend.float8.describe() if run.backend.float8_plan.enabled else 'bf16'}; {text}",
+        f"{run.backend.float8 if run.backend.float8_plan.enabled else 'bf16'}; {text}",
         tokens_per_s=figures["tokens_per_s"],
         mfu=util,
         peak_gib=figures["peak_gib"],
@@ -337,10 +349,11 @@ def describe_training(rep: Report, name: str, run: Run, figures, dry: bool) -> N
     )
 
 
-def check_sync_free(rep: Report, run: Run) -> None:
-    """One step with any host synchronisation an error (CUDA's sync debug mode); the step before is settled."""
+def check_sync_free(rep: Report, run: Run, item: str = "sync-free step") -> None:
+    """One step with any host synchronisation an error (CUDA's sync debug mode); the step before is settled. A
+    failure names the last line of lemur_torch on the way to the synchronising call."""
     if run.device.type != "cuda":
-        rep.skip("sync-free step", "needs CUDA: torch.cuda.set_sync_debug_mode")
+        rep.skip(item, "needs CUDA: torch.cuda.set_sync_debug_mode")
         return
     run.settle()
     micro = [next(run.batches) for _ in range(run.trainer.grad_accum)]
@@ -350,14 +363,19 @@ def check_sync_free(rep: Report, run: Run) -> None:
         run.trainer.train_step(micro)
         ok, text = True, "no host synchronisation between the forward and the end of the optimizer step"
     except RuntimeError as exc:
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if "lemur_torch" in f.filename]
-        where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
+        package = f"{os.sep}lemur_torch{os.sep}"
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if package in f.filename]
+        if frames:
+            path = "lemur_torch" + os.sep + frames[-1].filename.rsplit(package, 1)[1]
+            where = f" at {path}:{frames[-1].lineno} ({frames[-1].line})"
+        else:
+            where = ""
         ok, text = False, f"host synchronisation{where}: {str(exc).splitlines()[0]}"
         run.optimizer.zero_grad(set_to_none=True)  # the step stopped before its update
     finally:
         torch.cuda.set_sync_debug_mode(0)
     run.settle()
-    rep.line("sync-free step", text, ok)
+    rep.line(item, text, ok)
 
 
 def check_checkpoint(rep: Report, run: Run, root: str) -> None:
@@ -465,7 +483,7 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA device here; `--dry-run` runs every item at tiny shapes on CPU", file=sys.stderr)
         return 2
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    steps = args.steps if cuda else 12
+    steps = args.steps if cuda else 10  # the loss is compared from step 10 on
     rep = Report(torch.cuda.get_device_name() if cuda else "cpu", args.dry_run)
     if args.dry_run:
         print("dry run: tiny shapes on CPU, CPU stand-ins for the flash and flex kernels, eager (no compile)")
@@ -474,25 +492,30 @@ def main(argv=None) -> int:
         check_attention(rep, device, args.dry_run)
         overrides = base_overrides(args.dry_run, args.layers, steps, os.path.join(root, "run"))
         full = [*overrides, "parallel.activation_checkpointing=full"]
+        selective = [*overrides, *SELECTIVE_AC]
+        trained = {"bf16, full AC": (full, "none"), "bf16, selective AC": (selective, "none")}
+        trained.update({f"float8 {r}, full AC": (full, r) for r in ("rowwise", "tensorwise")})
+        planned = {k: planner_prediction(run_overrides(*v), rep.result["device"]) for k, v in trained.items()}
         run = Run(full, "none")
         initial = run.initial_state()
         bf16 = run.train(steps, timed_from=min(5, steps - 2))
-        describe_training(rep, "train bf16, full AC", run, bf16, args.dry_run)
+        describe_training(rep, "train bf16, full AC", run, bf16, args.dry_run, planned["bf16, full AC"])
         check_sync_free(rep, run)
         check_checkpoint(rep, run, root)
         check_export(rep, run, root)
         run.close()
-        # selective: every 2nd layer (op-level selective AC: TODO(phase B) once the backend offers it)
-        selective = [*overrides, "parallel.activation_checkpointing=every_n", "parallel.ac_every_n=2"]
         run = Run(selective, "none", initial)
         figures = run.train(steps, min(5, steps - 2))
         figures["max_rel_loss_diff_to_full_ac"] = loss_difference(bf16["losses"], figures["losses"], from_step=1)
-        describe_training(rep, "train bf16, selective AC", run, figures, args.dry_run)
+        describe_training(rep, "train bf16, selective AC", run, figures, args.dry_run, planned["bf16, selective AC"])
         run.close()
         for recipe in ("rowwise", "tensorwise"):
             run = Run(full, recipe, initial)
             figures = run.train(steps, min(5, steps - 2))
-            describe_training(rep, f"train float8 {recipe}, full AC", run, figures, args.dry_run)
+            name = f"float8 {recipe}, full AC"
+            describe_training(rep, f"train {name}", run, figures, args.dry_run, planned[name])
+            if recipe == "tensorwise":  # the float8 all-gather's scales are precomputed after each step
+                check_sync_free(rep, run, "sync-free step, float8 tensorwise")
             run.close()
             worst = loss_difference(bf16["losses"], figures["losses"])
             speedup = figures["tokens_per_s"] / bf16["tokens_per_s"]

@@ -16,7 +16,7 @@ import types
 
 import pytest
 import torch
-from conftest import losses
+from conftest import train_in_process
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
@@ -333,34 +333,6 @@ def test_unknown_device_logs_once_how_to_set_peak_flops(caplog):
 
 def _reference_kernels(impl, device_type):
     return {"flash": attention.VARLEN_REFERENCE, "flex": attention.FLEX_REFERENCE}.get(impl)
-
-
-def train_in_process(overrides, run_dir, sources=None):
-    """lemur-train's build_and_fit in this process, so that the kernel seam can be substituted."""
-    from lemur_torch.train import build_and_fit
-
-    # fused AdamW: on CPU ~5x faster than the foreach default, and the same in every run compared
-    base = [
-        "model=tiny",
-        "train.seq_len=64",
-        "optim.warmup_steps=5",
-        "optim.lr=1e-3",
-        "optim.implementation=fused",
-        "checkpoint.every_steps=0",
-        "checkpoint.save_at_end=false",
-        "checkpoint.export_at_end=false",
-        "log.wandb_mode=disabled",
-        "log.console=false",
-        f"run_dir={run_dir}",
-    ]
-    given = {o.split("=")[0] for o in overrides}
-    cfg = load_config([o for o in base if o.split("=")[0] not in given] + list(overrides))
-    if sources is not None:  # replace the sample corpus (a merge would keep its sources)
-        data = {**OmegaConf.to_container(cfg.data), "sources": sources}
-        cfg.data = OmegaConf.merge(OmegaConf.structured(DataConfig), data)
-    validate(cfg, 1)
-    assert build_and_fit(cfg) == 0
-    return losses(run_dir)
 
 
 def short_docs(path, n=160):

@@ -14,9 +14,9 @@ from conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
-# not benchmarks: the results writer, make bench's runner, float8.py's backend subclass, and the GPU acceptance
-# check (make gpu-check; tests/test_gpu_check.py runs its --dry-run)
-NOT_BENCHMARKS = {"results_io.py", "run_all.py", "float8_wiring.py", "gpu_check.py"}
+# not benchmarks: the results writer, make bench's runner, and the GPU acceptance check (make gpu-check;
+# tests/test_gpu_check.py runs its --dry-run)
+NOT_BENCHMARKS = {"results_io.py", "run_all.py", "gpu_check.py"}
 SCRIPTS = sorted(name for name in os.listdir(BENCH) if name.endswith(".py") and name not in NOT_BENCHMARKS)
 
 

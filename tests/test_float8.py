@@ -1,16 +1,21 @@
-"""Float8 training (parallel/float8.py) on CPU through torchao's emulation.
+"""Float8 training (`parallel.float8`: parallel/float8.py, wired by parallel/fsdp.py) on CPU through torchao's
+emulation.
 
-The choice of recipe per device; torchao's numerics checks (SQNR of one converted layer against bf16); the filter
-converts exactly the tiny model's eligible linears; 30 steps of the tiny model with rowwise and tensorwise
-follow the same run without float8, on 1 process and on 2 gloo processes with FSDP2 (tensorwise all-gathering
-float8 weights), compiled with activation checkpointing on 1 process; and what a float8 run saves is plain: the
-HF keys and ordinary tensors, loaded by a model without float8 (and without torchao) and the reverse.
+The choice of recipe per device and the gate's one-line refusals; torchao's numerics checks (SQNR of one
+converted layer against bf16); the filter converts exactly the tiny model's eligible linears; lemur-plan searches
+the recipes. Through lemur-train's own path (the gate, build_and_fit, the Trainer): 30 steps of the tiny model
+with rowwise and tensorwise follow the same run without float8, eager on 1 process and compiled with activation
+checkpointing on 2 gloo processes with FSDP2 (tensorwise all-gathering float8 weights), and the start-of-run
+summary counts every eligible linear converted; the float8 weights' scales are precomputed after every optimizer
+step, applied or skipped; checkpoints resume across float8 and plain runs both ways (the same tensors loaded);
+the HF export of a float8 run loads in transformers in a process where torchao cannot be imported.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
+import contextlib
+import functools
+import io
 import os
 import subprocess
 import sys
@@ -18,23 +23,33 @@ import textwrap
 
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import FAST, losses, read_metrics, run_train, subprocess_env, train_in_process
 from torch import nn
+from torch._inductor import config as inductor_config
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-from lemur_torch.config import load_config
+from lemur_torch import train
+from lemur_torch.checkpoint import Checkpointer
+from lemur_torch.config import load_config, validate
+from lemur_torch.data import build_loader
 from lemur_torch.errors import ConfigError
+from lemur_torch.metrics import MetricsLogger
 from lemur_torch.model import build_meta_model
-from lemur_torch.parallel import float8
+from lemur_torch.optim import build_optimizer, build_scheduler
+from lemur_torch.parallel import float8, fsdp_rules
+from lemur_torch.parallel.fsdp import FsdpBackend
+from lemur_torch.plan.cluster import resolve
+from lemur_torch.plan.predict import predict
+from lemur_torch.plan.run import setting_of, shape_of
+from lemur_torch.plan.search import search
+from lemur_torch.tokenizer import build_tokenizer
+from lemur_torch.trainer import StopSignal, Trainer
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "float8_train.py")
 STEPS = 30
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("float8_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# every run compared: the tiny model, 64-token rows, 256 tokens per step (2 micro-batches of 2 rows on one
+# process, 1 on each of 2), fused AdamW (as train_in_process)
+RUN = [*FAST, f"train.max_steps={STEPS}", "optim.implementation=fused"]
 
 
 # -- the choice ------------------------------------------------------------------------------------------
@@ -162,121 +177,334 @@ def test_none_converts_nothing():
     assert all(type(mod) is nn.Linear for mod in model.modules() if isinstance(mod, nn.Linear))
 
 
-# -- training: float8 follows the same run without it -----------------------------------------------------
+# -- the gate: one line naming parallel.float8 ----------------------------------------------------------
 
 
-def _assert_follows(plain, run, tolerance=0.03):
-    ref, got = plain["losses"], run["losses"]
-    assert len(ref) == len(got) == STEPS
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (
+            ["parallel.float8=mxfp8"],
+            "mxfp8 needs a Blackwell GPU (compute capability 10.x, e.g. B200); this process runs on CPU",
+        ),
+        (["parallel=xla_spmd", "parallel.float8=rowwise"], "rowwise is not available with parallel.backend=xla_spmd"),
+        (["parallel.float8=fp8"], "parallel.float8"),
+    ],
+)
+def test_the_gate_refuses_float8_where_it_cannot_run(monkeypatch, capsys, overrides, says):
+    def tripwire(cfg):
+        raise AssertionError("the gate let the run through to build_and_fit")
+
+    monkeypatch.setattr(train, "build_and_fit", tripwire)
+    assert train.main(["model=tiny", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("config error at 'parallel.float8'") and says in err, err
+
+
+def test_the_gate_takes_the_cpu_emulation_and_the_yaml_shows_the_key():
+    cfg = load_config(["model=tiny", "parallel.float8=tensorwise"])
+    validate(cfg, 1)
+    assert fsdp_rules.float8_plan(cfg, torch.device("cpu")) == float8.Float8Plan("tensorwise", True, "CPU")
+    for group in ("fsdp", "hsdp", "xla_spmd"):
+        assert load_config([f"parallel={group}"]).parallel.float8 == "none"
+
+
+def test_float8_on_a_gpu_trains_in_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    gpu = torch.device("cuda", 0)
+    cfg = load_config(["parallel.float8=rowwise", "parallel.mixed_precision=fp32"])
+    with pytest.raises(ConfigError) as err:
+        fsdp_rules.float8_plan(cfg, gpu)
+    assert err.value.key == "parallel.float8" and "parallel.mixed_precision=bf16" in str(err.value)
+    cfg.parallel.mixed_precision = "auto"  # bf16 on CUDA
+    plan = fsdp_rules.float8_plan(cfg, gpu)
+    assert plan.recipe == "rowwise" and not plan.emulate and plan.device == "NVIDIA H100 80GB HBM3 (sm_90)"
+
+
+# -- the planner ranks the recipes ------------------------------------------------------------------------
+
+
+def test_lemur_plan_reads_and_searches_parallel_float8():
+    cfg = load_config(
+        ["experiment=lemur_70b_pretrain", "cluster.device=h100_sxm", "cluster.devices=256", "parallel.float8=rowwise"]
+    )
+    cluster = resolve(cfg.cluster)
+    s = setting_of(cfg, cluster)
+    assert s.float8 and s.float8_recipe == "rowwise" and not s.float8_all_gather
+    tensorwise, plain = s.replace(float8_recipe="tensorwise"), s.replace(float8=False)
+    shape = shape_of(cfg)
+    gathered = {k: predict(shape, v, cluster).time.parts["communication_total"] for k, v in
+                {"rowwise": s, "tensorwise": tensorwise, "none": plain}.items()}  # fmt: skip
+    assert gathered["tensorwise"] < gathered["rowwise"] == pytest.approx(gathered["none"])  # float8 all-gather
+    found = search(
+        shape, s.replace(float8=False), cluster, int(cfg.train.global_batch_tokens), 10, float8_available=True
+    )
+    recipes = {next((o for o in c.overrides if o.startswith("parallel.float8=")), "none") for c in found}
+    assert recipes == {"none", "parallel.float8=tensorwise", "parallel.float8=rowwise"}
+    for c in found[:3]:  # the overrides a candidate names compose into a run config
+        load_config(["experiment=lemur_70b_pretrain", *[o for o in c.overrides if o not in c.pending]])
+    # no fp8 tensor cores on an A100: float8 is not searched there
+    a100 = resolve(cfg.cluster, "a100_80gb")
+    found = search(shape, s.replace(float8=False), a100, int(cfg.train.global_batch_tokens), 10, float8_available=True)
+    assert found and not any(o.startswith("parallel.float8=") for c in found for o in c.overrides)
+
+
+# -- training through lemur-train's path: float8 follows the same run without it ---------------------------
+
+
+def _assert_follows(ref, got, tolerance=0.03):
+    """`got` (step -> loss) within `tolerance` of `ref` from step 10 on, not equal to it, with the same trend."""
+    assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1))
+    ref, got = [ref[s] for s in sorted(ref)], [got[s] for s in sorted(got)]
     worst = max(abs(g - r) / r for g, r in zip(got[9:], ref[9:]))
-    assert worst < tolerance, f"{run['recipe']}: loss differs by {worst:.2%} from the plain run after step 10"
+    assert worst < tolerance, f"loss differs by {worst:.2%} from the plain run after step 10"
     assert got != ref, "identical losses: float8 did not change a single matmul"
     drop_ref, drop = sum(ref[:5]) / 5 - sum(ref[-5:]) / 5, sum(got[:5]) / 5 - sum(got[-5:]) / 5
     assert drop_ref > 0.5 and abs(drop - drop_ref) < 0.1 * drop_ref, (drop_ref, drop)  # the same trend
-    assert run["converted"] == run["eligible"] == 28
+    return worst
+
+
+def _summary_float8(stdout: str) -> str:
+    return next(line.split("float8", 1)[1].strip() for line in stdout.splitlines() if line.startswith("  float8"))
 
 
 @pytest.fixture(scope="module")
-def one_rank_plain():
-    return _script().train("none", STEPS)
-
-
-@pytest.mark.slow  # two float8 runs and a plain one, in this process: seconds each
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_one_process_float8_follows_the_plain_run(one_rank_plain, recipe):
-    run = _script().train(recipe, STEPS)
-    _assert_follows(one_rank_plain, run)
-    assert not run["all_gather"] and run["raw_types"] == ["Tensor"]
+def one_rank(tmp_path_factory):
+    """No float8, rowwise and tensorwise, eager on one fp32 process, through the gate and build_and_fit in this
+    process (the plain run keeps its last checkpoint): recipe -> (run_dir, step -> loss, start-of-run summary)."""
+    runs = {}
+    # rowwise sets inductor's emulate_precision_casts process-wide (parallel/float8.py): restored for later tests
+    with inductor_config.patch(emulate_precision_casts=inductor_config.emulate_precision_casts):
+        for recipe in ("none", "rowwise", "tensorwise"):
+            run_dir = str(tmp_path_factory.mktemp(f"float8_1rank_{recipe}") / "run")
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                got = train_in_process([*RUN, f"parallel.float8={recipe}", "checkpoint.save_at_end=true"], run_dir)
+            runs[recipe] = (run_dir, got, out.getvalue())
+    return runs
 
 
 @pytest.mark.slow
-def test_compiled_with_activation_checkpointing_follows_the_plain_run(one_rank_plain):
-    # the backend's order: float8 conversion, then checkpoint wrapper, then per-layer compile
-    run = _script().train("rowwise", STEPS, compile=True, ac="full")
-    _assert_follows(one_rank_plain, run)
-    assert run["compiled_layers"] == run["checkpointed_layers"] == 4
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_one_process_float8_follows_the_plain_run(one_rank, recipe):
+    _, ref, plain_out = one_rank["none"]
+    _, got, out = one_rank[recipe]
+    _assert_follows(ref, got)
+    n = _expected_eligible(load_config(["model=tiny"]).model)
+    assert _summary_float8(out) == (
+        f"float8 {recipe} (emulated on CPU): {n} of {n} eligible linears; lm_head and embeddings in high precision"
+    )
+    assert _summary_float8(plain_out) == "none (high-precision matmuls)"
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("float8_2ranks")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        SCRIPT,
-        "--recipes=none,tensorwise,rowwise",
-        f"--steps={STEPS}",
-        f"--save-dir={out}",
-        f"--out={out / 'results.json'}",
-    ]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    with open(out / "results.json") as f:
-        return out, {r["recipe"]: r for r in json.load(f)}
+    """rowwise and tensorwise on 2 gloo processes under torchrun (FSDP2; tensorwise all-gathers float8 weights),
+    compiled per layer with activation checkpointing; tensorwise also exports: recipe -> (run_dir, stdout)."""
+    runs = {}
+    for recipe in ("rowwise", "tensorwise"):
+        run_dir = str(tmp_path_factory.mktemp(f"float8_2ranks_{recipe}") / "run")
+        overrides = [
+            *RUN,
+            f"parallel.float8={recipe}",
+            "parallel.compile=true",
+            "parallel.activation_checkpointing=full",
+        ]
+        export = [f"checkpoint.export_at_end={str(recipe == 'tensorwise').lower()}"]
+        proc = run_train([*overrides, *export, f"run_dir={run_dir}"], nproc=2, timeout=900)
+        runs[recipe] = (run_dir, proc.stdout)
+    return runs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_two_ranks_fsdp2_float8_follows_the_plain_run(two_ranks, recipe):
-    _, runs = two_ranks
-    run = runs[recipe]
-    assert run["world_size"] == 2
-    _assert_follows(runs["none"], run)
-    if recipe == "tensorwise":
-        # every converted weight all-gathered in float8, forward and backward, every step; scales precomputed
-        assert run["all_gather"] and run["float8_all_gathers"] == {"torch.float8_e4m3fn": 28 * 2 * STEPS}
-        assert run["precomputed_scales"] == 28
-        assert "WeightWithDynamicFloat8CastTensor" in run["raw_types"]  # what plain_state_dict unwraps
-    else:
-        assert not run["all_gather"] and run["float8_all_gathers"] == {}
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_two_processes_compiled_float8_follows_the_plain_run(one_rank, two_ranks, recipe):
+    # 1 and 2 processes train the same model (tests/test_fsdp_train.py): the plain reference is the 1-process run
+    _, ref, _ = one_rank["none"]
+    run_dir, out = two_ranks[recipe]
+    _assert_follows(ref, losses(run_dir))
+    gather = ", float8 all-gather" if recipe == "tensorwise" else ""
+    assert _summary_float8(out).startswith(f"float8 {recipe}{gather} (emulated on CPU): 28 of 28 eligible linears")
+    assert "mesh dp_shard=2" in out
+
+
+# -- the scales of the float8 all-gather, after every optimizer step -----------------------------------------
+
+
+def _build_trainer(overrides, run_dir):
+    """The parts build_and_fit builds, as it builds them (train.py), without fitting: (trainer, device batches)."""
+    cfg = load_config([*RUN, *overrides, f"run_dir={run_dir}"])
+    validate(cfg, 1)
+    backend = FsdpBackend(cfg)
+    logger = MetricsLogger(cfg, enabled=True)
+    loader = build_loader(cfg.data, build_tokenizer(cfg.data), cfg.train.seq_len, cfg.train.micro_batch_size, 0, 1,
+                          cfg.train.seed)  # fmt: skip
+    model = backend.setup_model(cfg)
+    optimizer = build_optimizer(model, cfg.optim, "cpu")
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    checkpointer = Checkpointer(cfg, backend, logger.info)
+    trainer = Trainer(cfg, backend, model, optimizer, scheduler, loader, checkpointer, logger, StopSignal())
+    return trainer, backend.device_batches(iter(loader))
+
+
+def _close(trainer):
+    trainer.checkpointer.close()
+    trainer.logger.close()
+    trainer.backend.shutdown()
+
+
+def _step(trainer, batches):
+    trainer.train_step([next(batches) for _ in range(trainer.grad_accum)])
+    trainer.settle()
+
+
+def _weight_scales(model):
+    """Each float8 all-gather weight: (its precomputed scale, the scale of its current values computed here)."""
+    out = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        local = getattr(weight, "_local_tensor", None)
+        if type(local).__name__ == "WeightWithDynamicFloat8CastTensor":
+            values = float8.unwrap_weight(weight).full_tensor()
+            want = (torch.finfo(torch.float8_e4m3fn).max / values.abs().max().double().clamp(min=1e-12)).float()
+            out.append((local._precomputed_scale, want))
+    return out
 
 
 @pytest.mark.slow
-def test_float8_checkpoints_are_plain_both_ways(two_ranks, tmp_path):
-    out, runs = two_ranks
-    for recipe in ("tensorwise", "rowwise"):
-        assert runs[recipe]["state_keys"] == runs["none"]["state_keys"]  # the HF keys
-        assert runs[recipe]["plain_types"] == ["Tensor"] and runs[recipe]["optim_types"] == ["Tensor"]
-    # a float8 checkpoint loads into a plain LlamaForCausalLM in a process where torchao cannot be imported,
-    # and its HF safetensors load in transformers there
+def test_tensorwise_scales_are_precomputed_after_every_step_applied_or_skipped(tmp_path, monkeypatch):
+    """One process in bf16 is sharded (fully_shard casts), so tensorwise all-gathers float8 weights here too.
+    After each optimizer step the backend's hook leaves every weight's scale equal to its new values' scale; after
+    a step the guard skipped it runs as well (the host does not know which without a sync) and finds the same
+    scales, the weights being unchanged; and every all-gather of a converted weight carries float8."""
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    gathered = []
+    hook = WeightWithDynamicFloat8CastTensor.fsdp_pre_all_gather
+
+    @functools.wraps(hook)  # FSDP2 reads the hook's signature
+    def counted(self, *args, **kwargs):
+        out = hook(self, *args, **kwargs)
+        gathered.append(out[0][0].dtype)
+        return out
+
+    monkeypatch.setattr(WeightWithDynamicFloat8CastTensor, "fsdp_pre_all_gather", counted)
+    trainer, batches = _build_trainer(["parallel.float8=tensorwise", "parallel.mixed_precision=bf16"], tmp_path)
+    try:
+        model, backend = trainer.model, trainer.backend
+        assert backend.float8_conversion.all_gather and backend.float8_conversion.converted == 28
+        assert len(_weight_scales(model)) == 28 and all(have is None for have, _ in _weight_scales(model))
+        for _ in range(2):
+            before = [want for _, want in _weight_scales(model)]
+            _step(trainer, batches)
+            scales = _weight_scales(model)
+            assert all(torch.equal(have, want) for have, want in scales)
+            assert any(not torch.equal(want, old) for (_, want), old in zip(scales, before))  # the weights moved
+        assert gathered == [torch.float8_e4m3fn] * (28 * 2 * trainer.grad_accum * 2)  # forward and backward
+        # a step whose guard fails: the update is skipped on the device, the hook runs all the same
+        weights = {k: v.full_tensor().clone() for k, v in float8.plain_state_dict(model.state_dict()).items()}
+        before = [want for _, want in _weight_scales(model)]
+        for module in model.modules():
+            local = getattr(getattr(module, "weight", None), "_local_tensor", None)
+            if local is not None and hasattr(local, "_precomputed_scale"):
+                local._precomputed_scale = None
+        clip = backend.clip_grad_norm_
+        monkeypatch.setattr(backend, "clip_grad_norm_", lambda m, n: clip(m, n) * float("inf"))
+        _step(trainer, batches)
+        assert read_metrics(str(tmp_path))[-1]["skipped_steps"] == 1
+        after = float8.plain_state_dict(model.state_dict())
+        assert all(torch.equal(after[k].full_tensor(), v) for k, v in weights.items())
+        assert all(torch.equal(have, old) for (have, _), old in zip(_weight_scales(model), before))
+        state = backend.state_dict_for_checkpoint(model, trainer.optimizer)
+        assert {type(v.to_local()) for v in state["model"].values()} == {torch.Tensor}  # what DCP writes
+    finally:
+        _close(trainer)
+
+
+# -- checkpoints and the export hold ordinary weights ------------------------------------------------------
+
+
+def _checkpoint(run_dir):
+    ckpts = os.path.join(run_dir, "checkpoints")
+    return os.path.join(ckpts, sorted(os.listdir(ckpts))[-1])
+
+
+def _resume_and_compare(overrides, ckpt, tmp_path):
+    """Resume a run with `overrides` from `ckpt` through the Trainer; every parameter and AdamW moment it loaded
+    equals the checkpoint's, tensor by tensor; then one more step trains. Returns the model's raw tensor types."""
+    dcp_to_torch_save(ckpt, str(tmp_path / "ckpt.pt"))
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    run = [*overrides, f"checkpoint.resume={ckpt}", f"train.max_steps={STEPS + 1}"]
+    trainer, batches = _build_trainer(run, tmp_path / "resumed")
+    try:
+        trainer.maybe_resume()
+        assert trainer.step == STEPS
+        model = trainer.model
+        loaded = float8.plain_state_dict(get_model_state_dict(model))
+        full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in loaded.items()}
+        assert sorted(full) == sorted(saved["model"]) and all(torch.equal(full[k], saved["model"][k]) for k in full)
+        moments = get_optimizer_state_dict(model, trainer.optimizer)["state"]
+        for key, state in saved["optim"]["state"].items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                got = moments[key][name]
+                assert torch.equal(got.full_tensor() if hasattr(got, "full_tensor") else got, state[name]), key
+        raw = {type(getattr(v, "_local_tensor", v)).__name__ for v in model.state_dict().values()}
+        _step(trainer, batches)
+        line = read_metrics(str(tmp_path / "resumed"))[-1]
+        assert line["step"] == STEPS + 1 and line["skipped_steps"] == 0 and line["loss"] < 10
+        return raw
+    finally:
+        _close(trainer)
+
+
+@pytest.mark.slow
+def test_a_float8_checkpoint_resumes_without_float8(two_ranks, tmp_path):
+    # written by 2 processes from tensorwise's float8 all-gather weights; read by 1 plain fp32 process
+    raw = _resume_and_compare(["parallel.float8=none"], _checkpoint(two_ranks["tensorwise"][0]), tmp_path)
+    assert raw == {"Tensor"}  # no torchao weight wrapper in the plain model
+
+
+@pytest.mark.slow
+def test_a_plain_checkpoint_resumes_with_float8(one_rank, tmp_path):
+    # written by a plain fp32 process; read into tensorwise's float8 all-gather weights (bf16: sharded)
+    run = ["parallel.float8=tensorwise", "parallel.mixed_precision=bf16"]
+    raw = _resume_and_compare(run, _checkpoint(one_rank["none"][0]), tmp_path)
+    assert "WeightWithDynamicFloat8CastTensor" in raw
+
+
+@pytest.mark.slow
+def test_the_export_of_a_float8_run_loads_in_transformers_without_torchao(two_ranks):
+    """In a process where torchao cannot be imported (transformers then sees none installed): the export loads,
+    equals the run's last checkpoint tensor by tensor, and its logits are those of a plain LlamaForCausalLM holding
+    that checkpoint (read by DCP: no torchao class in it either)."""
+    run_dir = two_ranks["tensorwise"][0]
     script = textwrap.dedent(f"""
         import sys
-        sys.modules["torchao"] = None  # any import of torchao fails
+        sys.modules["torchao"] = None  # an import of torchao fails; importlib.util.find_spec says it is absent
         import torch, torch.distributed.checkpoint as dcp
         from transformers import LlamaForCausalLM
-        from lemur_torch.config import load_config
-        from lemur_torch.model import build_meta_model, hf_llama_config
-        model = build_meta_model(load_config(["model=tiny"]).model).to_empty(device="cpu")
-        state = model.state_dict()
-        dcp.load(state, checkpoint_id="{out / "tensorwise"}", no_dist=True)
-        weights = torch.load("{out / "tensorwise" / "weights.pt"}")
-        assert sorted(weights) == sorted(state)
-        assert all(torch.equal(state[k], weights[k]) for k in weights)
-        hf = LlamaForCausalLM(hf_llama_config(load_config(["model=tiny"]).model))
-        hf.load_state_dict(weights)
-        hf.save_pretrained("{tmp_path / "hf"}")
-        back = LlamaForCausalLM.from_pretrained("{tmp_path / "hf"}")
-        ids = torch.arange(3, 40).view(1, -1)
-        assert torch.equal(back(input_ids=ids).logits, hf(input_ids=ids).logits)
-        assert "torchao" not in [m.split(".")[0] for m, v in sys.modules.items() if v is not None]
-        print("plain")
+        hf = LlamaForCausalLM.from_pretrained({os.path.join(run_dir, "hf")!r})
+        ref = LlamaForCausalLM(hf.config)
+        state = {{k: torch.empty_like(v) for k, v in ref.state_dict().items()}}
+        dcp.load({{"model": state}}, checkpoint_id={_checkpoint(run_dir)!r}, no_dist=True)
+        ref.load_state_dict(state)
+        assert all(torch.equal(v, state[k]) for k, v in hf.state_dict().items())
+        ids = torch.arange(3, 67).view(1, -1)
+        with torch.no_grad():
+            assert torch.equal(hf(input_ids=ids).logits, ref(input_ids=ids).logits)
+        assert not [m for m, v in sys.modules.items() if m.split(".")[0] == "torchao" and v is not None]
+        print("plain export")
     """)
     proc = subprocess.run(
         [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=300
     )
-    assert proc.returncode == 0 and "plain" in proc.stdout, proc.stderr[-4000:]
-    # the reverse: the plain 2-rank checkpoint resumes into a float8 model whose weights are torchao's float8
-    # all-gather wrappers (FSDP2 on one process with bf16 compute), unchanged
-    loaded = _script().train("tensorwise", 0, bf16=True, load_dir=str(out / "none"), save_dir=str(tmp_path / "re"))
-    assert "WeightWithDynamicFloat8CastTensor" in loaded["raw_types"]
-    want, got = torch.load(out / "none" / "weights.pt"), torch.load(tmp_path / "re" / "weights.pt")
-    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
+    assert proc.returncode == 0 and "plain export" in proc.stdout, proc.stderr[-4000:]
 
 
-@pytest.mark.slow
+# -- mxfp8 -------------------------------------------------------------------------------------------------
+
+
 def test_mxfp8_path_runs_emulated_under_fsdp2():
     """mxfp8's conversion (torchao's emulated MX kernels: select refuses mxfp8 off Blackwell) under FSDP2 with
     bf16 compute: it trains, its first loss is the plain model's within 1%, and its state is plain."""
@@ -295,8 +523,8 @@ def test_mxfp8_path_runs_emulated_under_fsdp2():
         for recipe in ("none", "mxfp8"):
             model = build_meta_model(cfg.model)
             plan = float8.Float8Plan(recipe, emulate=True, device="CPU")
-            conversion = float8.convert(model, plan)
-            apply_fsdp(model, init_device_mesh("cpu", (1,)), cfg.parallel, MixedPrecisionPolicy(torch.bfloat16))
+            mesh, mp = init_device_mesh("cpu", (1,)), MixedPrecisionPolicy(torch.bfloat16)
+            conversion = apply_fsdp(model, mesh, cfg.parallel, mp, plan)
             model.to_empty(device="cpu")
             reset_rope_buffers(model, torch.device("cpu"))
             init_weights(model, 0, cfg.model.initializer_range)

@@ -121,6 +121,8 @@ def main(argv=None) -> int:
         cfg.parallel.backend = "fsdp"  # both backends write the same DCP keys; export on CPU/GPU
     cfg.parallel.dp_replicate, cfg.parallel.dp_shard = 1, -1
     cfg.parallel.activation_checkpointing, cfg.parallel.compile = "none", False
+    # checkpoints hold plain weights whatever the run's float8, and its recipe may need a GPU this machine lacks
+    cfg.parallel.float8 = "none"
     cfg.model.attention = "sdpa"  # exporting runs no attention, and the run's kernel may not exist here
     backend = build_backend(cfg)
     model = backend.setup_model(cfg, init_weights=False)

@@ -1,10 +1,10 @@
 """The start-of-run summary: what this run is, in one block, printed by rank 0 before the first step.
 
-Model and parameter count, processes and mesh, the attention kernel in use, the batch arithmetic, the planner's
-prediction for this configuration on these devices (lemur_torch.plan.run.predict_run), each data source with its
-share and size, the checkpoint folder, and where the run starts (fresh or resumed). Built
-from the objects the run actually uses (the built model, backend and loader), not from the config alone, so
-what it says is what runs.
+Model and parameter count, processes and mesh, the attention kernel in use, float8 (what it converted, where
+its GEMMs run), the batch arithmetic, the planner's prediction for this configuration on these devices
+(lemur_torch.plan.run.predict_run), each data source with its share and size, the checkpoint folder, and where
+the run starts (fresh or resumed). Built from the objects the run actually uses (the built model, backend and
+loader), not from the config alone, so what it says is what runs.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def run_summary(
             f"device(s); mesh {describe_mesh(getattr(backend, 'mesh', None))}; data-parallel {backend.dp_size}",
         ),
         ("attention", getattr(backend, "attention", "") or attention_kernel(model, m.attention)),
+        *([("float8", backend.float8)] if getattr(backend, "float8", "") else []),
         (
             "batch",
             f"{t.micro_batch_size} rows x {t.seq_len} tokens x {backend.dp_size} data-parallel x {grad_accum} "

@@ -280,6 +280,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.checkpointer.wait_staged()  # an asynchronous save may still be copying the weights off the device
         b.optimizer_step(self.optimizer, grads.finite)  # skipped when not finite (decided on device for XLA)
+        b.after_optimizer_step(self.model)  # whether applied or skipped: nothing is read here
         self.optimizer.zero_grad(set_to_none=True)
         packed = StepMetrics.pack(grads)  # before step_done: part of the step's graph (XLA: one graph per step)
         b.step_done()

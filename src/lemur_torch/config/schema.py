@@ -57,6 +57,15 @@ class ReduceDtype(Choice):
     bf16 = "bf16"  # half the bytes on the network; each rank's sum of its share is rounded to bf16 once
 
 
+class Float8(Choice):
+    """lemur_torch.parallel.float8: torchao float8 training of the decoder layers' linears (FSDP backend)."""
+
+    none = "none"
+    tensorwise = "tensorwise"  # one scale per tensor; FSDP2 all-gathers the weights in float8
+    rowwise = "rowwise"  # one scale per row (more accurate); weights travel in bf16
+    mxfp8 = "mxfp8"  # 32-value blocks with power-of-two scales; Blackwell (compute capability 10.x) only
+
+
 class Schedule(Choice):
     cosine = "cosine"
     constant = "constant"
@@ -152,6 +161,8 @@ class ParallelConfig:
     reshard_last_layer: bool = True
     # gradient reduce-scatter dtype under bf16 mixed precision (fp32 runs reduce in fp32)
     reduce_dtype: ReduceDtype = ReduceDtype.fp32
+    # float8 matmuls through torchao (parallel/float8.py): emulated on CPU, float8 GEMMs on CUDA 8.9+; not xla_spmd
+    float8: Float8 = Float8.none
     # xla_spmd: mesh is (fsdp, tensor); tensor axis size
     xla_tensor: int = bounded(1, ge=1)
     # xla_spmd: run the decoder layers as one torch_xla scan (trace/compile time independent of depth)

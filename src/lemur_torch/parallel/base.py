@@ -65,6 +65,7 @@ class Backend(ABC):
     num_devices: int = 1  # accelerators doing the work (MFU denominator)
     device_kind: str = "cpu"  # looked up in metrics.PEAK_FLOPS
     attention: str = ""  # the attention implementation and kernel in use, for the start-of-run log
+    float8: str = ""  # what parallel.float8 runs as (recipe, device, linears converted), for the same log
 
     @property
     def is_main(self) -> bool:
@@ -97,6 +98,12 @@ class Backend(ABC):
         guard does not cut its step into two graphs."""
         if bool(finite.item()):
             optimizer.step()
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Called after every optimizer_step, whether the guard applied the update or skipped it: the host does
+        not know which without waiting for the device. For work that depends on the new weights (the FSDP
+        backend's float8 weight scales); after a skipped update it recomputes the same values, which is
+        harmless and cheaper than a host read of the guard."""
 
     def step_done(self) -> None:
         """Called once per optimizer step after optimizer.step(): XLA cuts and runs its graph here."""

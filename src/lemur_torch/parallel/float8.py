@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from lemur_torch.errors import ConfigError
-from lemur_torch.model import clean_fqn
 
 KEY = "parallel.float8"
 RECIPES = ("none", "tensorwise", "rowwise", "mxfp8")
@@ -124,7 +123,7 @@ def eligible(module: nn.Module, fqn: str) -> bool:
     DIM_MULTIPLE. The embeddings are no nn.Linear, so they are never converted."""
     if not isinstance(module, nn.Linear) or isinstance(module, _converted_types()):
         return False
-    if clean_fqn(fqn).rsplit(".", 1)[-1] in HIGH_PRECISION:
+    if fqn.rsplit(".", 1)[-1] in HIGH_PRECISION:  # wrappers (AC, compile) add segments before the leaf only
         return False
     return module.in_features % DIM_MULTIPLE == 0 and module.out_features % DIM_MULTIPLE == 0
 

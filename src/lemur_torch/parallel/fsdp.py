@@ -2,10 +2,15 @@
 mixed-precision policy (bf16 compute, `parallel.reduce_dtype` reduce-scatters); CUDA (nccl) and CPU (gloo).
 
 A single process is the same code on a 1-rank process group, so the smoke run, the tests and a 512-GPU run
-share every line. Order of application (as in torchtitan): activation checkpointing -> compile -> fully_shard
-per decoder layer -> fully_shard of the root -> materialise shards -> init or load weights. The config rules
-(mesh, precision, attention) are fsdp_rules.py, shared with the gate; pretrained weights come through
-lemur_torch.weights, as on the XLA backend.
+share every line. Order of application (as in torchtitan): float8 conversion of the linears -> activation
+checkpointing -> compile -> fully_shard per decoder layer -> fully_shard of the root -> materialise shards ->
+init or load weights. The config rules (mesh, precision, attention, float8) are fsdp_rules.py, shared with the
+gate; pretrained weights come through lemur_torch.weights, as on the XLA backend.
+
+Float8 (`parallel.float8`, lemur_torch.parallel.float8): the conversion runs first, so the checkpoint wrapper
+and the compiled layer contain the float8 linears and fully_shard sees tensorwise's float8 all-gather weights;
+after every optimizer step `after_optimizer_step` precomputes those weights' scales; checkpoints and the HF
+export hold the plain high-precision weights (`float8.plain_state_dict`), so any run reads them.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import resource
 import shutil
 from concurrent.futures import Future
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -37,7 +42,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from lemur_torch import attention
 from lemur_torch.model import build_meta_model, full_shape_and_slices, reset_rope_buffers
 from lemur_torch.model import init_weights as init_model_weights
-from lemur_torch.parallel import fsdp_rules
+from lemur_torch.parallel import float8, fsdp_rules
 from lemur_torch.parallel.base import Backend
 from lemur_torch.parallel.checkpointing import checkpoint_layer
 from lemur_torch.parallel.process_group import init_process_group
@@ -82,6 +87,8 @@ class FsdpBackend(Backend):
         )
         self.attention_selection = fsdp_rules.select_attention(cfg, device_type)
         self.attention = self.attention_selection.summary
+        self.float8_plan = fsdp_rules.float8_plan(cfg, self.device)
+        self.float8_conversion = float8.Float8Conversion(self.float8_plan)  # the counts once setup_model ran
 
     # -- model -------------------------------------------------------------------------------------
     def setup_model(self, cfg: DictConfig, init_weights: bool = True) -> nn.Module:
@@ -99,7 +106,8 @@ class FsdpBackend(Backend):
         return model
 
     def parallelize(self, model: nn.Module, p: DictConfig) -> None:
-        apply_fsdp(model, self.mesh, p, self.mp_policy)
+        self.float8_conversion = apply_fsdp(model, self.mesh, p, self.mp_policy, self.float8_plan)
+        self.float8 = self.float8_conversion.describe()
 
     def load_hf_weights(self, model: nn.Module, name: str, model_cfg: DictConfig) -> None:
         """HF safetensors read straight into the local shards (DCP's HuggingFaceStorageReader).
@@ -153,9 +161,14 @@ class FsdpBackend(Backend):
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        self.float8_conversion.after_optimizer_step(model)
+
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict_for_checkpoint(self, model, optimizer) -> Dict[str, Any]:
-        state = {"model": get_model_state_dict(model)}
+        # plain tensors: DCP would otherwise pickle torchao's float8 weight wrappers into the checkpoint; loading
+        # into them writes the wrapped tensors in place
+        state = {"model": float8.plain_state_dict(get_model_state_dict(model))}
         if optimizer is not None:
             state["optim"] = get_optimizer_state_dict(model, optimizer)
         return state
@@ -203,7 +216,7 @@ class FsdpBackend(Backend):
     ) -> None:
         """Each rank writes its shards, then the output files are consolidated in parallel (file i on rank
         i % world): no rank ever materialises the full model."""
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
+        state = float8.plain_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)))
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         state = {k: v.to(dtype) for k, v in state.items()}
@@ -250,15 +263,24 @@ class FsdpBackend(Backend):
             dist.destroy_process_group()
 
 
-def apply_fsdp(model: nn.Module, mesh, p: DictConfig, mp_policy: MixedPrecisionPolicy) -> None:
-    """Activation checkpointing -> compile -> fully_shard per decoder layer -> fully_shard of the root.
+def apply_fsdp(
+    model: nn.Module,
+    mesh,
+    p: DictConfig,
+    mp_policy: MixedPrecisionPolicy,
+    float8_plan: Optional[float8.Float8Plan] = None,
+) -> float8.Float8Conversion:
+    """Float8 conversion -> activation checkpointing -> compile -> fully_shard per decoder layer -> fully_shard
+    of the root. Returns what the float8 conversion did (nothing without a plan: float8 `none`).
 
     fully_shard is applied only when it has work to do: sharding over more than one rank, or casting for
     mixed precision. On one process in fp32 (the CPU smoke run) it would only add a copy-in/copy-out per
     layer (about 9% of the tiny model's step on CPU, bench/trainer_overhead.py); the parameters are then
-    plain tensors, and checkpoints keep the same keys and load on any world size.
+    plain tensors, and checkpoints keep the same keys and load on any world size. Without fully_shard there is
+    no all-gather, so tensorwise float8 then skips its all-gather weight wrapper.
     """
     shard = mesh.size() > 1 or mp_policy.param_dtype is not None
+    conversion = float8.convert(model, float8_plan or float8.Float8Plan(), all_gather=shard)
     layers = model.model.layers
     for i, layer in enumerate(layers):
         layer = checkpoint_layer(layer, i, p)
@@ -270,7 +292,7 @@ def apply_fsdp(model: nn.Module, mesh, p: DictConfig, mp_policy: MixedPrecisionP
             fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
         layers[i] = layer
     if not shard:
-        return
+        return conversion
     # the root holds embeddings, final norm and lm_head; no reshard: backward needs them right away
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     # the trainer divides the loss by the global token count itself, so gradients are reduced as a plain
@@ -279,3 +301,4 @@ def apply_fsdp(model: nn.Module, mesh, p: DictConfig, mp_policy: MixedPrecisionP
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+    return conversion

@@ -1,8 +1,8 @@
 """The FSDP backend's config rules, in one place, for the gate and the backend alike: the (replicate, shard)
 mesh over the world size, the parameters' compute dtype (`parallel.mixed_precision`) and the gradients' reduce
-dtype (`parallel.reduce_dtype`), the global batch over
-the data-parallel ranks, and `model.attention` on this machine (lemur_torch.attention, the CUDA kernels'
-seam). Light: the gate runs `check_config` before any process group or model exists.
+dtype (`parallel.reduce_dtype`), the global batch over the data-parallel ranks, `model.attention` on this machine
+(lemur_torch.attention, the CUDA kernels' seam) and `parallel.float8` on this machine's device
+(lemur_torch.parallel.float8). Light: the gate runs `check_config` before any process group or model exists.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from lemur_torch import attention
 from lemur_torch.errors import ConfigError
+from lemur_torch.parallel import float8
 from lemur_torch.parallel.base import check_global_batch
 
 
@@ -55,6 +56,20 @@ def select_attention(cfg: DictConfig, device_type: str) -> attention.Selection:
     return attention.select(cfg.model.attention, device_type, param_dtype(cfg, device_type))
 
 
+def float8_plan(cfg: DictConfig, device: torch.device) -> float8.Float8Plan:
+    """`parallel.float8` on `device`: the CPU emulation there, float8 GEMMs on a CUDA GPU that has them (which
+    take bf16 operands and write bf16: the run computes in bf16), a ConfigError naming the key and the device
+    otherwise."""
+    plan = float8.select_for_device(str(cfg.parallel.float8), device, "fsdp")
+    if plan.enabled and not plan.emulate and param_dtype(cfg, device.type) != torch.bfloat16:
+        raise ConfigError(
+            float8.KEY,
+            f"float8 {plan.recipe} on {plan.device} trains in bf16 (the float8 GEMMs write bf16), but "
+            "parallel.mixed_precision is fp32: set parallel.mixed_precision=bf16 (or auto)",
+        )
+    return plan
+
+
 def check_config(cfg: DictConfig, world_size: int) -> None:
     """Every FSDP rule, for a run of `world_size` processes on this machine's device type."""
     mesh_shape(cfg, world_size)
@@ -65,3 +80,4 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
             "bf16 reduce-scatters bf16 gradients: it needs parallel.mixed_precision=bf16 (this run computes in fp32)",
         )
     select_attention(cfg, device_type())
+    float8_plan(cfg, torch.device(device_type()))

@@ -156,7 +156,7 @@ def estimate(shape: ModelShape, s: Setting, local_params: int, cuda_runtime: boo
     # a device gathers its tensor-axis share of each layer's projections (all of it on a 1-D mesh)
     layer_p = shape.layer_matmul_params / s.tensor + 2 * shape.hidden
     gathered_bytes = 2 if s.backend == "fsdp" else 4
-    if s.float8:
+    if s.float8_all_gather:
         gathered_bytes = 1 + (gathered_bytes - 1) * (2 * shape.hidden / max(layer_p, 1))
     reduce_bytes = 4 if s.reduce_dtype == "fp32" else 2
     sharded = s.sharded and s.backend == "fsdp"

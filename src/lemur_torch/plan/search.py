@@ -3,9 +3,9 @@
 Varied: micro-batch x gradient accumulation (every split of the global batch), activation checkpointing (none,
 full, every 2nd or 4th layer, and on the FSDP backend selective), the FSDP backend's HSDP shard group (a node,
 2, 4, ... nodes, or all devices), whether its last layer reshards after forward, its gradient reduce dtype and
-compile; the XLA backend's tensor axis (1, 2, 4); float8 where the device has fp8 and the config has a
-`parallel.float8` key. Each candidate says which overrides give it, and which of those the run's config does not
-have as keys (`pending`: settings the trainer does not take yet).
+compile; the XLA backend's tensor axis (1, 2, 4); `parallel.float8` (tensorwise, rowwise) where the device has
+fp8 tensor cores and the config has the key. Each candidate says which overrides give it, and which of those the
+run's config does not have as keys (`pending`: settings the trainer does not take yet).
 """
 
 from __future__ import annotations
@@ -64,13 +64,16 @@ def overrides_for(s: Setting, cluster: Cluster) -> List[str]:
     else:
         out.append(f"parallel.xla_tensor={s.tensor}")
     if s.float8:
-        out.append("parallel.float8=true")
+        out.append(f"parallel.float8={s.float8_recipe}")
     return out
 
 
 def variants(base: Setting, cluster: Cluster, float8_available: bool) -> List[Tuple]:
     """(shard group, tensor axis, policy, reshard_last, reduce dtype, compile, float8) combinations to try."""
-    fp8 = [False, True] if (float8_available and cluster.device.fp8_mamf) else [False]
+    # (float8, recipe); mxfp8 is modelled as rowwise (bf16 all-gather), so it is not searched apart
+    fp8 = [(False, "tensorwise")]
+    if float8_available and cluster.device.fp8_mamf:
+        fp8 += [(True, "tensorwise"), (True, "rowwise")]
     if base.backend == "fsdp":
         return list(
             itertools.product(
@@ -97,7 +100,7 @@ def search(
     local: Dict[Tuple[int, int], int] = {}
     found: List[Candidate] = []
     micros = micro_batches(base, cluster, global_tokens)
-    for (size, tensor, (ac, n), reshard_last, reduce, compiled, f8), micro in itertools.product(
+    for (size, tensor, (ac, n), reshard_last, reduce, compiled, (f8, recipe)), micro in itertools.product(
         variants(base, cluster, float8_available), micros
     ):
         probe = base.replace(dp_replicate=cluster.devices // size if fsdp else 1, tensor=tensor)
@@ -112,6 +115,7 @@ def search(
             reduce_dtype=reduce,
             compile=compiled,
             float8=f8,
+            float8_recipe=recipe,
         )
         plan = predict(shape, s, cluster, max_steps, local=local[size, tensor])
         if not plan.fits:

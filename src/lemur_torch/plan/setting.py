@@ -34,7 +34,8 @@ class Setting:
     reshard_after_forward: bool = True
     reshard_last: bool = True  # the last layer reshards after forward too (backward starts with it)
     compile: bool = False
-    float8: bool = False  # float8 linears (torchao tensorwise) with float8 all-gather
+    float8: bool = False  # the decoder's linears in float8 (torchao), lm_head and embeddings in bf16
+    float8_recipe: str = "tensorwise"  # with float8: tensorwise (weights all-gathered in float8) | rowwise | mxfp8
     loss_chunk: int = 1024
     loss: str = "chunked"  # chunked (lemur_torch.model.token_loss_sums) | fp32_cross_entropy
     attention: str = "flash"  # flash (no mask, K/V not expanded) | sdpa (CPU: a [B,1,S,S] mask, K/V expanded)
@@ -59,6 +60,11 @@ class Setting:
     def act_bytes(self) -> int:
         return 2 if self.param_dtype == "bf16" else 4
 
+    @property
+    def float8_all_gather(self) -> bool:
+        """FSDP2 all-gathers the float8 weights (tensorwise); rowwise and mxfp8 gather them in bf16."""
+        return self.float8 and self.float8_recipe == "tensorwise"
+
     def shard_size(self, devices: int) -> int:
         return devices // self.dp_replicate
 
@@ -75,7 +81,7 @@ class Setting:
             parts.append(f"reduce {self.reduce_dtype}")
             if not self.reshard_last:
                 parts.append("last layer kept")
-        parts += ["compile"] * self.compile + ["float8"] * self.float8
+        parts += ["compile"] * self.compile + [f"float8 {self.float8_recipe}"] * self.float8
         return ", ".join(parts)
 
     @classmethod
@@ -116,6 +122,7 @@ class Setting:
         bf16 = p.mixed_precision in ("bf16", "auto")
         xla = p.backend == "xla_spmd"
         reshard = bool(p.reshard_after_forward)
+        recipe = str(p.get("float8", "none"))
         return cls(
             seq_len=int(t.seq_len),
             micro_batch=int(micro),
@@ -128,7 +135,8 @@ class Setting:
             reshard_after_forward=reshard,
             reshard_last=reshard and bool(p.reshard_last_layer),
             compile=bool(p.compile) or xla,
-            float8=bool(p.get("float8", False)),
+            float8=recipe != "none",
+            float8_recipe=recipe if recipe != "none" else "tensorwise",
             loss_chunk=int(t.loss_chunk),
             dp_replicate=int(replicate),
             tensor=int(p.xla_tensor) if xla else 1,

@@ -5,7 +5,8 @@ Compute, per micro-batch and layer:
 - matmuls (the layer's projections; lm_head once): 2*T*K*N FLOPs forward, twice that backward, plus what the
   checkpointing policy recomputes; each timed by the roofline, max(FLOPs / (peak * matmul_fraction), bytes /
   (HBM * bandwidth_fraction)), so narrow layers are limited by their operands' traffic. float8 runs the
-  decoder's linears at the fp8 peak (twice bf16's) at the kind's fp8 MAMF, plus the casts' traffic;
+  decoder's linears at the fp8 peak (twice bf16's) at the kind's fp8 MAMF, plus the casts' traffic, for every
+  recipe alike; tensorwise also all-gathers those weights in float8 (rowwise and mxfp8 gather bf16);
 - attention as flash kernels execute it: 4*B*S^2*q_dim/2 FLOPs forward with causal masking (the blocks above
   the diagonal are skipped), 2.5 times that backward (FlashAttention-2's count), at `attention_fraction`;
 - the elementwise ops (norms, RoPE, residual adds, SwiGLU, layout copies, the loss over the vocabulary), as
@@ -156,7 +157,7 @@ def estimate(shape: ModelShape, s: Setting, cluster: Cluster, local_params: int)
     sharded = s.sharded and n_shard > 1
     layer_p = shape.layer_matmul_params / t + 2 * shape.hidden  # a device's share of the layer (tensor axis)
     gathered = (2 if s.backend == "fsdp" else 4) * layer_p
-    if fp8:
+    if fp8 and s.float8_all_gather:
         gathered = shape.layer_matmul_params / t + (gathered / layer_p) * 2 * shape.hidden
     reduced = (4 if s.reduce_dtype == "fp32" else 2) * layer_p
     nodes = min(cluster.nodes, -(-n_shard // cluster.devices_per_node))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from lemur_torch.errors import ConfigError
+from lemur_torch.parallel import float8
 from lemur_torch.parallel.base import check_global_batch
 from lemur_torch.parallel.xla import attention, tpu
 
@@ -33,6 +34,7 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
             "selective (op-level) is the FSDP backend's; xla_spmd rematerialises whole layers: use full, every_n "
             "or none",
         )
+    float8.select(str(cfg.parallel.get("float8", "none")), "xla", backend="xla_spmd")  # refused unless none
     if cfg.parallel.scan_layers and cfg.parallel.activation_checkpointing == "every_n":
         raise ConfigError(
             "parallel.activation_checkpointing",
