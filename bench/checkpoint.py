@@ -11,8 +11,17 @@ window holding a save against one without. Writes bench/results/checkpoint.json.
 Target: async blocks training < 10% as long as a synchronous save. `--smoke`: the tiny model with 512 words, one
 save per mode after 1-step windows, the commit of 8 ranks and the tiny model's state on 8 ranks, written to
 checkpoint.smoke.json.
-Scale: rank 0's commit against the number of ranks that wrote the folder (8, 64, 512: one shard and one rng file
-each), and Llama-2-70B's state per rank at 256 and 512 ranks (the host memory each rank stages per save).
+Scale (`save_costs_at_scale`): rank 0's host time per save at 8, 64 and 512 ranks, before (DCP's defaults, a
+full fsync pass at the commit) and after (cached plans, lean metadata broadcast, folders-only commit:
+lemur_torch/parallel/save_plans.py, lemur_torch/commit.py), on a fake process group (FakeStore, backend "fake")
+holding Llama-2-70B's real FSDP2 sharding on the meta device: the plan (rank 0's local plan, unpickling every
+rank's plan, the global plan, pickling every rank's final plan), the metadata (unpickling every rank's write
+results, writing .metadata, pickling what DCP broadcasts) and the commit (a folder written by N ranks: one shard
+and one rng file each). Rank 0 runs its own part for real; what the other ranks send it is made from rank 0's plan
+by FSDP2's dim-0 sharding, checked against a real rank's plan. Figures of the second save (the first is planned
+in full either way). By default 8 of the 70B's 80 decoder layers (`--scale-layers`, 0 for all): the items per
+rank shrink tenfold, the shapes, the sharding and how each figure grows with the ranks stay. Also Llama-2-70B's
+state per rank at 256 and 512 ranks (the host memory each rank stages).
 
 On this CPU-only machine the "device" is host memory: staging is a memcpy and pinned memory does not exist, so
 async_pinned is the same background staging into pageable buffers as on a GPU without the pinning; the
@@ -22,7 +31,11 @@ background write competes with training for the same cores, which the with-save 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
+import multiprocessing
 import os
+import pickle
 import platform
 import shutil
 import statistics
@@ -31,15 +44,27 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from results_io import TESTS, write_result  # bench/ is on sys.path: this script's folder
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from lemur_torch import commit
 from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import load_config
 from lemur_torch.metrics import MetricsLogger
+from lemur_torch.model import build_meta_model, clean_fqn
 from lemur_torch.optim import build_optimizer, build_scheduler
-from lemur_torch.parallel.fsdp import FsdpBackend
+from lemur_torch.parallel.fsdp import FsdpBackend, apply_fsdp
+from lemur_torch.parallel.save_plans import CachingSavePlanner, LeanMetadataWriter, drop_cache, new_cache_key
 from lemur_torch.plan.sharding import shard_on_fake_pg
 from lemur_torch.trainer import Trainer
 
@@ -70,10 +95,11 @@ class CheckpointFigures(MetricsLogger):
         return report
 
 
-def commit_cost(scratch: str, ranks: int, shard_bytes: int = 1 << 16) -> float:
-    """Seconds rank 0's commit takes (fsync of every file and folder, marker, rename, parent fsync) for a
-    checkpoint folder written by `ranks` ranks: one DCP shard file and one rng file each, plus the metadata."""
-    final = os.path.join(scratch, f"commit-{ranks}", "step_00000001")
+def commit_cost(scratch: str, ranks: int, files_synced: bool, shard_bytes: int = 1 << 16) -> float:
+    """Seconds rank 0's commit takes (fsync of the folders, and of every file unless the writers synced them;
+    marker, rename, parent fsync) for a checkpoint folder written by `ranks` ranks: one DCP shard file and one
+    rng file each, plus the metadata."""
+    final = os.path.join(scratch, f"commit-{ranks}-{files_synced}", "step_00000001")
     staging = commit.begin(final, "rename", "meta.json")
     os.makedirs(os.path.join(staging, "rng"))
     blob = os.urandom(shard_bytes)
@@ -85,8 +111,175 @@ def commit_cost(scratch: str, ranks: int, shard_bytes: int = 1 << 16) -> float:
     with open(os.path.join(staging, ".metadata"), "wb") as f:
         f.write(blob)
     t0 = time.perf_counter()
-    commit.commit(staging, final, "rename", "meta.json", b"{}")
+    commit.commit(staging, final, "rename", "meta.json", b"{}", files_synced=files_synced)
     return time.perf_counter() - t0
+
+
+# -- rank 0's save planning and metadata at scale, on a fake process group -------------------------------------
+
+
+def rank_state(model: str, ranks: int, rank: int, layers=None):
+    """Rank `rank`'s checkpointed state over `ranks` fake ranks: the model wrapped by parallel/fsdp.py's own
+    apply_fsdp on the meta device, and an AdamW state of get_optimizer_state_dict's layout (a step count and two
+    moments per parameter, the moments sharded as the parameter), nothing allocated. Needs the fake group."""
+    cfg = load_config([f"model={model}", *([f"model.num_hidden_layers={layers}"] if layers else [])])
+    mesh = init_device_mesh("cpu", (ranks,), mesh_dim_names=("dp_shard",))
+    parallel = OmegaConf.create({"activation_checkpointing": "none", "compile": False, "reshard_after_forward": True})
+    model_ = build_meta_model(cfg.model)
+    apply_fsdp(model_, mesh, parallel, MixedPrecisionPolicy())
+    params = {clean_fqn(n): p for n, p in model_.named_parameters()}
+    optim = {n: {"step": torch.tensor(1.0), "exp_avg": p, "exp_avg_sq": p} for n, p in params.items()}
+    groups = [{"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "params": list(params)}]
+    return {"model": params, "optim": {"state": optim, "param_groups": groups}}
+
+
+def local_plan(state, rank: int) -> SavePlan:
+    planner = DefaultSavePlanner()
+    planner.set_up_planner(state, is_coordinator=rank == 0)
+    return planner.create_local_plan()
+
+
+def plan_of_rank(plan0: SavePlan, rank: int, ranks: int) -> SavePlan:
+    """Rank `rank`'s local plan from rank 0's: FSDP2 shards every tensor on dim 0 in torch.chunk's pieces
+    (ceil(rows / ranks) rows each, the last ones shorter or empty); the rest is the same on every rank."""
+    items = []
+    for item in plan0.items:
+        if item.type == WriteItemType.SHARD:
+            chunk, rows = item.tensor_data.chunk, item.tensor_data.size[0]
+            per = -(-rows // ranks)
+            start = min(rank * per, rows)
+            offsets = torch.Size([start, *chunk.offsets[1:]])
+            sizes = torch.Size([max(0, min(per, rows - start)), *chunk.sizes[1:]])
+            item = dataclasses.replace(
+                item,
+                index=MetadataIndex(item.index.fqn, offsets, item.index.index),
+                tensor_data=dataclasses.replace(item.tensor_data, chunk=ChunkStorageMetadata(offsets, sizes)),
+            )
+        items.append(item)
+    return dataclasses.replace(plan0, items=items)
+
+
+def same_plan(a: SavePlan, b: SavePlan) -> bool:
+    key = lambda it: (it.index.fqn, tuple(it.index.offset or ()), it.type, it.tensor_data)  # noqa: E731
+    return [key(it) for it in a.items] == [key(it) for it in b.items]
+
+
+def write_results(plan: SavePlan, rank: int) -> list:
+    """What rank `rank` reports after writing its final plan: where each item lies in its one file."""
+    out, offset = [], 0
+    for item in plan.items:
+        if item.tensor_data is not None:
+            t = item.tensor_data
+            length = t.chunk.sizes.numel() * torch.empty((), dtype=t.properties.dtype).element_size()
+        else:
+            length = 4096
+        out.append(WriteResult(item.index, length, _StorageInfo(f"__{rank}_0.distcp", offset, length)))
+        offset += length
+    return out
+
+
+class Variant:
+    """How a save is planned and written: main's DCP defaults ("before") or this project's ("after")."""
+
+    def __init__(self, name: str):
+        self.name, self.key = name, new_cache_key()
+
+    def planner(self):
+        return DefaultSavePlanner() if self.name == "before" else CachingSavePlanner(self.key)
+
+    def writer(self, path: str):
+        return FileSystemWriter(path) if self.name == "before" else LeanMetadataWriter(path)
+
+
+def rank0_save(variant: Variant, state, sent_plans: list, sent_results: list, path: str) -> dict:
+    """One save's planning and metadata as rank 0 runs them (DCP's _save_state_dict with _DistWrapper's pickled
+    gather and scatter); `sent_plans` and `sent_results`: what ranks 1.. send it, pickled. Host seconds."""
+    planner, writer = variant.planner(), variant.writer(path)
+    t0 = time.perf_counter()
+    planner.set_up_planner(state_dict=state, storage_meta=writer.storage_meta(), is_coordinator=True)
+    writer.set_up_storage_writer(True, rank=0, use_collectives=True)
+    mine = writer.prepare_local_plan(planner.create_local_plan())
+    plans = [pickle.loads(b) for b in [pickle.dumps(mine), *sent_plans]]  # the gather: rank 0's own included
+    central, metadata = planner.create_global_plan(plans)
+    central = writer.prepare_global_plan(central)
+    scattered = [pickle.dumps(p) for p in central]
+    final = planner.finish_plan(pickle.loads(scattered[0]))
+    t1 = time.perf_counter()
+    results = [pickle.loads(b) for b in [pickle.dumps(write_results(final, 0)), *sent_results]]
+    writer.finish(metadata, results)
+    broadcast = pickle.dumps(metadata)  # DCP broadcasts the metadata to every rank once written
+    t2 = time.perf_counter()
+    pickle.loads(broadcast)
+    t3 = time.perf_counter()
+    return {
+        "plan_s": t1 - t0,
+        "metadata_s": t2 - t1,
+        "broadcast_bytes": len(broadcast),
+        "broadcast_load_s_per_rank": t3 - t2,
+        "items_on_rank0": sum(len(p.items) for p in plans),
+        "final_plan": final,
+    }
+
+
+def real_plan(model: str, ranks: int, rank: int, layers=None) -> bytes:
+    """Rank `rank`'s own local plan, pickled. Run in a fresh (forked) process: FSDP2 reuses the device mesh of
+    an earlier wrap of the same shape, so a second wrap in one process would plan as the first rank did."""
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=ranks)
+    try:
+        return pickle.dumps(local_plan(rank_state(model, ranks, rank, layers), rank))
+    finally:
+        dist.destroy_process_group()
+
+
+def forked(fn, *args):
+    """fn(*args) in a forked child process of its own; its (picklable) result."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=lambda: send.send(fn(*args)))
+    child.start()
+    result = receive.recv()
+    child.join()
+    return result
+
+
+def save_costs_at_scale(model: str, ranks_list, scratch: str, layers=None) -> dict:
+    """Rank 0's host time per save at each number of ranks, before and after (module docstring)."""
+    out = {}
+    ranks = min(ranks_list)
+    real = {r: pickle.loads(forked(real_plan, model, ranks, r, layers)) for r in (0, 1, ranks - 1)}
+    for r in (1, ranks - 1):  # the plans derived from rank 0's are the ranks' own
+        assert same_plan(real[r], plan_of_rank(real[0], r, ranks)), f"rank {r}'s plan differs from the derived one"
+    for ranks in ranks_list:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
+        state = rank_state(model, ranks, 0, layers)
+        plan0 = local_plan(state, 0)
+        assert same_plan(plan0, plan_of_rank(plan0, 0, ranks)), f"rank 0 of {ranks} is not sharded as expected"
+        full = [pickle.dumps(plan_of_rank(plan0, r, ranks)) for r in range(1, ranks)]
+        unchanged = [pickle.dumps(SavePlan([], usable=False))] * (ranks - 1)
+        row = {}
+        for name in ("before", "after"):
+            variant, results = Variant(name), None
+            saves = []
+            for n in range(2):
+                # ranks 1.. send their full plans, except to a caching planner once it has them (DCP's own rule)
+                sent = unchanged if (name == "after" and n > 0) else full
+                if results is None:  # every rank's write results; the same at every save
+                    global_plans, _ = DefaultSavePlanner().create_global_plan([plan0, *(pickle.loads(b) for b in full)])
+                    results = [pickle.dumps(write_results(global_plans[r], r)) for r in range(1, ranks)]
+                    del global_plans
+                path = os.path.join(scratch, f"scale-{ranks}-{name}-{n}")
+                saves.append(rank0_save(variant, state, sent, results, path))
+                saves[-1].pop("final_plan")
+                shutil.rmtree(path, ignore_errors=True)
+                gc.collect()
+            drop_cache(variant.key)
+            row[name] = {"first_save": saves[0], "next_saves": saves[1]}
+            row[name]["next_saves"]["commit_s"] = commit_cost(scratch, ranks, files_synced=name == "after")
+        dist.destroy_process_group()
+        out[ranks] = row
+        del full, unchanged, state, plan0
+        gc.collect()
+    return out
 
 
 def state_per_rank(model: str, world_size: int) -> float:
@@ -105,12 +298,45 @@ def timed_steps(trainer: Trainer, batches, n: int) -> float:
     return time.perf_counter() - t0
 
 
+def print_scale(model: str, at_scale: dict) -> None:
+    """Rank 0's host time per save (the figures of the second save) at each number of ranks, before and after,
+    and each figure's growth against the fewest ranks."""
+    base = min(at_scale)
+    print(f"rank 0's host time per save (after the first), {model} state on a fake process group:")
+    print(
+        f"{'ranks':>6} {'items':>9} {'plan before':>12} {'after':>8} {'metadata':>9} {'after':>8} "
+        f"{'broadcast MB':>13} {'after':>8} {'commit before':>14} {'after':>8}"
+    )
+    for n, row in sorted(at_scale.items()):
+        b, a = row["before"]["next_saves"], row["after"]["next_saves"]
+        print(
+            f"{n:>6} {b['items_on_rank0']:>9,} {b['plan_s']:11.3f}s {a['plan_s']:7.3f}s {b['metadata_s']:8.3f}s "
+            f"{a['metadata_s']:7.3f}s {b['broadcast_bytes'] / 1e6:13.2f} {a['broadcast_bytes'] / 1e6:8.3f} "
+            f"{b['commit_s']:13.3f}s {a['commit_s']:7.3f}s"
+        )
+    for key, what in (("plan_s", "plan"), ("metadata_s", "metadata"), ("commit_s", "commit")):
+        for name in ("before", "after"):
+            ref = at_scale[base][name]["next_saves"][key]
+            ratios = ", ".join(
+                f"{n}: x{row[name]['next_saves'][key] / ref:.2f}" for n, row in sorted(at_scale.items()) if n != base
+            )
+            print(f"  {what} {name}: vs {base} ranks {ratios}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--window", type=int, default=4, help="steps per window")
     ap.add_argument("--saves", type=int, default=3, help="saves per mode")
     ap.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary folder)")
     ap.add_argument("--smoke", action="store_true", help="seconds: the tiny model, one save per mode of 1-step windows")
+    ap.add_argument("--scale-model", default="llama2_70b", help="the model whose state is planned at 8/64/512 ranks")
+    ap.add_argument(
+        "--scale-layers",
+        type=int,
+        default=8,
+        help="decoder layers of that model (0: all); 8 of the 70B's 80 keep DCP's default planning at 512 ranks "
+        "(156k items on rank 0, a tenth of the real 1.5M) within minutes and a few GB",
+    )
     args = ap.parse_args(argv)
     if args.smoke:
         args.window, args.saves = 1, 1
@@ -175,8 +401,13 @@ def main(argv=None) -> int:
             "steps_per_s_with_save": args.window / statistics.median(with_save),
         }
     backend.shutdown()
+    scale_model = "tiny" if args.smoke else args.scale_model
+    scale_ranks = (8,) if args.smoke else (8, 64, 512)
+    scale_layers = None if args.smoke else (args.scale_layers or None)
+    at_scale = save_costs_at_scale(scale_model, scale_ranks, scratch, scale_layers)
     scale = {
-        "commit_s_by_ranks": {n: commit_cost(scratch, n) for n in ((8,) if args.smoke else (8, 64, 512))},
+        "save_model": scale_model + (f" ({scale_layers} layers)" if scale_layers else ""),
+        "save_costs_by_ranks": at_scale,
         "state_model": "tiny" if args.smoke else "llama2_70b",
         "state_gb_per_rank": {
             n: state_per_rank("tiny", n) if args.smoke else state_per_rank("llama2_70b", n)
@@ -207,10 +438,7 @@ def main(argv=None) -> int:
         f"async blocks training {100 * results['async']['blocked_vs_sync']:.1f}% (async_pinned "
         f"{100 * results['async_pinned']['blocked_vs_sync']:.1f}%) as long as a synchronous save (target < 10%)"
     )
-    print(
-        "rank 0's commit (fsync of every file, marker, rename) of a folder written by N ranks: "
-        + ", ".join(f"N={n}: {t * 1e3:.0f} ms" for n, t in scale["commit_s_by_ranks"].items())
-    )
+    print_scale(scale["save_model"], at_scale)
     print(
         f"{scale['state_model']} state staged per rank per save (fp32 weights + Adam moments, FSDP2 sharding on a "
         "fake group): "

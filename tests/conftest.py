@@ -103,6 +103,22 @@ def train_in_process(overrides: List[str], run_dir: str, sources: Optional[dict]
     return losses(run_dir)
 
 
+def children(pid: int) -> List[int]:
+    """pids of the live processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError, IndexError):
+            continue
+        if int(ppid) == pid and state != "Z":
+            found.append(int(entry))
+    return found
+
+
 def read_metrics(run_dir: str) -> List[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from conftest import children
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 MAX_STEPS = 20
@@ -127,18 +129,13 @@ def checkpoints(run_dir: Path) -> list[str]:
 def worker_pids(agent_pid: int) -> dict[int, int]:
     """rank -> pid of the worker processes a torchrun agent started (its children)."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in children(agent_pid):
         try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid != agent_pid:
-                continue
-            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
-        except (OSError, ValueError, IndexError):
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+        except OSError:
             continue
         if "RANK" in env:
-            found[int(env["RANK"])] = int(entry.name)
+            found[int(env["RANK"])] = pid
     return found
 
 

@@ -286,6 +286,67 @@ def test_torch_varlen_adapter_maps_flash_attn_arguments(monkeypatch):
     assert seen == {"scale": 0.5, "window_size": (-1, 0), "enable_gqa": True, "max_q": 4}
 
 
+# torch.nn.attention.varlen.varlen_attn as released (read from the torch 2.10.0, 2.11.0 and 2.12.0 wheels)
+def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    raise AssertionError("a stand-in: selection must read its signature, never call it")
+
+
+def varlen_attn_2_11(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)
+):
+    raise AssertionError("a stand-in: selection must read its signature, never call it")
+
+
+def varlen_attn_2_12(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+    seqused_k=None,
+    block_table=None,
+    num_splits=None,
+):
+    raise AssertionError("a stand-in: selection must read its signature, never call it")
+
+
+@pytest.mark.parametrize(
+    "stand_in, need",
+    [(varlen_attn_2_10, "2.12"), (varlen_attn_2_11, "2.12"), (varlen_attn_2_12, None)],
+)
+def test_torch_varlen_too_old_is_a_config_error_at_selection(monkeypatch, stand_in, need):
+    """A CUDA node without flash-attn falls back to torch's varlen_attn: a torch whose varlen_attn lacks a keyword
+    the adapter passes fails when model.attention is resolved, naming the torch it needs; `auto` takes sdpa."""
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", stand_in)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    real_find_spec = __import__("importlib").util.find_spec
+    monkeypatch.setattr(
+        "importlib.util.find_spec", lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a)
+    )
+    if need is None:
+        assert attention.find_kernel("flash", "cuda").key == "torch_varlen"
+        assert attention.select("flash", "cuda", torch.bfloat16).impl == "flash"
+        assert attention.select("auto", "cuda", torch.bfloat16).impl == "flash"
+        return
+    assert attention.find_kernel("flash", "cuda") is None
+    with pytest.raises(ConfigError) as err:
+        attention.select("flash", "cuda", torch.bfloat16)
+    line = err.value.one_line()
+    assert "\n" not in line and "'model.attention'" in line and f"torch >= {need}" in line, line
+    assert "enable_gqa" in line and ("window_size" in line) == (stand_in is varlen_attn_2_10), line
+    assert attention.select("auto", "cuda", torch.bfloat16).impl == "sdpa"
+
+
 # -- peak FLOP/s ----------------------------------------------------------------------------------------
 
 

@@ -16,8 +16,10 @@ from omegaconf import OmegaConf
 
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
+from lemur_torch.data import loader as loader_module
 from lemur_torch.data.resume import merge_states
 from lemur_torch.data.schema import DataConfig
+from lemur_torch.data.stream import ignore_stop_signals
 from lemur_torch.errors import BadInputError, DataConfigError
 from lemur_torch.tokenizer import build_tokenizer, load_tokenizer
 
@@ -337,3 +339,23 @@ def test_hf_datasets_sources_with_renamed_fields(tmp_path, tok):
         seen.append(expected[tok.decode(ids)])
         assert loader.domain_names[int(row[3, 0])] == {"orca": "openorca", "share": "sharegpt"}[seen[-1][0]]
     assert sorted(seen) == sorted(expected.values())  # one padded row each: 16 rows = one epoch of both
+
+
+def test_chat_workers_ignore_stop_signals(files, tok, monkeypatch):
+    """The chat loader reads through the packed mixture loader's DataLoader, whose workers ignore the signals that
+    stop a run (tests/test_data_loader.py sends them to real workers)."""
+    made = {}
+
+    class Made(Exception):
+        pass
+
+    def data_loader(dataset, **kwargs):
+        made.update(kwargs)
+        raise Made  # no processes: what the loader asked for is the point
+
+    monkeypatch.setattr(loader_module, "DataLoader", data_loader)
+    loader = build_loader(make_cfg(files, num_workers=2), tok, SEQ, B, 0, 1, seed=3)
+    assert type(loader).__name__ == "ChatLoader"
+    with pytest.raises(Made):
+        next(iter(loader))
+    assert made["num_workers"] == 2 and made["worker_init_fn"] is ignore_stop_signals, made

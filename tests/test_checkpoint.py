@@ -18,7 +18,7 @@ from lemur_torch import commit
 from lemur_torch import trainer as trainer_lib
 from lemur_torch.checkpoint import META, STEP_DIR, Checkpointer, read_meta, scan_checkpoints
 from lemur_torch.config import load_config
-from lemur_torch.errors import ConfigError
+from lemur_torch.errors import ConfigError, Preempted
 from lemur_torch.export import EXPORT_MARKER, check_export_target
 from lemur_torch.metrics import MetricsLogger
 from lemur_torch.optim import apply_config_on_resume, build_optimizer, build_scheduler, lr_lambda
@@ -105,11 +105,12 @@ def _checkpointer(cfg, backend, tmp_path, **ckpt):
 def test_every_file_and_folder_is_fsynced_before_the_commit(parts, tmp_path, monkeypatch, mode, async_mode):
     cfg, backend, model, optimizer, scheduler = parts
     events = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
     monkeypatch.setattr(
         os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1]
     )
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b))[1])
     ckpt = _checkpointer(cfg, backend, tmp_path, commit=mode, async_mode=async_mode)
     ckpt.save(7, model, optimizer, scheduler, ListLoader(), {"step": 7, "tokens_seen": 0, "run_id": ckpt.run_id})
     ckpt.wait()
@@ -118,7 +119,12 @@ def test_every_file_and_folder_is_fsynced_before_the_commit(parts, tmp_path, mon
     staging = final if mode == "marker" else tmp_path / "ckpt" / ".tmp-step_00000007"
     written = [p for p in final.rglob("*")] + [final]
     assert {"meta.json", "extra_state.pt", "config.yaml", ".metadata", "rng"} <= {p.name for p in written}
-    synced = [e[1] for e in events if e[0] == "fsync"]
+    synced = []
+    for e in events:
+        if e[0] == "fsync":
+            synced.append(e[1])
+        elif e[0] == "rename" and e[1] in synced:  # fsynced, then renamed into place (DCP's .metadata)
+            synced.append(e[2])
     marker_at = synced.index(str(staging / META))
     for p in written:
         if p.name != META:
@@ -402,3 +408,80 @@ def test_one_step_late_read_keeps_guard_and_schedule_exact(parts, monkeypatch):
     assert len(set(expected)) > 2, "the warmup must make the lrs differ, or the test proves nothing"
     assert t.skipped_steps == 3 and t.consecutive_nonfinite == 0
     assert scheduler.state_dict()["last_epoch"] == ref.state_dict()["last_epoch"] == 3
+
+
+class LossLog(MetricsLogger):
+    """A logger that keeps each step's loss and writes nothing."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg, enabled=False)
+        self.losses = {}
+
+    def log_step(self, metrics):
+        self.losses[metrics["step"]] = metrics["loss"]
+
+
+@pytest.mark.parametrize(
+    "async_mode,when", [("none", "in the save call"), ("async", "in the save call"), ("async", "in the next step")]
+)
+def test_a_stop_during_a_save_ends_the_run_on_that_save_and_resumes_exactly(
+    parts, tmp_path, monkeypatch, async_mode, when
+):
+    """A stop signal that comes while step 2's scheduled checkpoint is being saved (during the save call, or while
+    an asynchronous save is still written in the background as step 3 trains): the run ends on that checkpoint,
+    committed when fit returns, without saving again; resumed from it, steps 3 and 4 have the losses of a run
+    that was never stopped."""
+    cfg, backend, model, _, _ = parts
+    cfg = OmegaConf.merge(
+        cfg,
+        {
+            "train": {"max_steps": 4},
+            "log": {"every_steps": 1},
+            "checkpoint": {"every_steps": 2, "dir": str(tmp_path / "ckpt"), "async_mode": async_mode},
+        },
+    )
+    # the commit comes 2 s after the data (in the background when asynchronous): longer than a tiny step
+    monkeypatch.setenv("LEMUR_TEST_SAVE_DELAY_S", "2")
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ids = [torch.arange(s, s + cfg.train.seq_len).repeat(cfg.train.micro_batch_size, 1) for s in (3, 300, 70)]
+
+    def trainer(run_cfg, stop):
+        model.load_state_dict(initial)
+        model.zero_grad(set_to_none=True)  # the fixture's backward left gradients
+        optimizer = build_optimizer(model, run_cfg.optim, "cpu")
+        scheduler = build_scheduler(optimizer, run_cfg.optim, run_cfg.train.max_steps)
+        ckpt = Checkpointer(run_cfg, backend, log=lambda m: None)
+        loader = ListLoader([contract_batch(i) for i in ids])
+        return trainer_lib.Trainer(
+            run_cfg, backend, model, optimizer, scheduler, loader, ckpt, LossLog(run_cfg), stop=stop
+        )
+
+    ref = trainer(OmegaConf.merge(cfg, {"checkpoint": {"every_steps": 0, "dir": str(tmp_path / "ref")}}), None)
+    ref.fit()
+    stop = trainer_lib.StopSignal()
+    t = trainer(cfg, stop)
+    saved, real_save, real_step = [], t.checkpointer.save, t.train_step
+
+    def save(step, *args):
+        saved.append(step)
+        final = real_save(step, *args)
+        stop.requested = when == "in the save call"  # asynchronous: the data is still being written
+        return final
+
+    def train_step(*args, **kwargs):
+        real_step(*args, **kwargs)
+        stop.requested = stop.requested or (when == "in the next step" and t.step == 3)
+
+    monkeypatch.setattr(t.checkpointer, "save", save)
+    monkeypatch.setattr(t, "train_step", train_step)
+    with pytest.raises(Preempted) as stopped:
+        t.fit()
+    assert stopped.value.step == 2 and saved == [2], (stopped.value.step, t.step, saved)
+    assert [c.step for c in scan_checkpoints(str(tmp_path / "ckpt"))] == [2], "committed before fit returned"
+    resumed = trainer(cfg, trainer_lib.StopSignal())
+    resumed.fit()
+    assert resumed.resumed_from is not None and resumed.step == 4
+    assert [resumed.logger.losses[s] for s in (3, 4)] == [ref.logger.losses[s] for s in (3, 4)], (
+        resumed.logger.losses,
+        ref.logger.losses,
+    )

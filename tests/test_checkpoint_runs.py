@@ -3,16 +3,26 @@ the resume choice, the edges of a resume), asynchronous and synchronous saves gi
 resume on 3 ranks, which split the 32000-row vocabulary unevenly."""
 
 import glob
+import os
+import pickle
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import FAST, losses, read_metrics, run_train
+from fakes import ListLoader, contract_batch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from lemur_torch.checkpoint import read_meta
+from lemur_torch.checkpoint import Checkpointer, read_meta, scan_checkpoints
 from lemur_torch.config import load_config
-from lemur_torch.optim import lr_lambda
+from lemur_torch.metrics import MetricsLogger
+from lemur_torch.optim import build_optimizer, build_scheduler, lr_lambda
+from lemur_torch.parallel import save_plans
+from lemur_torch.parallel.fsdp import FsdpBackend
+from lemur_torch.trainer import StopSignal, Trainer
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -113,10 +123,22 @@ def _assert_same(a, b, where="checkpoint"):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow
 def test_async_and_sync_saves_give_the_same_checkpoint_and_resume(tmp_path):
     common = [*FAST, "train.max_steps=4", "checkpoint.every_steps=2", "train.micro_batch_size=1"]
-    # async: step 2 is written in the background while steps 3 and 4 train
-    run_train([*common, f"run_dir={tmp_path / 'async'}", "checkpoint.async_mode=async"], nproc=2)
+    # async: step 2 is written in the background while steps 3 and 4 train; it is the run's second save (every
+    # step is saved), planned from the plans cached at the first (parallel/save_plans.py), while the synchronous
+    # run plans its step 2, its first save, in full
+    run_train(
+        [
+            *common,
+            f"run_dir={tmp_path / 'async'}",
+            "checkpoint.async_mode=async",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep_last=4",  # step 2's is compared below
+        ],
+        nproc=2,
+    )
     run_train([*common, f"run_dir={tmp_path / 'sync'}", "checkpoint.async_mode=none", "train.stop_at_step=2"], nproc=2)
     a, s = (tmp_path / m / "checkpoints" / "step_00000002" for m in ("async", "sync"))
     flat_a, flat_s = _flat_checkpoint(a, tmp_path), _flat_checkpoint(s, tmp_path)
@@ -136,6 +158,59 @@ def test_async_and_sync_saves_give_the_same_checkpoint_and_resume(tmp_path):
     )
     ref, got = losses(str(tmp_path / "async")), losses(str(tmp_path / "resumed"))
     assert sorted(got) == [3, 4] and [got[s] for s in (3, 4)] == [ref[s] for s in (3, 4)], (got, ref)
+
+
+def _async_saves_rank(rank, size, port, run_dir, out):
+    """One rank of a 2-rank gloo run saving asynchronously at every step: which process groups it creates when
+    (`dist.new_group`, wrapped), and on rank 0 how many ranks sent DCP a plan at each save."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    phase, groups, usable = ["build"], [], []
+    new_group, create_global_plan = dist.new_group, save_plans.CachingSavePlanner.create_global_plan
+    dist.new_group = lambda *a, **k: (groups.append(phase[0]), new_group(*a, **k))[1]
+    save_plans.CachingSavePlanner.create_global_plan = lambda self, plans: (
+        usable.append(sum(p.usable for p in plans)),
+        create_global_plan(self, plans),
+    )[1]
+    cfg = load_config(
+        [*FAST, f"run_dir={run_dir}", "train.max_steps=4", "checkpoint.every_steps=1", "checkpoint.async_mode=async"]
+    )
+    backend = FsdpBackend(cfg)
+    try:
+        model = backend.setup_model(cfg)
+        optimizer = build_optimizer(model, cfg.optim, "cpu")
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+        ids = torch.arange(3, 3 + cfg.train.seq_len).repeat(cfg.train.micro_batch_size, 1)
+        ckpt = Checkpointer(cfg, backend, log=lambda m: None)
+        logger = MetricsLogger(cfg, enabled=False)
+        trainer = Trainer(
+            cfg, backend, model, optimizer, scheduler, ListLoader([contract_batch(ids)]), ckpt, logger, StopSignal()
+        )
+        phase[0] = "fit"
+        trainer.fit()
+    finally:
+        backend.shutdown()
+    with open(os.path.join(out, f"{rank}.pkl"), "wb") as f:
+        pickle.dump({"groups": groups, "usable": usable}, f)
+
+
+@pytest.mark.slow
+def test_async_saves_make_their_group_at_start_and_plan_once(tmp_path):
+    """2 gloo ranks saving asynchronously at steps 1 to 4: the save group is made when the Checkpointer is,
+    before the first step (no `dist.new_group` inside fit), and only the first save is planned from the ranks'
+    plans: at the later ones no rank sends one (DCP's plan caching)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the children inherit the imported torch (spawn would re-import it: slow on 2 cores)
+    mp.start_processes(
+        _async_saves_rank, args=(2, port, str(tmp_path / "run"), str(tmp_path)), nprocs=2, start_method="fork"
+    )
+    got = [pickle.load(open(tmp_path / f"{r}.pkl", "rb")) for r in range(2)]
+    for rank, g in enumerate(got):
+        assert "build" in g["groups"] and "fit" not in g["groups"], (rank, g["groups"])
+    assert got[0]["usable"] == [2, 0, 0, 0], got[0]["usable"]
+    assert got[1]["usable"] == [], "rank 1 is no coordinator"
+    assert scan_checkpoints(str(tmp_path / "run" / "checkpoints"))[-1].step == 4
 
 
 # -- resharding over 3 ranks ---------------------------------------------------------------------------------

@@ -7,11 +7,14 @@ local rows j (the partition documented in loader.py); every other run must reass
 import json
 import os
 import pickle
+import signal
 import sysconfig
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import children
 from fakes import global_stream, rows_of, same
 from omegaconf import OmegaConf
 
@@ -159,6 +162,31 @@ def test_state_dict_under_gloo_is_identical_on_every_rank_and_resumes(corpus, to
     _, rest = run(make_cfg(corpus), tok, 0, 1, 4, got[0]["state"])
     stream = global_stream([g["rows"] for g in got]) + rest
     assert same(stream, reference[: len(stream)])
+
+
+@pytest.mark.slow
+def test_workers_ignore_stop_signals(corpus, tok, reference):
+    """Slurm and torchrun signal every process of a job, DataLoader workers included: the workers live on (the
+    trainer owns the shutdown), and the stream goes on exactly, where a killed worker would make it raise."""
+    before = set(children(os.getpid()))
+    loader = build_loader(make_cfg(corpus, num_workers=2), tok, SEQ, B, 0, 1, seed=7)
+    batches = iter(loader)
+    rows = rows_of(next(batches))
+    workers = set(children(os.getpid())) - before
+    assert len(workers) == 2, workers
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for pid in workers:
+            os.kill(pid, sig)
+    time.sleep(1.0)  # a worker that died of it is reaped by now, and the next batch would raise
+    for _ in range(9):
+        rows += rows_of(next(batches))
+    assert set(children(os.getpid())) - before == workers
+    assert same(rows, reference[: len(rows)])
+    del batches  # the DataLoader ends its workers (its own shutdown, not a signal)
+    deadline = time.monotonic() + 30
+    while set(children(os.getpid())) & workers and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not set(children(os.getpid())) & workers
 
 
 @pytest.mark.parametrize("prefetch_threads,read_chars", [(0, 4000), (1, 100), (0, 1 << 16)])

@@ -1,8 +1,9 @@
 """launch/slurm/cpu_test.sbatch on a real one-node Slurm (tests/slurm_cluster.py): the job completes and leaves a
 checkpoint and an HF export; preempted with `scancel --batch --signal=USR1` (what `--signal=B:USR1@...` sends
 before the time limit) it checkpoints, requeues itself, resumes, and ends with the uninterrupted run's loss;
-cancelled with a plain `scancel` (SIGTERM everywhere) it still checkpoints, and stays cancelled; a rank that
-stops responding ends the job step through the step watchdog, and the job requeues itself as after a crash and
+cancelled with a plain `scancel`, or stopped by its time limit (SIGTERM to every process, DataLoader workers
+included), it still checkpoints, stays ended, and a job continuing the run resumes exactly; a rank that stops
+responding ends the job step through the step watchdog, and the job requeues itself as after a crash and
 resumes from its newest checkpoint.
 
 The cluster needs root and Debian packages (slurm-wlm, munge); where they cannot be installed the tests skip
@@ -48,8 +49,9 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-def submit(cluster, submit_dir: Path, *overrides: str, **env_extra: str) -> tuple[int, Path]:
-    """sbatch the CPU job script from `submit_dir` as a user would; returns the job id and its run folder."""
+def submit(cluster, submit_dir: Path, *overrides: str, sbatch_options=(), **env_extra: str) -> tuple[int, Path]:
+    """sbatch the CPU job script from `submit_dir` as a user would (`sbatch_options` before the script, overriding
+    its #SBATCH lines); returns the job id and its run folder (RUN_DIR in `env_extra`: a job continuing that run)."""
     env = train_env(
         LEMUR_HOME=str(REPO), MASTER_PORT=str(free_port()), SLURM_CONF=cluster.env["SLURM_CONF"], **env_extra
     )
@@ -59,9 +61,9 @@ def submit(cluster, submit_dir: Path, *overrides: str, **env_extra: str) -> tupl
         env["MASTER_ADDR"] = "127.0.0.1"  # a container whose own hostname does not resolve
     # the script names its experiment (EXPERIMENT, default smoke); the rest are overrides
     args = [a for a in TRAIN_ARGS if not a.startswith("experiment=")]
-    out = cluster.run("sbatch", "--parsable", str(SBATCH), *args, *overrides, env=env, cwd=submit_dir)
+    out = cluster.run("sbatch", "--parsable", *sbatch_options, str(SBATCH), *args, *overrides, env=env, cwd=submit_dir)
     job = int(out.stdout.strip().split(";")[0])
-    return job, submit_dir / "runs" / f"lemur-cpu-test-{job}"
+    return job, Path(env_extra.get("RUN_DIR", submit_dir / "runs" / f"lemur-cpu-test-{job}"))
 
 
 def job_output(submit_dir: Path, job: int, run_dir: Path) -> str:
@@ -132,18 +134,54 @@ def test_slurm_preempt_requeues_and_resumes_to_same_loss(cluster, tmp_path):
     )
 
 
-def test_slurm_sigterm_checkpoints_and_cancel_stays_cancelled(cluster, tmp_path):
-    """A plain `scancel` (SIGTERM to every process, as on Slurm preemption or the time limit): the trainer still
-    checkpoints the step it was on before the job ends, and a cancelled job is not requeued."""
-    job, run_dir = submit(cluster, tmp_path, "checkpoint.export_at_end=false")
+@pytest.mark.slow
+def test_slurm_sigterm_and_time_limit_checkpoint_and_resume_exactly(cluster, tmp_path):
+    """SIGTERM to every process of the job, DataLoader workers included (data.num_workers=2, as the 70B runs
+    have), checkpoints the step reached and ends the job without a requeue: first a plain `scancel` (as on
+    Slurm preemption), then the time limit of a job continuing the run (RUN_DIR, slowed down so that the limit
+    comes mid-run, and without the USR1 warning so that SIGTERM is all it gets). A third job completes the run,
+    and every step's loss is the uninterrupted run's (which has no workers: the stream does not depend on them)."""
+    workers = "data.num_workers=2"
+    job, run_dir = submit(cluster, tmp_path, "checkpoint.export_at_end=false", workers)
     wait_for(lambda: last_logged_step(run_dir) >= 3, 300, "step 3 of the Slurm job", log=run_dir / "logs" / "task0.log")
     cluster.run("scancel", str(job))
     info = cluster.wait_state(job, FINAL, timeout=120)
     out = job_output(tmp_path, job, run_dir)
     assert info["JobState"] == "CANCELLED" and int(info["Restarts"]) == 0, f"{info}\n{out}"
-    stopped_at = last_logged_step(run_dir)
-    assert 3 <= stopped_at < MAX_STEPS
-    assert checkpoints(run_dir)[-1] == f"step_{stopped_at:08d}", out
+    assert "2 worker(s) per rank" in (run_dir / "logs" / "task0.log").read_text(), out
+    cancelled_at = last_logged_step(run_dir)
+    assert 3 <= cancelled_at < MAX_STEPS
+    assert checkpoints(run_dir)[-1] == f"step_{cancelled_at:08d}", out
+
+    # a minute's limit; 5 s per step: the 17 or so steps left take longer than the limit plus Slurm's 30 s check
+    limit_options = ("--time=1", "--signal=B:URG@10")  # URG in place of the script's USR1 warning: ignored
+    job2, _ = submit(
+        cluster,
+        tmp_path,
+        "checkpoint.export_at_end=false",
+        workers,
+        sbatch_options=limit_options,
+        RUN_DIR=str(run_dir),
+        LEMUR_TEST_STEP_DELAY_S="5",
+    )
+    info = cluster.wait_state(job2, FINAL, timeout=300)
+    out = job_output(tmp_path, job2, run_dir)
+    assert info["JobState"] == "TIMEOUT" and int(info["Restarts"]) == 0, f"{info}\n{out}"
+    timed_out_at = last_logged_step(run_dir)
+    assert cancelled_at < timed_out_at < MAX_STEPS, out
+    assert checkpoints(run_dir)[-1] == f"step_{timed_out_at:08d}", out
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{cancelled_at:08d}'}" in out, out
+
+    job3, _ = submit(cluster, tmp_path, "checkpoint.export_at_end=false", workers, RUN_DIR=str(run_dir))
+    info = cluster.wait_state(job3, FINAL, timeout=420)
+    out = job_output(tmp_path, job3, run_dir)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{out}"
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{timed_out_at:08d}'}" in out, out
+    diff = assert_curves_match(losses(run_dir), two_process_reference(), tol=1e-6)
+    print(
+        f"Slurm, data.num_workers=2: scancel at step {cancelled_at} (CANCELLED), time limit at step {timed_out_at} "
+        f"(TIMEOUT), then COMPLETED; steps 1-{MAX_STEPS} vs uninterrupted: max |loss diff| {diff:.2e}"
+    )
 
 
 def test_slurm_hung_rank_requeues_and_resumes(cluster, tmp_path):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 CHOICES = ("auto", "sdpa", "flex", "flash")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 ALL_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+# the keywords _torch_varlen passes, and the torch release whose varlen_attn first takes each (2.10: none of them)
+TORCH_VARLEN_KWARGS = {"scale": (2, 11), "window_size": (2, 11), "enable_gqa": (2, 12)}
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,9 @@ def _flash_kernel(device_type: str) -> Optional[Kernel]:
             flash_attn.flash_attn_varlen_func,
             LOW_PRECISION,
         )
-    if importlib.util.find_spec("torch.nn.attention.varlen") is None or torch.cuda.get_device_capability()[0] < 8:
-        return None  # torch's FlashAttention-2 needs Ampere or newer
+    varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    if not varlen or torch.cuda.get_device_capability()[0] < 8 or torch_varlen_mismatch():
+        return None  # torch's FlashAttention-2 needs Ampere or newer, and a varlen_attn taking our keywords
     version = "FlashAttention-2"
     if torch.cuda.get_device_capability()[0] == 9 and importlib.util.find_spec("flash_attn_interface") is not None:
         # torch >= 2.12 only, like the varlen kernel itself
@@ -114,6 +118,24 @@ def _flash_kernel(device_type: str) -> Optional[Kernel]:
             activate_flash_attention_impl("FA3")  # process-wide: SDPA's flash kernel becomes FA3 as well
         version = "FlashAttention-3"
     return Kernel("torch_varlen", f"torch.nn.attention.varlen.varlen_attn ({version})", _torch_varlen, LOW_PRECISION)
+
+
+def torch_varlen_mismatch() -> Optional[str]:
+    """Why the installed torch's varlen_attn cannot run behind `_torch_varlen` (a keyword it passes is not in its
+    signature), or None: a torch too old fails when `model.attention` is resolved, not after a 70B load."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return None  # before torch 2.10 there is no fallback to check
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    missing = [k for k in TORCH_VARLEN_KWARGS if k not in params]
+    if not missing or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    need = ".".join(map(str, max(TORCH_VARLEN_KWARGS[k] for k in missing)))
+    return (
+        f"flash without flash-attn runs torch.nn.attention.varlen.varlen_attn, which takes no {', '.join(missing)} "
+        f"in torch {torch.__version__}: install torch >= {need} or flash-attn (the `gpu` extra), or use sdpa"
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -352,7 +374,7 @@ def _unavailable(impl: str, device_type: str) -> str:
             f"flex trains on CUDA only: FlexAttention has no backward on {device_type} "
             f"(torch {torch.__version__}); use model.attention=sdpa here"
         )
-    return (
+    return (device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8 and torch_varlen_mismatch()) or (
         f"flash needs a CUDA device (Ampere or newer) with flash-attn or torch.nn.attention.varlen; this process "
         f"runs on {device_type}: use model.attention=sdpa (or flex on CUDA)"
     )

@@ -17,9 +17,11 @@ though training goes on.
 Who knows that a checkpoint is complete: DCP's save ends with its coordinator, rank 0, gathering every rank's
 write results (each rank's files fsynced by DCP's writer) and writing the metadata. When rank 0's save has
 completed, every rank's part is on storage, so rank 0 alone commits, without another collective: it writes
-extra_state.pt and config.yaml, fsyncs every file and folder, writes meta.json and renames the folder into
-place (`checkpoint.commit=rename`), or leaves it in place (`marker`, for object stores and gcsfuse), then
-prunes. For asynchronous saves this runs in the background too.
+extra_state.pt and config.yaml, fsyncs the folders (every file was fsynced by its writer, so this does not
+grow with the ranks), writes meta.json and renames the folder into place (`checkpoint.commit=rename`), or
+leaves it in place (`marker`, for object stores and gcsfuse), then prunes. For asynchronous saves this runs
+in the background too. DCP's save planning is cached across saves (parallel/save_plans.py), and the group
+asynchronous saves run on is made when the Checkpointer is, on every rank before the first step.
 
 Lineage: a run id is drawn when a run starts fresh and carried over when it resumes (meta.json `run_id`), so
 a folder may hold several runs' checkpoints (a `checkpoint.resume=none` run started in an old run's folder).
@@ -159,6 +161,8 @@ class Checkpointer:
         self.directory = self.ccfg.dir
         self.mode = commit.check_mode(self.ccfg.commit)
         self.async_mode = resolve_async_mode(self.ccfg.async_mode, backend.device.type)
+        if self.async_mode != "none":
+            backend.prepare_async_saves()  # collective: every rank builds its Checkpointer before the first step
         self.log = log or ((lambda msg: print(msg, flush=True)) if backend.is_main else (lambda msg: None))
         self.run_id: Optional[str] = None
         self._in_flight: Optional[_Save] = None
@@ -300,7 +304,8 @@ class Checkpointer:
             )
             seq = max((c.commit_seq for c in scan_checkpoints(self.directory)), default=0) + 1
             meta = {**meta, "commit_seq": seq, "time": time.time()}
-            commit.commit(folder, final, self.mode, META, json.dumps(meta, indent=1).encode())
+            # every file was fsynced by its writer before rank 0 got here (DCP's writer, write_durable)
+            commit.commit(folder, final, self.mode, META, json.dumps(meta, indent=1).encode(), files_synced=True)
             self._prune()
         return time.perf_counter() - started
 
@@ -337,6 +342,10 @@ class Checkpointer:
             self._in_flight = None
             save.blocked_s += time.perf_counter() - t0
         self._record(save)
+
+    def in_flight(self) -> bool:
+        """Whether a save is still being written here (or, on rank 0, committed): an asynchronous one."""
+        return self._in_flight is not None and not self._in_flight.done.done()
 
     def finalize(self) -> None:
         """Wait for the save in flight on every rank, then together: when this returns anywhere, the newest

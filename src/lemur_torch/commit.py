@@ -56,17 +56,16 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: str) -> None:
-    """fsync every file and every folder under `root`, the folders after their files and `root` last. The
-    writers sync their own files too (DCP's writer, write_durable); this pass is what makes the commit safe
-    whoever wrote a file. A checkpoint holds a few files per rank, so the files are synced by a pool of threads
-    (fsync releases the interpreter lock): on a network file system each one is a round trip."""
-    files, dirs = [], []
+def fsync_tree(root: str, files: bool = True) -> None:
+    """fsync every folder under `root`, bottom-up with `root` last, and before them every file (`files`), which
+    makes a folder durable whoever wrote its files. Files are synced by a pool of threads (fsync releases the
+    interpreter lock): on a network file system each one is a round trip."""
+    paths, dirs = [], []
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
-        files += [os.path.join(dirpath, name) for name in filenames]
+        paths += [os.path.join(dirpath, name) for name in filenames] if files else []
         dirs.append(dirpath)
     with ThreadPoolExecutor(max_workers=FSYNC_THREADS) as pool:
-        list(pool.map(_fsync_file, files))
+        list(pool.map(_fsync_file, paths))
     for d in dirs:  # bottom-up: root last
         fsync_dir(d)
 
@@ -110,11 +109,13 @@ def begin(final: str, mode: str, marker: str) -> str:
     return staging
 
 
-def commit(staging: str, final: str, mode: str, marker: str, marker_content: bytes) -> None:
+def commit(staging: str, final: str, mode: str, marker: str, marker_content: bytes, files_synced: bool = False) -> None:
     """Make `final` visible as complete: fsync everything in `staging`, write the marker last, then (rename
     mode) rename `staging` to `final`, replacing a complete folder of that name. The caller guarantees that
-    every process has finished writing into `staging`."""
-    fsync_tree(staging)
+    every process has finished writing into `staging`; with `files_synced`, also that each file was fsynced by
+    its writer (a checkpoint's: DCP's writer and write_durable, before rank 0 hears that the writes are done),
+    so only the folders are synced here and the commit does not grow with the number of ranks that wrote."""
+    fsync_tree(staging, files=not files_synced)
     write_durable(os.path.join(staging, marker), marker_content)
     fsync_dir(staging)
     if check_mode(mode) == "rename":

@@ -1,11 +1,14 @@
 """Test-only fault injection, switched on by environment variables. Nothing here does anything unless one of
-them is set; never set them in a real run. The tests use them to make a rank stop responding and to hold a
-checkpoint open long enough to kill a run in the middle of it.
+them is set; never set them in a real run. The tests use them to make a rank stop responding, to slow a run down
+and to hold a checkpoint open long enough to kill a run in the middle of it.
 
 LEMUR_TEST_HANG="<rank>:<step>:<seconds>[:<once-file>]"
     global rank <rank> sleeps <seconds> before training step <step>, like a rank whose peer died in a
     collective or whose file system stopped answering. With <once-file>, only while that file does not exist
     (it is created when the sleep starts), so a restarted job runs through.
+LEMUR_TEST_STEP_DELAY_S="<seconds>"
+    every rank sleeps that long before every training step: a run slow enough for a test to reach a Slurm time
+    limit in the middle of it.
 LEMUR_TEST_SAVE_DELAY_S="<seconds>"
     rank 0 waits that long between a checkpoint's data being written and its commit (in the background for
     asynchronous saves), so that a test can kill the run while the checkpoint is incomplete.
@@ -19,6 +22,9 @@ import time
 
 
 def before_step(step: int, rank: int) -> None:
+    delay = float(os.environ.get("LEMUR_TEST_STEP_DELAY_S", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
     spec = os.environ.get("LEMUR_TEST_HANG")
     if not spec:
         return

@@ -102,9 +102,10 @@ class InFlight:
 
 
 class StopSignal:
-    """SIGTERM/SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits. Installed before the
-    model is built, so a preemption warning during a long 70B load is not fatal. Repeated signals only
-    re-set the flag, so a save in progress is never interrupted."""
+    """SIGTERM/SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits (one that comes while a
+    step is being saved ends the run on that save). Installed before the model is built, so a preemption
+    warning during a long 70B load is not fatal. Repeated signals only re-set the flag, so a save in progress
+    is never interrupted. DataLoader workers ignore them (data/stream.py): Slurm signals them too."""
 
     def __init__(self):
         self.requested = False
@@ -186,9 +187,14 @@ class Trainer:
                 stop = self.agree()
                 if self.validator is not None and self.validator.due(self.step) and not stop:
                     self.validate(watchdog)
+                if stop and self.backend.any_process([self.checkpointer.in_flight()])[0]:
+                    self.stop_on_save_in_flight()
                 if stop or self.checkpoint_due():
                     stop = self.settle() or stop  # a checkpoint holds only steps that were read and checked
                     self.save(wait=stop)
+                    if not stop and self.agree():  # a stop that came during this save ends the run on it
+                        stop = True
+                        self.save(wait=True)  # this step is saved already: waits for that save's commit
                 if stop:
                     self.logger.info(f"stop signal honoured: checkpoint at step {self.step}, exiting for requeue")
                     raise Preempted(self.step, t.preempt_exit_code)
@@ -197,6 +203,17 @@ class Trainer:
             if self.cfg.checkpoint.save_at_end:
                 self.save()
             self.checkpointer.finalize()  # the end waits for the last save (the export comes next)
+
+    def stop_on_save_in_flight(self) -> None:
+        """A stop that came while an asynchronous save was still being written (on any rank) ends the run on that
+        save: saving the step reached too would wait for it and then write the whole state again, in the grace time
+        a preemption leaves. The steps trained since are trained again after the resume."""
+        self.checkpointer.finalize()
+        self.logger.info(
+            f"stop signal honoured during the save of step {self.last_saved_step}: that checkpoint committed, "
+            f"steps {self.last_saved_step + 1}-{self.step} are trained again on resume; exiting for requeue"
+        )
+        raise Preempted(self.last_saved_step, self.cfg.train.preempt_exit_code)
 
     def start(self) -> None:
         """Resume (or start fresh), honour a stop signal that came while the run was built, print the summary."""

@@ -4,11 +4,13 @@
 `RowStream` is the IterableDataset a DataLoader's workers iterate (or the loader itself, without workers): from
 global row `start` it yields the rows g = start + dp_rank + dp_size * (worker + num_workers * j), each with its
 domain id, its lane and that lane's new state, and runs (then drops) the rows of a shared lane that other
-readers own. A reader that fails for good yields a `ReadFailure` and stops.
+readers own. A reader that fails for good yields a `ReadFailure` and stops. Workers ignore the signals that stop
+a run (`ignore_stop_signals`): the trainer owns the shutdown.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional
@@ -21,6 +23,18 @@ from lemur_torch.data.packing import BadCounter, Packer, Refiller
 from lemur_torch.errors import BadInputError, DataReadError
 
 _FAILURES = {"DataReadError": DataReadError, "BadInputError": BadInputError}
+# the trainer's stop signals (lemur_torch.trainer.StopSignal) and Ctrl-C
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's `worker_init_fn`: the worker ignores the signals that stop a run. Slurm (scancel, the
+    time limit, preemption) signals every process of a job and torchrun passes a signal on to each rank's whole
+    process group, so the workers get it too; one that died of it would make the DataLoader raise in the trainer
+    ("DataLoader worker ... is killed by signal") before the step reached is checkpointed. The trainer finishes
+    its step, checkpoints and exits, and the DataLoader then ends its workers (they also exit when it dies)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class ReadFailure:

@@ -150,6 +150,10 @@ class Backend(ABC):
     def dcp_save(self, state: Dict[str, Any], path: str) -> None:
         """torch.distributed.checkpoint.save with this backend's planner, collectively."""
 
+    def prepare_async_saves(self) -> None:
+        """Collective: what asynchronous saves need set up on every rank, done once at start by every rank at the
+        same point (the Checkpointer), before the first step. Nothing by default."""
+
     def dcp_async_save(self, state: Dict[str, Any], path: str, pinned: bool) -> Tuple[Future, Future]:
         """Start an asynchronous torch.distributed.checkpoint save of `state` into `path`, collectively.
         Returns (staged, written): `staged` completes once the state is copied off the device (training must not

@@ -46,6 +46,7 @@ from lemur_torch.parallel import float8, fsdp_rules
 from lemur_torch.parallel.base import Backend
 from lemur_torch.parallel.checkpointing import checkpoint_layer
 from lemur_torch.parallel.process_group import init_process_group
+from lemur_torch.parallel.save_plans import CachingSavePlanner, LeanMetadataWriter, drop_cache, new_cache_key
 from lemur_torch.weights import (
     VOCAB_KEYS,
     check_pretrained_config,
@@ -72,6 +73,7 @@ class FsdpBackend(Backend):
         self.num_devices = self.world_size
         self._checkpoint_group = None  # gloo group of DCP's background collectives (asynchronous saves)
         self._stagers: Dict[bool, Any] = {}  # pinned -> DefaultStager, reused across saves
+        self._plans = new_cache_key()  # this run's cached checkpoint plans (save_plans.py)
         self.device_kind = torch.cuda.get_device_name() if device_type == "cuda" else "cpu"
         self.replicate, shard = fsdp_rules.mesh_shape(cfg, self.world_size)
         if self.replicate > 1:
@@ -179,14 +181,18 @@ class FsdpBackend(Backend):
             set_optimizer_state_dict(model, optimizer, state["optim"])
 
     def dcp_save(self, state, path) -> None:
-        dcp.save(state, checkpoint_id=path)
+        dcp.save(state, storage_writer=LeanMetadataWriter(path), planner=CachingSavePlanner(self._plans))
+
+    def prepare_async_saves(self) -> None:
+        """The gloo group DCP's background thread runs its collectives on (the plan, the write results): on the
+        training's own group they would interleave with the main thread's and pair up differently on different
+        ranks. Creating it connects every rank with every other, so it is made at start, never mid-run."""
+        if self._checkpoint_group is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
 
     def dcp_async_save(self, state, path, pinned: bool) -> Tuple[Future, Future]:
         if self._checkpoint_group is None:
-            # DCP's background thread runs collectives (the plan, the write results): on the training's own
-            # group they would interleave with the main thread's and pair up differently on different ranks.
-            # Created at the first asynchronous save, which every rank reaches at the same step.
-            self._checkpoint_group = dist.new_group(backend="gloo")
+            raise RuntimeError("prepare_async_saves() runs on every rank at start, before an asynchronous save")
         stager = self._stagers.get(pinned)
         if stager is None:
             # kept across saves: the stager caches one host buffer per source storage and refills it, so only
@@ -201,7 +207,13 @@ class FsdpBackend(Backend):
             )
             stager = self._stagers[pinned] = DefaultStager(options)
             stager._synchronize_after_execute = False  # synchronous staging is done when async_save returns
-        result = dcp.async_save(state, checkpoint_id=path, process_group=self._checkpoint_group, async_stager=stager)
+        result = dcp.async_save(
+            state,
+            storage_writer=LeanMetadataWriter(path),
+            planner=CachingSavePlanner(self._plans),
+            process_group=self._checkpoint_group,
+            async_stager=stager,
+        )
         if isinstance(result, AsyncSaveResponse):
             return result.staging_completion, result.upload_completion
         staged: Future = Future()
@@ -259,6 +271,7 @@ class FsdpBackend(Backend):
         for stager in self._stagers.values():
             stager.close()
         self._stagers.clear()
+        drop_cache(self._plans)
         if dist.is_initialized():
             dist.destroy_process_group()
 
