@@ -352,11 +352,11 @@ def test_pretrained_is_fetched_once_per_node(hub, tmp_path):
 
 
 def test_one_step_late_read_keeps_guard_and_schedule_exact(parts, monkeypatch):
-    """Trainer.fit reads step k's metrics during step k+1 (no host sync per step). The decisions that need step
-    k's finite guard still come before step k+1's update: the lr each update is applied with counts only the
-    updates applied before it (a skipped step does not advance the schedule), the skip counter is exact, and a
-    checkpoint taken after step k holds a schedule that has seen step k. Reference: a fresh scheduler stepped
-    once per applied update."""
+    """Trainer.fit reads step k's metrics during step k+1 (no host sync per step), and step k+1's update does not
+    wait for that read: the lr each update is applied with counts only the updates applied before it (a skipped
+    step does not advance the schedule; counted on the device), the skip counter is exact, and a checkpoint
+    taken after step k holds a schedule that has seen step k. Reference: a fresh scheduler stepped once per
+    applied update."""
     cfg, backend, model, _, _ = parts
     optimizer = build_optimizer(model, cfg.optim, "cpu")
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
@@ -384,7 +384,8 @@ def test_one_step_late_read_keeps_guard_and_schedule_exact(parts, monkeypatch):
     monkeypatch.setattr(
         backend,
         "optimizer_step",
-        lambda opt, finite: (applied_lrs.append(opt.param_groups[0]["lr"]), step_fn(opt, finite))[1],
+        # the lr each update is applied with: a device tensor (lemur_torch.optim.DeviceLR), read here for the test
+        lambda opt, finite: (applied_lrs.append(float(opt.param_groups[0]["lr"])), step_fn(opt, finite))[1],
     )
     ids = torch.arange(3, 3 + cfg.train.seq_len).repeat(cfg.train.micro_batch_size, 1)
     mb = contract_batch(ids)

@@ -1,7 +1,8 @@
 """The FSDP backend's config rules, in one place, for the gate and the backend alike: the (replicate, shard)
 mesh over the world size, the parameters' compute dtype (`parallel.mixed_precision`), the global batch over
-the data-parallel ranks, and `model.attention` on this machine (lemur_torch.attention, the CUDA kernels'
-seam). Light: the gate runs `check_config` before any process group or model exists.
+the data-parallel ranks, the optimizer (`optim.implementation`) and `model.attention` on this machine
+(lemur_torch.attention, the CUDA kernels' seam). Light: the gate runs `check_config` before any process group or
+model exists.
 """
 
 from __future__ import annotations
@@ -47,8 +48,20 @@ def select_attention(cfg: DictConfig, device_type: str) -> attention.Selection:
     return attention.select(cfg.model.attention, device_type, param_dtype(cfg, device_type))
 
 
+def check_optimizer(cfg: DictConfig) -> None:
+    """The non-finite guard skips a step inside the fused AdamW kernel (Backend.optimizer_step): the only AdamW
+    of torch that takes the guard and its lr on the device."""
+    if cfg.optim.implementation not in ("auto", "fused"):
+        raise ConfigError(
+            "optim.implementation",
+            f"{cfg.optim.implementation} cannot skip a non-finite step on the device; the FSDP backend runs the "
+            "fused AdamW (CPU and CUDA): use auto or fused",
+        )
+
+
 def check_config(cfg: DictConfig, world_size: int) -> None:
     """Every FSDP rule, for a run of `world_size` processes on this machine's device type."""
     mesh_shape(cfg, world_size)
+    check_optimizer(cfg)
     check_global_batch(cfg, world_size)
     select_attention(cfg, device_type())

@@ -27,6 +27,12 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
     """The rules checkable before the runtime starts. `world_size` (launched processes) does not enter: the
     data-parallel size is the number of hosts, one process each, which only the runtime knows."""
     check_global_batch(cfg, 1, "hosts")
+    if cfg.optim.implementation in ("fused", "foreach"):
+        raise ConfigError(
+            "optim.implementation",
+            f"{cfg.optim.implementation} AdamW cannot take its lr and step count on an XLA device (torch_xla has "
+            "no fused kernel; capturable foreach refuses xla tensors): use auto (for_loop, capturable)",
+        )
     if cfg.parallel.scan_layers and cfg.parallel.activation_checkpointing == "every_n":
         raise ConfigError(
             "parallel.activation_checkpointing",
