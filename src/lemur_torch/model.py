@@ -164,12 +164,14 @@ def token_loss_sums(
     `chunk` positions of the sequence, so the fp32 copy of the logits stays at [B, chunk, V].
 
     Chunks cut the sequence axis, never the batch axis: under SPMD the batch is what is sharded over devices,
-    so every chunk keeps each device's own rows and no rows move between devices. The targets are shifted
-    (labels[:, 1:] padded with IGNORE_INDEX), not the logits: slicing logits[:, :-1] would copy the largest activation
-    of the model, forward and backward. Per-domain sums are products with a one-hot of the domain ids built by
-    comparison with arange(num_domains), not index_add/scatter: torch_xla aborts tracing an index_add whose
-    index is a chunk of a split (`Check failed: buffer != nullptr`), and a [tokens, domains] product is free
-    next to the [tokens, vocab] logits.
+    so every chunk keeps each device's own rows and no rows move between devices. One chunk that covers the
+    sequence is the logits themselves, not a split: split's backward concatenates its chunks' gradients, a copy
+    of the largest activation of the model even for one chunk. The targets are shifted (labels[:, 1:] padded
+    with IGNORE_INDEX), not the logits: slicing logits[:, :-1] would copy them too, forward and backward. The
+    token losses are torch's fused cross-entropy (one pass over [tokens, V] each way, as a plain training loop
+    has). Per-domain sums are products with a one-hot of the domain ids built by comparison with
+    arange(num_domains), not index_add/scatter: torch_xla aborts tracing an index_add whose index is a chunk of a
+    split (`Check failed: buffer != nullptr`), and a [tokens, domains] product is free next to the logits.
     Returns (loss_sum, per-domain loss sums [D], per-domain label-token counts [D]); all fp32 on-device.
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -178,14 +180,19 @@ def token_loss_sums(
     total = logits.new_zeros((), dtype=torch.float32)
     dom_sum = logits.new_zeros((num_domains,), dtype=torch.float32)
     dom_cnt = logits.new_zeros((num_domains,), dtype=torch.float32)
-    # split, not slicing: the backward of a slice writes into a zeroed full-size gradient per chunk,
-    # split's backward is one concatenation (and no copy at all when one chunk covers everything)
-    for lg, tg, d in zip(logits.split(chunk, dim=1), targets.split(chunk, dim=1), domains.split(chunk, dim=1)):
-        lg = lg.float()  # [B, c, V]
+    pieces = (
+        zip(logits.split(chunk, dim=1), targets.split(chunk, dim=1), domains.split(chunk, dim=1))
+        if chunk < logits.shape[1]
+        else [(logits, targets, domains)]
+    )
+    for lg, tg, d in pieces:
+        B, c, V = lg.shape
+        # 0 where the label is IGNORE_INDEX; a chunk of fp32 logits is copied here (reshape), as .float() copies
+        # bf16 ones: the fp32 chunk is what the memory plan counts
+        per_tok = F.cross_entropy(
+            lg.float().reshape(B * c, V), tg.reshape(B * c), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(B, c)
         valid = tg != IGNORE_INDEX
-        # cross-entropy as logsumexp - target logit, on [B, c, V] as it is (no reshape copy of a strided chunk)
-        target_logit = lg.gather(-1, tg.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        per_tok = torch.where(valid, torch.logsumexp(lg, dim=-1) - target_logit, 0.0)  # [B, c]
         onehot = (d.unsqueeze(-1) == domain_range).float()  # [B, c, D]
         total = total + per_tok.sum()
         dom_sum = dom_sum + torch.einsum("bc,bcd->d", per_tok.detach(), onehot)
