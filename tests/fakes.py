@@ -109,6 +109,30 @@ def tiny_model(cfg):
 # -- the data tests' stream helpers ----------------------------------------------------------------------------
 
 
+def list_trainer(cfg, backend, model, logger=None):
+    """A Trainer over a ListLoader (no batches: the test hands train_step its micro-batches), the project's
+    optimizer and schedule, a checkpointer that logs nowhere and, unless given, a logger that writes nothing."""
+    # trainer imports stay local: bench/ and the data tests use this module without building a trainer
+    from lemur_torch import trainer as trainer_lib
+    from lemur_torch.checkpoint import Checkpointer
+    from lemur_torch.metrics import MetricsLogger
+    from lemur_torch.optim import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(model, cfg.optim, backend.device.type)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    return trainer_lib.Trainer(
+        cfg,
+        backend,
+        model,
+        optimizer,
+        scheduler,
+        ListLoader(),
+        Checkpointer(cfg, backend, log=lambda m: None),
+        logger or MetricsLogger(cfg, enabled=False),
+        stop=trainer_lib.StopSignal(),
+    )
+
+
 def rows_of(batch):
     return [
         torch.stack([batch[k][i] for k in ("input_ids", "labels", "position_ids", "domain_ids")])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST
-from fakes import ListLoader, contract_batch
+from fakes import ListLoader, contract_batch, list_trainer
 from hub_util import fill_hf_cache, make_hub_folder
 from omegaconf import OmegaConf
 
@@ -20,7 +20,6 @@ from lemur_torch.checkpoint import META, STEP_DIR, Checkpointer, read_meta, scan
 from lemur_torch.config import load_config
 from lemur_torch.errors import ConfigError
 from lemur_torch.export import EXPORT_MARKER, check_export_target
-from lemur_torch.metrics import MetricsLogger
 from lemur_torch.optim import apply_config_on_resume, build_optimizer, build_scheduler, lr_lambda
 from lemur_torch.parallel.base import Backend
 from lemur_torch.parallel.fsdp import FsdpBackend
@@ -358,19 +357,8 @@ def test_one_step_late_read_keeps_guard_and_schedule_exact(parts, monkeypatch):
     taken after step k holds a schedule that has seen step k. Reference: a fresh scheduler stepped once per
     applied update."""
     cfg, backend, model, _, _ = parts
-    optimizer = build_optimizer(model, cfg.optim, "cpu")
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    t = trainer_lib.Trainer(
-        cfg,
-        backend,
-        model,
-        optimizer,
-        scheduler,
-        ListLoader(),
-        Checkpointer(cfg, backend, log=lambda m: None),
-        MetricsLogger(cfg, enabled=False),
-        stop=trainer_lib.StopSignal(),
-    )
+    t = list_trainer(cfg, backend, model)
+    scheduler = t.scheduler
     nonfinite = {2, 3, 5}  # steps whose loss is made non-finite
     real_loss = trainer_lib.token_loss_sums
 

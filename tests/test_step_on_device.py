@@ -18,16 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FAST
-from fakes import ListLoader, contract_batch, tiny_model
+from fakes import contract_batch, list_trainer, tiny_model
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lemur_torch import trainer as trainer_lib
 from lemur_torch.batch import IGNORE_INDEX
-from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import load_config
-from lemur_torch.metrics import MetricsLogger
-from lemur_torch.optim import build_optimizer, build_scheduler, group_hyperparameters
+from lemur_torch.optim import group_hyperparameters
 from lemur_torch.parallel.base import DeferredRead
 from lemur_torch.parallel.fsdp import FsdpBackend
 
@@ -136,22 +134,6 @@ def _batches(cfg, n, seed=0):
     return [contract_batch(torch.randint(3, cfg.model.vocab_size, shape, generator=g)) for _ in range(n)]
 
 
-def _trainer(cfg, backend, model, logger=None):
-    optimizer = build_optimizer(model, cfg.optim, backend.device.type)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    return trainer_lib.Trainer(
-        cfg,
-        backend,
-        model,
-        optimizer,
-        scheduler,
-        ListLoader(),
-        Checkpointer(cfg, backend, log=lambda m: None),
-        logger or MetricsLogger(cfg, enabled=False),
-        stop=trainer_lib.StopSignal(),
-    )
-
-
 @pytest.fixture(scope="module")
 def bf16_backend(tmp_path_factory):
     cfg = load_config(
@@ -175,7 +157,7 @@ def test_a_step_reads_nothing_from_the_device(bf16_backend, monkeypatch):
     model = backend.setup_model(cfg)
     assert any(type(p).__name__ == "DTensor" for p in model.parameters()), "fully_shard must be applied"
     lines = Lines()
-    t = _trainer(cfg, backend, model, lines)
+    t = list_trainer(cfg, backend, model, lines)
     assert t.optimizer.defaults["fused"], "the FSDP backend's optimizer is the fused AdamW on every device"
     guard = NoHostReads()
     monkeypatch.setattr(DeferredRead, "__call__", guard.allow(DeferredRead.__call__))
@@ -220,7 +202,7 @@ def test_guard_and_lr_on_the_device_equal_a_plain_loop(tmp_path, monkeypatch):
     backend = FsdpBackend(cfg)
     try:
         lines = Lines()
-        t = _trainer(cfg, backend, backend.setup_model(cfg), lines)
+        t = list_trainer(cfg, backend, backend.setup_model(cfg), lines)
         assert t.optimizer.defaults["fused"], "optim.implementation=auto: the fused AdamW on the CPU as on CUDA"
         real_loss = trainer_lib.token_loss_sums
 
