@@ -1,6 +1,6 @@
-"""The packed code/text mixture loader: per-rank sharding, workers, the lane exchange and exact resume (the
-loader contract is in lemur_torch/batch.py; the rows themselves come from stream.py, the state's
-identity checks from resume.py).
+"""The packed code/text mixture loader: per-rank sharding, workers, the lanes' positions (gathered at saves
+only) and exact resume (the loader contract is in lemur_torch/batch.py; the rows themselves come from
+stream.py, the state's identity checks from resume.py).
 
 The global stream (independent of the world size) is a sequence of packed rows g = 0, 1, 2, ...:
 - row g comes from source `schedule.source_at(g)` (mixture.py: token ratio within 2 rows of exact at every
@@ -113,7 +113,7 @@ class PackedMixtureLoader:
         self.storage = Storage(cfg.io_retries, cfg.io_backoff_s, cfg.io_max_backoff_s)
         self.tokenizer_id = tokenizer_identity(tokenizer)
 
-        self._group = self._exchange_group()
+        self._group = self._state_group()
         listings = self._shared_listings(cfg)
         self.sources: List[Source] = [
             self.build_source(str(name), scfg, listings.get(str(name))) for name, scfg in cfg.sources.items()
@@ -285,7 +285,7 @@ class PackedMixtureLoader:
             )
         return merge_states(self.gather(self.local_state_dict()))
 
-    def _exchange_group(self):
+    def _state_group(self):
         if self.dp_size == 1:
             return None
         if not (dist.is_available() and dist.is_initialized()):
