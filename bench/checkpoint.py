@@ -60,7 +60,6 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from lemur_torch import commit
 from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import load_config
-from lemur_torch.metrics import MetricsLogger
 from lemur_torch.model import build_meta_model, clean_fqn
 from lemur_torch.optim import build_optimizer, build_scheduler
 from lemur_torch.parallel.fsdp import FsdpBackend, apply_fsdp
@@ -69,18 +68,18 @@ from lemur_torch.plan.sharding import shard_on_fake_pg
 from lemur_torch.trainer import Trainer
 
 sys.path.insert(0, TESTS)
-from fakes import ListLoader, random_batches  # noqa: E402  (the tests' fake loader and contract batches)
+from fakes import ListLoader, StepRecorder, random_batches  # noqa: E402  (the tests' fake loader and contract batches)
 
 MODES = ("none", "async", "async_pinned")
 
 
-class CheckpointFigures(MetricsLogger):
+class CheckpointFigures(StepRecorder):
     """A logger that keeps the checkpoint figures the trainer logs with its steps and drops the rest.
     Checkpointer.stats() hands a save's figures out once: to the first step logged after the save completed, or,
     if none was, to the next caller."""
 
     def __init__(self, cfg):
-        super().__init__(cfg, enabled=False)
+        super().__init__(cfg)
         self.saves = []
 
     def log_step(self, metrics):

@@ -3,7 +3,10 @@
 All three train the tiny Llama (same init) on the same pre-built packed batches for the same number of steps
 in this one process, interleaved over `--rounds` rounds; each variant's best round is reported. lemur-torch
 runs its real Trainer.fit (FSDP2 on a 1-rank gloo group, token-count all-reduce, clipping, non-finite guard,
-per-domain loss, metrics.jsonl logging); the bare loop does forward, loss, backward, AdamW step, nothing else.
+per-domain loss, metrics.jsonl logging); the bare loop does forward, loss, backward, AdamW step, nothing else,
+with the same attention semantics: the document-causal [B, 1, S, S] mask lemur's `sdpa` builds on the CPU,
+given to the HF model as its 4-D attention mask (a plain causal loop would compare different attention), and
+the same AdamW (lemur_torch.optim.build_optimizer).
 Prints tokens/s for each and the ratios; writes bench/results/trainer_overhead.json.
 Target: lemur-torch / bare >= 0.97.
 `--smoke`: 2 steps of 2 x 64 tokens, one round, written to trainer_overhead.smoke.json (bench/results_io.py).
@@ -21,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from results_io import TESTS, write_result  # bench/ is on sys.path: this script's folder
 
-from lemur_torch.batch import IGNORE_INDEX
+from lemur_torch.attention import document_causal_mask
+from lemur_torch.batch import IGNORE_INDEX, row_document_ids
 from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
@@ -81,7 +85,10 @@ def run_bare(cfg, batches, steps):
     for step in range(steps):
         for i in range(accum):
             b = batches[(step * accum + i) % len(batches)]
-            logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+            mask = document_causal_mask(row_document_ids(b["position_ids"]))  # lemur's attention, per forward
+            logits = model(
+                input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=mask, use_cache=False
+            ).logits
             targets = F.pad(b["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # shift labels, not logits (as HF does)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
             (loss / accum).backward()

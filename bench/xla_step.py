@@ -7,8 +7,8 @@
    on in both. Trace = the host's Python time building the lazy graph up to the sync; compile = torch_xla's
    CompileTime metric.
 2. Host-idle time per step with and without a per-step host sync, on the real Trainer: "sync" reads each
-   step's metrics right after dispatching it, "pipelined" reads them one step later, inside the next step after
-   its forward/backward is dispatched and before its optimizer step (Trainer.fit's order, lemur_torch/trainer.py).
+   step's metrics right after dispatching it, "pipelined" reads them one step later, inside the next step once
+   it is dispatched whole (Trainer.fit's order, lemur_torch/trainer.py: lr and guard are on the device).
    Host idle = the time the host waits in that read; reported with the step wall time.
 
 Each configuration runs in its own process (SPMD is process-global). The CPU "device" shares the same cores
@@ -119,7 +119,7 @@ def measure_compile(layers: int, scan: bool) -> dict:
 
 def measure_host_idle(mode: str, steps: int, layers: int) -> dict:
     """sync: each step is read right after it is dispatched; pipelined: as Trainer.fit does, the previous step
-    is read inside train_step, after this step's forward/backward is dispatched, before its optimizer step."""
+    is read inside train_step, once this step is dispatched whole."""
     trainer, batches = _parts(["train.max_steps=1000", f"model.num_hidden_layers={layers}"])
     waits, walls = [], []
     read = trainer.read_in_flight

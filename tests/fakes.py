@@ -14,6 +14,7 @@ import torch
 
 from lemur_torch.attention import with_varlen_boundaries
 from lemur_torch.batch import Batch, document_lengths
+from lemur_torch.metrics import MetricsLogger
 from lemur_torch.model import build_meta_model, init_weights, reset_rope_buffers
 
 # -- the loader and its batches ------------------------------------------------------------------------------
@@ -107,6 +108,51 @@ def tiny_model(cfg):
 
 
 # -- the data tests' stream helpers ----------------------------------------------------------------------------
+
+
+class StepRecorder(MetricsLogger):
+    """A logger that keeps every step's metrics in memory (`steps`: step -> metrics) and writes nothing. Enabled,
+    as rank 0's is: the trainer gathers a step's line only for a logger that logs."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg, enabled=False)
+        self.enabled = True
+        self.steps: Dict[int, Dict[str, Any]] = {}
+
+    def start_run(self, run_id: str) -> None:
+        pass
+
+    def info(self, message: str) -> None:
+        pass
+
+    def log_step(self, metrics: Dict[str, Any]) -> None:
+        self.steps[metrics["step"]] = metrics
+
+    def log_validation(self, metrics: Dict[str, Any]) -> None:
+        pass
+
+
+def list_trainer(cfg, backend, model, logger=None):
+    """A Trainer over a ListLoader (no batches: the test hands train_step its micro-batches), the project's
+    optimizer and schedule, a checkpointer that logs nowhere and, unless given, a logger that writes nothing."""
+    # trainer imports stay local: bench/ and the data tests use this module without building a trainer
+    from lemur_torch import trainer as trainer_lib
+    from lemur_torch.checkpoint import Checkpointer
+    from lemur_torch.optim import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(model, cfg.optim, backend.device.type)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    return trainer_lib.Trainer(
+        cfg,
+        backend,
+        model,
+        optimizer,
+        scheduler,
+        ListLoader(),
+        Checkpointer(cfg, backend, log=lambda m: None),
+        logger or MetricsLogger(cfg, enabled=False),
+        stop=trainer_lib.StopSignal(),
+    )
 
 
 def rows_of(batch):

@@ -137,12 +137,10 @@ def _gloo_worker(rank, size, corpus, out):
     try:
         tok = load_tokenizer("builtin")
         loader, rows = run(make_cfg(corpus, num_workers=1), tok, rank, size, 3)
-        torch.distributed.barrier()
-        # the trainer may ask rank 0 alone: state_dict() must not be a collective
-        only0 = loader.state_dict() if rank == 0 else None
-        torch.distributed.barrier()
+        local = loader.local_state_dict()
+        state = loader.state_dict()  # a collective: every rank calls it, as the checkpointer does
         with open(os.path.join(out, f"{rank}.pkl"), "wb") as f:
-            pickle.dump({"state": loader.state_dict(), "only0": only0, "rows": rows}, f)
+            pickle.dump({"state": state, "local": local, "rows": rows}, f)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -157,7 +155,9 @@ def test_state_dict_under_gloo_is_identical_on_every_rank_and_resumes(corpus, to
     # fork: the children inherit the imported torch and tokenizer (spawn would re-import them: slow on 2 cores)
     mp.start_processes(_gloo_worker, args=(2, corpus, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     got = [pickle.load(open(tmp_path / f"{r}.pkl", "rb")) for r in range(2)]
-    assert got[0]["state"] == got[1]["state"] == got[0]["only0"]
+    assert got[0]["state"] == got[1]["state"] == merge_states([g["local"] for g in got])
+    # iterating exchanged nothing: each rank holds the positions of its own lanes only
+    assert set(got[0]["local"]["lane_states"]).isdisjoint(got[1]["local"]["lane_states"])
     assert got[0]["state"]["rows"] == 3 * B * 2
     _, rest = run(make_cfg(corpus), tok, 0, 1, 4, got[0]["state"])
     stream = global_stream([g["rows"] for g in got]) + rest

@@ -1,6 +1,6 @@
 """Remote sources: the same corpus served over HTTP (Range requests, 127.0.0.1) gives the stream of the local
-files, with transient failures retried; a missing file fails before training; a permanent failure mid-run stops
-every rank at the same micro-batch, and the trainer checkpoints the last completed step and exits 4."""
+files, with transient failures retried; a missing file fails before training; a permanent failure mid-run on any
+rank stops every rank at the same step, and the trainer checkpoints the last completed step and exits 4."""
 
 import json
 import os
@@ -19,10 +19,11 @@ from data_servers import FaultPlan, serve
 from fakes import rows_of, same
 from omegaconf import OmegaConf
 
+from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
 from lemur_torch.data.schema import DataConfig
 from lemur_torch.errors import DataConfigError, DataReadError
-from lemur_torch.tokenizer import load_tokenizer
+from lemur_torch.train import build_and_fit
 
 SEQ, B = 64, 2
 
@@ -115,56 +116,67 @@ def test_a_missing_remote_file_is_a_one_line_error_before_training(corpus, tok):
     assert "'code'" in msg and "no_such.jsonl" in msg and "not found" in msg and "\n" not in msg
 
 
-def _gloo_failing(rank, size, base, out, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=size)
+def _gloo_training(rank, size, base, run_dir, out, port):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size), OMP_NUM_THREADS="1"
+    )
+    # one row per rank and step; 4 lanes, rank r reads lanes r and r + 2: rank 0 opens lane 2 (the second half of
+    # the file, which the flaky filesystem refuses to read) in step 2, rank 1 reads on without a failure
+    cfg = load_config(
+        [
+            *FAST,
+            f"run_dir={run_dir}",
+            "model.num_hidden_layers=1",
+            "train.micro_batch_size=1",
+            "train.global_batch_tokens=128",
+            "train.max_steps=6",
+            "~data.sources.pydoc_text",
+            "data.sources.stdlib_code.kind=jsonl",
+            f"data.sources.stdlib_code.path='flaky://{base}/code.jsonl'",
+            "data.sources.stdlib_code.holdout=0",
+            "data.sources.stdlib_code.shuffle=false",
+            "data.lanes=4",
+            "data.read_chars=2000",
+            "data.prefetch_threads=0",
+            "data.io_backoff_s=0.01",
+        ]
+    )
+    got = {}
     try:
-        tok = load_tokenizer("builtin")
-        # rank 1 owns lane 1: the second half of the file, which the flaky filesystem refuses to read
-        cfg = OmegaConf.merge(
-            OmegaConf.structured(DataConfig),
-            {
-                "sources": {
-                    "flaky": {"kind": "jsonl", "domain": "text", "path": f"flaky://{base}/code.jsonl", "shuffle": False}
-                },
-                "lanes": 2,
-                "read_chars": 2000,
-                "io_backoff_s": 0.01,
-            },
-        )
-        loader = build_loader(cfg, tok, SEQ, 1, rank, size, seed=0)
-        got = {"batches": 0}
-        try:
-            for _ in loader:
-                got["batches"] += 1
-        except DataReadError as exc:
-            got["error"] = str(exc)
-        with open(os.path.join(out, f"{rank}.pkl"), "wb") as f:
-            pickle.dump(got, f)
-    finally:
-        torch.distributed.destroy_process_group()
+        build_and_fit(cfg)
+    except DataReadError as exc:
+        got["error"] = str(exc)
+    with open(os.path.join(out, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(got, f)
 
 
 @pytest.mark.slow
-def test_a_failure_on_one_rank_stops_every_rank_at_the_same_micro_batch(corpus, tmp_path):
+def test_a_failure_on_one_rank_stops_every_rank_at_the_same_step(corpus, tmp_path):
+    """The loader tells no other rank: the trainer's per-step agreement does, before the step's collectives."""
     import data_servers  # noqa: F401 - registers the test filesystems in the forked ranks too
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
     mp.start_processes(
-        _gloo_failing, args=(2, str(corpus), str(tmp_path), port), nprocs=2, join=True, start_method="fork"
+        _gloo_training,
+        args=(2, str(corpus), str(run_dir), str(tmp_path), port),
+        nprocs=2,
+        join=True,
+        start_method="fork",
     )
     got = [pickle.load(open(tmp_path / f"{r}.pkl", "rb")) for r in range(2)]
-    assert got[0]["batches"] == got[1]["batches"] == 0  # no rank ran ahead, none hung in the exchange
-    assert got[0]["error"] == got[1]["error"]
-    assert "source 'flaky'" in got[0]["error"] and "code.jsonl" in got[0]["error"]
+    assert got[0].get("error") and got[0]["error"] == got[1].get("error")  # rank 1's reads never failed
+    assert "source 'stdlib_code'" in got[0]["error"] and "code.jsonl" in got[0]["error"]
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == ["step_00000001"]  # step 2, whose read failed, was run by no rank
+    extra = torch.load(ckpts[-1] / "extra_state.pt", weights_only=False)
+    assert extra["trainer"]["step"] == 1 and extra["loader"]["rows"] == 2
 
 
 @pytest.mark.slow
 def test_a_permanent_failure_mid_run_checkpoints_the_last_step_and_exits_4(corpus, tmp_path, tok):
-    from lemur_torch.config import load_config
-
     run_dir = tmp_path / "run"
 
     def overrides(url):

@@ -3,8 +3,8 @@ MemTracker (live tensor bytes, by the storages autograd, the model and the optim
 
 The model as training builds it (build_meta_model, the CPU attention, apply_fsdp's checkpointing on one fp32
 rank, init_weights), a step as the trainer runs it (forward with the batch's document boundaries,
-token_loss_sums, backward, clipping, foreach AdamW). The optimizer's moments exist from the first step on:
-they are created before the measured step by an optimizer step over zero gradients.
+token_loss_sums, backward, clipping, the fused AdamW build_optimizer makes). The optimizer's moments exist
+from the first step on: they are created before the measured step by an optimizer step over zero gradients.
 """
 
 import functools
@@ -98,7 +98,7 @@ def predicted_peak(cfg, micro_batch: int, seq_len: int) -> float:
         loss_chunk=cfg.train.loss_chunk,
         attention="sdpa",
         sharded=False,
-        optimizer_foreach=True,
+        optimizer_foreach=False,  # build_optimizer's fused AdamW (the FSDP backend's): no per-parameter temporaries
     )
     return memory.estimate(shape, setting, shape.total_params, cuda_runtime=False, devices=1).peak
 

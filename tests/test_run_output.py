@@ -10,6 +10,7 @@ import textwrap
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import run_train, subprocess_env
 
 from lemur_torch.config import load_config
@@ -130,20 +131,26 @@ def test_a_run_on_a_known_device_carries_the_plan_and_each_step_its_ratio():
     assert predict_run(cfg, "cpu", 1) == (None, "no prediction for cpu")
 
     logged = []
-    backend = SimpleNamespace(dp_size=512, device_kind="NVIDIA H100 80GB HBM3", num_devices=512, memory_stats=dict)
+    backend = SimpleNamespace(
+        dp_size=512,
+        device_kind="NVIDIA H100 80GB HBM3",
+        num_devices=512,
+        memory_stats=dict,
+        device=torch.device("cpu"),
+    )
     trainer = Trainer(
         cfg,
         backend,
         model=None,
         optimizer=None,
-        scheduler=None,
+        scheduler=SimpleNamespace(base_lrs=[4e-5], last_epoch=0),
         loader=SimpleNamespace(domain_names=["code"], stats=dict),
         checkpointer=SimpleNamespace(stats=dict),
-        logger=SimpleNamespace(log_step=logged.append),
+        logger=SimpleNamespace(log_step=logged.append, enabled=True),
         stop=StopSignal(),
     )
     assert trainer.prediction == line
     metrics = StepMetrics(loss=1.0, grad_norm=1.0, finite=True, label_tokens=1, domain_loss={"code": 1.0})
-    trainer.log_step(InFlight(1, None, 4e-5, 0.0, 0.0, 1), metrics, 0.0, 2 * plan.step_time_s)
+    trainer.log_step(InFlight(1, None, 0.0, 0.0, 1), metrics, 4e-5, 0.0, 2 * plan.step_time_s)
     assert logged[0]["step_time_predicted_s"] == plan.step_time_s
     assert logged[0]["step_time_vs_predicted"] == pytest.approx(2.0)

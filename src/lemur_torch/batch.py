@@ -60,7 +60,8 @@ class Loader(Protocol):
 
     def state_dict(self) -> Dict[str, Any]:
         """A small picklable dict, identical on every rank and independent of the world size, taken after a whole
-        optimizer step; needs no communication (the checkpointer calls it on rank 0 alone)."""
+        optimizer step. A collective: every data-parallel rank calls it at the same point (the checkpointer does,
+        at every save); iterating communicates nothing."""
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue the global stream exactly where `state` was taken, on any number of ranks."""
@@ -72,7 +73,8 @@ class Loader(Protocol):
         """Back to a `mark()`: after a failed read mid-step the trainer checkpoints the last completed step."""
 
     def stats(self) -> Dict[str, float]:
-        """Figures to log with the step (token ratio per domain, skipped documents, bytes read ...)."""
+        """Figures to log with the step (token ratio per domain, skipped documents, bytes read ...); no
+        communication (called on log steps, where the step is logged)."""
 
 
 def _breaks(position_ids: torch.Tensor, before_first: torch.Tensor) -> torch.Tensor:

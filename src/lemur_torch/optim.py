@@ -1,9 +1,19 @@
-"""AdamW with Llama's parameter groups (no weight decay on norms and biases) and warmup + cosine schedule."""
+"""AdamW with Llama's parameter groups (no weight decay on norms and biases), the warmup + cosine schedule, and
+the schedule on the device (`DeviceLR`).
+
+The schedule is one formula, `lr_multiplier`, written as tensor ops. The host evaluates it in the LambdaLR that
+`build_scheduler` returns, stepped once per applied update as the trainer reads them (one step late): that is
+what checkpoints hold (LambdaLR's state: `base_lrs`, `last_epoch` = updates applied), what resumes, and what a
+step's log line reports. The update itself takes its lr from `DeviceLR`: an on-device count of applied updates
+(advanced by the step's own finite guard, on the device) and the same formula over it, handed to AdamW as a
+tensor, so no step waits for the host to learn whether the step before was applied.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List
 
 import torch
 from omegaconf import DictConfig
@@ -11,6 +21,10 @@ from torch import nn
 
 
 def build_optimizer(model: nn.Module, ocfg: DictConfig, device_type: str) -> torch.optim.Optimizer:
+    """AdamW whose update takes a tensor lr and can be skipped on the device: fused on CPU and CUDA (its kernel
+    skips the update where `found_inf` is set, as under GradScaler: Backend.optimizer_step), capturable for_loop
+    under torch_xla, which has no fused kernel (torch's capturable foreach refuses xla tensors) and masks the
+    update instead."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -18,10 +32,16 @@ def build_optimizer(model: nn.Module, ocfg: DictConfig, device_type: str) -> tor
         (no_decay if param.ndim < 2 or "norm" in name or name.endswith(".bias") else decay).append(param)
     impl = ocfg.implementation
     if impl == "auto":
-        impl = "fused" if device_type == "cuda" else "foreach"
+        impl = "for_loop" if device_type == "xla" else "fused"
     groups = [{"params": params, **hyper} for params, hyper in zip((decay, no_decay), group_hyperparameters(ocfg))]
     return torch.optim.AdamW(
-        groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps, fused=impl == "fused", foreach=impl == "foreach"
+        groups,
+        lr=ocfg.lr,
+        betas=tuple(ocfg.betas),
+        eps=ocfg.eps,
+        fused=impl == "fused",
+        foreach=impl == "foreach",
+        capturable=impl != "fused",  # a tensor lr and an on-device step count without fused (torch_xla)
     )
 
 
@@ -62,18 +82,72 @@ def _fmt(value) -> str:
     return "[" + ", ".join(f"{v:g}" for v in value) + "]" if isinstance(value, (list, tuple)) else f"{value:g}"
 
 
-def lr_lambda(step: int, ocfg: DictConfig, max_steps: int) -> float:
+def lr_multiplier(step, ocfg: DictConfig, max_steps: int):
     """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then cosine decay to
-    min_lr_ratio over decay_steps (default max_steps), then flat."""
+    min_lr_ratio over decay_steps (default max_steps), then flat. `step` is a Python number (the host's LambdaLR)
+    or a floating 0-d tensor on any device (DeviceLR): the same operations in the same order either way, with no
+    data-dependent branch on a tensor, so the device computes it inside a step without the host."""
+    tensor = torch.is_tensor(step)
     warmup = ocfg.warmup_steps
-    if step < warmup:
-        return (step + 1) / warmup
+    warm = (step + 1) / max(warmup, 1)
     if ocfg.schedule == "constant":
-        return 1.0
-    total = ocfg.decay_steps or max_steps
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return ocfg.min_lr_ratio + (1.0 - ocfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        after = 1.0
+    else:
+        total = ocfg.decay_steps or max_steps
+        progress = (step - warmup) / max(1, total - warmup)
+        progress = progress.clamp(max=1.0) if tensor else min(1.0, progress)
+        cos = torch.cos(math.pi * progress) if tensor else math.cos(math.pi * progress)
+        after = ocfg.min_lr_ratio + (1.0 - ocfg.min_lr_ratio) * 0.5 * (1.0 + cos)
+    if tensor:
+        return torch.where(step < warmup, warm, after)
+    return warm if step < warmup else after
+
+
+def lr_lambda(step: int, ocfg: DictConfig, max_steps: int) -> float:
+    """`lr_multiplier` on the host, for LambdaLR."""
+    return float(lr_multiplier(step, ocfg, max_steps))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, ocfg: DictConfig, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, ocfg, max_steps))
+
+
+class DeviceLR:
+    """The lr of every update, computed on the device from an on-device count of applied updates.
+
+    `applied_to(optimizer)` puts this step's lr into the param groups as 0-d device tensors for the update and
+    puts the host's floats (the LambdaLR's, what checkpoints hold) back after it; `count(finite)` advances the
+    count by the step's guard, on the device. The count starts at the host scheduler's `last_epoch` (`sync`, at
+    start and after a resume). Dtypes: the schedule is computed in float64 where the device has it (torch_xla's
+    TPUs do not: float32 there); the lr tensor is what the update kernel reads: a double on the CPU's fused
+    AdamW, a float on CUDA's (its tensor-lr kernel reads float32) and under torch_xla.
+    """
+
+    def __init__(self, scheduler, ocfg: DictConfig, max_steps: int, device: torch.device):
+        self.ocfg, self.max_steps = ocfg, max_steps
+        self.dtype = torch.float32 if device.type == "xla" else torch.float64
+        lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
+        self.applied = torch.zeros((), dtype=self.dtype, device=device)
+        self.lrs = [torch.zeros((), dtype=lr_dtype, device=device) for _ in scheduler.base_lrs]
+        self.sync(scheduler)
+
+    def sync(self, scheduler) -> None:
+        """Take the host scheduler's peak lrs and position (a host-to-device write; at start and on resume)."""
+        self.base_lrs = list(scheduler.base_lrs)
+        self.applied.fill_(float(scheduler.last_epoch))
+
+    @contextmanager
+    def applied_to(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+        multiplier = lr_multiplier(self.applied, self.ocfg, self.max_steps)
+        host = [group["lr"] for group in optimizer.param_groups]
+        for group, lr, base in zip(optimizer.param_groups, self.lrs, self.base_lrs):
+            lr.copy_(multiplier * base)
+            group["lr"] = lr
+        try:
+            yield
+        finally:
+            for group, lr in zip(optimizer.param_groups, host):
+                group["lr"] = lr
+
+    def count(self, finite: torch.Tensor) -> None:
+        self.applied.add_(finite.to(self.dtype))

@@ -4,17 +4,25 @@ One optimizer step = `grad_accum` micro-batches per data-parallel rank, together
 `train.global_batch_tokens` tokens. The loss is the sum of token losses over the global batch divided by the
 global count of label tokens (all-reduced first), so it does not depend on how the batch is split.
 
-The one-step-late read. The host does not wait for the device after a step: the step's metrics (loss, grad norm,
-the finite guard) come back through Backend.read_later and wait in the `InFlight` step, which
-`Trainer.read_in_flight` alone reads. Step k is read during step k+1, once k+1's forward/backward is dispatched and
-before its optimizer step (XLA traces step k+1 while the device runs step k; CUDA queues its kernels), or at the
-top of step k+1 where it is on the host already without waiting (CPU; CUDA when the device has finished step k), so
-a hang in step k+1 still logs step k. Everything that depends on step k's guard is therefore decided before step
-k+1 updates anything (`apply_guard`): the LR schedule advances only after an applied update (step k+1's lr is set
-from it), the skip counter counts it, and an abort is flagged. A validation, a checkpoint, a stop and the end of
-the run read their own step first, so what is saved holds only read and checked steps. Host decisions (stop
-signal, abort) are agreed by all processes once per step with one small CPU collective (Backend.any_process),
-taken while the device runs.
+Nothing inside a step waits for the device. The non-finite guard is decided on the device (the update is skipped
+there, Backend.optimizer_step) and the lr of each update is computed there from an on-device count of applied
+updates (lemur_torch.optim.DeviceLR), so step k+1 is queued (CUDA) or traced and launched (XLA) without knowing
+whether step k was applied. The step's metrics (loss, grad norm, the guard) come back through Backend.read_later
+and wait in the `InFlight` step: step k is read at the end of step k+1, once k+1 is queued behind it (the host
+waits for step k while the device runs k+1), or at the top of step k+1 where it is on the host already without
+waiting (CPU; CUDA when the device has finished step k), so a hang in step k+1 still logs step k. Reading a step
+applies its guard on the host (`apply_guard`): the host's LambdaLR, which checkpoints hold, counts applied
+updates as the device did; a skipped step is counted; max_nonfinite_steps in a row flag the abort. A
+validation, a checkpoint, a stop and the end of the run read the step in flight first, so what is saved holds
+only read and checked steps.
+
+The agreement. Host decisions are taken by all processes together, once per step, with one small CPU
+collective (`agree`: Backend.any_process), after the step's micro-batches are on the host and before any
+collective of the step: a stop signal that reached any process, an abort flagged by a read, and a reader that
+failed for good. So no process enters a step another has left, and a step with a failed read is never run: every
+process rewinds the loader to the step's start, checkpoints the last completed step and raises the failure
+(named by the process that hit it). A stop is honoured there too (the step's micro-batches go back to the loader,
+the checkpoint holds the step reached), and before a validation or a checkpoint (`settle`).
 """
 
 from __future__ import annotations
@@ -22,8 +30,7 @@ from __future__ import annotations
 import signal
 import time
 from contextlib import closing
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NoReturn, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -32,73 +39,15 @@ from lemur_torch import faults
 from lemur_torch.attention import forward_kwargs
 from lemur_torch.batch import DeviceBatch, Loader
 from lemur_torch.checkpoint import Checkpointer
-from lemur_torch.errors import DataReadError, NonFiniteError, Preempted
+from lemur_torch.errors import BadInputError, DataReadError, LemurError, NonFiniteError, Preempted
 from lemur_torch.metrics import MetricsLogger, Progress, mfu, peak_flops
 from lemur_torch.model import batch_label_tokens, flops_per_token, token_loss_sums
-from lemur_torch.optim import apply_config_on_resume
+from lemur_torch.optim import DeviceLR, apply_config_on_resume
 from lemur_torch.parallel.base import Backend, DeferredRead, grad_accum_steps
 from lemur_torch.plan.run import predict_run
+from lemur_torch.step_records import Gradients, InFlight, MicroBatches, StepMetrics
 from lemur_torch.summary import run_summary
 from lemur_torch.watchdog import StepWatchdog
-
-
-@dataclass
-class Gradients:
-    """A step after its forward/backward and clipping, before its update: device tensors, nothing read."""
-
-    loss: torch.Tensor  # global mean over label tokens
-    grad_norm: torch.Tensor  # before clipping
-    finite: torch.Tensor  # 0-d bool: loss and grad norm are finite (the guard)
-    label_tokens: torch.Tensor  # global count
-    sums: torch.Tensor  # all-reduced [loss sum, per-domain loss sums, per-domain label-token counts]
-
-
-@dataclass
-class StepMetrics:
-    """A step's metrics on the host. They travel as one small device tensor (`pack`), read once (`unpack`)."""
-
-    loss: float
-    grad_norm: float
-    finite: bool
-    label_tokens: int
-    domain_loss: Dict[str, Optional[float]]
-
-    @staticmethod
-    def pack(g: Gradients) -> torch.Tensor:
-        """[loss, grad_norm, finite, label_tokens, loss sum, per-domain sums, per-domain counts]."""
-        return torch.cat(
-            [
-                g.loss.view(1),
-                g.grad_norm.detach().float().view(1).to(g.loss.device),
-                g.finite.float().view(1),
-                g.label_tokens.view(1),
-                g.sums,
-            ]
-        )
-
-    @classmethod
-    def unpack(cls, values: List[float], domains: List[str]) -> "StepMetrics":
-        n = len(domains)
-        sums, counts = values[5 : 5 + n], values[5 + n : 5 + 2 * n]
-        return cls(
-            loss=values[0],
-            grad_norm=values[1],
-            finite=values[2] > 0,
-            label_tokens=int(values[3]),
-            domain_loss={d: (sums[i] / counts[i] if counts[i] > 0 else None) for i, d in enumerate(domains)},
-        )
-
-
-@dataclass
-class InFlight:
-    """A dispatched optimizer step whose metrics are still on their way from the device."""
-
-    step: int
-    metrics: DeferredRead  # StepMetrics.pack's tensor, on its way to the host
-    lr: float  # the lr its update was applied with
-    started: float  # when the step began, its data wait included
-    data_time: float
-    tokens_seen: int
 
 
 class StopSignal:
@@ -156,14 +105,15 @@ class Trainer:
         self.resumed_from: Optional[str] = None
         self.progress = Progress(cfg.train.max_steps, 0)  # start() restarts it at the resumed step
         self.in_flight: Optional[InFlight] = None
+        self.device_lr = DeviceLR(scheduler, cfg.optim, cfg.train.max_steps, backend.device)
         self._aborting = False  # set when a read step ends a run of max_nonfinite_steps; raised in agree()
         self._last_nonfinite = ""
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> None:
         """Train to train.max_steps or to train.stop_at_step; after a stop signal, checkpoint the step reached and
-        raise Preempted. Every way out waits for the checkpoint in flight. Reads follow the one-step-late order
-        (module docstring)."""
+        raise Preempted. Every way out waits for the checkpoint in flight. Reads and agreements follow the order in
+        the module docstring."""
         t = self.cfg.train
         self.start()
         batches = self.backend.device_batches(iter(self.loader))
@@ -182,22 +132,21 @@ class Trainer:
                     )
                     return
                 self.read_in_flight(only_if_ready=True)  # a step that hangs or crashes next loses no line
-                micro, started, data_time = self.next_micro_batches(batches)
-                self.train_step(micro, started, data_time)
-                stop = self.agree()
-                if self.validator is not None and self.validator.due(self.step) and not stop:
-                    self.validate(watchdog)
-                if stop and self.backend.any_process([self.checkpointer.in_flight()])[0]:
-                    self.stop_on_save_in_flight()
-                if stop or self.checkpoint_due():
-                    stop = self.settle() or stop  # a checkpoint holds only steps that were read and checked
-                    self.save(wait=stop)
-                    if not stop and self.agree():  # a stop that came during this save ends the run on it
-                        stop = True
-                        self.save(wait=True)  # this step is saved already: waits for that save's commit
-                if stop:
-                    self.logger.info(f"stop signal honoured: checkpoint at step {self.step}, exiting for requeue")
-                    raise Preempted(self.step, t.preempt_exit_code)
+                fetched = self.next_micro_batches(batches)
+                if self.agree_on_step(fetched):
+                    self.loader.rewind(fetched.mark)  # not trained on: the checkpoint's data position precedes them
+                    if self.backend.any_process([self.checkpointer.in_flight()])[0]:
+                        self.stop_on_save_in_flight()
+                    self.stop_with_checkpoint()
+                self.train_step(fetched.micro, fetched.started, fetched.data_time)
+                validate = self.validator is not None and self.validator.due(self.step)
+                if validate or self.checkpoint_due():
+                    if self.settle():  # a checkpoint holds only steps that were read and checked
+                        self.stop_with_checkpoint()
+                    if validate:
+                        self.validate(watchdog)
+                    if self.checkpoint_due():
+                        self.save()
             self.settle()
             watchdog.beat(self.step)
             if self.cfg.checkpoint.save_at_end:
@@ -238,32 +187,41 @@ class Trainer:
             )
         self.progress = Progress(self.cfg.train.max_steps, self.step)
 
-    def next_micro_batches(self, batches: Iterator[DeviceBatch]) -> Tuple[List[DeviceBatch], float, float]:
-        """This step's micro-batches, when the step started and how long its data took. A read that failed for good
-        (raised on every rank at the same micro-batch, data/loader.py) rewinds the loader to the last completed
-        step, which is checkpointed before the error goes on."""
+    def next_micro_batches(self, batches: Iterator[DeviceBatch]) -> MicroBatches:
+        """This step's micro-batches, when the step started and how long its data took; no collective. A reader
+        that failed for good on this process is handed on, to be agreed (`agree_on_step`)."""
         faults.before_step(self.step + 1, self.backend.rank)
         started = time.perf_counter()
         mark = self.loader.mark()
         try:
             micro = [next(batches) for _ in range(self.grad_accum)]
+        except (DataReadError, BadInputError) as exc:
+            return MicroBatches([], mark, started, time.perf_counter() - started, exc)
+        return MicroBatches(micro, mark, started, time.perf_counter() - started)
+
+    def agree_on_step(self, fetched: MicroBatches) -> bool:
+        """The step's agreement, before any collective of the step: raises a reader's failure on every process
+        (after a DataReadError, with the last completed step checkpointed) and an abort; returns the stop
+        decision."""
+        try:
+            return self.agree(fetched.failure)
         except DataReadError:
-            self.loader.rewind(mark)
+            self.loader.rewind(fetched.mark)
             self.settle()
             self.save(wait=True)
             raise
-        return micro, started, time.perf_counter() - started
 
     def train_step(self, micro: List[DeviceBatch], started: Optional[float] = None, data_time: float = 0.0) -> None:
-        """One optimizer step, left in flight: forward/backward, then the read of the step before (its guard sets
-        this step's lr), then the update. Nothing of this step is read here."""
+        """One optimizer step, left in flight: forward/backward, the update (guard and lr on the device), then the
+        read of the step before, which the device finishes while this one waits behind it. Nothing of this step
+        is read here."""
         started = time.perf_counter() if started is None else started
         grads = self.forward_backward(micro)
+        metrics = self.update(grads)
         self.read_in_flight(ended=started)
-        metrics, lr = self.update(grads)
         self.step += 1
         self.tokens_seen += self.cfg.train.global_batch_tokens
-        self.in_flight = InFlight(self.step, metrics, lr, started, data_time, self.tokens_seen)
+        self.in_flight = InFlight(self.step, metrics, started, data_time, self.tokens_seen)
 
     def forward_backward(self, micro: List[DeviceBatch]) -> Gradients:
         """Forward/backward over the micro-batches, gradients summed, then clipped; the guard computed on device."""
@@ -280,6 +238,7 @@ class Trainer:
             b.prepare_backward(self.model, i, len(micro))
             logits = self.model(**forward_kwargs(mb)).logits  # ids, positions, document boundaries
             s, ds, dc = token_loss_sums(logits, mb["labels"], mb["domain_ids"], n_dom, t.loss_chunk)
+            del logits  # the loss's graph keeps what its backward needs; the next forward must not find these alive
             (s / global_tokens).backward()
             loss_sum += s.detach()
             dom_sum += ds
@@ -290,18 +249,19 @@ class Trainer:
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
         return Gradients(loss, grad_norm, finite, global_tokens, reduced)
 
-    def update(self, grads: Gradients) -> Tuple[DeferredRead, float]:
-        """The optimizer step, skipped on the device where the guard fails, with the lr the schedule holds now.
-        Returns the handle to the step's metrics and that lr."""
+    def update(self, grads: Gradients) -> DeferredRead:
+        """The optimizer step, skipped on the device where the guard fails, with the lr computed on the device;
+        the applied count advances by the guard. Returns the handle to the step's metrics."""
         b = self.backend
-        lr = self.scheduler.get_last_lr()[0]
         self.checkpointer.wait_staged()  # an asynchronous save may still be copying the weights off the device
-        b.optimizer_step(self.optimizer, grads.finite)  # skipped when not finite (decided on device for XLA)
+        with self.device_lr.applied_to(self.optimizer):
+            b.optimizer_step(self.optimizer, grads.finite)
+        self.device_lr.count(grads.finite)
         b.after_optimizer_step(self.model)  # whether applied or skipped: nothing is read here
         self.optimizer.zero_grad(set_to_none=True)
         packed = StepMetrics.pack(grads)  # before step_done: part of the step's graph (XLA: one graph per step)
         b.step_done()
-        return b.read_later(packed), lr
+        return b.read_later(packed)
 
     # -- the one-step-late read ----------------------------------------------------------------------
     def read_in_flight(self, ended: Optional[float] = None, only_if_ready: bool = False) -> None:
@@ -315,13 +275,14 @@ class Trainer:
         t0 = time.perf_counter()
         metrics = StepMetrics.unpack(step.metrics(), self.domains)
         wait = time.perf_counter() - t0
+        lr = self.scheduler.get_last_lr()[0]  # what the device computed for its update: the same count and formula
         self.apply_guard(step.step, metrics)
-        self.log_step(step, metrics, wait, (ended if ended is not None else time.perf_counter()) - step.started)
+        self.log_step(step, metrics, lr, wait, (ended if ended is not None else time.perf_counter()) - step.started)
 
     def apply_guard(self, step: int, metrics: StepMetrics) -> None:
-        """Act on a read step's guard (its update was applied or skipped already): the LR schedule counts applied
-        updates only, a skipped step is counted, and train.max_nonfinite_steps skipped in a row flag the abort,
-        raised on every process together by `agree`."""
+        """Act on a read step's guard (its update was applied or skipped on the device already): the host's LR
+        schedule counts applied updates, as the device's count did, a skipped step is counted, and
+        train.max_nonfinite_steps skipped in a row flag the abort, raised on every process together by `agree`."""
         if metrics.finite:
             self.scheduler.step()
             self.consecutive_nonfinite = 0
@@ -336,18 +297,28 @@ class Trainer:
         self.read_in_flight()
         return self.agree()
 
-    def agree(self) -> bool:
+    def agree(self, failure: Optional[LemurError] = None) -> bool:
         """All processes take the host decisions together, with one small collective: abort after too many
-        non-finite steps (raises NonFiniteError on every process) and stop on a signal that reached any of
+        non-finite steps (NonFiniteError on every process), a reader's failure on any of them (`failure`, raised
+        on every process with the message of the first that had one) and stop on a signal that reached any of
         them. Returns the stop decision."""
-        stop, abort = self.backend.any_process([self.stop.requested, self._aborting])
+        stop, abort, failed = self.backend.any_process([self.stop.requested, self._aborting, failure is not None])
         if abort:
             raise NonFiniteError(
                 f"{self.cfg.train.max_nonfinite_steps} consecutive steps with a non-finite loss or grad norm "
                 f"(last: {self._last_nonfinite or 'on another process'}); "
                 f"lower optim.lr or check the data, then resume from the last checkpoint"
             )
+        if failed:  # an object collective, on this way out only: every process names the failing file
+            raise next(f for f in self.backend.gather_object(failure) if f is not None)
         return stop
+
+    def stop_with_checkpoint(self) -> NoReturn:
+        """The agreed stop: the step reached (read and checked first) is checkpointed, then Preempted."""
+        self.settle()
+        self.save(wait=True)
+        self.logger.info(f"stop signal honoured: checkpoint at step {self.step}, exiting for requeue")
+        raise Preempted(self.step, self.cfg.train.preempt_exit_code)
 
     def validate(self, watchdog: StepWatchdog) -> None:
         """Evaluate the held-out rows after the step just dispatched, which is read and logged first."""
@@ -355,14 +326,15 @@ class Trainer:
         watchdog.beat(self.step)  # an evaluation gets the watchdog's timeout of its own, as a step does
         self.logger.log_validation(self.validator.run(self.model, self.step))  # a preemption's grace is the save's
 
-    def log_step(self, step: InFlight, m: StepMetrics, host_wait: float, step_time: float) -> None:
-        if step.step % self.cfg.log.every_steps and step.step != self.cfg.train.max_steps:
+    def log_step(self, step: InFlight, m: StepMetrics, lr: float, host_wait: float, step_time: float) -> None:
+        """The step's line, on log steps and where it is logged only (what it gathers costs host time)."""
+        if not self.logger.enabled or (step.step % self.cfg.log.every_steps and step.step != self.cfg.train.max_steps):
             return
         tokens_per_s = self.cfg.train.global_batch_tokens / step_time
         metrics: Dict[str, Any] = {
             "step": step.step,
             "loss": m.loss,
-            "lr": step.lr,
+            "lr": lr,
             "grad_norm": m.grad_norm,
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": tokens_per_s / self.backend.num_devices,
@@ -404,6 +376,7 @@ class Trainer:
         self.last_saved_step = self.step
         for change in apply_config_on_resume(self.optimizer, self.scheduler, self.cfg.optim):
             self.logger.info(f"resume: {change}")
+        self.device_lr.sync(self.scheduler)
         self.logger.info(f"resumed from {choice.path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
 
     def checkpoint_due(self) -> bool:

@@ -72,7 +72,7 @@ class Schedule(Choice):
 
 
 class OptimImplementation(Choice):
-    auto = "auto"  # fused on CUDA, foreach elsewhere
+    auto = "auto"  # fused with the FSDP backend (CPU and CUDA), capturable for_loop with torch_xla
     fused = "fused"
     foreach = "foreach"
     for_loop = "for_loop"

@@ -7,8 +7,8 @@ data-parallel rank in lockstep: building it creates a gloo group.
 The modules: schema.py (the `data:` config, typed), check.py (the config checked before a run), sources/
 (readers), chat.py and chat_sources.py (conversations), mixture.py (which source each row comes from),
 encode.py (text to ids), packing.py (ids to rows), stream.py (a rank's rows), loader.py and chat_loader.py
-(micro-batches, the lane exchange, state), resume.py (the state's identity), heldout.py (validation rows of a
-held-out slice), storage.py and parquet_pages.py (bytes), build.py (`build_loader`).
+(micro-batches, state: lane positions gathered at saves), resume.py (the state's identity), heldout.py
+(validation rows of a held-out slice), storage.py and parquet_pages.py (bytes), build.py (`build_loader`).
 """
 
 __all__ = ["build_loader"]

@@ -121,7 +121,9 @@ class ChatLoader(PackedMixtureLoader):
 
     def stats(self) -> Dict[str, float]:
         out = super().stats()
-        convs = sum(st.get("docs", 0) for ls in self._lane_states.values() for st in ls["src"].values())
+        own = self.own_lane_states()
+        convs = sum(st.get("docs", 0) for ls in own for st in ls["src"].values())
+        rows = sum(ls["m"] for ls in own)
         out["conversations"] = float(convs)
-        out["conversations_per_row"] = convs / self._rows if self._rows else 0.0
+        out["conversations_per_row"] = convs / rows if rows else 0.0
         return out

@@ -1,6 +1,6 @@
-"""The packed code/text mixture loader: per-rank sharding, workers, the lane exchange and exact resume (the
-loader contract is in lemur_torch/batch.py; the rows themselves come from stream.py, the state's
-identity checks from resume.py).
+"""The packed code/text mixture loader: per-rank sharding, workers, the lanes' positions (gathered at saves
+only) and exact resume (the loader contract is in lemur_torch/batch.py; the rows themselves come from
+stream.py, the state's identity checks from resume.py).
 
 The global stream (independent of the world size) is a sequence of packed rows g = 0, 1, 2, ...:
 - row g comes from source `schedule.source_at(g)` (mixture.py: token ratio within 2 rows of exact at every
@@ -21,13 +21,14 @@ in lanes l == c (mod gcd(dp_size*workers, L)): when dp_size*workers divides L (c
 a worker also runs the rows of its lanes that other workers own, and drops them (correct, just slower).
 
 State: the number of global rows consumed G and every lane's packer positions (a few integers per lane and
-source). A rank only makes the rows of its own lanes, so after each micro-batch the ranks exchange the new
-positions of the lanes they used (one small all_gather_object on a gloo group of their own, CPU only, created
-when the loader is built; no GPU sync). Every rank thus holds every lane's position: `state_dict()` needs no
-communication (the trainer may call it on rank 0 alone), is identical on every rank and says nothing about the
-world size. `load_state_dict` on any number of ranks and workers continues the global stream at row G.
-Without torch.distributed (ranks simulated in one process, as the tests do), combine the ranks'
-`local_state_dict()`s with `merge_states` (resume.py).
+source). A rank only makes the rows of its own lanes and keeps their positions to itself: iterating involves no
+communication at all. `state_dict()` collects them: one all_gather_object of the ranks' `local_state_dict()`s
+on a gloo group of the loader's own (CPU only, created when the loader is built; no GPU sync), merged by
+`merge_states` (resume.py). It is a collective - every data-parallel rank calls it at the same point, as the
+checkpointer does at every save - and its result is identical on every rank and says nothing about the world
+size. `load_state_dict` on any number of ranks and workers continues the global stream at row G. Without
+torch.distributed (ranks simulated in one process, as the tests do), combine the ranks' `local_state_dict()`s
+with `merge_states` yourself.
 
 The state carries a fingerprint of everything that gives positions their meaning - lanes, seq_len, seed,
 weights, the tokenizer, and per source its kind, path, files (names and sizes), text field, shuffle and held-out
@@ -38,9 +39,10 @@ beginning).
 Start-up and failures: the sources' file listings are resolved once, on rank 0, and broadcast on the
 loader's gloo group (config errors then fail on every rank alike). A reader that fails for good mid-run (a
 `DataReadError` after retries, or bad input in strict mode) - in a DataLoader worker, its prefetch thread or
-inline - hands the failure on as an item; the micro-batch's lane exchange tells every rank, and every rank
-raises it at the same micro-batch, so none is left waiting in a collective. The trainer then checkpoints the
-last completed step (`mark`/`rewind`) and stops.
+inline - hands the failure on as an item, and the loader raises it on its own rank. The other ranks learn of it
+from the trainer's per-step agreement, taken before any collective of the step (lemur_torch/trainer.py): every
+rank stops at the same step, the last completed one is checkpointed (`mark`/`rewind`) and every rank raises the
+failure with its message.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from lemur_torch.batch import document_lengths
 from lemur_torch.data.encode import Tokenize
 from lemur_torch.data.mixture import Schedule
 from lemur_torch.data.packing import Packer
-from lemur_torch.data.resume import check_state, stream_fingerprint, tokenizer_identity
+from lemur_torch.data.resume import check_state, merge_states, stream_fingerprint, tokenizer_identity
 from lemur_torch.data.schema import DataConfig, SourceConfig
 from lemur_torch.data.sources.base import Source
 from lemur_torch.data.sources.factory import build_source, holdout_fraction
@@ -111,7 +113,7 @@ class PackedMixtureLoader:
         self.storage = Storage(cfg.io_retries, cfg.io_backoff_s, cfg.io_max_backoff_s)
         self.tokenizer_id = tokenizer_identity(tokenizer)
 
-        self._group = self._exchange_group()
+        self._group = self._state_group()
         listings = self._shared_listings(cfg)
         self.sources: List[Source] = [
             self.build_source(str(name), scfg, listings.get(str(name))) for name, scfg in cfg.sources.items()
@@ -133,7 +135,8 @@ class PackedMixtureLoader:
                 readers,
             )
         self._rows = 0  # global rows consumed
-        self._lane_states: Dict[int, dict] = {}
+        self._stream_start = 0  # the global row this rank's current stream started from
+        self._lane_states: Dict[int, dict] = {}  # this rank's lanes (and, after a resume, every lane's start)
 
     def build_source(self, name: str, scfg: SourceConfig, listing=None) -> Source:
         return build_source(name, scfg, self.seed, listing, self.storage)
@@ -178,6 +181,7 @@ class PackedMixtureLoader:
     # -- iteration ----------------------------------------------------------------------------------------
 
     def _stream(self):
+        self._stream_start = self._rows
         ds = RowStream(
             self.sources,
             self.schedule,
@@ -216,7 +220,7 @@ class PackedMixtureLoader:
         B = self.micro_batch_size
         while True:
             items = take_rows(rows, B)
-            self._exchange(items)  # every rank raises here, together, if any rank's reader failed
+            self._advance(items)
             batch = self.collate(torch.stack([it[0] for it in items]), [it[1] for it in items])
             self._rows += B * self.dp_size
             yield batch
@@ -242,18 +246,12 @@ class PackedMixtureLoader:
         dist.all_gather_object(out, obj, group=self._group)
         return out
 
-    def _exchange(self, items: list) -> None:
-        """Share the lanes' new positions with every rank (and a reader's failure, if any)."""
+    def _advance(self, items: list) -> None:
+        """Record the new positions of this rank's lanes; raise a reader's failure (on this rank only)."""
         failure = next((it for it in items if isinstance(it, ReadFailure)), None)
-        updates = [] if failure else [(lane, state) for _, _, lane, state in items]
-        if self._group is not None:
-            gathered: List[Optional[tuple]] = [None] * self.dp_size
-            dist.all_gather_object(gathered, (updates, failure), group=self._group)
-            failure = next((f for _, f in gathered if f is not None), None)
-            updates = [u for rank_updates, _ in gathered for u in rank_updates]
         if failure is not None:
             raise failure.error()
-        for lane, state in updates:  # the most advanced copy of a lane wins (shared lanes)
+        for _, _, lane, state in items:  # the most advanced copy of a lane wins (lanes shared by workers)
             if lane not in self._lane_states or state["m"] > self._lane_states[lane]["m"]:
                 self._lane_states[lane] = state
 
@@ -277,7 +275,7 @@ class PackedMixtureLoader:
         self._rows, self._lane_states = mark[0], dict(mark[1])
 
     def local_state_dict(self) -> dict:
-        """This rank's view: global rows consumed and the lanes it has seen (no communication)."""
+        """This rank's view: global rows consumed and the lanes it has read, or loaded (no communication)."""
         return {
             **self.fingerprint(),
             "rows": self._rows,
@@ -285,16 +283,17 @@ class PackedMixtureLoader:
         }
 
     def state_dict(self) -> dict:
-        """Identical on every rank and independent of the world size; no communication (see the module doc)."""
+        """Identical on every rank and independent of the world size: a collective, one gather of the ranks'
+        lane positions (see the module docstring)."""
         if self.dp_size > 1 and self._group is None:
             raise RuntimeError(
-                f"loader.state_dict() with dp_size={self.dp_size} needs the lane exchange over "
+                f"loader.state_dict() with dp_size={self.dp_size} gathers the lanes' positions over "
                 "torch.distributed, which was "
                 "not initialized when the loader was built; simulated ranks: merge_states([l.local_state_dict() ...])"
             )
-        return self.local_state_dict()
+        return merge_states(self.gather(self.local_state_dict()))
 
-    def _exchange_group(self):
+    def _state_group(self):
         if self.dp_size == 1:
             return None
         if not (dist.is_available() and dist.is_initialized()):
@@ -303,10 +302,10 @@ class PackedMixtureLoader:
             raise DataConfigError(
                 f"build_loader: dp_size={self.dp_size} but torch.distributed has {dist.get_world_size()} ranks; "
                 "the loader's "
-                "lane exchange assumes every rank is a data-parallel rank"
+                "state assumes every rank is a data-parallel rank"
             )
-        # a CPU group of our own: the exchange never touches the (possibly NCCL) training group or syncs a GPU.
-        # new_group is collective: build_loader runs on every rank at the same point.
+        # a CPU group of our own: the loader's gathers never touch the (possibly NCCL) training group or sync a
+        # GPU. new_group is collective: build_loader runs on every rank at the same point.
         return dist.new_group(backend="gloo")
 
     def load_state_dict(self, state: dict) -> None:
@@ -316,20 +315,32 @@ class PackedMixtureLoader:
                 "starts at its beginning",
                 state.get("rows"),
             )
-            self._rows, self._lane_states = 0, {}
+            self._rows, self._stream_start, self._lane_states = 0, 0, {}
             return
         self._rows, self._lane_states = check_state(state, self.fingerprint(), self.lanes)
+        self._stream_start = self._rows
 
     # -- metrics ------------------------------------------------------------------------------------------
 
+    def own_lane_states(self) -> List[dict]:
+        """The positions of the lanes this rank reads: those g = start + dp_rank (mod dp_size) falls in, i.e. the
+        lanes congruent to start + dp_rank modulo gcd(dp_size, lanes); every lane on one rank."""
+        period = math.gcd(self.dp_size, self.lanes)
+        first = (self._stream_start + self.dp_rank) % period
+        return [state for lane, state in self._lane_states.items() if lane % period == first]
+
     def stats(self) -> Dict[str, float]:
+        """Rows, tokens and the token fraction per domain of the global stream (arithmetic on the row count);
+        the rest (skipped records, epochs, bytes read, retries) counted over this rank's lanes: a rank's share,
+        which the trainer logs from rank 0, with no communication."""
         out: Dict[str, float] = {"rows": float(self._rows), "tokens": float(self._rows * self.seq_len)}
         rows = self.schedule.rows_before(self._rows)
         for d, name in enumerate(self.domain_names):
             n = sum(c for c, dom in zip(rows, self._domain_of) if dom == d)
             out[f"token_frac/{name}"] = n / self._rows if self._rows else 0.0
+        own = self.own_lane_states()
         for src in self.sources:
-            states = [ls["src"][src.name] for ls in self._lane_states.values() if src.name in ls["src"]]
+            states = [ls["src"][src.name] for ls in own if src.name in ls["src"]]
             out[f"skipped/{src.name}"] = float(sum(sum(st["skipped"].values()) for st in states))
             for reason in self.reasons:
                 n = sum(st["skipped"].get(reason, 0) for st in states)

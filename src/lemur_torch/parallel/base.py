@@ -93,11 +93,16 @@ class Backend(ABC):
         """Hook before each micro-batch backward (e.g. skip gradient sync until the last one)."""
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
-        """optimizer.step() unless `finite` (0-d bool tensor: loss and grad norm are finite) is false; the
-        trainer's non-finite guard. Decided on the host here; XLA decides on the device, so that reading the
-        guard does not cut its step into two graphs."""
-        if bool(finite.item()):
+        """optimizer.step(), which changes nothing where `finite` (0-d bool tensor: loss and grad norm are
+        finite) is false: the trainer's non-finite guard, decided on the device. The fused AdamW kernel takes
+        it as GradScaler's `found_inf` (lemur_torch.optim.build_optimizer): a skipped step leaves weights,
+        moments and AdamW's step count as they were, and nothing is read on the host. XLA masks the update
+        instead (torch_xla has no fused AdamW)."""
+        optimizer.found_inf = (~finite).to(torch.float32)
+        try:
             optimizer.step()
+        finally:
+            del optimizer.found_inf
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Called after every optimizer_step, whether the guard applied the update or skipped it: the host does
@@ -181,6 +186,15 @@ class Backend(ABC):
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's value on every process."""
         return obj
+
+    def gather_object(self, obj: Any) -> List[Any]:
+        """Every process's picklable `obj`, in rank order, over the job's process group. An object collective:
+        for a way out of the run (a reader's failure, named on every process), never inside a step."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return [obj]
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def any_process(self, flags: Sequence[bool]) -> List[bool]:
         """For each flag: True on every process if it is True on any. What one process decides alone (a stop

@@ -1,6 +1,7 @@
 """The FSDP backend's config rules, in one place, for the gate and the backend alike: the (replicate, shard)
 mesh over the world size, the parameters' compute dtype (`parallel.mixed_precision`) and the gradients' reduce
-dtype (`parallel.reduce_dtype`), the global batch over the data-parallel ranks, `model.attention` on this machine
+dtype (`parallel.reduce_dtype`), the global batch over the data-parallel ranks, the optimizer
+(`optim.implementation`), `model.attention` on this machine
 (lemur_torch.attention, the CUDA kernels' seam) and `parallel.float8` on this machine's device
 (lemur_torch.parallel.float8). Light: the gate runs `check_config` before any process group or model exists.
 """
@@ -70,9 +71,21 @@ def float8_plan(cfg: DictConfig, device: torch.device) -> float8.Float8Plan:
     return plan
 
 
+def check_optimizer(cfg: DictConfig) -> None:
+    """The non-finite guard skips a step inside the fused AdamW kernel (Backend.optimizer_step): the only AdamW
+    of torch that takes the guard and its lr on the device."""
+    if cfg.optim.implementation not in ("auto", "fused"):
+        raise ConfigError(
+            "optim.implementation",
+            f"{cfg.optim.implementation} cannot skip a non-finite step on the device; the FSDP backend runs the "
+            "fused AdamW (CPU and CUDA): use auto or fused",
+        )
+
+
 def check_config(cfg: DictConfig, world_size: int) -> None:
     """Every FSDP rule, for a run of `world_size` processes on this machine's device type."""
     mesh_shape(cfg, world_size)
+    check_optimizer(cfg)
     check_global_batch(cfg, world_size)
     if cfg.parallel.reduce_dtype == "bf16" and param_dtype(cfg, device_type()) != torch.bfloat16:
         raise ConfigError(

@@ -188,8 +188,8 @@ class XlaSpmdBackend(Backend):
     def optimizer_step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
         """optimizer.step() kept only where `finite` (a 0-d bool tensor) holds, decided on the device: reading
         the guard on the host would cut the step into two graphs. The select fuses into AdamW's elementwise
-        update, so it costs no memory. A skipped step leaves weights and moments as they were; only AdamW's
-        host-side step counter still advances (bias correction, ~1 after warmup)."""
+        update, so it costs no memory. A skipped step leaves weights, moments and AdamW's step count (a device
+        tensor: the optimizer is capturable, lemur_torch.optim.build_optimizer) as they were."""
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
 
         def tensors(p):

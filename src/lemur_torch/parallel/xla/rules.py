@@ -35,6 +35,12 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
             "or none",
         )
     float8.select(str(cfg.parallel.get("float8", "none")), "xla", backend="xla_spmd")  # refused unless none
+    if cfg.optim.implementation in ("fused", "foreach"):
+        raise ConfigError(
+            "optim.implementation",
+            f"{cfg.optim.implementation} AdamW cannot take its lr and step count on an XLA device (torch_xla has "
+            "no fused kernel; capturable foreach refuses xla tensors): use auto (for_loop, capturable)",
+        )
     if cfg.parallel.scan_layers and cfg.parallel.activation_checkpointing == "every_n":
         raise ConfigError(
             "parallel.activation_checkpointing",
