@@ -49,7 +49,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 test-main: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(ARGS)
 
 test-xla: $(STAMP)
 	@if [ -f tests/xla/run.sh ]; then bash tests/xla/run.sh; else echo "xla lane: not present"; fi
