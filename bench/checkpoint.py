@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -121,11 +122,11 @@ def rank_state(model: str, ranks: int, rank: int, layers=None):
     """Rank `rank`'s checkpointed state over `ranks` fake ranks: the model wrapped by parallel/fsdp.py's own
     apply_fsdp on the meta device, and an AdamW state of get_optimizer_state_dict's layout (a step count and two
     moments per parameter, the moments sharded as the parameter), nothing allocated. Needs the fake group."""
-    cfg = load_config([f"model={model}", *([f"model.num_hidden_layers={layers}"] if layers else [])])
+    layer_override = [f"model.num_hidden_layers={layers}"] if layers else []
+    cfg = load_config([f"model={model}", *layer_override, "parallel.activation_checkpointing=none"])
     mesh = init_device_mesh("cpu", (ranks,), mesh_dim_names=("dp_shard",))
-    parallel = OmegaConf.create({"activation_checkpointing": "none", "compile": False, "reshard_after_forward": True})
     model_ = build_meta_model(cfg.model)
-    apply_fsdp(model_, mesh, parallel, MixedPrecisionPolicy())
+    apply_fsdp(model_, mesh, cfg.parallel, MixedPrecisionPolicy())  # the schema's parallel group: every key
     params = {clean_fqn(n): p for n, p in model_.named_parameters()}
     optim = {n: {"step": torch.tensor(1.0), "exp_avg": p, "exp_avg_sq": p} for n, p in params.items()}
     groups = [{"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "params": list(params)}]
@@ -234,10 +235,25 @@ def forked(fn, *args):
     """fn(*args) in a forked child process of its own; its (picklable) result."""
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=lambda: send.send(fn(*args)))
+
+    def run():
+        try:
+            send.send((True, fn(*args)))
+        except BaseException:
+            send.send((False, traceback.format_exc()))
+
+    child = ctx.Process(target=run)
     child.start()
-    result = receive.recv()
+    send.close()  # the child's end only: a child that dies without a word ends recv with EOFError, not a hang
+    try:
+        ok, result = receive.recv()
+    except EOFError:
+        raise RuntimeError(
+            f"{fn.__name__}{args}: the forked child died (exit {child.join() or child.exitcode})"
+        ) from None
     child.join()
+    if not ok:
+        raise RuntimeError(f"{fn.__name__}{args} failed in its forked child:\n{result}")
     return result
 
 
