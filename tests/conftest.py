@@ -18,6 +18,18 @@ from lemur_torch.config import load_config, validate
 from lemur_torch.data.schema import DataConfig
 from lemur_torch.tokenizer import load_tokenizer
 
+
+def _one_thread_after_fork() -> None:
+    # A child forked after this process ran a multi-threaded torch op inherits OpenMP's thread pool without its
+    # threads: its first parallel op waits forever (seen: two FSDP ranks forked late in the suite, both stuck in
+    # all_gather_copy_in). One thread takes torch's inline path, never entering OpenMP; ranks run one thread
+    # each anyway (OMP_NUM_THREADS=1 for every process a test starts).
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_one_thread_after_fork)
+
 # small but real: the tiny Llama with the 32000-piece tokenizer, 64-token rows, 256 tokens per step
 FAST = [
     "model=tiny",
