@@ -201,9 +201,10 @@ def test_async_saves_make_their_group_at_start_and_plan_once(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # fork: the children inherit the imported torch (spawn would re-import it: slow on 2 cores)
+    # spawn, not fork: an asynchronous save starts threads, and a child forked from this threaded process can
+    # hang on a lock held at the fork (seen: a rank stuck creating the save's thread)
     mp.start_processes(
-        _async_saves_rank, args=(2, port, str(tmp_path / "run"), str(tmp_path)), nprocs=2, start_method="fork"
+        _async_saves_rank, args=(2, port, str(tmp_path / "run"), str(tmp_path)), nprocs=2, start_method="spawn"
     )
     got = [pickle.load(open(tmp_path / f"{r}.pkl", "rb")) for r in range(2)]
     for rank, g in enumerate(got):

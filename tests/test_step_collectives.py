@@ -74,7 +74,8 @@ def test_no_object_collective_in_a_step_on_two_ranks(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = (2, str(tmp_path / "run"), str(tmp_path), port)
-    mp.start_processes(_counting_run, args=args, nprocs=2, join=True, start_method="fork")
+    # spawn: whole training runs (threads included) in the children; a fork of this threaded process can hang
+    mp.start_processes(_counting_run, args=args, nprocs=2, join=True, start_method="spawn")
     for rank in range(2):
         counts = pickle.load(open(tmp_path / f"{rank}.pkl", "rb"))
         assert counts["step"] == 4
