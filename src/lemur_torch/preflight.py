@@ -30,18 +30,10 @@ from lemur_torch.errors import ConfigError
 from lemur_torch.export import check_export_target
 from lemur_torch.hub import local_or_hub
 from lemur_torch.tokenizer import BUILTIN, TOKENIZER_FILES, build_tokenizer, check_vocab_size
-from lemur_torch.weights import check_pretrained_config
+from lemur_torch.weights import SHAPE_KEYS, check_pretrained_config
 
-# the shapes a checkpoint or pretrained folder must share with the model group
-ARCHITECTURE_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "tie_word_embeddings",
-)
+# the shapes a checkpoint must share with the model group: the pretrained folder's, and the vocabulary
+ARCHITECTURE_KEYS = ("vocab_size", *SHAPE_KEYS)
 
 
 def check_inputs(cfg: DictConfig) -> None:

@@ -3,6 +3,7 @@
 
 from lemur_torch.weights.files import SafetensorsFolder, is_remote, shard_files_by_size
 from lemur_torch.weights.pretrained import (
+    SHAPE_KEYS,
     VOCAB_KEYS,
     check_pretrained_config,
     check_pretrained_folder,
@@ -12,6 +13,7 @@ from lemur_torch.weights.pretrained import (
 )
 
 __all__ = [
+    "SHAPE_KEYS",
     "VOCAB_KEYS",
     "SafetensorsFolder",
     "check_pretrained_config",

@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 
 # the tensors whose first dimension is the vocabulary
 VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
+# the model group's keys a pretrained folder or a checkpoint must match (the vocabulary may grow: checked apart)
+SHAPE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+)
 _PRETRAINED_FILES = ["*.safetensors", "*.json", "tokenizer.model"]
 
 
@@ -145,14 +154,7 @@ def check_pretrained_config(path: str, model_cfg: DictConfig, weights: bool = Tr
             "model.pretrained",
             f"{path} has no *.safetensors weights (convert .bin weights with transformers' save_pretrained)",
         )
-    for key in (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "tie_word_embeddings",
-    ):
+    for key in SHAPE_KEYS:
         if key in hf and hf[key] != model_cfg[key]:
             raise ConfigError(
                 f"model.{key}", f"{model_cfg[key]} but {path}/config.json has {hf[key]}; pick the matching model= group"
