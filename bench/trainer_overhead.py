@@ -30,14 +30,13 @@ from lemur_torch.checkpoint import Checkpointer
 from lemur_torch.config import load_config
 from lemur_torch.data import build_loader
 from lemur_torch.metrics import MetricsLogger
-from lemur_torch.model import build_meta_model, init_weights, reset_rope_buffers
 from lemur_torch.optim import build_optimizer, build_scheduler
 from lemur_torch.parallel.fsdp import FsdpBackend
 from lemur_torch.tokenizer import load_tokenizer
 from lemur_torch.trainer import Trainer
 
 sys.path.insert(0, TESTS)
-from fakes import ListLoader  # noqa: E402  (the tests' fake loader: every variant sees the same batches)
+from fakes import ListLoader, tiny_model  # noqa: E402  (the tests' fake loader: every variant sees the same batches)
 
 
 def make_batches(cfg, n):
@@ -52,14 +51,6 @@ def make_batches(cfg, n):
     )
     it = iter(loader)
     return [next(it) for _ in range(n)], list(loader.domain_names)
-
-
-def plain_model(cfg):
-    model = build_meta_model(cfg.model)
-    model.to_empty(device="cpu")
-    reset_rope_buffers(model, torch.device("cpu"))
-    init_weights(model, cfg.train.seed, cfg.model.initializer_range)
-    return model
 
 
 def run_lemur(cfg, batches, domains, steps):
@@ -78,7 +69,7 @@ def run_lemur(cfg, batches, domains, steps):
 
 
 def run_bare(cfg, batches, steps):
-    model = plain_model(cfg)
+    model = tiny_model(cfg)
     opt = build_optimizer(model, cfg.optim, "cpu")
     accum = cfg.train.global_batch_tokens // (cfg.train.micro_batch_size * cfg.train.seq_len)
     t0 = time.perf_counter()
@@ -129,7 +120,7 @@ def run_hf_trainer(cfg, batches, steps, out_dir):
         disable_tqdm=True,
         seed=cfg.train.seed,
     )
-    trainer = Trainer(model=plain_model(cfg), args=args, train_dataset=Dataset.from_list(rows))
+    trainer = Trainer(model=tiny_model(cfg), args=args, train_dataset=Dataset.from_list(rows))
     t0 = time.perf_counter()
     trainer.train()
     return time.perf_counter() - t0

