@@ -259,6 +259,37 @@ def test_changed_optim_settings_apply_on_resume_and_are_reported():
     assert apply_config_on_resume(opt2, sched2, new) == [], "nothing to report when nothing changed"
 
 
+@pytest.mark.parametrize("saved_impl", ["foreach", "for_loop"])
+def test_a_checkpoint_of_another_adamw_resumes_into_this_runs_kernel(saved_impl):
+    """An older run's foreach AdamW, or the XLA backend's capturable for_loop: loading its state brings back its
+    implementation flags, under which the device-side guard fails (torch: "Expected grad_scale and found_inf to
+    be None"). After the resume rule this run's fused AdamW steps, skips on the guard, and the change is said.
+    Reference: a fused AdamW given the same state by hand."""
+    ocfg = load_config(["optim.warmup_steps=2"]).optim
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16))
+    old = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=saved_impl == "foreach")
+    model(torch.ones(2, 16)).sum().backward()
+    old.step()
+    saved = old.state_dict()
+    if saved_impl == "for_loop":  # as the XLA backend saves it (capturable cannot step on the CPU)
+        saved["param_groups"][0]["capturable"] = True
+    opt = build_optimizer(model, ocfg, "cpu")
+    sched = build_scheduler(opt, ocfg, 50)
+    opt.load_state_dict({"state": saved["state"], "param_groups": [dict(g) for g in opt.state_dict()["param_groups"]]})
+    for group in opt.param_groups:
+        group.update({k: v for k, v in saved["param_groups"][0].items() if k in ("fused", "foreach", "capturable")})
+    changes = apply_config_on_resume(opt, sched, ocfg)
+    assert any(c.startswith("optimizer: the checkpoint's AdamW") for c in changes), changes
+    assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)
+    before = [p.detach().clone() for p in model.parameters()]
+    # the FSDP backend's optimizer_step is the base class's, which uses no state of the backend
+    Backend.optimizer_step(None, opt, torch.tensor(False))  # skipped on the guard
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    Backend.optimizer_step(None, opt, torch.tensor(True))
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert apply_config_on_resume(opt, sched, ocfg) == [], "nothing to report once the flags are this run's"
+
+
 # -- model.pretrained from each node's HF cache --------------------------------------------------------------
 
 

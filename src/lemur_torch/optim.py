@@ -68,6 +68,7 @@ def apply_config_on_resume(optimizer: torch.optim.Optimizer, scheduler, ocfg: Di
         old, new = optimizer.param_groups[0][key], group_hyperparameters(ocfg)[0][key]
         if (list(old) if key == "betas" else old) != (list(new) if key == "betas" else new):
             changes.append(f"optim.{key}: {_fmt(old)} in the checkpoint -> {_fmt(new)} from the config")
+    changes += keep_built_implementation(optimizer)
     for group, hyper in zip(optimizer.param_groups, group_hyperparameters(ocfg)):
         group.update({k: v for k, v in hyper.items() if k != "lr"}, initial_lr=ocfg.lr)
     scheduler.base_lrs = [ocfg.lr] * len(optimizer.param_groups)
@@ -76,6 +77,29 @@ def apply_config_on_resume(optimizer: torch.optim.Optimizer, scheduler, ocfg: Di
         group["lr"] = lr
     scheduler._last_lr = lrs  # what get_last_lr() reports for the next step
     return changes
+
+
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def keep_built_implementation(optimizer: torch.optim.Optimizer) -> List[str]:
+    """Loading an optimizer state restores the saved param groups' implementation flags too, so a checkpoint of
+    another AdamW (an older foreach run, the XLA backend's capturable for_loop) would run this one's update
+    through a kernel that cannot take the device-side guard. The flags the optimizer was built with (its
+    `defaults`) are put back, and each step count is moved where the fused/capturable kernels read it (a float32
+    tensor on the parameter's device). Returns a line when the checkpoint's flags differed."""
+    built = {k: optimizer.defaults.get(k) for k in IMPLEMENTATION_KEYS}
+    saved = {k: optimizer.param_groups[0].get(k) for k in IMPLEMENTATION_KEYS}
+    for group in optimizer.param_groups:
+        group.update(built)
+    if built["fused"] or built["capturable"]:
+        for param, state in optimizer.state.items():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+    if saved == built:
+        return []
+    fmt = lambda flags: ", ".join(f"{k}={v}" for k, v in flags.items())  # noqa: E731
+    return [f"optimizer: the checkpoint's AdamW ({fmt(saved)}) -> this run's ({fmt(built)})"]
 
 
 def _fmt(value) -> str:
@@ -127,14 +151,16 @@ class DeviceLR:
         self.ocfg, self.max_steps = ocfg, max_steps
         self.dtype = torch.float32 if device.type == "xla" else torch.float64
         lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
-        self.applied = torch.zeros((), dtype=self.dtype, device=device)
+        self.device = device
         self.lrs = [torch.zeros((), dtype=lr_dtype, device=device) for _ in scheduler.base_lrs]
         self.sync(scheduler)
 
     def sync(self, scheduler) -> None:
-        """Take the host scheduler's peak lrs and position (a host-to-device write; at start and on resume)."""
+        """Take the host scheduler's peak lrs and position (at start and on resume). The count is copied from the
+        host as data, not written by an op: under torch_xla a pending fill would join the next step's graph and
+        make that one step a program of its own (a recompilation after every resume)."""
         self.base_lrs = list(scheduler.base_lrs)
-        self.applied.fill_(float(scheduler.last_epoch))
+        self.applied = torch.tensor(float(scheduler.last_epoch), dtype=self.dtype).to(self.device)
 
     @contextmanager
     def applied_to(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:

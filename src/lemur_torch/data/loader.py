@@ -66,7 +66,7 @@ from lemur_torch.data.sources.factory import build_source, holdout_fraction
 from lemur_torch.data.sources.listing import resolve_listing
 from lemur_torch.data.sources.records import REASONS
 from lemur_torch.data.storage import Storage, io_counters
-from lemur_torch.data.stream import ReadFailure, RowStream, ignore_stop_signals, take_rows
+from lemur_torch.data.stream import ReadFailure, RowStream, end_workers_at_exit, ignore_stop_signals, take_rows
 from lemur_torch.errors import DataConfigError
 
 RESUME_STREAM = ("exact", "restart")
@@ -205,15 +205,14 @@ class PackedMixtureLoader:
         if self.num_workers == 0:
             return iter(ds)
         # batch_size=None: workers hand over single rows, which the DataLoader returns round-robin over workers
-        return iter(
-            DataLoader(
-                ds,
-                batch_size=None,
-                num_workers=self.num_workers,
-                prefetch_factor=4,
-                worker_init_fn=ignore_stop_signals,  # the trainer owns the shutdown
-            )
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=4,
+            worker_init_fn=ignore_stop_signals,  # the trainer owns the shutdown
         )
+        return end_workers_at_exit(iter(loader))  # they ignore SIGTERM, which is how multiprocessing ends them
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         rows = self._stream()

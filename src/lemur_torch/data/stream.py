@@ -10,8 +10,11 @@ a run (`ignore_stop_signals`): the trainer owns the shutdown.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 import sys
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional
 
@@ -35,6 +38,33 @@ def ignore_stop_signals(worker_id: int) -> None:
     its step, checkpoints and exits, and the DataLoader then ends its workers (they also exit when it dies)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+_worker_iterators: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def end_workers_at_exit(iterator):
+    """Track a DataLoader iterator with workers so that interpreter exit ends them; returns it. multiprocessing's
+    exit hook SIGTERMs daemonic children and then joins them: it would wait forever for workers that ignore
+    SIGTERM (`ignore_stop_signals`) when a run ends on an error with the iterator still open (seen: a
+    strict-data error, exit 2, then a hang). This hook, registered later, runs first: it shuts the workers down
+    the DataLoader's own way (the done event; what the iterator's __del__ does), then SIGKILLs any still alive."""
+    if not _worker_iterators:
+        atexit.unregister(_end_workers)
+        atexit.register(_end_workers)
+    _worker_iterators.add(iterator)
+    return iterator
+
+
+def _end_workers() -> None:
+    for iterator in list(_worker_iterators):
+        try:
+            iterator._shutdown_workers()  # torch's own shutdown, as __del__ runs it; a no-op the second time
+        except Exception:  # the process is exiting: a worker that will not end is killed below
+            pass
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 class ReadFailure:
