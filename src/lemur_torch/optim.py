@@ -152,7 +152,8 @@ class DeviceLR:
         self.dtype = torch.float32 if device.type == "xla" else torch.float64
         lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
         self.device = device
-        self.lrs = [torch.zeros((), dtype=lr_dtype, device=device) for _ in scheduler.base_lrs]
+        # data, not pending ops (see sync): under torch_xla an op would join the first step's graph only
+        self.lrs = [torch.zeros((), dtype=lr_dtype).to(device) for _ in scheduler.base_lrs]
         self.sync(scheduler)
 
     def sync(self, scheduler) -> None:
