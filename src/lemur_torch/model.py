@@ -165,22 +165,31 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     saves its input): 4 * B * S * V bytes. This keeps only the logits themselves (the caller holds them anyway),
     the targets and the fp32 log-sum-exp [B, S]; the backward recomputes each chunk's softmax in fp32 and writes
     its gradient, (softmax - one_hot(target)) * incoming gradient, into one gradient tensor in the logits' dtype.
-    So at most one chunk's fp32 [B, chunk, V] lives at a time, forward or backward. The forward works on that one
-    buffer in place (max, subtract, exp, sum): torch.logsumexp allocates two more fp32 chunks for its
-    intermediates, which were a quarter of a toy step's CPU time."""
+    So at most one chunk's fp32 [B, chunk, V] lives at a time, forward or backward (none in the backward of fp32
+    logits, whose gradient is computed in place in the gradient tensor). The forward works on that one buffer in
+    place (shift by the max while upcasting, exp, sum): torch.logsumexp allocates two more fp32 chunks for its
+    intermediates, which were a quarter of a toy step's CPU time; the buffer is allocated once per call, as each
+    fresh allocation of that size costs the CPU a page fault per page."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         per_tok, lse = [], []
+        buf = None  # one fp32 [B, c, V] buffer for every chunk (the last chunk uses its leading part)
         # split, not slicing: each chunk is a view, so no copy of the largest activation of the model is made
         for lg, tg in zip(logits.split(chunk, dim=1), targets.split(chunk, dim=1)):
-            p = lg.to(torch.float32, copy=True)  # [B, c, V]: the chunk's one fp32 buffer, worked on in place
-            target_logit = p.gather(-1, tg.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            top = p.amax(dim=-1, keepdim=True)
-            chunk_lse = p.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
-            del p
+            if buf is None:
+                buf = torch.empty(lg.shape, dtype=torch.float32, device=lg.device)
+            p = buf[:, : lg.shape[1]]
+            target_logit = lg.gather(-1, tg.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
+            top = lg.amax(dim=-1, keepdim=True).float()  # the max of the values is exact in any dtype
+            if lg.dtype == torch.float32:
+                torch.sub(lg, top, out=p)  # the shift written into the buffer: no copy of the chunk first
+            else:
+                p.copy_(lg).sub_(top)  # (CPU kernels of mixed-dtype ops are slower than an upcast first)
+            chunk_lse = p.exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
             per_tok.append(torch.where(tg != IGNORE_INDEX, chunk_lse - target_logit, 0.0))
             lse.append(chunk_lse)
+        del buf, p
         ctx.chunk = chunk
         ctx.save_for_backward(logits, targets, torch.cat(lse, dim=1))
         return torch.cat(per_tok, dim=1)
@@ -189,15 +198,28 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_per_tok: torch.Tensor):
         logits, targets, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
+        # fp32 logits: each chunk's gradient is computed in place in `grad` itself; other dtypes go through one
+        # fp32 buffer, reused for every chunk, and are written into `grad` once
+        buf = None
         for start in range(0, logits.shape[1], ctx.chunk):
             stop = min(start + ctx.chunk, logits.shape[1])
             tg = targets[:, start:stop]
             g = torch.where(tg != IGNORE_INDEX, grad_per_tok[:, start:stop].float(), 0.0).unsqueeze(-1)
-            p = logits[:, start:stop].to(torch.float32, copy=True)  # the chunk's one fp32 buffer, reused in place
-            p.sub_(lse[:, start:stop].unsqueeze(-1)).exp_().mul_(g)
+            out = grad[:, start:stop]
+            if logits.dtype != torch.float32:
+                if buf is None:
+                    buf = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+                p = buf[:, : stop - start]
+            else:
+                p = out
+            if p is out:
+                torch.sub(logits[:, start:stop], lse[:, start:stop].unsqueeze(-1), out=p)
+            else:
+                p.copy_(logits[:, start:stop]).sub_(lse[:, start:stop].unsqueeze(-1))
+            p.exp_().mul_(g)
             p.scatter_add_(-1, tg.clamp(min=0).unsqueeze(-1), -g)
-            grad[:, start:stop].copy_(p)
-            del p  # freed before the next chunk's buffer is made: one fp32 chunk at a time
+            if p is not out:
+                out.copy_(p)
         return grad, None, None
 
 
