@@ -150,7 +150,9 @@ def test_a_run_on_a_known_device_carries_the_plan_and_each_step_its_ratio():
         stop=StopSignal(),
     )
     assert trainer.prediction == line
-    metrics = StepMetrics(loss=1.0, grad_norm=1.0, finite=True, label_tokens=1, domain_loss={"code": 1.0})
+    metrics = StepMetrics(
+        loss=1.0, grad_norm=1.0, finite=True, label_tokens=1, domain_loss={"code": 1.0}, applied_updates=1
+    )
     trainer.log_step(InFlight(1, None, 0.0, 0.0, 1), metrics, 4e-5, 0.0, 2 * plan.step_time_s)
     assert logged[0]["step_time_predicted_s"] == plan.step_time_s
     assert logged[0]["step_time_vs_predicted"] == pytest.approx(2.0)

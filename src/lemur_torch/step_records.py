@@ -35,16 +35,20 @@ class StepMetrics:
     finite: bool
     label_tokens: int
     domain_loss: Dict[str, Optional[float]]
+    applied_updates: int  # the device's count of updates applied since step 0, this step's included
 
     @staticmethod
-    def pack(g: Gradients) -> torch.Tensor:
-        """[loss, grad_norm, finite, label_tokens, loss sum, per-domain sums, per-domain counts]."""
+    def pack(g: Gradients, applied_updates: torch.Tensor) -> torch.Tensor:
+        """[loss, grad_norm, finite, label_tokens, applied updates, loss sum, per-domain sums, per-domain
+        counts]. `applied_updates`: the device's count (lemur_torch.optim.DeviceLR.applied; exact in float32 up
+        to 2**24 steps)."""
         return torch.cat(
             [
                 g.loss.view(1),
                 g.grad_norm.detach().float().view(1).to(g.loss.device),
                 g.finite.float().view(1),
                 g.label_tokens.view(1),
+                applied_updates.float().view(1),
                 g.sums,
             ]
         )
@@ -52,13 +56,14 @@ class StepMetrics:
     @classmethod
     def unpack(cls, values: List[float], domains: List[str]) -> "StepMetrics":
         n = len(domains)
-        sums, counts = values[5 : 5 + n], values[5 + n : 5 + 2 * n]
+        sums, counts = values[6 : 6 + n], values[6 + n : 6 + 2 * n]
         return cls(
             loss=values[0],
             grad_norm=values[1],
             finite=values[2] > 0,
             label_tokens=int(values[3]),
             domain_loss={d: (sums[i] / counts[i] if counts[i] > 0 else None) for i, d in enumerate(domains)},
+            applied_updates=int(values[4]),
         )
 
 

@@ -12,7 +12,8 @@ and wait in the `InFlight` step: step k is read at the end of step k+1, once k+1
 waits for step k while the device runs k+1), or at the top of step k+1 where it is on the host already without
 waiting (CPU; CUDA when the device has finished step k), so a hang in step k+1 still logs step k. Reading a step
 applies its guard on the host (`apply_guard`): the host's LambdaLR, which checkpoints hold, counts applied
-updates as the device did; a skipped step is counted; max_nonfinite_steps in a row flag the abort. A
+updates as the device did (the read carries the device's count, and the two are checked equal); the skipped
+steps are the steps the device did not apply; max_nonfinite_steps in a row flag the abort. A
 validation, a checkpoint, a stop and the end of the run read the step in flight first, so what is saved holds
 only read and checked steps.
 
@@ -259,7 +260,8 @@ class Trainer:
         self.device_lr.count(grads.finite)
         b.after_optimizer_step(self.model)  # whether applied or skipped: nothing is read here
         self.optimizer.zero_grad(set_to_none=True)
-        packed = StepMetrics.pack(grads)  # before step_done: part of the step's graph (XLA: one graph per step)
+        # before step_done: part of the step's graph (XLA: one graph per step)
+        packed = StepMetrics.pack(grads, self.device_lr.applied)
         b.step_done()
         return b.read_later(packed)
 
@@ -281,15 +283,23 @@ class Trainer:
 
     def apply_guard(self, step: int, metrics: StepMetrics) -> None:
         """Act on a read step's guard (its update was applied or skipped on the device already): the host's LR
-        schedule counts applied updates, as the device's count did, a skipped step is counted, and
-        train.max_nonfinite_steps skipped in a row flag the abort, raised on every process together by `agree`."""
+        schedule counts applied updates, as the device's count did; the skipped steps are the steps the device did
+        not apply; train.max_nonfinite_steps skipped in a row flag the abort, raised on every process together by
+        `agree`."""
         if metrics.finite:
             self.scheduler.step()
             self.consecutive_nonfinite = 0
         else:
-            self.skipped_steps += 1
             self.consecutive_nonfinite += 1
             self._last_nonfinite = f"step {step}: loss={metrics.loss}, grad_norm={metrics.grad_norm}"
+        # the device's count of applied updates is the record (it set this step's lr); the host's schedule must
+        # have counted the same, or checkpoints would hold a schedule position the device never used
+        if self.scheduler.last_epoch != metrics.applied_updates:
+            raise RuntimeError(
+                f"step {step}: the host's lr schedule counts {self.scheduler.last_epoch} applied updates, the "
+                f"device {metrics.applied_updates}"
+            )
+        self.skipped_steps = step - metrics.applied_updates
         self._aborting = self.consecutive_nonfinite >= self.cfg.train.max_nonfinite_steps
 
     def settle(self) -> bool:
