@@ -33,9 +33,10 @@ format: $(STAMP)
 	$(BIN)/ruff format -q src tests bench
 	$(BIN)/ruff check -q --fix src tests bench
 
-# Everything, as CI runs it: ruff, then the two lanes side by side: the main suite (torch 2.13 CPU, gloo FSDP2)
-# on the console, the torch_xla lane (its own venv) in the background, its log printed when both are done. Each
-# lane alone leaves one of the two cores of a small CI machine idle most of the time; together they fill both.
+# Everything, as CI runs it: ruff, then the two lanes side by side: the main suite (torch 2.13 CPU, gloo FSDP2;
+# two xdist workers) on the console, the torch_xla lane (its own venv) in the background, its log printed when
+# both are done. Much of either lane waits on processes and timers; together they fill both cores of a small CI
+# machine.
 test: lint $(STAMP)
 	@log=$$(mktemp); \
 	$(MAKE) --no-print-directory test-xla > $$log 2>&1 & xla=$$!; \
@@ -48,8 +49,11 @@ test: lint $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
+# two xdist workers, each test file on one worker (its module fixtures made once): runs that wait on a process, a
+# timer or Slurm leave a core free, which the other worker takes. WORKERS=0 runs the lane in this one process.
+WORKERS ?= 2
 test-main: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 $(ARGS)
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --durations=25 $(ARGS)
 
 test-xla: $(STAMP)
 	@if [ -f tests/xla/run.sh ]; then bash tests/xla/run.sh; else echo "xla lane: not present"; fi

@@ -12,6 +12,7 @@ import sys
 from typing import Dict, List, Optional
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from lemur_torch.config import load_config, validate
@@ -29,6 +30,11 @@ def _one_thread_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_one_thread_after_fork)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs this lane on two xdist workers beside the XLA lane, on a 2-core machine: one torch thread
+    # per worker, as in every process a test starts; two threads each would only wait on each other's cores
+    torch.set_num_threads(1)
 
 # small but real: the tiny Llama with the 32000-piece tokenizer, 64-token rows, 256 tokens per step
 FAST = [
