@@ -137,6 +137,7 @@ def test_a_run_on_a_known_device_carries_the_plan_and_each_step_its_ratio():
         num_devices=512,
         memory_stats=dict,
         device=torch.device("cpu"),
+        replicated=lambda t: t,
     )
     trainer = Trainer(
         cfg,

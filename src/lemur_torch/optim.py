@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -147,21 +147,30 @@ class DeviceLR:
     AdamW, a float on CUDA's (its tensor-lr kernel reads float32) and under torch_xla.
     """
 
-    def __init__(self, scheduler, ocfg: DictConfig, max_steps: int, device: torch.device):
+    def __init__(
+        self,
+        scheduler,
+        ocfg: DictConfig,
+        max_steps: int,
+        device: torch.device,
+        place: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ):
         self.ocfg, self.max_steps = ocfg, max_steps
         self.dtype = torch.float32 if device.type == "xla" else torch.float64
         lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
-        self.device = device
+        # how a host tensor goes onto the device (Backend.replicated): as the step's outputs hold it
+        self.place = place or (lambda t: t.to(device))
         # data, not pending ops (see sync): under torch_xla an op would join the first step's graph only
-        self.lrs = [torch.zeros((), dtype=lr_dtype).to(device) for _ in scheduler.base_lrs]
+        self.lrs = [self.place(torch.zeros((), dtype=lr_dtype)) for _ in scheduler.base_lrs]
         self.sync(scheduler)
 
     def sync(self, scheduler) -> None:
         """Take the host scheduler's peak lrs and position (at start and on resume). The count is copied from the
-        host as data, not written by an op: under torch_xla a pending fill would join the next step's graph and
-        make that one step a program of its own (a recompilation after every resume)."""
+        host as data, not written by an op, and placed as the step returns it (Backend.replicated): under
+        torch_xla a pending fill, or a tensor placed otherwise, would make the next step a program of its own (a
+        recompilation after every resume)."""
         self.base_lrs = list(scheduler.base_lrs)
-        self.applied = torch.tensor(float(scheduler.last_epoch), dtype=self.dtype).to(self.device)
+        self.applied = self.place(torch.tensor(float(scheduler.last_epoch), dtype=self.dtype))
 
     @contextmanager
     def applied_to(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:

@@ -106,7 +106,7 @@ class Trainer:
         self.resumed_from: Optional[str] = None
         self.progress = Progress(cfg.train.max_steps, 0)  # start() restarts it at the resumed step
         self.in_flight: Optional[InFlight] = None
-        self.device_lr = DeviceLR(scheduler, cfg.optim, cfg.train.max_steps, backend.device)
+        self.device_lr = DeviceLR(scheduler, cfg.optim, cfg.train.max_steps, backend.device, backend.replicated)
         self._aborting = False  # set when a read step ends a run of max_nonfinite_steps; raised in agree()
         self._last_nonfinite = ""
 

@@ -105,11 +105,8 @@ def test_resume_2d_mesh_checkpoint_in_fresh_process(tp2, reference, tensor, chun
     for step in got:
         assert abs(got[step] - uninterrupted[step]) < 1e-5, (step, got[step], uninterrupted[step])
     assert_matches_reference(run_dir, reference, [3, 4])
-    # One program per step, and at most one more after the first resumed step: since the lr and the applied
-    # count moved onto the device, the first step after a resume is a program of its own (its loaded inputs are
-    # not the previous step's outputs; steady from then on, measured over 4 resumed steps). Known cost: one
-    # extra compilation per resume.
-    compiles = [s["compiles"] for s in results["steps"]]
-    assert compiles[1] - compiles[0] <= 1, compiles
-    _assert_steady(results, first=1)
+    # One program per step, the first resumed step's included: every tensor the step reads (the loaded weights
+    # and moments, the on-device lr and count of applied updates) is placed as the step returns it
+    # (Backend.replicated), so nothing is compiled after the first resumed step.
+    _assert_steady(results, first=0)
     assert [m["step"] for m in read_metrics(run_dir)] == [3, 4]

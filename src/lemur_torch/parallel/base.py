@@ -113,6 +113,13 @@ class Backend(ABC):
     def step_done(self) -> None:
         """Called once per optimizer step after optimizer.step(): XLA cuts and runs its graph here."""
 
+    def replicated(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A small host tensor put on the device whole, as a step's outputs hold such tensors (the trainer's
+        on-device lr and count of applied updates). Under SPMD the placement is part of a program's signature:
+        the XLA backend marks it replicated, as a step's outputs come back, so the first step after a start or a
+        resume compiles the program every later step runs."""
+        return tensor.to(self.device)
+
     def eval_step_done(self) -> None:
         """Called after each validation micro-batch (lemur_torch/validation.py): XLA cuts and runs its graph here,
         one graph per micro-batch, compiled once; the training steps' graphs are left as they are."""

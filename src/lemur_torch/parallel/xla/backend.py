@@ -210,6 +210,13 @@ class XlaSpmdBackend(Backend):
     def step_done(self) -> None:
         torch_xla.sync()
 
+    def replicated(self, tensor: torch.Tensor) -> torch.Tensor:
+        # a tensor moved in has no sharding ('' in its spec); the step returns it '{replicated}': a program of its
+        # own for the first step, unless marked as the step returns it
+        on_device = tensor.to(self.device)
+        xs.mark_sharding(on_device, self.mesh, (None,) * on_device.dim())
+        return on_device
+
     def eval_step_done(self) -> None:
         torch_xla.sync()
 
