@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List
 
 import torch
 from omegaconf import DictConfig
@@ -153,13 +153,13 @@ class DeviceLR:
         ocfg: DictConfig,
         max_steps: int,
         device: torch.device,
-        place: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        place: Callable[[torch.Tensor], torch.Tensor],
     ):
         self.ocfg, self.max_steps = ocfg, max_steps
         self.dtype = torch.float32 if device.type == "xla" else torch.float64
         lr_dtype = torch.float64 if device.type == "cpu" else torch.float32
         # how a host tensor goes onto the device (Backend.replicated): as the step's outputs hold it
-        self.place = place or (lambda t: t.to(device))
+        self.place = place
         # data, not pending ops (see sync): under torch_xla an op would join the first step's graph only
         self.lrs = [self.place(torch.zeros((), dtype=lr_dtype)) for _ in scheduler.base_lrs]
         self.sync(scheduler)

@@ -116,8 +116,9 @@ class Backend(ABC):
     def replicated(self, tensor: torch.Tensor) -> torch.Tensor:
         """A small host tensor put on the device whole, as a step's outputs hold such tensors (the trainer's
         on-device lr and count of applied updates). Under SPMD the placement is part of a program's signature:
-        the XLA backend marks it replicated, as a step's outputs come back, so the first step after a start or a
-        resume compiles the program every later step runs."""
+        the XLA backend marks it replicated, as a step's outputs come back, so the first step after a resume
+        compiles the program every later step runs (after a fresh start the first step is a program of its own
+        anyway: it creates the optimizer's state)."""
         return tensor.to(self.device)
 
     def eval_step_done(self) -> None:
