@@ -174,7 +174,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         per_tok, lse = [], []
-        buf = None  # one fp32 [B, c, V] buffer for every chunk (the last chunk uses its leading part)
+        buf = p = None  # one fp32 [B, c, V] buffer for every chunk (the last chunk uses its leading part)
         # split, not slicing: each chunk is a view, so no copy of the largest activation of the model is made
         for lg, tg in zip(logits.split(chunk, dim=1), targets.split(chunk, dim=1)):
             if buf is None:
