@@ -1,9 +1,11 @@
-"""Shared helpers: run lemur-train as a real subprocess (1 process, or torchrun with gloo) or its gate and
-build_and_fit in the test's process, and read its metrics; the session fixtures (the tokenizer, trained runs).
-Fakes shared by tests and bench are in fakes.py."""
+"""Shared helpers: run lemur-train as processes of its own (1 process, or ranks as torchrun starts them, with
+gloo; forked from a server that has done the imports, tests/forkserver.py) or its gate and build_and_fit in the
+test's process, and read its metrics; the session fixtures (the tokenizer, trained runs). Fakes shared by tests
+and bench are in fakes.py."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import multiprocessing.process
 import os
@@ -13,6 +15,7 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
+from forkserver import ForkServer, rank_envs
 from omegaconf import OmegaConf
 
 from lemur_torch.config import load_config, validate
@@ -52,12 +55,43 @@ FAST = [
 ]
 
 
-def subprocess_env() -> Dict[str, str]:
-    env = dict(os.environ)
+_ENVIRON = dict(os.environ)  # the session's environment, before any test changed it
+
+
+def subprocess_env(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = dict(os.environ if base is None else base)
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
+
+
+_server: Dict[str, ForkServer] = {}
+
+
+def run_python(
+    args: List[str],
+    nproc: int = 1,
+    env: Optional[Dict[str, str]] = None,
+    cwd: Optional[str] = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """`python *args` (args[0] is "-m" or a script) as a process of its own, or as `nproc` ranks of one node as
+    torchrun --standalone starts them; stdout, stderr and the exit status (the first failed rank's) returned as
+    subprocess.run returns them. Forked from this test process's fork server (its imports done once) unless the
+    environment differs in a variable that an import may have read (then a plain subprocess, or torchrun)."""
+    env = subprocess_env() if env is None else env
+    cwd = os.getcwd() if cwd is None else str(cwd)
+    _started("python " + " ".join(map(str, args))[:200])
+    if "server" not in _server:
+        _server["server"] = ForkServer(subprocess_env(_ENVIRON))
+        atexit.register(_server["server"].close)
+    server = _server["server"]
+    if server.usable_for(env):
+        return server.run([str(a) for a in args], rank_envs(env, nproc), cwd, timeout)
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, *launcher, *map(str, args)]
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def run_train(
@@ -67,25 +101,13 @@ def run_train(
     timeout: int = 600,
     extra_env: Optional[Dict[str, str]] = None,
 ) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "lemur_torch.train", *overrides]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "lemur_torch.train",
-            *overrides,
-        ]
+    """`python -m lemur_torch.train *overrides` on `nproc` ranks (run_python); `check`: fail on a non-zero exit."""
     env = subprocess_env()
     env.update(extra_env or {})
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_python(["-m", "lemur_torch.train", *overrides], nproc=nproc, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- "
+            f"lemur_torch.train on {nproc} rank(s) exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- "
             f"stderr\n{proc.stderr[-6000:]}"
         )
     return proc
@@ -196,11 +218,17 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # On xdist workers (make test) whole files go to the first free worker in collection order: the launcher
-    # files (Slurm, torchrun restarts, accelerate), which mostly wait on schedulers, signals and timers, go
-    # first, so that they overlap the lanes' CPU-bound work instead of running last with a core idle.
+    # On xdist workers (make test: --dist loadfile --no-loadscope-reorder) whole files go to the first free
+    # worker in collection order, longest first: the launcher files (Slurm, torchrun restarts, accelerate),
+    # which mostly wait on schedulers, signals and timers and are the longest files, then the files that start
+    # processes, then the rest; so that no long file starts last with the other worker idle.
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: 0 if item.path.name.startswith("test_launch_") else 1)  # stable
+        slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+
+        def rank(item):
+            return 0 if item.path.name.startswith("test_launch_") else 1 if item.path in slow_files else 2
+
+        items.sort(key=rank)  # stable: each file's tests stay together and in order
 
 
 @pytest.hookimpl(hookwrapper=True)

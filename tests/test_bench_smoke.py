@@ -6,11 +6,10 @@ bench/results/)."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
-from conftest import subprocess_env
+from conftest import run_python, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
@@ -33,8 +32,7 @@ def test_make_bench_runs_every_script():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bench_smoke(script, tmp_path):
     env = {**subprocess_env(), "LEMUR_BENCH_RESULTS": str(tmp_path)}
-    cmd = [sys.executable, os.path.join(BENCH, script), "--smoke"]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = run_python([os.path.join(BENCH, script), "--smoke"], env=env, cwd=tmp_path)
     assert proc.returncode == 0, (
         f"{script} --smoke exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     )

@@ -6,15 +6,13 @@ import json
 import os
 import pickle
 import socket
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import FAST, subprocess_env
+from conftest import FAST, run_python
 from data_servers import FaultPlan, serve
 from fakes import rows_of, same
 from omegaconf import OmegaConf
@@ -209,8 +207,7 @@ def test_a_permanent_failure_mid_run_checkpoints_the_last_step_and_exits_4(corpu
     plan = FaultPlan(fail_after=first_step_gets, permanent_status=403)
     server, url = serve(str(corpus), plan)
     try:
-        cmd = [sys.executable, "-m", "lemur_torch.train", *overrides(url)]
-        proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        proc = run_python(["-m", "lemur_torch.train", *overrides(url)])
     finally:
         server.shutdown()
     assert proc.returncode == 4, proc.stderr[-3000:]

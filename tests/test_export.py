@@ -2,12 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import FAST, run_train, subprocess_env
+from conftest import FAST, run_python, run_train
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from lemur_torch.config import load_config
@@ -20,8 +18,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fsdp_logits.py")
 
 
 def torchrun(args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT, *args]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = run_python([SCRIPT, *args], nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-5000:]
 
 
@@ -83,37 +80,20 @@ def test_lemur_export_cli(tmp_path):
     run_train([*FAST, "train.max_steps=2", f"run_dir={run_dir}"])
     ckpt = os.path.join(run_dir, "checkpoints", "step_00000002")
     out = tmp_path / "cli_export"
-    proc = subprocess.run(
-        [sys.executable, "-m", "lemur_torch.export", ckpt, str(out), "--dtype", "bfloat16"],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_python(["-m", "lemur_torch.export", ckpt, str(out), "--dtype", "bfloat16"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     with open(out / "model.safetensors.index.json") as f:
         assert len(json.load(f)["weight_map"]) == sum(1 for _ in model.state_dict())
-    bad = subprocess.run(
-        [sys.executable, "-m", "lemur_torch.export", str(tmp_path), str(out)],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    bad = run_python(["-m", "lemur_torch.export", str(tmp_path), str(out)])
     assert bad.returncode == 2 and "not a complete lemur-torch checkpoint" in bad.stderr
     # an output folder that is not an earlier export is never replaced (the run and checkpoint folders:
     # tests/test_checkpoint.py)
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    refused = subprocess.run(
-        [sys.executable, "-m", "lemur_torch.export", ckpt, str(precious)],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    refused = run_python(["-m", "lemur_torch.export", ckpt, str(precious)])
     assert refused.returncode == 2 and "refusing" in refused.stderr, refused.stderr[-2000:]
     assert (precious / "notes.txt").read_text() == "keep me"
 

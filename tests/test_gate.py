@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch.distributed as dist
-from conftest import subprocess_env
+from conftest import run_python, subprocess_env
 
 from lemur_torch import train
 
@@ -214,13 +214,7 @@ def test_bad_input_is_one_line_exit_2_before_anything_is_built(overrides, key, i
 @pytest.mark.slow
 def test_bad_input_as_a_process(overrides, key, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "lemur_torch.train", *overrides, f"run_dir={run_dir}"],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python(["-m", "lemur_torch.train", *overrides, f"run_dir={run_dir}"], timeout=300)
     assert proc.returncode == 2, proc.stderr
     line = _one_line(proc.stderr, key)
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -233,9 +227,8 @@ def test_bad_input_as_a_process(overrides, key, tmp_path):
 def test_bad_record_with_strict_data_is_one_line_naming_file_and_line(tmp_path):
     """Found after the gate, in a DataLoader worker: still one line (file:line), exit 2, no traceback."""
     fixture = os.path.join(ROOT, "tests", "fixtures", "data", "bad_lines.jsonl")
-    proc = subprocess.run(
+    proc = run_python(
         [
-            sys.executable,
             "-m",
             "lemur_torch.train",
             "~data.sources.stdlib_code",
@@ -249,9 +242,6 @@ def test_bad_record_with_strict_data_is_one_line_naming_file_and_line(tmp_path):
             f"run_dir={tmp_path / 'run'}",
             "log.wandb_mode=disabled",
         ],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]

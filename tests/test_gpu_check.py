@@ -3,11 +3,9 @@ items that need CUDA say so."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import subprocess_env
+from conftest import run_python
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -16,13 +14,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 def test_gpu_check_dry_run_passes_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, "--dry-run", f"--out={out}"],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_python([SCRIPT, "--dry-run", f"--out={out}"], timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["dry_run"] and result["failures"] == []

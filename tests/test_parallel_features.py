@@ -4,11 +4,9 @@ bf16 run); HSDP's gradient accumulation is checked by counting its collectives."
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import FAST, losses, run_train, subprocess_env
+from conftest import FAST, losses, run_python, run_train
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -116,17 +114,7 @@ def test_hsdp_all_reduces_across_replicas_once_per_step(tmp_path):
     single-process model's over all 8 micro-batches."""
     out = tmp_path / "hsdp.json"
     script = os.path.join(os.path.dirname(__file__), "scripts", "hsdp_collectives.py")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=4",
-        script,
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = run_python([script, "--out", str(out)], nproc=4)
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads(out.read_text())
     first, last = result["counts"]

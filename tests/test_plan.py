@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from conftest import run_python
 
 from lemur_torch.config import ClusterConfig, DeviceKind, load_config
 from lemur_torch.model import count_params, flops_per_token
@@ -26,12 +27,7 @@ PRETRAIN = ["experiment=lemur_70b_pretrain"]
 @pytest.mark.slow
 def test_llama2_70b_shards_over_512_ranks():
     # its own process: the fake process group is process-global
-    proc = subprocess.run(
-        [sys.executable, "-m", "lemur_torch.plan", "--world-size", "512", "model=llama2_70b"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python(["-m", "lemur_torch.plan", "--world-size", "512", "model=llama2_70b"], timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     total = count_params(load_config(["model=llama2_70b"]).model)
