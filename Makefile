@@ -50,10 +50,12 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 # two xdist workers, each test file on one worker (its module fixtures made once): runs that wait on a process, a
-# timer or Slurm leave a core free, which the other worker takes. WORKERS=0 runs the lane in this one process.
+# timer or Slurm leave a core free, which the other worker takes. Files are handed out in collection order
+# (--no-loadscope-reorder: xdist would otherwise start the files with most tests first), which conftest.py sorts
+# longest first. WORKERS=0 runs the lane in this one process.
 WORKERS ?= 2
 test-main: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --durations=25 $(ARGS)
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(ARGS)
 
 test-xla: $(STAMP)
 	@if [ -f tests/xla/run.sh ]; then bash tests/xla/run.sh; else echo "xla lane: not present"; fi
