@@ -1,6 +1,6 @@
-"""launch/slurm/cpu_test.sbatch on a real one-node Slurm (tests/slurm_cluster.py): the job completes and leaves a
-checkpoint and an HF export; preempted with `scancel --batch --signal=USR1` (what `--signal=B:USR1@...` sends
-before the time limit) it checkpoints, requeues itself, resumes, and ends with the uninterrupted run's loss;
+"""launch/slurm/cpu_test.sbatch on a real one-node Slurm (tests/slurm_cluster.py): preempted with `scancel --batch
+--signal=USR1` (what `--signal=B:USR1@...` sends before the time limit) the job checkpoints, requeues itself,
+resumes, and completes with a checkpoint, an HF export and the uninterrupted run's losses;
 cancelled with a plain `scancel`, or stopped by its time limit (SIGTERM to every process, DataLoader workers
 included), it still checkpoints, stays ended, and a job continuing the run resumes exactly; a rank that stops
 responding ends the job step through the step watchdog, and the job requeues itself as after a crash and
@@ -92,25 +92,11 @@ def release_requeued(cluster, job: int, submit_dir: Path, run_dir: Path) -> None
         time.sleep(0.5)
 
 
-def test_slurm_job_completes_with_checkpoint_and_export(cluster, tmp_path):
+def test_slurm_preempt_requeues_resumes_and_completes_with_checkpoint_and_export(cluster, tmp_path):
+    """Preempted at step 3 or later, the job checkpoints, requeues itself and resumes; it then completes (Slurm's
+    record says so) with the last checkpoint, the HF export, both tasks' logs, and every step's loss the plain
+    2-process run's (steps up to the stop from the first attempt, the rest from the resumed one)."""
     job, run_dir = submit(cluster, tmp_path)
-    info = cluster.wait_state(job, FINAL, timeout=420)
-    out = job_output(tmp_path, job, run_dir)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{out}\n{cluster.logs()}"
-    (record,) = [line for line in (cluster.root / "jobcomp.log").read_text().splitlines() if f"JobId={job} " in line]
-    assert "JobState=COMPLETED" in record, record
-    assert checkpoints(run_dir)[-1] == f"step_{MAX_STEPS:08d}", out
-    assert (run_dir / "hf" / "config.json").exists() and list((run_dir / "hf").glob("*.safetensors")), out
-    assert (run_dir / "logs" / "task0.log").exists() and (run_dir / "logs" / "task1.log").exists()
-    # the whole log: the start-of-run summary is longer than the tail shown on failure
-    assert "on 2 process" in (run_dir / "logs" / "task0.log").read_text(), out
-    # the Slurm job (2 srun tasks x 1 process) is the same computation as a plain 2-process run
-    diff = assert_curves_match(losses(run_dir), two_process_reference(), tol=1e-6)
-    print(f"Slurm job {job} COMPLETED; vs plain 2-process run: max |loss diff| {diff:.2e}")
-
-
-def test_slurm_preempt_requeues_and_resumes_to_same_loss(cluster, tmp_path):
-    job, run_dir = submit(cluster, tmp_path, "checkpoint.export_at_end=false")
     wait_for(lambda: last_logged_step(run_dir) >= 3, 300, "step 3 of the Slurm job", log=run_dir / "logs" / "task0.log")
     # what `#SBATCH --signal=B:USR1@600` sends ten minutes before the time limit
     cluster.run("scancel", "--batch", "--signal=USR1", str(job))
@@ -122,14 +108,21 @@ def test_slurm_preempt_requeues_and_resumes_to_same_loss(cluster, tmp_path):
 
     info = cluster.wait_state(job, FINAL, timeout=420)
     out = job_output(tmp_path, job, run_dir)
-    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, f"{info}\n{out}"
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, f"{info}\n{out}\n{cluster.logs()}"
+    assert info["ExitCode"] == "0:0", f"{info}\n{out}"
     assert "preempted: requeueing" in out and "resumed from" in out, out
-    # the requeued run continued from the checkpoint and ends on the uninterrupted run's loss
-    diff = assert_curves_match(
-        losses(run_dir), two_process_reference(), tol=1e-6, steps=range(stopped_at + 1, MAX_STEPS + 1)
-    )
+    (record,) = [line for line in (cluster.root / "jobcomp.log").read_text().splitlines() if f"JobId={job} " in line]
+    assert "JobState=COMPLETED" in record, record
+    assert checkpoints(run_dir)[-1] == f"step_{MAX_STEPS:08d}", out
+    assert (run_dir / "hf" / "config.json").exists() and list((run_dir / "hf").glob("*.safetensors")), out
+    assert (run_dir / "logs" / "task0.log").exists() and (run_dir / "logs" / "task1.log").exists()
+    # the whole log: the start-of-run summary is longer than the tail shown on failure
+    assert "on 2 process" in (run_dir / "logs" / "task0.log").read_text(), out
+    # the Slurm job (2 srun tasks x 1 process), preempted and resumed, is the same computation as a plain
+    # 2-process run from step 1 to the end
+    diff = assert_curves_match(losses(run_dir), two_process_reference(), tol=1e-6)
     print(
-        f"Slurm job {job}: preempted at step {stopped_at}, requeued, COMPLETED; steps {stopped_at + 1}-{MAX_STEPS} "
+        f"Slurm job {job}: preempted at step {stopped_at}, requeued, COMPLETED with its export; steps 1-{MAX_STEPS} "
         f"vs uninterrupted: max |loss diff| {diff:.2e} (final {losses(run_dir)[MAX_STEPS]!r})"
     )
 
