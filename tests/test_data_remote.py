@@ -91,24 +91,30 @@ def test_transient_failures_are_retried_and_counted_the_stream_unchanged(corpus,
     plan = FaultPlan(transient=9, start_after=4)  # 503, 429, connection reset, three times each, after the listing
     server, url = serve(str(corpus), plan)
     try:
-        loader = build_loader(cfg_for(url, num_workers=1), tok, SEQ, B, 0, 1, seed=11)
-        batches = iter(loader)  # retried in a DataLoader worker's reads
+        loader, rows = take(cfg_for(url, num_workers=1), tok, 12)  # retried in a DataLoader worker's reads
+    finally:
+        server.shutdown()
+    assert plan.failed == 9
+    assert same(rows, local_rows)
+    # Counted in the lanes' positions that travel with the rows: a read (and its retries) reaches them when its
+    # lane hands over a later row, which with a worker and read-ahead threads depends on timing (a loaded CI run
+    # counted none after 12 batches). Inline reads in one thread make that point fixed (here ~370 batches in):
+    # read on until the retries are counted.
+    plan = FaultPlan(transient=9, start_after=4)
+    server, url = serve(str(corpus), plan)
+    try:
+        loader = build_loader(cfg_for(url, prefetch_threads=0), tok, SEQ, B, 0, 1, seed=11)
+        batches = iter(loader)
         rows = [row for _ in range(12) for row in rows_of(next(batches))]
-        assert same(rows, local_rows)
-        # counted when the data read is handed over: reads still ahead of the consumer (the worker's queue, the
-        # prefetch thread) report theirs later, so how many are counted after 12 batches depends on how far the
-        # worker has read ahead (none, on a loaded machine); read on until some are
         counted = [loader.stats()["io_retries"]]
-        while counted[-1] == 0 and len(counted) < 100:
+        while counted[-1] == 0 and len(counted) < 1000:
             next(batches)
             counted.append(loader.stats()["io_retries"])
     finally:
         server.shutdown()
-    assert plan.failed == 9
-    # not "== 9": however far the stream is read (400 batches, with or without workers), 6 of the 9 are counted
-    # today, an accounting gap in the loader's io_retries not fixed yet
-    assert 1 <= counted[-1] <= plan.failed, counted
-    assert counted == sorted(counted), counted
+    assert plan.failed == 9 and same(rows, local_rows)
+    # not 9: the HTTP client retries some failures below lemur's retry loop (6 of the 9 reach it here)
+    assert 1 <= counted[-1] <= plan.failed, (len(counted), counted[-1])
 
 
 def test_a_missing_remote_file_is_a_one_line_error_before_training(corpus, tok):
